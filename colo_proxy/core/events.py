@@ -1,0 +1,64 @@
+"""Inputs and outputs of the sans-IO core.
+
+The core never performs I/O: drivers hand it frames with the current time
+and carry out what it asks for.  Everything here is a frozen, slotted value
+so actions can be logged, compared in tests and passed across tasks safely.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Side(enum.IntEnum):
+    """Who produced a frame.  Values are small ints so they index lists."""
+
+    PRIMARY = 0
+    SECONDARY = 1
+    CLIENT = 2
+
+
+class CheckpointReason(enum.Enum):
+    """Why the core asked for a checkpoint (reported, and used in stats)."""
+
+    DIVERGENCE = "divergence"
+    TIMEOUT = "timeout"
+    HOLD_LIMIT = "hold_limit"
+    FLOW_TABLE = "flow_table"
+    FLUSH = "flush"
+
+
+class DivergenceKind(enum.Enum):
+    """What kind of disagreement between primary and secondary was seen."""
+
+    PAYLOAD = "payload"
+    LENGTH = "length"
+    CLOSE = "close"
+    HANDSHAKE = "handshake"
+    UDP = "udp"
+    ICMP = "icmp"
+    OTHER = "other"
+    TIMEOUT = "timeout"
+    ACK = "ack"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRequest:
+    """The core wants the VMs checkpointed; the driver asks QEMU (or notify_dev)."""
+
+    time: float
+    reason: CheckpointReason
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """A recorded disagreement: what, where, and the first differing bytes."""
+
+    time: float
+    flow: str
+    kind: DivergenceKind
+    offset: int | None
+    primary: bytes = b""
+    secondary: bytes = b""
+    detail: str = ""
