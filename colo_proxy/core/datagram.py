@@ -1,0 +1,127 @@
+"""Comparison of datagram flows: UDP, ICMP/ICMPv6 and other IP protocols.
+
+Theory of operation
+-------------------
+Each datagram is reduced to its content (what the application chose: UDP
+payload, ICMP type/code/body without the checksum, or the whole IP payload
+for other protocols); header noise never enters it.  A primary datagram is
+released the moment the secondary produced the same content, in whatever
+order they arrive.  Datagrams are numbered per side; when a datagram is
+still unmatched after the other side sent `window` more, its partner is
+not coming: that is a divergence.  Unmatched output older than the compare
+timeout is one too.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from colo_proxy.core.events import DivergenceKind
+from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
+
+# Entry fields: [index, rel (None for the secondary), time, matched, content, flen]
+D_INDEX, D_REL, D_TIME, D_MATCHED, D_CONTENT, D_FLEN = range(6)
+
+
+class DatagramFlow(HeldCounts):
+    """Comparison state of one UDP, ICMP or other-protocol flow."""
+
+    __slots__ = ("kind", "pri_n", "pri_order", "pri_wait", "sec_n", "sec_order", "sec_wait")
+
+    def __init__(self, key: FlowKey, now: float, kind: DivergenceKind) -> None:
+        super().__init__(key, now)
+        self.kind = kind
+        self.pri_wait: dict[bytes, deque[list[object]]] = {}
+        self.sec_wait: dict[bytes, deque[list[object]]] = {}
+        self.pri_order: deque[list[object]] = deque()
+        self.sec_order: deque[list[object]] = deque()
+        self.pri_n = 0
+        self.sec_n = 0
+
+    def on_primary(
+        self, host: FlowHost, content: bytes, rel: Rel, flen: int, now: float, window: int
+    ) -> None:
+        """Release at once if the secondary already sent it, else hold."""
+        self.pri_n += 1
+        if not self.diverged:
+            waiting = self.sec_wait.get(content)
+            if waiting:
+                partner = waiting.popleft()
+                if not waiting:
+                    del self.sec_wait[content]
+                partner[D_MATCHED] = True
+                host.hold(self, flen)
+                host.release(self, rel, flen, 0)
+                self._check_window(host, now, window)
+                return
+        entry: list[object] = [self.pri_n, rel, now, False, content, flen]
+        self.pri_order.append(entry)
+        self.pri_wait.setdefault(content, deque()).append(entry)
+        host.hold(self, flen)
+        if not self.diverged:
+            self._check_window(host, now, window)
+
+    def on_secondary(self, host: FlowHost, content: bytes, now: float, window: int) -> None:
+        """Release the matching primary datagram, or wait for it."""
+        if self.diverged:
+            host.count("secondary_frames_dropped_diverged")
+            return
+        self.sec_n += 1
+        waiting = self.pri_wait.get(content)
+        if waiting:
+            partner = waiting.popleft()
+            if not waiting:
+                del self.pri_wait[content]
+            partner[D_MATCHED] = True
+            host.release(self, partner[D_REL], partner[D_FLEN], 0)  # type: ignore[arg-type]
+        else:
+            entry: list[object] = [self.sec_n, None, now, False, content, 0]
+            self.sec_order.append(entry)
+            self.sec_wait.setdefault(content, deque()).append(entry)
+        self._check_window(host, now, window)
+
+    @staticmethod
+    def _oldest(order: deque[list[object]]) -> list[object] | None:
+        while order and order[0][D_MATCHED]:
+            order.popleft()
+        return order[0] if order else None
+
+    def _check_window(self, host: FlowHost, now: float, window: int) -> None:
+        p = self._oldest(self.pri_order)
+        s = self._oldest(self.sec_order)
+        late_p = p is not None and self.sec_n - p[D_INDEX] >= window  # type: ignore[operator]
+        late_s = s is not None and self.pri_n - s[D_INDEX] >= window  # type: ignore[operator]
+        if late_p or late_s:
+            pc: bytes = p[D_CONTENT] if p is not None else b""  # type: ignore[assignment]
+            sc: bytes = s[D_CONTENT] if s is not None else b""  # type: ignore[assignment]
+            both = p is not None and s is not None
+            detail = "lengths differ" if both and len(pc) != len(sc) else "no partner datagram"
+            host.diverge(self, self.kind, None, pc[:16], sc[:16], now, detail)
+
+    def pending(self) -> bool:
+        """Whether any datagram of either side is still unmatched."""
+        return self._oldest(self.pri_order) is not None or self._oldest(self.sec_order) is not None
+
+    def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
+        """Report a timeout divergence if a datagram waited too long; True if so."""
+        if self.diverged:
+            return False
+        for order, who in ((self.pri_order, "primary"), (self.sec_order, "secondary")):
+            head = self._oldest(order)
+            if head is not None and now - head[D_TIME] > timeout:  # type: ignore[operator]
+                host.diverge(self, DivergenceKind.TIMEOUT, None, b"", b"", now,
+                             f"{who} datagram unmatched")
+                return True
+        return False
+
+    def rebase(self, host: FlowHost) -> None:
+        """After a checkpoint: release held primary datagrams in arrival order."""
+        for entry in self.pri_order:
+            if not entry[D_MATCHED]:
+                host.release(self, entry[D_REL], entry[D_FLEN], 0)  # type: ignore[arg-type]
+        self.pri_order.clear()
+        self.sec_order.clear()
+        self.pri_wait.clear()
+        self.sec_wait.clear()
+        self.pri_n = self.sec_n = 0
+        self.diverged = False

@@ -1,0 +1,69 @@
+"""Flow keys and the small interface flows use to talk back to the proxy.
+
+A flow is one direction of guest output: what the primary and the secondary
+send with the same addresses, ports, protocol and VLAN tags.  Keys are plain
+tuples so a dictionary lookup per frame is all it costs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from colo_proxy.core.events import CheckpointReason, DivergenceKind
+from colo_proxy.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, format_addr
+
+FlowKey = tuple[int, tuple[int, ...], bytes, bytes, int, int]
+"""(protocol, VLAN tags, source address, destination address, source port, destination port)."""
+
+Rel = tuple[bytes, int] | list[tuple[bytes, int]]
+"""What is released for one held unit: a (frame, offset) pair, or several for a
+fragmented datagram."""
+
+_PROTO_NAMES = {PROTO_TCP: "TCP", PROTO_UDP: "UDP", PROTO_ICMP: "ICMP", PROTO_ICMPV6: "ICMPv6"}
+
+
+def flow_label(key: FlowKey) -> str:
+    """Readable name of a flow for reports, e.g. 'TCP 10.0.0.1:80 > 10.0.0.2:5555 vlan 10'."""
+    proto, vlan, src, dst, sport, dport = key
+    version = 4 if len(src) == 4 else 6
+    name = _PROTO_NAMES.get(proto, f"IP proto {proto}")
+    s, d = format_addr(version, src), format_addr(version, dst)
+    if version == 6:
+        s, d = f"[{s}]", f"[{d}]"
+    if proto in (PROTO_TCP, PROTO_UDP):
+        text = f"{name} {s}:{sport} > {d}:{dport}"
+    else:
+        text = f"{name} {s} > {d}"
+    if vlan:
+        text += " vlan " + ".".join(str(v) for v in vlan)
+    return text
+
+
+class FlowHost(Protocol):
+    """What a flow needs from the proxy: hold and release accounting, verdicts."""
+
+    def hold(self, flow: HeldCounts, flen: int) -> None: ...
+
+    def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None: ...
+
+    def diverge(
+        self, flow: HeldCounts, kind: DivergenceKind, offset: int | None,
+        primary: bytes, secondary: bytes, now: float, detail: str = "",
+    ) -> None: ...
+
+    def want_checkpoint(self, reason: CheckpointReason, now: float) -> None: ...
+
+    def count(self, name: str, n: int = 1) -> None: ...
+
+
+class HeldCounts:
+    """Per-flow counters the proxy maintains for limits and reports."""
+
+    __slots__ = ("diverged", "held_bytes", "held_frames", "key", "last_seen")
+
+    def __init__(self, key: FlowKey, now: float) -> None:
+        self.key = key
+        self.held_frames = 0
+        self.held_bytes = 0
+        self.diverged = False
+        self.last_seen = now

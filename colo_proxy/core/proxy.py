@@ -1,0 +1,433 @@
+"""The comparison proxy: frames and time in, released frames and requests out.
+
+Theory of operation
+-------------------
+`feed` parses a frame, finds its flow and hands it to that flow's comparison
+(tcp.py or datagram.py), which calls back `hold`, `release` and `diverge`.
+Released primary frames accumulate until the driver takes them; so do
+checkpoint requests and divergences.  Nothing here does I/O or reads a
+clock: every method takes `now`.
+
+Checkpoint states (rate limited, requests coalesced):
+
+    IDLE --want--> REQUESTED --checkpoint_started--> RUNNING
+      ^  \\--want, too soon--> DEFERRED --tick at due--> REQUESTED
+      \\------------------ checkpoint_done (from any state) --------/
+
+A checkpoint_done releases every held primary frame, drops secondary
+output, and rebases every flow.  A divergence seen while RUNNING asks for
+another checkpoint once this one is done (the snapshot predates it).
+
+Frames that cannot be compared (not IP, malformed, ARP, NDP/MLD, IGMP, IP
+datagrams whose fragments never complete) follow one rule: the primary's
+are passed through at once, uncompared, and counted by reason; the
+secondary's are dropped and counted.  That is QEMU's rule too; it loses
+nothing the client would have received from an unprotected VM.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from typing import cast
+
+from colo_proxy.core.config import Config
+from colo_proxy.core.datagram import DatagramFlow
+from colo_proxy.core.events import (
+    CheckpointReason,
+    CheckpointRequest,
+    Divergence,
+    DivergenceKind,
+    Side,
+)
+from colo_proxy.core.flows import FlowKey, HeldCounts, Rel, flow_label
+from colo_proxy.core.fragments import FragKey, FragmentTable
+from colo_proxy.core.packet import (
+    ICMPV6_UNCOMPARED,
+    IGMP,
+    NDP_MLD,
+    PASS_REASONS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_IGMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    IpPacket,
+    parse_ip,
+    parse_tcp,
+    parse_udp,
+)
+from colo_proxy.core.tcp import TcpFlow
+
+Flow = TcpFlow | DatagramFlow
+
+_TIMEOUT_KINDS = (DivergenceKind.TIMEOUT, DivergenceKind.ACK)
+MAX_DIVERGENCES_KEPT = 10000
+
+
+class CheckpointState(enum.Enum):
+    """Where the proxy is in its checkpoint cycle."""
+
+    IDLE = "idle"
+    DEFERRED = "deferred"
+    REQUESTED = "requested"
+    RUNNING = "running"
+
+
+class Proxy:
+    """The sans-IO comparison core.  One instance per primary/secondary pair."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = cfg = config or Config()
+        self._flows: dict[FlowKey, Flow] = {}
+        self._frags: tuple[FragmentTable[tuple[bytes, int]], FragmentTable[tuple[bytes, int]]] = (
+            FragmentTable(cfg.max_fragments, cfg.max_fragment_bytes, cfg.fragment_timeout),
+            FragmentTable(cfg.max_fragments, cfg.max_fragment_bytes, cfg.fragment_timeout),
+        )
+        self._released: list[tuple[bytes, int]] = []
+        self._requests: list[CheckpointRequest] = []
+        self._divergences: list[Divergence] = []
+        self.counters: Counter[str] = Counter()
+        self.malformed: Counter[str] = Counter()
+        self.uncompared: Counter[str] = Counter()
+        self.divergence_kinds: Counter[str] = Counter()
+        self.checkpoint_reasons: Counter[str] = Counter()
+        self._held_frames = 0
+        self._held_bytes = 0
+        self._holding_flows = 0
+        self._released_frames = 0
+        self._released_payload = 0
+        self.state = CheckpointState.IDLE
+        self._deferred: tuple[CheckpointReason, float] | None = None
+        self._again: CheckpointReason | None = None
+        self._last_end = float("-inf")
+        self._next_scan: float | None = None
+        self._window = cfg.datagram_reorder_window
+        self._hold_limits = (
+            cfg.max_hold_bytes, cfg.max_hold_frames, cfg.max_flow_hold_bytes, cfg.max_hold_flows,
+        )
+
+    # -- driver interface ----------------------------------------------------
+
+    def feed(self, side: Side, data: bytes, now: float, offset: int = 0) -> None:
+        """One frame from `side` at time `now`; data[offset:] is the Ethernet frame."""
+        if self._next_scan is None:
+            self._next_scan = now + self.config.scan_interval
+        elif now >= self._next_scan or self._deferred is not None:
+            self.tick(now)
+        if side is Side.CLIENT:
+            self.counters["client_frames"] += 1
+            return
+        primary = side is Side.PRIMARY
+        self.counters["primary_frames" if primary else "secondary_frames"] += 1
+        ip = parse_ip(data, offset)
+        if isinstance(ip, str):
+            self._uncompared(primary, (data, offset), len(data) - offset, ip)
+            return
+        flen = len(data) - offset
+        if ip.frag_id >= 0:
+            self._fragment(primary, ip, data, offset, flen, now)
+            return
+        self._dispatch(primary, ip, data, ip.l4, ip.l4_end, (data, offset), flen, now)
+
+    def tick(self, now: float) -> None:
+        """Advance timers: rate-limited checkpoint requests, timeouts, expiry."""
+        if self._deferred is not None and now >= self._deferred[1]:
+            reason = self._deferred[0]
+            self._deferred = None
+            self.state = CheckpointState.IDLE
+            self._emit(reason, now)
+        if self._next_scan is not None and now >= self._next_scan:
+            self._scan(now)
+
+    def next_deadline(self) -> float | None:
+        """When tick() next has work to do, or None when nothing is tracked."""
+        times = []
+        if self._deferred is not None:
+            times.append(self._deferred[1])
+        if self._next_scan is not None and (self._flows or any(len(t) for t in self._frags)):
+            times.append(self._next_scan)
+        return min(times) if times else None
+
+    def take_released(self) -> list[tuple[bytes, int]]:
+        """Primary frames safe to send to the client, as (data, offset), in order."""
+        out, self._released = self._released, []
+        return out
+
+    def take_requests(self) -> list[CheckpointRequest]:
+        """Checkpoint requests the driver must carry out."""
+        out, self._requests = self._requests, []
+        return out
+
+    def take_divergences(self) -> list[Divergence]:
+        """Divergences seen since the last call."""
+        out, self._divergences = self._divergences, []
+        return out
+
+    def checkpoint_started(self, now: float) -> None:
+        """The VMs stopped for a checkpoint (QMP STOP)."""
+        self.state = CheckpointState.RUNNING
+        self._deferred = None
+
+    def checkpoint_done(self, now: float) -> None:
+        """The checkpoint committed: release everything held, resynchronise flows."""
+        again = self._again if self.state is CheckpointState.RUNNING else None
+        self._again = None
+        self._deferred = None
+        self.counters["checkpoints_completed"] += 1
+        for flow in self._flows.values():
+            flow.rebase(self)
+        for rel in self._frags[0].clear():
+            self._pass(rel, "ip_fragment_incomplete_at_checkpoint")
+        self.counters["secondary_fragments_dropped"] += len(self._frags[1].clear())
+        self.state = CheckpointState.IDLE
+        self._last_end = now
+        if again is not None:
+            self.want_checkpoint(again, now)
+
+    def held_frames(self) -> int:
+        """Primary frames currently held back."""
+        return self._held_frames
+
+    def busy(self) -> bool:
+        """Whether anything still waits: held output, unmatched input, a checkpoint."""
+        if self._held_frames or self.state is not CheckpointState.IDLE:
+            return True
+        return any(flow.pending() for flow in self._flows.values())
+
+    def stats(self) -> dict[str, object]:
+        """Counters for reports and metrics."""
+        return {
+            **self.counters,
+            "released_frames": self._released_frames,
+            "released_payload_bytes": self._released_payload,
+            "held_frames": self._held_frames,
+            "held_bytes": self._held_bytes,
+            "holding_flows": self._holding_flows,
+            "flows": len(self._flows),
+            "malformed": dict(self.malformed),
+            "uncompared": dict(self.uncompared),
+            "divergences_by_kind": dict(self.divergence_kinds),
+            "checkpoints_requested_by_reason": dict(self.checkpoint_reasons),
+            "checkpoint_state": self.state.value,
+        }
+
+    # -- FlowHost: called back by the flows ----------------------------------
+
+    def hold(self, flow: HeldCounts, flen: int) -> None:
+        """Account one more held primary frame; force a checkpoint past a limit."""
+        if not flow.held_frames:
+            self._holding_flows += 1
+        flow.held_frames += 1
+        flow.held_bytes += flen
+        self._held_frames += 1
+        self._held_bytes += flen
+        max_bytes, max_frames, max_flow_bytes, max_flows = self._hold_limits
+        if (
+            self._held_bytes > max_bytes or self._held_frames > max_frames
+            or flow.held_bytes > max_flow_bytes or self._holding_flows > max_flows
+        ) and self.state is CheckpointState.IDLE:
+            self.counters["hold_limit_hits"] += 1
+            self.want_checkpoint(CheckpointReason.HOLD_LIMIT, flow.last_seen)
+
+    def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None:
+        """A held unit may go to the client."""
+        flow.held_frames -= 1
+        flow.held_bytes -= flen
+        if not flow.held_frames:
+            self._holding_flows -= 1
+        self._held_frames -= 1
+        self._held_bytes -= flen
+        if type(rel) is tuple:
+            self._released.append(rel)
+            self._released_frames += 1
+        else:
+            self._released.extend(rel)  # type: ignore[arg-type]
+            self._released_frames += len(rel)
+        self._released_payload += payload
+
+    def diverge(
+        self, flow: HeldCounts, kind: DivergenceKind, offset: int | None,
+        primary: bytes, secondary: bytes, now: float, detail: str = "",
+    ) -> None:
+        """Freeze the flow, record what differed, and ask for a checkpoint."""
+        flow.diverged = True
+        self.divergence_kinds[kind.value] += 1
+        if len(self._divergences) < MAX_DIVERGENCES_KEPT:
+            self._divergences.append(
+                Divergence(now, flow_label(flow.key), kind, offset, primary, secondary, detail)
+            )
+        else:
+            self.counters["divergences_not_kept"] += 1
+        reason = CheckpointReason.TIMEOUT if kind in _TIMEOUT_KINDS else CheckpointReason.DIVERGENCE
+        self.want_checkpoint(reason, now)
+
+    def want_checkpoint(self, reason: CheckpointReason, now: float) -> None:
+        """Ask for a checkpoint, honouring the rate limit and coalescing."""
+        state = self.state
+        if state is CheckpointState.RUNNING:
+            if self._again is None:
+                self._again = reason
+            return
+        if state is not CheckpointState.IDLE:
+            self.counters["checkpoint_requests_coalesced"] += 1
+            return
+        due = self._last_end + self.config.min_checkpoint_interval
+        if now >= due:
+            self._emit(reason, now)
+        else:
+            self.counters["checkpoint_requests_rate_limited"] += 1
+            self._deferred = (reason, due)
+            self.state = CheckpointState.DEFERRED
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Bump a named counter (reported in stats)."""
+        self.counters[name] += n
+
+    # -- internals -----------------------------------------------------------
+
+    def _emit(self, reason: CheckpointReason, now: float) -> None:
+        self.state = CheckpointState.REQUESTED
+        self.checkpoint_reasons[reason.value] += 1
+        self._requests.append(CheckpointRequest(now, reason))
+
+    def _pass(self, rel: tuple[bytes, int], reason: str) -> None:
+        self.uncompared[reason] += 1
+        self._released.append(rel)
+        self._released_frames += 1
+
+    def _uncompared(self, primary: bool, rel: tuple[bytes, int], flen: int, reason: str) -> None:
+        if reason not in PASS_REASONS:
+            self.malformed[reason] += 1
+        if primary:
+            self._pass(rel, reason)
+        else:
+            self.counters["secondary_frames_dropped_uncompared"] += 1
+            if reason in PASS_REASONS:
+                self.uncompared[reason] += 1
+
+    def _fragment(
+        self, primary: bool, ip: IpPacket, data: bytes, offset: int, flen: int, now: float
+    ) -> None:
+        key: FragKey = (ip.vlan, ip.version, ip.src, ip.dst, ip.proto, ip.frag_id)
+        table = self._frags[0 if primary else 1]
+        result = table.add(key, ip.frag_off, ip.more_frags, data[ip.l4 : ip.l4_end],
+                           (data, offset), now)
+        if result is None:
+            return
+        what, rels = result
+        if isinstance(what, str):
+            self.malformed[what] += 1
+            for rel in rels:
+                self._uncompared(primary, rel, len(rel[0]) - rel[1], "ip_fragments_given_up")
+            return
+        self.counters["ip_datagrams_reassembled"] += 1
+        total = sum(len(d) - o for d, o in rels)
+        self._dispatch(primary, ip, what, 0, len(what), rels, total, now)
+
+    def _dispatch(
+        self, primary: bool, ip: IpPacket, buf: bytes, l4: int, end: int, rel: Rel, flen: int,
+        now: float,
+    ) -> None:
+        proto = ip.proto
+        if proto == PROTO_TCP:
+            hdr = parse_tcp(buf, l4, end)
+            if isinstance(hdr, str):
+                self._bad_l4(primary, rel, hdr)
+                return
+            key: FlowKey = (proto, ip.vlan, ip.src, ip.dst, hdr.sport, hdr.dport)
+            flow = self._flows.get(key)
+            if flow is None:
+                flow = self._new_flow(key, now, None)
+            flow.last_seen = now
+            tflow = cast(TcpFlow, flow)
+            if primary:
+                tflow.on_primary(self, hdr, buf, end, rel, flen, now)
+            else:
+                tflow.on_secondary(self, hdr, buf, end, now)
+            return
+        if proto == PROTO_UDP:
+            udp = parse_udp(buf, l4, end)
+            if isinstance(udp, str):
+                self._bad_l4(primary, rel, udp)
+                return
+            sport, dport, start, stop = udp
+            key = (proto, ip.vlan, ip.src, ip.dst, sport, dport)
+            content = buf[start:stop]
+            kind = DivergenceKind.UDP
+        elif proto in (PROTO_ICMP, PROTO_ICMPV6):
+            if end - l4 < 4:
+                self._bad_l4(primary, rel, "icmp_truncated")
+                return
+            if proto == PROTO_ICMPV6 and buf[l4] in ICMPV6_UNCOMPARED:
+                self._bad_l4(primary, rel, NDP_MLD)
+                return
+            key = (proto, ip.vlan, ip.src, ip.dst, 0, 0)
+            content = buf[l4 : l4 + 2] + buf[l4 + 4 : end]
+            kind = DivergenceKind.ICMP
+        elif proto == PROTO_IGMP:
+            self._bad_l4(primary, rel, IGMP)
+            return
+        else:
+            key = (proto, ip.vlan, ip.src, ip.dst, 0, 0)
+            content = buf[l4:end]
+            kind = DivergenceKind.OTHER
+        dflow = self._flows.get(key)
+        if dflow is None:
+            dflow = self._new_flow(key, now, kind)
+        dflow.last_seen = now
+        gflow = cast(DatagramFlow, dflow)
+        if primary:
+            gflow.on_primary(self, content, rel, flen, now, self._window)
+        else:
+            gflow.on_secondary(self, content, now, self._window)
+
+    def _bad_l4(self, primary: bool, rel: Rel, reason: str) -> None:
+        rels = rel if isinstance(rel, list) else [rel]
+        for one in rels:
+            self._uncompared(primary, one, len(one[0]) - one[1], reason)
+
+    def _new_flow(self, key: FlowKey, now: float, kind: DivergenceKind | None) -> Flow:
+        if len(self._flows) >= self.config.max_flows:
+            self._evict(now)
+        flow: Flow = TcpFlow(key, now) if kind is None else DatagramFlow(key, now, kind)
+        self._flows[key] = flow
+        self.counters["flows_created"] += 1
+        return flow
+
+    def _evict(self, now: float) -> None:
+        """Make room by forgetting flows that hold nothing, oldest first."""
+        want = max(1, self.config.max_flows // 16)
+        victims = []
+        for key, flow in self._flows.items():
+            if not flow.held_frames and not flow.pending():
+                victims.append(key)
+                if len(victims) >= want:
+                    break
+        for key in victims:
+            del self._flows[key]
+        self.counters["flows_evicted"] += len(victims)
+        if not victims:
+            self.counters["flow_table_full"] += 1
+            self.want_checkpoint(CheckpointReason.FLOW_TABLE, now)
+
+    def _scan(self, now: float) -> None:
+        """Timeouts and expiry; runs every scan_interval of (virtual) time."""
+        cfg = self.config
+        self._next_scan = now + cfg.scan_interval
+        timeout = cfg.compare_timeout
+        idle, closed_idle = cfg.flow_idle_timeout, cfg.closed_flow_timeout
+        stale = []
+        for key, flow in self._flows.items():
+            if flow.held_frames or flow.pending():
+                flow.expired(self, now, timeout)
+                continue
+            limit = closed_idle if isinstance(flow, TcpFlow) and flow.closed else idle
+            if now - flow.last_seen > limit:
+                stale.append(key)
+        for key in stale:
+            del self._flows[key]
+        self.counters["flows_expired"] += len(stale)
+        for rel in self._frags[0].expire(now):
+            self._pass(rel, "ip_fragments_timed_out")
+        self.counters["secondary_fragments_dropped"] += len(self._frags[1].expire(now))

@@ -1,0 +1,356 @@
+"""TCP comparison of one flow: primary versus secondary byte streams.
+
+Theory of operation
+-------------------
+Each side's stream is rebuilt by offset (sequence number minus that side's
+ISN), so segmentation, ISNs and options never matter.  `pri.stream` and
+`sec.stream` always share the same `base`: the offset up to which both sides
+agreed.  Whenever both have contiguous bytes past it, they are compared and
+consumed together.
+
+Primary frames wait in `queue` (in arrival order) and leave it in order, each
+once (a) its payload lies below the agreed offset, (b) its ACK, as an offset
+from the client's ISN, is not ahead of the highest ACK the secondary sent
+(otherwise a failover could lose client data the client believes delivered),
+and (c) a SYN waits for the secondary's SYN with equal options, a FIN or RST
+for the secondary's at the same offset.
+
+Divergence (different bytes, close or handshake) freezes the flow: nothing
+more is released or compared until a checkpoint makes the secondary a copy
+of the primary again, after which `rebase` continues from the primary's
+current offsets with the primary's sequence space.
+
+Mid-stream pick-up (no SYN seen, e.g. after a restart) assumes both sides
+share one sequence space, which is exactly the state after a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from colo_proxy.core.events import DivergenceKind
+from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
+from colo_proxy.core.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHeader, tcp_syn_options
+from colo_proxy.core.reassembly import StreamBuffer
+from colo_proxy.core.seq import HALF32, MASK32
+
+NEED_NONE = 0
+NEED_HANDSHAKE = 1
+NEED_FIN = 2
+NEED_RST = 3
+
+# Queue entry fields (a list per held frame keeps allocation to one object).
+E_END, E_ACK, E_NEED, E_REL, E_TIME, E_START, E_PLEN, E_FLEN = range(8)
+
+SynOptions = tuple[int, int, bool, bool]
+
+
+class TcpSide:
+    """What one guest sent on this flow."""
+
+    __slots__ = (
+        "ack_max", "fin", "high", "isn", "last_ack", "last_off", "peer_isn", "rst",
+        "stream", "syn_opts",
+    )
+
+    def __init__(self) -> None:
+        self.isn = -1
+        """ISN (32-bit); byte at offset 0 has sequence number isn + 1.  -1: unknown."""
+        self.peer_isn = -1
+        """The client's ISN as this guest acknowledged it.  -1: unknown."""
+        self.last_off = 0
+        self.last_ack = 0
+        self.ack_max = -1
+        self.high = 0
+        """Highest stream offset this side sent data up to."""
+        self.stream = StreamBuffer(0)
+        self.fin: int | None = None
+        self.rst: int | None = None
+        self.syn_opts: SynOptions | None = None
+
+
+class TcpFlow(HeldCounts):
+    """Comparison state of one TCP flow (one direction of guest output)."""
+
+    __slots__ = ("closed", "hs_ok", "pri", "queue", "sec", "sec_times")
+
+    def __init__(self, key: FlowKey, now: float) -> None:
+        super().__init__(key, now)
+        self.pri = TcpSide()
+        self.sec = TcpSide()
+        self.queue: deque[list[object]] = deque()
+        self.sec_times: deque[tuple[int, float]] = deque()
+        self.hs_ok = False
+        self.closed = False
+
+    # -- input ---------------------------------------------------------------
+
+    def learn(self, me: TcpSide, other: TcpSide, hdr: TcpHeader, data: bytes) -> int:
+        """Update ISNs from this segment; return the offset of its first payload byte."""
+        seq = hdr.seq
+        if hdr.flags & TCP_SYN:
+            me.isn = seq
+            me.syn_opts = tcp_syn_options(data, hdr.options, hdr.payload)
+            if hdr.flags & TCP_ACK:
+                me.peer_isn = (hdr.ack - 1) & MASK32
+            seq = (seq + 1) & MASK32
+        elif me.isn < 0:
+            me.isn = other.isn if other.isn >= 0 else (seq - 1) & MASK32
+        if me.peer_isn < 0 and hdr.flags & TCP_ACK:
+            me.peer_isn = other.peer_isn if other.peer_isn >= 0 else (hdr.ack - 1) & MASK32
+        near = me.last_off
+        off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
+        me.last_off = off
+        return off
+
+    def ack_offset(self, me: TcpSide, hdr: TcpHeader) -> int:
+        """The segment's ACK as an offset from the client's ISN (-1 without ACK)."""
+        if not hdr.flags & TCP_ACK:
+            return -1
+        near = me.last_ack
+        a = near + ((((hdr.ack - me.peer_isn - 1) - near + HALF32) & MASK32) - HALF32)
+        me.last_ack = a
+        if a > me.ack_max:
+            me.ack_max = a
+        return a
+
+    def on_primary(
+        self, host: FlowHost, hdr: TcpHeader, data: bytes, end: int, rel: Rel, flen: int,
+        now: float,
+    ) -> None:
+        """A segment from the primary: hold it, then release whatever became safe."""
+        me = self.pri
+        flags = hdr.flags
+        if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
+            self._new_incarnation(host)
+            me = self.pri
+        off = self.learn(me, self.sec, hdr, data)
+        plen = end - hdr.payload
+        stop = off + plen
+        need = NEED_NONE
+        if flags & TCP_SYN:
+            need = NEED_HANDSHAKE
+        if plen:
+            if stop > me.high:
+                me.high = stop
+            if not self.diverged:
+                me.stream.add(off, memoryview(data)[hdr.payload:end])
+        if flags & TCP_FIN:
+            need = NEED_FIN
+            if me.fin is None:
+                me.fin = stop
+        if flags & TCP_RST:
+            need = NEED_RST
+            if me.rst is None:
+                me.rst = stop
+        self.queue.append([stop, self.ack_offset(me, hdr), need, rel, now, off, plen, flen])
+        host.hold(self, flen)
+        if self.diverged:
+            return
+        if (
+            need == NEED_HANDSHAKE and not self.hs_ok and self.sec.syn_opts is not None
+            and not self._check_handshake(host, now)
+        ):
+            return
+        self.progress(host, now)
+
+    def on_secondary(
+        self, host: FlowHost, hdr: TcpHeader, data: bytes, end: int, now: float
+    ) -> None:
+        """A segment from the secondary: it is never released, only compared."""
+        if self.diverged:
+            host.count("secondary_frames_dropped_diverged")
+            return
+        me = self.sec
+        flags = hdr.flags
+        if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
+            self._new_incarnation(host)
+            me = self.sec
+        off = self.learn(me, self.pri, hdr, data)
+        self.ack_offset(me, hdr)
+        plen = end - hdr.payload
+        stop = off + plen
+        if plen:
+            if stop > me.high:
+                me.high = stop
+            if stop > me.stream.base:
+                me.stream.add(off, memoryview(data)[hdr.payload:end])
+                self.sec_times.append((stop, now))
+        if flags & TCP_FIN and me.fin is None:
+            me.fin = stop
+        if flags & TCP_RST and me.rst is None:
+            me.rst = stop
+        if (
+            flags & TCP_SYN and not self.hs_ok and self.pri.syn_opts is not None
+            and not self._check_handshake(host, now)
+        ):
+            return
+        self.progress(host, now)
+
+    def _new_incarnation(self, host: FlowHost) -> None:
+        """A SYN with a new ISN: the 4-tuple is reused for a new connection."""
+        if self.held_frames:
+            host.count("tcp_syn_reuse_while_holding")
+            return
+        host.count("tcp_connections_reused")
+        self.pri = TcpSide()
+        self.sec = TcpSide()
+        self.sec_times.clear()
+        self.hs_ok = False
+        self.closed = False
+
+    # -- comparison ----------------------------------------------------------
+
+    def _check_handshake(self, host: FlowHost, now: float) -> bool:
+        p, s = self.pri.syn_opts, self.sec.syn_opts
+        if p is None or s is None:
+            return True
+        if p != s:
+            names = ("mss", "wscale", "sack_perm", "timestamps")
+            what = ", ".join(
+                f"{n} {a} vs {b}" for n, a, b in zip(names, p, s, strict=True) if a != b
+            )
+            host.diverge(self, DivergenceKind.HANDSHAKE, 0, b"", b"", now, what)
+            return False
+        self.hs_ok = True
+        return True
+
+    def progress(self, host: FlowHost, now: float) -> None:
+        """Compare what both sides have, check closes, release what is safe."""
+        pst = self.pri.stream
+        sst = self.sec.stream
+        n = min(len(pst.buf), len(sst.buf))
+        if n:
+            pb, sb = pst.buf, sst.buf
+            same = pb == sb if n == len(pb) == len(sb) else pb[:n] == sb[:n]
+            if not same:
+                self._payload_divergence(host, now, n)
+                return
+            pst.consume(n)
+            sst.consume(n)
+            times = self.sec_times
+            base = pst.base
+            while times and times[0][0] <= base:
+                times.popleft()
+        if (
+            self.pri.fin is not None or self.pri.rst is not None
+            or self.sec.fin is not None or self.sec.rst is not None
+        ) and not self._check_close(host, now):
+            return
+        q = self.queue
+        if not q:
+            return
+        base = pst.base
+        sec_ack = self.sec.ack_max
+        release = host.release
+        while q:
+            e = q[0]
+            if e[0] > base or e[1] > sec_ack:  # type: ignore[operator]
+                break
+            need = e[2]
+            if need and not self._need_met(need, base):
+                break
+            q.popleft()
+            release(self, e[3], e[7], e[6])  # type: ignore[arg-type]
+
+    def _need_met(self, need: object, base: int) -> bool:
+        if need == NEED_HANDSHAKE:
+            return self.hs_ok
+        p, s = self.pri, self.sec
+        if need == NEED_FIN:
+            return p.fin is not None and p.fin == s.fin and base >= p.fin
+        return p.rst is not None and p.rst == s.rst
+
+    def _payload_divergence(self, host: FlowHost, now: float, n: int) -> None:
+        pb, sb = self.pri.stream.buf, self.sec.stream.buf
+        lo, hi = 0, n  # invariant: pb[:lo] == sb[:lo], pb[:hi] != sb[:hi]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if pb[lo:mid] == sb[lo:mid]:
+                lo = mid
+            else:
+                hi = mid
+        at = self.pri.stream.base + lo
+        host.diverge(
+            self, DivergenceKind.PAYLOAD, at, bytes(pb[lo : lo + 16]), bytes(sb[lo : lo + 16]), now
+        )
+
+    def _check_close(self, host: FlowHost, now: float) -> bool:
+        """False (and a divergence) when the two sides close differently."""
+        p, s = self.pri, self.sec
+        for a, b in ((p, s), (s, p)):
+            for mark in (a.fin, a.rst):
+                if mark is not None and b.high > mark:
+                    return self._close_div(host, now, DivergenceKind.LENGTH, mark,
+                                           "data past the other side's close")
+        if p.fin is not None and s.fin is not None and p.fin != s.fin:
+            return self._close_div(host, now, DivergenceKind.CLOSE, p.fin, "FIN offsets differ")
+        if p.rst is not None and s.rst is not None and p.rst != s.rst:
+            return self._close_div(host, now, DivergenceKind.CLOSE, p.rst, "RST offsets differ")
+        if p.fin is not None and s.rst is not None and s.fin is None:
+            return self._close_div(
+                host, now, DivergenceKind.CLOSE, p.fin, "primary FIN, secondary RST"
+            )
+        if s.fin is not None and p.rst is not None and p.fin is None:
+            return self._close_div(
+                host, now, DivergenceKind.CLOSE, p.rst, "primary RST, secondary FIN"
+            )
+        if (p.fin is not None and p.fin == s.fin) or (p.rst is not None and p.rst == s.rst):
+            self.closed = True
+        return True
+
+    def _close_div(
+        self, host: FlowHost, now: float, kind: DivergenceKind, at: int, detail: str
+    ) -> bool:
+        host.diverge(self, kind, at, b"", b"", now, detail)
+        return False
+
+    # -- timers and checkpoints ---------------------------------------------
+
+    def pending(self) -> bool:
+        """Whether anything waits here: held primary frames or unmatched secondary bytes."""
+        return bool(self.queue or self.sec_times)
+
+    def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
+        """Report a timeout divergence if output waited too long; True if so."""
+        if self.diverged:
+            return False
+        if self.queue:
+            head = self.queue[0]
+            if now - head[E_TIME] > timeout:  # type: ignore[operator]
+                base = self.pri.stream.base
+                gated = head[E_END] <= base and head[E_ACK] > self.sec.ack_max  # type: ignore[operator]
+                kind = DivergenceKind.ACK if gated else DivergenceKind.TIMEOUT
+                start = head[E_START]
+                at = max(0, start) if isinstance(start, int) else 0
+                host.diverge(self, kind, at, b"", b"", now, "primary output unmatched")
+                return True
+        if self.sec_times and now - self.sec_times[0][1] > timeout:
+            at = self.pri.stream.base
+            host.diverge(self, DivergenceKind.TIMEOUT, at, b"", b"", now,
+                         "secondary output unmatched")
+            return True
+        return False
+
+    def rebase(self, host: FlowHost) -> None:
+        """After a checkpoint: release everything held, continue as the primary."""
+        release = host.release
+        q = self.queue
+        while q:
+            e = q.popleft()
+            release(self, e[3], e[7], e[6])  # type: ignore[arg-type]
+        self.diverged = False
+        self.sec_times.clear()
+        p = self.pri
+        if p.isn < 0:
+            self.sec = TcpSide()
+            return
+        pos = max(p.high, p.stream.end, p.stream.base)
+        p.stream.reset(pos)
+        s = self.sec
+        s.isn, s.peer_isn = p.isn, p.peer_isn
+        s.last_off, s.last_ack, s.ack_max, s.high = p.last_off, p.last_ack, p.ack_max, p.high
+        s.fin, s.rst, s.syn_opts = p.fin, p.rst, p.syn_opts
+        s.stream.reset(pos)
+        if p.syn_opts is not None:
+            self.hs_ok = True
