@@ -1,0 +1,130 @@
+"""Parse socket endpoint specs in QEMU's own spelling.
+
+``unix:PATH[,server][,wait=off]`` and ``tcp:HOST:PORT[,server]``, with the
+options QEMU accepts on ``-chardev``/``-qmp`` legacy syntax: ``server``,
+``server=on|off``, ``wait=on|off``, ``nowait``, ``reconnect=SECONDS`` and
+``nodelay``.  A bare path (no ``unix:``) is a unix socket too, as for
+QEMU's ``-qmp``.  ``tcp:[::1]:4444`` takes an IPv6 address.
+
+colo-proxy never blocks start-up waiting for a client, so ``wait`` is
+accepted for compatibility and ignored; ``reconnect`` sets the client's
+first retry delay (it always retries, with backoff).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from colo_proxy.errors import ConfigError
+
+
+class Transport(enum.Enum):
+    """Socket family of an endpoint."""
+
+    UNIX = "unix"
+    TCP = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where one chardev-like socket lives and which end we are."""
+
+    transport: Transport
+    address: str
+    """Unix socket path, or the TCP host."""
+    port: int = 0
+    server: bool = False
+    reconnect: float = 0.0
+
+    def describe(self) -> str:
+        """The spec back in QEMU spelling, for logs."""
+        where = (
+            f"unix:{self.address}"
+            if self.transport is Transport.UNIX
+            else f"tcp:{_host_text(self.address)}:{self.port}"
+        )
+        where += ",server" if self.server else ""
+        return where + (f",reconnect={self.reconnect:g}" if self.reconnect else "")
+
+    def qmp_address(self) -> str | tuple[str, int]:
+        """The address form qemu.qmp's ``connect`` takes."""
+        if self.transport is Transport.UNIX:
+            return self.address
+        return (self.address, self.port)
+
+
+def _host_text(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+_ON = {"on", "yes", "true", ""}
+_OFF = {"off", "no", "false"}
+
+
+def _flag(name: str, value: str) -> bool:
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise ConfigError(f"{name}={value!r}: expected on or off")
+
+
+def parse_endpoint(spec: str) -> Endpoint:
+    """Parse one endpoint spec; a :class:`ConfigError` names what is wrong."""
+    if not spec:
+        raise ConfigError("empty endpoint")
+    head, *options = spec.split(",")
+    server = False
+    reconnect = 0.0
+    for option in options:
+        name, _, value = option.partition("=")
+        if name == "server":
+            server = _flag(name, value)
+        elif name == "nowait":
+            continue
+        elif name in ("wait", "nodelay"):
+            _flag(name, value)
+        elif name == "reconnect":
+            try:
+                reconnect = float(value)
+            except ValueError:
+                raise ConfigError(f"{spec}: reconnect={value!r} is not a number") from None
+            if reconnect < 0:
+                raise ConfigError(f"{spec}: reconnect must not be negative")
+        else:
+            raise ConfigError(f"{spec}: unknown option {name!r}")
+    kind, sep, rest = head.partition(":")
+    if sep and kind == "tcp":
+        host, port = _split_host_port(spec, rest)
+        return Endpoint(Transport.TCP, host, port, server, reconnect)
+    if sep and kind == "unix":
+        path = rest
+    elif sep and kind in ("tcp6", "udp", "telnet", "websocket", "fd", "vsock"):
+        raise ConfigError(f"{spec}: only unix: and tcp: endpoints are supported")
+    else:
+        path = head
+    if not path:
+        raise ConfigError(f"{spec}: empty unix socket path")
+    if len(path.encode()) > 107:
+        raise ConfigError(f"{spec}: unix socket path longer than 107 bytes")
+    return Endpoint(Transport.UNIX, path, 0, server, reconnect)
+
+
+def _split_host_port(spec: str, rest: str) -> tuple[str, int]:
+    if rest.startswith("["):
+        host, sep, tail = rest[1:].partition("]")
+        if not sep or not tail.startswith(":"):
+            raise ConfigError(f"{spec}: expected tcp:[ADDR]:PORT")
+        port_text = tail[1:]
+    else:
+        host, sep, port_text = rest.rpartition(":")
+        if not sep:
+            raise ConfigError(f"{spec}: expected tcp:HOST:PORT")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{spec}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{spec}: port {port} out of range")
+    return host or "0.0.0.0", port
