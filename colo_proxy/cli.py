@@ -1,0 +1,118 @@
+"""`colo-proxy` command line: replay, streams, run, disk-agent.
+
+Errors the operator can fix (bad files, bad values) print one line and exit
+with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from colo_proxy.config_args import add_config_flags, config_from_args
+from colo_proxy.errors import ColoProxyError
+
+EXIT_USAGE = 2
+
+# Subcommands that live in their own packages: (module, attribute adding the parser).
+_PLUGGED = (
+    ("colo_proxy.runtime.run_cli", "add_parser"),
+    ("colo_proxy.disk.cli", "add_parser"),
+)
+
+
+def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "replay", help="compare a primary and a secondary capture offline",
+        description="Replay two captures through the comparison core in virtual time.",
+    )
+    p.add_argument("primary", help="pcap/pcapng of what the primary guest sent")
+    p.add_argument("secondary", help="pcap/pcapng of what the secondary guest sent")
+    p.add_argument("--json", action="store_true", help="print the JSON report")
+    p.add_argument("--released", metavar="FILE.pcap",
+                   help="write released primary frames, stamped with their release time")
+    p.add_argument("--guest", metavar="ADDR",
+                   help="guest IP or MAC, for captures holding both directions")
+    p.add_argument("--checkpoint-latency", type=float, default=0.0, metavar="S",
+                   help="simulated checkpoint duration in virtual seconds (default 0)")
+    add_config_flags(p)
+    p.set_defaults(func=_replay)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from colo_proxy.drivers.guest import parse_guest
+    from colo_proxy.drivers.pcap import PcapWriter
+    from colo_proxy.drivers.replay import Replay
+    from colo_proxy.report import report_dict, summary_text, to_json
+
+    config = config_from_args(args)
+    if args.checkpoint_latency < 0:
+        raise ColoProxyError("--checkpoint-latency: must not be negative")
+    guest = parse_guest(args.guest) if args.guest else None
+    writer = PcapWriter(args.released) if args.released else None
+    try:
+        replay = Replay(config, args.checkpoint_latency,
+                        writer.write if writer is not None else None)
+        result = replay.run(args.primary, args.secondary, guest)
+    finally:
+        if writer is not None:
+            writer.close()
+    report = report_dict(result, args.primary, args.secondary)
+    print(to_json(report) if args.json else summary_text(report))
+    return 0
+
+
+def _add_streams(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "streams", help="write every reassembled TCP direction of a capture to files",
+        description="Reassemble each TCP direction and write it with an index.json.",
+    )
+    p.add_argument("pcap")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=_streams)
+
+
+def _streams(args: argparse.Namespace) -> int:
+    from colo_proxy.streams import write_streams
+
+    index = write_streams(args.pcap, args.out)
+    print(f"{len(index)} TCP directions written to {args.out} (index.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="colo-proxy",
+        description="COLO-style packet comparison proxy for VM fault tolerance.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_replay(sub)
+    _add_streams(sub)
+    for module, attr in _PLUGGED:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        getattr(mod, attr)(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `colo-proxy` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ColoProxyError as err:
+        print(f"colo-proxy: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

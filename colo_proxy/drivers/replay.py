@@ -1,0 +1,157 @@
+"""Offline replay: two captures through the core in virtual time.
+
+The captures are merged in timestamp order (primary first on ties) and fed
+with their own timestamps as `now`, so a replay never sleeps and always
+gives the same verdicts.  Checkpoints are simulated: a request starts one at
+once and it completes `checkpoint_latency` seconds later in virtual time.
+After the last frame, virtual time runs on until every pending timer fired;
+whatever is still held then is released by a final "flush" checkpoint.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from colo_proxy.core.config import Config
+from colo_proxy.core.events import CheckpointReason, Divergence, Side
+from colo_proxy.core.proxy import Proxy
+from colo_proxy.drivers.guest import GuestFilter, infer_guest
+from colo_proxy.drivers.pcap import read_frames
+
+ReleaseSink = Callable[[float, bytes], None]
+MAX_DRAIN_STEPS = 10_000_000
+
+
+@dataclass
+class ReplayResult:
+    """Everything a report needs, with times relative to the first frame."""
+
+    start_time: float = 0.0
+    primary_frames: int = 0
+    secondary_frames: int = 0
+    client_frames: int = 0
+    primary_bytes: int = 0
+    secondary_bytes: int = 0
+    released_frames: int = 0
+    held_frames: int = 0
+    flushed_frames: int = 0
+    checkpoints: list[tuple[float, str]] = field(default_factory=list)
+    divergences: list[Divergence] = field(default_factory=list)
+    guest: bytes | None = None
+    stats: dict[str, object] = field(default_factory=dict)
+
+
+class Replay:
+    """Drives one Proxy over two captures."""
+
+    def __init__(
+        self,
+        config: Config,
+        checkpoint_latency: float = 0.0,
+        on_release: ReleaseSink | None = None,
+    ) -> None:
+        self.proxy = Proxy(config)
+        self.latency = checkpoint_latency
+        self.on_release = on_release
+        self.result = ReplayResult()
+        self._done_at: float | None = None
+
+    def run(
+        self, primary: str, secondary: str, guest: bytes | None = None, infer: bool = True
+    ) -> ReplayResult:
+        """Replay the pair; `guest` selects guest output in two-way captures."""
+        pri_iter = read_frames(primary)
+        head = list(itertools.islice(pri_iter, 5000))
+        if guest is None and infer:
+            guest = infer_guest(frame for _, frame in head)
+        self.result.guest = guest
+        merged = heapq.merge(
+            self._tagged(itertools.chain(head, pri_iter), Side.PRIMARY, GuestFilter(guest)),
+            self._tagged(read_frames(secondary), Side.SECONDARY, GuestFilter(guest)),
+        )
+        self.feed_all(merged)
+        return self.finish()
+
+    @staticmethod
+    def _tagged(
+        frames: Iterator[tuple[float, bytes]], side: Side, guest: GuestFilter
+    ) -> Iterator[tuple[float, int, int, Side, bytes]]:
+        for n, (ts, frame) in enumerate(frames):
+            who = side if guest.is_guest(frame) else Side.CLIENT
+            yield ts, int(side), n, who, frame
+
+    def feed_all(self, merged: Iterator[tuple[float, int, int, Side, bytes]]) -> None:
+        """Feed merged (time, _, _, side, frame) tuples, simulating checkpoints."""
+        proxy, res = self.proxy, self.result
+        feed = proxy.feed
+        first = True
+        for ts, _, _, side, frame in merged:
+            if first:
+                res.start_time = ts
+                first = False
+            if self._done_at is not None and ts >= self._done_at:
+                self._complete(self._done_at)
+            if side is Side.PRIMARY:
+                res.primary_frames += 1
+                res.primary_bytes += len(frame)
+            elif side is Side.SECONDARY:
+                res.secondary_frames += 1
+                res.secondary_bytes += len(frame)
+            else:
+                res.client_frames += 1
+            feed(side, frame, ts)
+            self._collect(ts)
+
+    def finish(self) -> ReplayResult:
+        """Run virtual time on until timers fire; flush what is still held."""
+        proxy, res = self.proxy, self.result
+        now = res.start_time
+        for _ in range(MAX_DRAIN_STEPS):
+            if not proxy.busy() and self._done_at is None:
+                break
+            candidates = [t for t in (proxy.next_deadline(), self._done_at) if t is not None]
+            if not candidates:
+                break
+            now = max(now, min(candidates))
+            if self._done_at is not None and now >= self._done_at:
+                self._complete(self._done_at)
+            else:
+                proxy.tick(now)
+            self._collect(now)
+        res.held_frames = proxy.held_frames()
+        res.stats = proxy.stats()
+        res.released_frames = proxy.released_frames
+        if res.held_frames:
+            res.checkpoints.append((now, CheckpointReason.FLUSH.value))
+            proxy.checkpoint_started(now)
+            proxy.checkpoint_done(now)
+            self._collect(now)
+            res.flushed_frames = proxy.released_frames - res.released_frames
+        return res
+
+    def _complete(self, at: float) -> None:
+        self._done_at = None
+        self.proxy.checkpoint_done(at)
+        self._collect(at)
+
+    def _collect(self, now: float) -> None:
+        proxy = self.proxy
+        released = proxy.take_released()
+        if released and self.on_release is not None:
+            sink = self.on_release
+            for data, offset in released:
+                sink(now, data[offset:] if offset else data)
+        for req in proxy.take_requests():
+            self.result.checkpoints.append((req.time, req.reason.value))
+            proxy.checkpoint_started(req.time)
+            if self.latency <= 0:
+                proxy.checkpoint_done(req.time)
+                self._collect(now)
+            else:
+                self._done_at = req.time + self.latency
+        divs = proxy.take_divergences()
+        if divs:
+            self.result.divergences.extend(divs)

@@ -1,0 +1,114 @@
+"""Replay reports: the JSON contract and the human summary.
+
+The JSON keys are a contract that scripts rely on; add keys, never rename.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from colo_proxy.core.events import Divergence
+from colo_proxy.drivers.replay import ReplayResult
+
+
+def _guest_text(guest: bytes | None) -> str | None:
+    if guest is None:
+        return None
+    if len(guest) == 6:
+        return ":".join(f"{b:02x}" for b in guest)
+    return str(ipaddress.ip_address(guest))
+
+
+def _div_json(div: Divergence, start: float) -> dict[str, Any]:
+    return {
+        "time": round(div.time - start, 6),
+        "flow": div.flow,
+        "kind": div.kind.value,
+        "offset": div.offset,
+        "detail": div.detail,
+        "primary_bytes": div.primary.hex(),
+        "secondary_bytes": div.secondary.hex(),
+    }
+
+
+def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, Any]:
+    """The replay report as a JSON-ready dict (times in seconds from the first frame)."""
+    stats = dict(res.stats)
+    return {
+        "primary": primary,
+        "secondary": secondary,
+        "guest": _guest_text(res.guest),
+        "primary_frames": res.primary_frames,
+        "secondary_frames": res.secondary_frames,
+        "client_frames": res.client_frames,
+        "primary_bytes": res.primary_bytes,
+        "secondary_bytes": res.secondary_bytes,
+        "released_frames": res.released_frames,
+        "released_payload_bytes": stats.pop("released_payload_bytes"),
+        "held_frames": res.held_frames,
+        "final_flush": bool(res.flushed_frames),
+        "flushed_frames": res.flushed_frames,
+        "checkpoints": [
+            {"time": round(t - res.start_time, 6), "reason": r} for t, r in res.checkpoints
+        ],
+        "divergences": [_div_json(d, res.start_time) for d in res.divergences],
+        "malformed": stats.pop("malformed"),
+        "uncompared": stats.pop("uncompared"),
+        "flows": stats.pop("flows_created", 0),
+        "counters": {k: v for k, v in sorted(stats.items()) if k not in ("released_frames",)},
+    }
+
+
+def hexdump(data: bytes, width: int = 16) -> str:
+    """One line of hex and printable ASCII."""
+    hexpart = " ".join(f"{b:02x}" for b in data[:width])
+    text = "".join(chr(b) if 32 <= b < 127 else "." for b in data[:width])
+    return f"{hexpart:<{width * 3}} |{text}|"
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    """A readable summary of a report dict."""
+    lines = [
+        f"primary   {report['primary']}: {report['primary_frames']} guest frames, "
+        f"{report['primary_bytes']} bytes",
+        f"secondary {report['secondary']}: {report['secondary_frames']} guest frames, "
+        f"{report['secondary_bytes']} bytes",
+    ]
+    if report["guest"] is not None:
+        lines.append(f"guest {report['guest']}; client frames (input, not compared): "
+                     f"{report['client_frames']}")
+    lines.append(f"flows: {report['flows']}")
+    lines.append(
+        f"released: {report['released_frames']} frames "
+        f"({report['released_payload_bytes']} TCP payload bytes); "
+        f"held at end of input: {report['held_frames']}"
+    )
+    if report["final_flush"]:
+        lines.append(f"final flush checkpoint released {report['flushed_frames']} held frames")
+    reasons: dict[str, int] = {}
+    for ck in report["checkpoints"]:
+        reasons[ck["reason"]] = reasons.get(ck["reason"], 0) + 1
+    text = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) or "none"
+    lines.append(f"checkpoints: {len(report['checkpoints'])} ({text})")
+    lines.append(f"divergences: {len(report['divergences'])}")
+    for d in report["divergences"][:20]:
+        where = "" if d["offset"] is None else f" at offset {d['offset']}"
+        detail = f" ({d['detail']})" if d["detail"] else ""
+        lines.append(f"  {d['time']:.6f}s {d['kind']}{where}{detail}: {d['flow']}")
+        if d["primary_bytes"] or d["secondary_bytes"]:
+            lines.append("    primary   " + hexdump(bytes.fromhex(d["primary_bytes"])))
+            lines.append("    secondary " + hexdump(bytes.fromhex(d["secondary_bytes"])))
+    if len(report["divergences"]) > 20:
+        lines.append(f"  ... {len(report['divergences']) - 20} more (see --json)")
+    for name in ("malformed", "uncompared"):
+        if report[name]:
+            parts = ", ".join(f"{k} {v}" for k, v in sorted(report[name].items()))
+            lines.append(f"{name}: {parts}")
+    return "\n".join(lines)
+
+
+def to_json(report: dict[str, Any]) -> str:
+    """The report as indented JSON text."""
+    return json.dumps(report, indent=2, sort_keys=False)
