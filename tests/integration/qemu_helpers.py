@@ -66,6 +66,8 @@ def start_qemu(
     assert QEMU is not None
     cmd = [QEMU, "-M", "none", "-nodefaults", "-no-user-config", "-display", "none"]
     if qmp_path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(qmp_path)  # a killed QEMU leaves its socket file behind
         cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
     ours: dict[str, socket.socket] = {}
     sinks: list[socket.socket] = []

@@ -1,0 +1,172 @@
+"""The QMP driver against a real ``qemu-system-x86_64 -machine none -qmp unix:...``.
+
+Outside COLO state QEMU accepts ``migrate-set-parameters x-checkpoint-delay``
+but does not checkpoint, so what is tested here is: negotiation, the request
+reaching QEMU (accepted, the operator's delay unchanged, re-sent while no
+checkpoint follows), QEMU's error text, STOP/RESUME following with ``stop``
+and ``cont`` under both follow policies, and a QEMU killed and restarted
+with a request pending.  A real checkpoint (STOP/RESUME caused by the
+request) needs a COLO pair, which hangs under TCG on this QEMU
+(reference section 8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from colo_proxy.drivers.endpoints import parse_endpoint
+from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
+from tests.integration.qemu_helpers import needs_qemu, short_tmpdir, start_qemu
+
+pytestmark = [pytest.mark.integration, needs_qemu]
+
+
+@pytest.fixture
+def workdir() -> Iterator[str]:
+    d = short_tmpdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+async def until(cond: object, what: str, limit: float = 30.0) -> None:
+    assert callable(cond)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def other_client(path: str) -> QMPClient:
+    """A second, independent QMP session (QEMU's monitor as an operator would use it)."""
+    client = QMPClient("test")
+    await client.connect(path)
+    return client
+
+
+def test_negotiation_stop_resume_and_request(workdir: str) -> None:
+    qmp = f"{workdir}/qmp.sock"
+    op_qmp = f"{workdir}/op.sock"
+    qemu = start_qemu(workdir, [], ["-qmp", f"unix:{op_qmp},server=on,wait=off"], qmp)
+
+    async def main() -> None:
+        events: list[str] = []
+        drv = QmpDriver(
+            "primary",
+            parse_endpoint(f"unix:{qmp}"),
+            on_checkpoint_started=lambda: events.append("started"),
+            on_checkpoint_done=lambda: events.append("done"),
+            follow=FollowPolicy.ALWAYS,
+            request_timeout=0.2,
+        )
+        drv.start()
+        await until(lambda: drv.connected, "QMP session")
+        assert drv.stats.run_status == "running"
+        assert drv.stats.colo_status.get("mode") == "none"
+        op = await other_client(op_qmp)
+        # STOP/RESUME following
+        await op.execute("stop")
+        await until(lambda: events == ["started"], "STOP followed")
+        await op.execute("cont")
+        await until(lambda: events == ["started", "done"], "RESUME followed")
+        # the checkpoint request reaches QEMU and keeps the operator's delay
+        await op.execute("migrate-set-parameters", {"x-checkpoint-delay": 12345})
+        drv.request_checkpoint()
+        await until(lambda: drv.stats.requests_sent >= 1, "request sent")
+        params = await op.execute("query-migrate-parameters")
+        assert isinstance(params, dict) and params["x-checkpoint-delay"] == 12345
+        # outside COLO no STOP follows: the request is sent again, not forgotten
+        await until(lambda: drv.stats.requests_resent >= 1, "request re-sent")
+        assert drv.request_pending
+        # QEMU's own error text comes through
+        with pytest.raises(ExecuteError, match="has not been found"):
+            await drv.execute("no-such-command")
+        await op.disconnect()
+        await drv.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        qemu.kill()
+
+
+def test_default_policy_ignores_pause_outside_colo(workdir: str) -> None:
+    qmp = f"{workdir}/qmp.sock"
+    op_qmp = f"{workdir}/op.sock"
+    qemu = start_qemu(workdir, [], ["-qmp", f"unix:{op_qmp},server=on,wait=off"], qmp)
+
+    async def main() -> None:
+        events: list[str] = []
+        drv = QmpDriver(
+            "primary",
+            parse_endpoint(f"unix:{qmp}"),
+            on_checkpoint_started=lambda: events.append("started"),
+            on_checkpoint_done=lambda: events.append("done"),
+        )
+        drv.start()
+        await until(lambda: drv.connected, "QMP session")
+        op = await other_client(op_qmp)
+        await op.execute("stop")
+        await until(lambda: drv.stats.stops == 1, "STOP seen")
+        await op.execute("cont")
+        await until(lambda: drv.stats.resumes == 1, "RESUME seen")
+        assert events == []  # a user pause must never release held output
+        assert drv.stats.pauses_ignored == 1
+        await op.disconnect()
+        await drv.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        qemu.kill()
+
+
+def test_request_error_reported_with_qemu_message(workdir: str) -> None:
+    qmp = f"{workdir}/qmp.sock"
+    qemu = start_qemu(workdir, [], [], qmp)
+
+    async def main() -> None:
+        drv = QmpDriver("primary", parse_endpoint(f"unix:{qmp}"), checkpoint_delay=2**40)
+        drv.start()
+        await until(lambda: drv.connected, "QMP session")
+        drv.request_checkpoint()
+        await until(lambda: drv.stats.request_errors >= 1, "request error")
+        assert "x-checkpoint-delay" in drv.stats.last_error
+        assert drv.request_pending and drv.stats.requests_sent == 0
+        await drv.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        qemu.kill()
+
+
+def test_request_survives_qemu_kill_and_restart(workdir: str) -> None:
+    qmp = f"{workdir}/qmp.sock"
+
+    async def main() -> None:
+        drv = QmpDriver("primary", parse_endpoint(f"unix:{qmp}"), backoff=0.05)
+        qemu = start_qemu(workdir, [], [], qmp)
+        try:
+            drv.start()
+            await until(lambda: drv.connected, "first session")
+        finally:
+            qemu.kill()
+        await until(lambda: not drv.connected, "disconnect noticed")
+        drv.request_checkpoint()  # while QEMU is dead: must not be lost
+        assert drv.request_pending and drv.stats.requests_sent == 0
+        qemu = start_qemu(workdir, [], [], qmp)
+        try:
+            await until(lambda: drv.stats.sessions == 2, "reconnected")
+            await until(lambda: drv.stats.requests_sent == 1, "pending request sent")
+        finally:
+            await drv.close()
+            qemu.kill()
+
+    asyncio.run(main())
