@@ -1,0 +1,50 @@
+"""``unix:PATH`` / ``tcp:HOST:PORT`` listen addresses and the asyncio servers behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from colo_proxy.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where a server listens: a unix socket path, or a TCP host and port."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.path is not None else f"tcp:{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """Parse ``unix:PATH`` or ``tcp:HOST:PORT`` (IPv6 hosts in brackets)."""
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise ConfigError(f"address {text!r}: expected unix:PATH or tcp:HOST:PORT")
+    if kind == "unix":
+        return Address(path=rest)
+    if kind == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"address {text!r}: expected tcp:HOST:PORT")
+        return Address(host=host.strip("[]") or "127.0.0.1", port=int(port))
+    raise ConfigError(f"address {text!r}: unknown kind {kind!r} (unix or tcp)")
+
+
+async def listen(address: Address,
+                 factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.Server:
+    """Start a server; a stale unix socket file from a dead agent is replaced."""
+    loop = asyncio.get_running_loop()
+    if address.path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.path)
+        return await loop.create_unix_server(factory, address.path)
+    assert address.port is not None
+    return await loop.create_server(factory, address.host, address.port, reuse_address=True)

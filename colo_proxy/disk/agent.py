@@ -1,0 +1,175 @@
+"""The disk agent: one engine, NBD exports for both writers, a QMP control server.
+
+The event loop owns the engine.  Only journaling (before an acknowledgement) and
+applying (after it) leave the loop, each in a worker thread, one at a time, in
+epoch order, so the base image only ever moves from one committed epoch to the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from colo_proxy.disk.address import Address, listen
+from colo_proxy.disk.buffers import (
+    Action,
+    Apply,
+    DiskStateError,
+    EpochApplied,
+    Export,
+    FailoverComplete,
+)
+from colo_proxy.disk.engine import DiskEngine
+from colo_proxy.disk.nbd import NbdExports, NbdProtocol
+from colo_proxy.disk.qmp_proto import CommandSpec, Param, version_info
+from colo_proxy.disk.qmp_server import QmpCommandError, QmpServer
+
+log = logging.getLogger(__name__)
+
+EVENT_APPLIED = "COLO_DISK_EPOCH_APPLIED"
+EVENT_FAILOVER = "COLO_DISK_FAILOVER"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    nbd: tuple[Address, ...]
+    qmp: tuple[Address, ...]
+    export_name: str = "replication"
+    secondary_name: str | None = "secondary"
+    default_export: str | None = "replication"
+
+
+class DiskAgent:
+    def __init__(self, engine: DiskEngine, config: AgentConfig) -> None:
+        self.engine = engine
+        self.config = config
+        names = {config.export_name: Export.REPLICATION}
+        if config.secondary_name:
+            names[config.secondary_name] = Export.SECONDARY
+        self.nbd = NbdExports(engine, names, config.default_export)
+        self.qmp = QmpServer()
+        self._servers: list[asyncio.Server] = []
+        self._ckpt_lock = asyncio.Lock()
+        self._apply_task: asyncio.Task[None] | None = None
+        self._failover_waiters: list[asyncio.Future[int]] = []
+        self._stopped = asyncio.Event()
+        self.apply_error: str | None = None
+        self._register()
+
+    def _register(self) -> None:
+        q = self.qmp
+        q.command("colo-disk-checkpoint", CommandSpec({"epoch": Param("int")}), self._checkpoint)
+        q.command("colo-disk-failover", CommandSpec(), self._failover)
+        q.command("query-colo-disk", CommandSpec(), self._query)
+        q.command("query-version", CommandSpec(), self._version)
+        q.command("query-commands", CommandSpec(), self._commands)
+        q.command("quit", CommandSpec(), self._quit)
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        for addr in self.config.nbd:
+            self._servers.append(await listen(addr, lambda: NbdProtocol(self.nbd)))
+        for addr in self.config.qmp:
+            self._servers.append(await listen(addr, self.qmp.protocol))
+        self._handle([])
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def close(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        self.qmp.close_all()
+        if self._apply_task is not None:
+            await asyncio.shield(self._apply_task)
+        self.engine.close()
+
+    # -- actions ---------------------------------------------------------------------
+    def _handle(self, actions: list[Action]) -> None:
+        for act in actions:
+            if isinstance(act, Apply):
+                self._apply_task = asyncio.get_running_loop().create_task(self._apply(act))
+            elif isinstance(act, EpochApplied):
+                self.qmp.emit(EVENT_APPLIED, {"epoch": act.epoch})
+            elif isinstance(act, FailoverComplete):
+                self.qmp.emit(EVENT_FAILOVER, {"epoch": act.epoch})
+                for fut in self._failover_waiters:
+                    if not fut.done():
+                        fut.set_result(act.epoch)
+                self._failover_waiters.clear()
+
+    async def _apply(self, act: Apply) -> None:
+        try:
+            await asyncio.to_thread(self.engine.run_apply, act)
+        except OSError as err:
+            # The journal stays on disk; a restarted agent applies it.
+            self.apply_error = f"applying epoch {act.epoch}: {err}"
+            log.error("%s", self.apply_error)
+            return
+        self._apply_task = None
+        self._handle(self.engine.finish_apply(act.epoch))
+
+    # -- QMP commands ----------------------------------------------------------------
+    async def _checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:
+        epoch: int = args["epoch"]
+        async with self._ckpt_lock:
+            try:
+                seal = self.engine.begin_checkpoint(epoch)
+            except DiskStateError as err:
+                raise QmpCommandError(str(err)) from err
+            try:
+                journal = await asyncio.to_thread(self.engine.write_journal, seal)
+            except OSError as err:
+                self._handle(self.engine.fail_checkpoint(epoch))
+                raise QmpCommandError(f"journaling epoch {epoch} failed: {err}") from err
+            self._handle(self.engine.finish_checkpoint(epoch, journal))
+        return {"epoch": epoch}
+
+    async def _failover(self, args: dict[str, Any]) -> dict[str, Any]:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._failover_waiters.append(fut)
+        self._handle(self.engine.failover())
+        if self.apply_error is not None and not fut.done():
+            raise QmpCommandError(f"cannot fail over: {self.apply_error}")
+        return {"epoch": await fut}
+
+    async def _query(self, args: dict[str, Any]) -> dict[str, Any]:
+        st = self.engine.status()
+        eng = self.engine
+        out: dict[str, Any] = {
+            "phase": st.phase.value,
+            "epoch": st.committed_epoch,
+            "sealed-epoch": st.sealed_epoch,
+            "applied-epoch": st.applied_epoch,
+            "size": eng.size,
+            "speculation-bytes": st.speculation_bytes,
+            "secondary-bytes": st.overlay_bytes,
+            "write-out-bytes": sum(b for _, b, _ in st.writeouts),
+            "write-outs": [{"epoch": e, "bytes": b, "journaled": j} for e, b, j in st.writeouts],
+            "memory-bytes": eng.budget.used,
+            "memory-cap": eng.budget.cap,
+            "nbd-connections": self.nbd.connections,
+            "nbd-protocol-errors": self.nbd.protocol_errors,
+        }
+        if st.applying_epoch is not None:
+            out["apply-progress"] = {"epoch": st.applying_epoch,
+                                     "done": eng.apply_done_bytes,
+                                     "total": eng.apply_total_bytes}
+        if self.apply_error is not None:
+            out["error"] = self.apply_error
+        return out
+
+    async def _version(self, args: dict[str, Any]) -> dict[str, Any]:
+        return version_info()
+
+    async def _commands(self, args: dict[str, Any]) -> list[dict[str, str]]:
+        return [{"name": n} for n in ("qmp_capabilities", *self.qmp.specs)]
+
+    async def _quit(self, args: dict[str, Any]) -> dict[str, Any]:
+        asyncio.get_running_loop().call_soon(self.stop)
+        return {}

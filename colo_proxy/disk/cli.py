@@ -1,0 +1,113 @@
+"""``colo-proxy disk-agent``: command line to a running agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from colo_proxy.disk.address import parse_address
+from colo_proxy.disk.agent import AgentConfig, DiskAgent
+from colo_proxy.disk.engine import DEFAULT_MEMORY_CAP, DiskEngine
+from colo_proxy.errors import ColoProxyError, ConfigError
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``1048576``, ``512K``, ``256M``, ``2G``."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    num = t[:-1] if unit else t
+    if not num.isdigit():
+        raise argparse.ArgumentTypeError(f"bad size {text!r}")
+    return int(num) * _UNITS[unit]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "disk-agent", help="disk replication target (NBD exports + QMP control)",
+        description="Hold the primary's mirrored writes per checkpoint epoch and apply "
+                    "committed epochs to the secondary's disk image.")
+    configure(p)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, type=Path, help="secondary's raw disk image")
+    p.add_argument("--nbd", action="append", required=True, metavar="ADDR",
+                   help="NBD listen address: unix:PATH or tcp:HOST:PORT (repeatable)")
+    p.add_argument("--qmp", action="append", required=True, metavar="ADDR",
+                   help="QMP listen address: unix:PATH or tcp:HOST:PORT (repeatable)")
+    p.add_argument("--state-dir", type=Path,
+                   help="journals and spill files (default: IMAGE.colo-state)")
+    p.add_argument("--memory-cap", type=parse_size, default=DEFAULT_MEMORY_CAP,
+                   metavar="SIZE", help="buffer bytes kept in memory before spilling "
+                                        "to files (default 256M)")
+    p.add_argument("--export-name", default="replication",
+                   help="NBD export the primary mirrors into (also the default export)")
+    p.add_argument("--secondary-export", default="secondary", metavar="NAME",
+                   help="NBD export for the running secondary VM (COLO mode)")
+    p.add_argument("--no-secondary-export", action="store_true",
+                   help="offer only the replication export")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="event loop implementation (auto: uvloop when installed)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=run)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    image: Path = args.image
+    state_dir: Path = args.state_dir or image.with_name(image.name + ".colo-state")
+    config = AgentConfig(
+        nbd=tuple(parse_address(a) for a in args.nbd),
+        qmp=tuple(parse_address(a) for a in args.qmp),
+        export_name=args.export_name,
+        secondary_name=None if args.no_secondary_export else args.secondary_export,
+        default_export=args.export_name,
+    )
+    if config.secondary_name == config.export_name:
+        raise ConfigError("--secondary-export must differ from --export-name")
+    engine = DiskEngine(image, state_dir, args.memory_cap)
+    agent = DiskAgent(engine, config)
+    try:
+        await agent.start()
+    except BaseException:
+        await agent.close()
+        raise
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, agent.stop)
+    logging.getLogger(__name__).info(
+        "disk-agent ready: image %s (%d bytes) at epoch %d, NBD %s, QMP %s", image,
+        engine.size, engine.replica.applied_epoch,
+        ", ".join(map(str, config.nbd)), ", ".join(map(str, config.qmp)))
+    await agent.wait_stopped()
+    await agent.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    use_uvloop = args.loop == "uvloop" or (
+        args.loop == "auto" and importlib.util.find_spec("uvloop") is not None)
+    try:
+        if use_uvloop:
+            import uvloop
+            return uvloop.run(_serve(args))
+        return asyncio.run(_serve(args))
+    except ColoProxyError as err:
+        print(f"colo-proxy disk-agent: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="colo-proxy disk-agent")
+    configure(parser)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
