@@ -32,6 +32,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from colo_proxy.core.framing import Frame, FrameDecoder, encode_frames
 from colo_proxy.drivers.endpoints import Endpoint, Transport
@@ -67,8 +68,8 @@ class _ChannelProtocol(asyncio.Protocol):
         self.lost = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
         self._channel._attach(self)
 
     def data_received(self, data: bytes) -> None:

@@ -1,0 +1,246 @@
+"""`colo-proxy run`: flags and TOML to RunSettings, then the supervisor on (uv)loop.
+
+Every flag has a TOML spelling: run settings in a ``[run]`` table (or at the
+top level), core thresholds in ``[core]`` (or at the top level), the key
+being the flag's name with ``_`` for ``-`` (``--primary-in`` is
+``primary_in``, ``--compare-timeout`` is ``compare_timeout``).  Flags given
+on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from colo_proxy.config_args import add_config_flags, config_from_args
+from colo_proxy.drivers.endpoints import parse_endpoint
+from colo_proxy.drivers.qmp import FollowPolicy
+from colo_proxy.errors import ConfigError
+from colo_proxy.runtime.supervisor import RunSettings, ShutdownMode, Supervisor, print_report
+
+log = logging.getLogger("colo_proxy.run")
+
+_ON_OFF = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False}
+
+# run key -> (type, default); endpoints are strings parsed by parse_endpoint
+RUN_KEYS: dict[str, tuple[type, Any]] = {
+    "primary_in": (str, None),
+    "secondary_in": (str, None),
+    "outdev": (str, None),
+    "notify_dev": (str, None),
+    "vnet_hdr": (bool, False),
+    "qmp": (str, None),
+    "secondary_qmp": (str, None),
+    "qmp_follow": (str, FollowPolicy.COLO.value),
+    "qmp_request_timeout": (float, 5.0),
+    "outdev_buffer": (int, 64 * 1024 * 1024),
+    "on_shutdown": (str, ShutdownMode.REPORT.value),
+    "stats_interval": (float, 0.0),
+    "loop": (str, "uvloop"),
+    "log_level": (str, "info"),
+}
+
+
+def _on_off(text: str) -> bool:
+    try:
+        return _ON_OFF[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}") from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `run` subcommand."""
+    p = subparsers.add_parser(
+        "run",
+        help="run between QEMU's filter chardevs in place of colo-compare",
+        description=(
+            "Read primary and secondary frames from QEMU chardev sockets, release matching "
+            "primary frames to outdev, request checkpoints through QMP or notify_dev. "
+            "Endpoints: unix:PATH or tcp:HOST:PORT, with ,server to listen."
+        ),
+    )
+    io = p.add_argument_group("QEMU endpoints")
+    io.add_argument(
+        "--primary-in", metavar="SPEC", help="primary guest output (colo-compare primary_in)"
+    )
+    io.add_argument("--secondary-in", metavar="SPEC", help="secondary guest output")
+    io.add_argument("--outdev", metavar="SPEC", help="released primary frames go here")
+    io.add_argument("--notify-dev", metavar="SPEC", help="Xen COLO notify_dev text protocol")
+    io.add_argument(
+        "--vnet-hdr",
+        nargs="?",
+        const=True,
+        default=None,
+        type=_on_off,
+        metavar="on|off",
+        help="records carry a vnet header length (vnet_hdr_support)",
+    )
+    io.add_argument("--qmp", metavar="SPEC", help="primary QEMU's QMP socket")
+    io.add_argument("--secondary-qmp", metavar="SPEC", help="secondary QEMU's QMP socket")
+    io.add_argument(
+        "--qmp-follow",
+        choices=[f.value for f in FollowPolicy],
+        default=None,
+        help="which STOP/RESUME pairs count as checkpoints (default colo)",
+    )
+    io.add_argument(
+        "--qmp-request-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="re-send a checkpoint request no STOP answered after S seconds (5)",
+    )
+    io.add_argument(
+        "--outdev-buffer",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="bound on output waiting for outdev; beyond it output is dropped and counted (64 MiB)",
+    )
+    io.add_argument(
+        "--on-shutdown",
+        choices=[m.value for m in ShutdownMode],
+        default=None,
+        help="held frames at exit: report (default) or flush to outdev",
+    )
+    io.add_argument(
+        "--stats-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="log all counters every S seconds (0: only at exit)",
+    )
+    io.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default=None,
+        help="event loop implementation (uvloop)",
+    )
+    io.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    add_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def run_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Run settings from the TOML file's [run] table/top level, then flags."""
+    values: dict[str, Any] = {k: default for k, (_, default) in RUN_KEYS.items()}
+    if getattr(args, "config", None):
+        values.update(_toml_run_table(args.config))
+    for key in RUN_KEYS:
+        flag = getattr(args, key, None)
+        if flag is not None:
+            values[key] = flag
+    return values
+
+
+def _toml_run_table(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    table = data.get("run", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [run] must be a table")
+    unknown = sorted(set(table) - set(RUN_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown [run] setting(s): {', '.join(unknown)}")
+    out = {k: v for k, v in data.items() if k in RUN_KEYS}
+    out.update(table)
+    for key, value in out.items():
+        kind = RUN_KEYS[key][0]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is bool and isinstance(value, str) and value.lower() in _ON_OFF:
+            value = _ON_OFF[value.lower()]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: {key}: expected {kind.__name__}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def settings_from_values(values: dict[str, Any]) -> RunSettings:
+    """Validate run values into RunSettings (ConfigError names the problem)."""
+    missing = [k for k in ("primary_in", "secondary_in", "outdev") if not values.get(k)]
+    if missing:
+        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise ConfigError(f"run: {flags} required (flag or config file)")
+
+    def endpoint(key: str) -> Any:
+        spec = values.get(key)
+        return parse_endpoint(spec) if spec else None
+
+    try:
+        follow = FollowPolicy(values["qmp_follow"])
+        on_shutdown = ShutdownMode(values["on_shutdown"])
+    except ValueError as err:
+        raise ConfigError(f"run: {err}") from None
+    if values["outdev_buffer"] < 65536:
+        raise ConfigError("outdev_buffer: must be at least 65536 bytes")
+    if values["qmp_request_timeout"] <= 0 or values["stats_interval"] < 0:
+        raise ConfigError("qmp_request_timeout must be positive, stats_interval >= 0")
+    if values["loop"] not in ("uvloop", "asyncio"):
+        raise ConfigError(f"loop: expected uvloop or asyncio, got {values['loop']!r}")
+    return RunSettings(
+        primary_in=endpoint("primary_in"),
+        secondary_in=endpoint("secondary_in"),
+        outdev=endpoint("outdev"),
+        notify_dev=endpoint("notify_dev"),
+        vnet_hdr=bool(values["vnet_hdr"]),
+        qmp=endpoint("qmp"),
+        secondary_qmp=endpoint("secondary_qmp"),
+        qmp_follow=follow,
+        qmp_request_timeout=float(values["qmp_request_timeout"]),
+        outdev_buffer=int(values["outdev_buffer"]),
+        on_shutdown=on_shutdown,
+        stats_interval=float(values["stats_interval"]),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `colo-proxy run`."""
+    values = run_values(args)
+    config = config_from_args(args, extra_keys=frozenset(RUN_KEYS) | {"run"})
+    settings = settings_from_values(values)
+    level = str(values["log_level"]).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level: unknown level {values['log_level']!r}")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qemu.qmp").setLevel(max(logging.WARNING, logging.getLogger().level))
+    report = _run_loop(_serve(config, settings), values["loop"])
+    print_report(report)
+    return 0
+
+
+async def _serve(config: Any, settings: RunSettings) -> dict[str, object]:
+    sup = Supervisor(config, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _stop, sup, sig)
+    log.info("colo-proxy running (loop %s)", type(loop).__module__.split(".")[0])
+    return await sup.serve()
+
+
+def _stop(sup: Supervisor, sig: signal.Signals) -> None:
+    log.info("%s: shutting down", sig.name)
+    sup.stop()
+
+
+def _run_loop(coro: Any, which: str) -> dict[str, object]:
+    """uvloop is chosen here, once; all other code is plain asyncio."""
+    if which == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop not installed; using the asyncio loop")
+        else:
+            result: dict[str, object] = uvloop.run(coro)
+            return result
+    return asyncio.run(coro)
