@@ -13,6 +13,9 @@ from typing import Generic, TypeVar
 
 R = TypeVar("R")
 
+MAX_GIVEN_UP = 4096
+"""Datagrams remembered as given up, so their later fragments pass at once."""
+
 FragKey = tuple[tuple[int, ...], int, bytes, bytes, int, int]
 
 
@@ -40,6 +43,7 @@ class FragmentTable(Generic[R]):
         self.held_bytes = 0
         self.overlaps = 0
         self._table: dict[FragKey, _Datagram[R]] = {}
+        self._given_up: dict[FragKey, float] = {}
 
     def __len__(self) -> int:
         return len(self._table)
@@ -54,6 +58,8 @@ class FragmentTable(Generic[R]):
         """
         dgram = self._table.get(key)
         if dgram is None:
+            if key in self._given_up:
+                return "ip_fragment_of_given_up_datagram", [rel]
             dgram = self._table[key] = _Datagram(now)
         dgram.rels.append(rel)
         if not more:
@@ -101,8 +107,12 @@ class FragmentTable(Generic[R]):
         return bytes(out)
 
     def _give_up(self, key: FragKey, reason: str) -> tuple[str, list[R]]:
+        """Forget the datagram; its later fragments pass without being held."""
         dgram = self._table.pop(key)
         self.held_bytes -= dgram.bytes
+        if len(self._given_up) >= MAX_GIVEN_UP:
+            del self._given_up[next(iter(self._given_up))]
+        self._given_up[key] = dgram.first_seen
         return reason, dgram.rels
 
     def expire(self, now: float) -> list[R]:
@@ -110,6 +120,8 @@ class FragmentTable(Generic[R]):
         out: list[R] = []
         for key in [k for k, d in self._table.items() if now - d.first_seen > self.timeout]:
             out.extend(self._give_up(key, "")[1])
+        for key in [k for k, t in self._given_up.items() if now - t > 2 * self.timeout]:
+            del self._given_up[key]
         return out
 
     def clear(self) -> list[R]:

@@ -185,6 +185,11 @@ class Proxy:
         if again is not None:
             self.want_checkpoint(again, now)
 
+    @property
+    def released_frames(self) -> int:
+        """Primary frames released so far (compared, passed through or flushed)."""
+        return self._released_frames
+
     def held_frames(self) -> int:
         """Primary frames currently held back."""
         return self._held_frames
@@ -317,7 +322,8 @@ class Proxy:
             return
         what, rels = result
         if isinstance(what, str):
-            self.malformed[what] += 1
+            if what != "ip_fragment_of_given_up_datagram":
+                self.malformed[what] += 1
             for rel in rels:
                 self._uncompared(primary, rel, len(rel[0]) - rel[1], "ip_fragments_given_up")
             return

@@ -226,21 +226,28 @@ class TcpFlow(HeldCounts):
             if not same:
                 self._payload_divergence(host, now, n)
                 return
-            pst.consume(n)
-            sst.consume(n)
-            times = self.sec_times
-            base = pst.base
-            while times and times[0][0] <= base:
-                times.popleft()
+            self._consume(n)
         if (
             self.pri.fin is not None or self.pri.rst is not None
             or self.sec.fin is not None or self.sec.rst is not None
         ) and not self._check_close(host, now):
             return
+        if self.queue:
+            self._release_ready(host)
+
+    def _consume(self, n: int) -> None:
+        """Both sides agreed on the next n bytes."""
+        self.pri.stream.consume(n)
+        self.sec.stream.consume(n)
+        times = self.sec_times
+        base = self.pri.stream.base
+        while times and times[0][0] <= base:
+            times.popleft()
+
+    def _release_ready(self, host: FlowHost) -> None:
+        """Release queued primary frames, in order, while each is safe to send."""
         q = self.queue
-        if not q:
-            return
-        base = pst.base
+        base = self.pri.stream.base
         sec_ack = self.sec.ack_max
         release = host.release
         while q:
@@ -271,9 +278,11 @@ class TcpFlow(HeldCounts):
             else:
                 hi = mid
         at = self.pri.stream.base + lo
-        host.diverge(
-            self, DivergenceKind.PAYLOAD, at, bytes(pb[lo : lo + 16]), bytes(sb[lo : lo + 16]), now
-        )
+        primary, secondary = bytes(pb[lo : lo + 16]), bytes(sb[lo : lo + 16])
+        if lo:
+            self._consume(lo)  # the agreeing prefix may still go out
+            self._release_ready(host)
+        host.diverge(self, DivergenceKind.PAYLOAD, at, primary, secondary, now)
 
     def _check_close(self, host: FlowHost, now: float) -> bool:
         """False (and a divergence) when the two sides close differently."""
@@ -319,7 +328,11 @@ class TcpFlow(HeldCounts):
             head = self.queue[0]
             if now - head[E_TIME] > timeout:  # type: ignore[operator]
                 base = self.pri.stream.base
-                gated = head[E_END] <= base and head[E_ACK] > self.sec.ack_max  # type: ignore[operator]
+                need = head[E_NEED]
+                gated = (
+                    self.sec.isn >= 0 and head[E_END] <= base  # type: ignore[operator]
+                    and (not need or self._need_met(need, base))
+                )
                 kind = DivergenceKind.ACK if gated else DivergenceKind.TIMEOUT
                 start = head[E_START]
                 at = max(0, start) if isinstance(start, int) else 0

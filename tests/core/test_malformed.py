@@ -1,0 +1,81 @@
+"""Hostile input never raises, is counted by reason, and follows the stated rule."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from colo_proxy.core.config import Config
+from colo_proxy.core.events import Side
+from colo_proxy.core.proxy import Proxy
+from colo_proxy.synth import TcpServerStream, ipv4_frame
+from tests.core.harness import P, S, run
+
+GOOD = TcpServerStream().data(0, b"hello")
+
+
+def test_truncations_are_counted_primary_passed_secondary_dropped() -> None:
+    cuts = [0, 5, 13, 20, 33, 40, 53]
+    r = run([(P, GOOD[:n]) for n in cuts] + [(S, GOOD[:n]) for n in cuts])
+    assert len(r.released) == len(cuts)
+    assert sum(r.proxy.malformed.values()) == 2 * len(cuts)
+    assert r.proxy.counters["secondary_frames_dropped_uncompared"] == len(cuts)
+    assert r.proxy.malformed["runt"] == 6
+    assert r.proxy.malformed["ipv4_truncated"] == 8
+
+
+def test_arp_passes_uncompared() -> None:
+    arp = b"\xff" * 6 + b"\x52\x54\x00\x00\x00\x01" + b"\x08\x06" + bytes(28)
+    r = run([(P, arp), (S, arp)])
+    assert r.released == [arp] and r.proxy.uncompared["arp"] == 2
+    assert not r.proxy.malformed
+
+
+def test_bad_ip_lengths() -> None:
+    bad_ihl = GOOD[:14] + b"\x43" + GOOD[15:]
+    bad_total = GOOD[:16] + struct.pack("!H", 10) + GOOD[18:]
+    bad_tcp_off = GOOD[:46] + b"\xf0" + GOOD[47:]
+    r = run([(P, bad_ihl), (P, bad_total), (P, bad_tcp_off)])
+    assert dict(r.proxy.malformed) == {
+        "ipv4_bad_header_length": 1, "ipv4_bad_total_length": 1, "tcp_bad_header_length": 1,
+    }
+
+
+def test_ethernet_padding_is_not_payload() -> None:
+    p = TcpServerStream()
+    ack = p.ack(0, 0)
+    r = run([(P, ack + b"\x00" * 6), (S, ack + b"\xaa" * 6)])
+    assert r.divergences == [] and len(r.released) == 1
+
+
+def test_vnet_offset_is_skipped() -> None:
+    proxy = Proxy(Config())
+    vnet = bytes(12)
+    proxy.feed(Side.PRIMARY, vnet + GOOD, 0.0, 12)
+    proxy.feed(Side.SECONDARY, vnet + GOOD, 0.0, 12)
+    assert proxy.take_released() == [(vnet + GOOD, 12)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=120)), max_size=30))
+def test_garbage_never_raises_and_primary_is_never_lost(frames: list[tuple[bool, bytes]]) -> None:
+    proxy = Proxy(Config())
+    primaries = 0
+    for i, (is_primary, junk) in enumerate(frames):
+        primaries += is_primary
+        proxy.feed(Side.PRIMARY if is_primary else Side.SECONDARY, junk, i * 0.01)
+    proxy.checkpoint_done(10.0)
+    assert len(proxy.take_released()) == primaries
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=60), st.integers(0, 200))
+def test_garbage_behind_valid_headers_never_raises(tail: bytes, proto: int) -> None:
+    frame = ipv4_frame(b"\x01\x02\x03\x04", b"\x05\x06\x07\x08", proto, tail)
+    proxy = Proxy(Config())
+    proxy.feed(Side.PRIMARY, frame, 0.0)
+    proxy.feed(Side.SECONDARY, frame, 0.0)
+    proxy.checkpoint_done(1.0)
+    assert len(proxy.take_released()) == 1

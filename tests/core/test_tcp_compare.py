@@ -1,0 +1,223 @@
+"""Table-driven TCP comparison cases, each at several ISNs (wraparound included)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from colo_proxy.core.config import Config
+from colo_proxy.core.packet import TCP_RST
+from colo_proxy.synth import TcpServerStream
+from tests.core.harness import P, S, run
+
+ISNS = [0, 1, 2**32 - 1, 2**32 - 11, 123456789]
+PAYLOAD = random.Random(3).randbytes(30000)
+
+
+def segments(st: TcpServerStream, data: bytes, size: int, start: int = 0) -> list[bytes]:
+    return [st.data(start + o, data[o:o + size]) for o in range(0, len(data), size)]
+
+
+def pair(isn: int, delta: int = 77777) -> tuple[TcpServerStream, TcpServerStream]:
+    return TcpServerStream(isn=isn), TcpServerStream(isn=(isn + delta) % 2**32)
+
+
+@pytest.mark.parametrize("isn", ISNS)
+def test_same_bytes_different_segmentation_and_isn_agree(isn: int) -> None:
+    p, s = pair(isn)
+    pri = [p.synack(), *segments(p, PAYLOAD, 1448), p.fin(len(PAYLOAD))]
+    sec = [s.synack(), *segments(s, PAYLOAD, 536), s.fin(len(PAYLOAD))]
+    r = run([(P, f) for f in pri] + [(S, f) for f in sec])
+    assert r.divergences == []
+    assert r.released == pri
+    assert r.proxy.held_frames() == 0
+
+
+@pytest.mark.parametrize("isn", ISNS)
+@pytest.mark.parametrize("flip", [0, 1, 1447, 1448, 20000, 29999])
+def test_flipped_byte_found_at_exact_offset(isn: int, flip: int) -> None:
+    p, s = pair(isn)
+    bad = bytearray(PAYLOAD)
+    bad[flip] ^= 0x5A
+    pri = [p.synack(), *segments(p, PAYLOAD, 1448)]
+    sec = [s.synack(), *segments(s, bytes(bad), 1000)]
+    r = run([(P, f) for f in pri] + [(S, f) for f in sec])
+    assert r.kinds == [("payload", flip)]
+    assert [q.reason.value for q in r.requests] == ["divergence"]
+    # Frames wholly before the flipped byte went out; none at or after it did.
+    released_bytes = sum(len(f) - 54 for f in r.released[1:])
+    assert released_bytes == (flip // 1448) * 1448
+    assert r.divergences[0].primary[0] == PAYLOAD[flip]
+    assert r.divergences[0].secondary[0] == bad[flip]
+
+
+def test_nothing_released_before_secondary_catches_up() -> None:
+    p, s = pair(5)
+    pri = [p.synack(), *segments(p, PAYLOAD[:5000], 1000)]
+    sec = [s.synack(), *segments(s, PAYLOAD[:2500], 500)]
+    r = run([(P, f) for f in pri] + [(S, f) for f in sec])
+    assert r.released == pri[:3]  # SYN-ACK and the two frames covering bytes 0..2000
+    assert r.proxy.held_frames() == 3
+
+
+def test_ack_gate_holds_until_secondary_acks() -> None:
+    p, s = pair(9)
+    r = run([
+        (P, p.synack()), (S, s.synack()),
+        (P, p.data(0, b"hello", ack_offset=100)),
+        (S, s.data(0, b"hello", ack_offset=40)),
+    ])
+    assert len(r.released) == 1  # the SYN-ACK only: the primary acked more
+    r.proxy.feed(S, s.ack(5, 100), 1.0)
+    r.collect()
+    assert len(r.released) == 2
+    assert r.divergences == []
+
+
+def test_ack_gate_timeout_reports_kind_ack() -> None:
+    p, s = pair(9)
+    r = run([
+        (P, p.synack()), (S, s.synack()),
+        (P, p.data(0, b"hello", ack_offset=100)),
+        (S, s.data(0, b"hello", ack_offset=40)),
+    ], end_time=4.0)
+    assert r.kinds == [("ack", 0)]
+    assert [q.reason.value for q in r.requests] == ["timeout"]
+
+
+def test_handshake_option_mismatch() -> None:
+    p, s = pair(1)
+    r = run([(P, p.synack(wscale=7)), (S, s.synack(wscale=9))])
+    assert r.kinds == [("handshake", 0)]
+    assert "wscale 7 vs 9" in r.divergences[0].detail
+    assert r.released == []
+
+
+def test_timestamp_values_and_window_are_not_compared() -> None:
+    p, s = pair(1)
+    pri = [p.synack(), p.data(0, b"x" * 100)]
+    sec = [s.synack(), s.data(0, b"x" * 100)]
+    sec[1] = sec[1][:48] + b"\x10\x00" + sec[1][50:]  # different TCP window
+    r = run([(P, f) for f in pri] + [(S, f) for f in sec])
+    assert r.divergences == [] and len(r.released) == 2
+
+
+def test_fin_versus_rst_is_a_close_divergence() -> None:
+    p, s = pair(1)
+    rst = s.data(100, b"", flags=TCP_RST)
+    r = run([(P, p.synack()), (S, s.synack()), (P, p.data(0, b"a" * 100)),
+             (S, s.data(0, b"a" * 100)), (P, p.fin(100)), (S, rst)])
+    assert r.kinds == [("close", 100)]
+    assert len(r.released) == 2  # the FIN stays held
+
+
+def test_fin_matched_releases_fin() -> None:
+    p, s = pair(1)
+    r = run([(P, p.synack()), (S, s.synack()), (P, p.data(0, b"a" * 100)),
+             (P, p.fin(100)), (S, s.data(0, b"a" * 100)), (S, s.fin(100))])
+    assert r.divergences == [] and len(r.released) == 3
+
+
+def test_secondary_sends_more_before_fin_is_length() -> None:
+    p, s = pair(1)
+    r = run([(P, p.synack()), (S, s.synack()), (P, p.data(0, b"a" * 100)), (P, p.fin(100)),
+             (S, s.data(0, b"a" * 150))])
+    assert r.kinds == [("length", 100)]
+
+
+def test_secondary_silent_times_out_once() -> None:
+    p, _ = pair(1)
+    r = run([(P, p.synack()), (P, p.data(0, b"z" * 10))], end_time=5.0, auto_checkpoint=False)
+    assert r.kinds == [("timeout", 0)]
+    assert [q.reason.value for q in r.requests] == ["timeout"]
+    assert 3.0 < r.requests[0].time <= 3.2
+
+
+def test_checkpoint_releases_held_and_rebases_onto_primary() -> None:
+    p, s = pair(1000)
+    bad = bytearray(PAYLOAD[:4000])
+    bad[10] ^= 1
+    r = run([(P, p.synack()), (S, s.synack()), (P, p.data(0, PAYLOAD[:4000])),
+             (S, s.data(0, bytes(bad)))])
+    assert r.kinds == [("payload", 10)]
+    r.proxy.checkpoint_started(1.0)
+    r.proxy.checkpoint_done(1.2)
+    r.collect()
+    assert len(r.released) == 2 and r.proxy.held_frames() == 0
+    # After the checkpoint the secondary speaks with the primary's sequence numbers.
+    s_after = TcpServerStream(isn=p.isn)
+    r.proxy.feed(P, p.data(4000, PAYLOAD[4000:6000]), 2.0)
+    r.proxy.feed(S, s_after.data(4000, PAYLOAD[4000:6000]), 2.0)
+    r.collect()
+    assert len(r.released) == 3 and len(r.divergences) == 1
+
+
+def test_reordered_and_duplicated_segments_agree() -> None:
+    p, s = pair(2**32 - 3)
+    pri = [p.synack(), *segments(p, PAYLOAD, 1448)]
+    sec_segs = segments(s, PAYLOAD, 700)
+    rng = random.Random(5)
+    sec_segs = sec_segs + rng.sample(sec_segs, 10)
+    rng.shuffle(sec_segs)
+    r = run([(P, f) for f in pri] + [(S, s.synack())] + [(S, f) for f in sec_segs])
+    assert r.divergences == [] and r.released == pri
+
+
+def test_midstream_pickup_assumes_shared_sequence_space() -> None:
+    p = TcpServerStream(isn=42)
+    r = run([(P, p.data(5000, b"q" * 300)), (S, p.data(5000, b"q" * 300))])
+    assert r.divergences == [] and len(r.released) == 1
+
+
+def test_hold_limit_forces_checkpoint() -> None:
+    p, _ = pair(1)
+    cfg = Config(max_hold_bytes=10_000)
+    r = run([(P, p.synack()), *((P, f) for f in segments(p, PAYLOAD[:20000], 1448))], cfg)
+    assert [q.reason.value for q in r.requests] == ["hold_limit"]
+    assert r.proxy.counters["hold_limit_hits"] == 1
+
+
+def test_checkpoints_are_rate_limited() -> None:
+    flows = [TcpServerStream(dport=d) for d in (1, 2)]
+    cfg = Config(min_checkpoint_interval=0.5)
+    r = run([(P, flows[0].data(0, b"a")), (S, flows[0].data(0, b"b"))], cfg)
+    r.proxy.checkpoint_started(0.01)
+    r.proxy.checkpoint_done(0.02)
+    r.proxy.feed(P, flows[1].data(0, b"a"), 0.1)
+    r.proxy.feed(S, flows[1].data(0, b"c"), 0.1)
+    r.collect()
+    assert len(r.requests) == 1 and r.proxy.state.value == "deferred"
+    r.proxy.tick(0.3)
+    r.collect()
+    assert len(r.requests) == 1
+    r.proxy.tick(0.52)
+    r.collect()
+    assert [q.time for q in r.requests][1] == pytest.approx(0.52)
+
+
+def test_divergence_during_checkpoint_asks_again_afterwards() -> None:
+    a, b = TcpServerStream(dport=1), TcpServerStream(dport=2)
+    r = run([(P, a.data(0, b"a")), (S, a.data(0, b"b"))], Config(min_checkpoint_interval=0))
+    r.proxy.checkpoint_started(0.1)
+    r.proxy.feed(P, b.data(0, b"a"), 0.15)
+    r.proxy.feed(S, b.data(0, b"c"), 0.15)
+    r.collect()
+    assert len(r.requests) == 1
+    r.proxy.checkpoint_done(0.2)
+    r.collect()
+    assert len(r.requests) == 2 and r.requests[1].time == 0.2
+
+
+def test_vlan_separates_flows() -> None:
+    from colo_proxy.synth import ipv4_frame, tcp_segment
+
+    def frame(vlan: tuple[int, ...], payload: bytes) -> bytes:
+        seg = tcp_segment(80, 1000, 11, 21, 0x18, payload)
+        return ipv4_frame(bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2)), 6, seg, vlan=vlan)
+
+    r = run([(P, frame((10,), b"aa")), (S, frame((20,), b"aa")), (S, frame((10, 5), b"aa"))])
+    assert r.released == [] and r.proxy.stats()["flows"] == 3
+    r.proxy.feed(S, frame((10,), b"aa"), 1.0)
+    r.collect()
+    assert len(r.released) == 1
