@@ -23,11 +23,11 @@ import tracemalloc
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from colo_proxy.core.config import Config  # noqa: E402
-from colo_proxy.core.events import Side  # noqa: E402
-from colo_proxy.core.proxy import Proxy  # noqa: E402
-from colo_proxy.drivers.pcap import PcapWriter, read_frames  # noqa: E402
-from colo_proxy.synth import TcpServerStream  # noqa: E402
+from colo_proxy.core.config import Config
+from colo_proxy.core.events import Side
+from colo_proxy.core.proxy import Proxy
+from colo_proxy.drivers.pcap import PcapWriter, read_frames
+from colo_proxy.synth import TcpServerStream
 
 
 def build(frames: int, seg: int, conns: int, window: int, sec_isn_delta: int,
