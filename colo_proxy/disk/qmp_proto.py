@@ -64,7 +64,7 @@ class _Scanner:
 
     def __init__(self) -> None:
         self.buf = bytearray()
-        self.depth = 0
+        self.stack = bytearray()  # open brackets of the current message
         self.in_str = False
         self.escape = False
         self.junk = False
@@ -87,9 +87,9 @@ class _Scanner:
                     self.escape = True
                 elif c == 0x22:
                     self.in_str = False
-            elif self.depth == 0:
+            elif not self.stack:
                 if c in b"{[":
-                    self.depth = 1
+                    self.stack.append(c)
                     self.junk = False
                     start = i
                 elif c in b" \t\r\n":
@@ -104,12 +104,14 @@ class _Scanner:
             elif c == 0x22:
                 self.in_str = True
             elif c in b"{[":
-                self.depth += 1
-                if self.depth > MAX_DEPTH:
+                self.stack.append(c)
+                if len(self.stack) > MAX_DEPTH:
                     raise ValueError("JSON nesting too deep")
             elif c in b"}]":
-                self.depth -= 1
-                if self.depth == 0:
+                opener = self.stack.pop()
+                if (opener == 0x7B) != (c == 0x7D):
+                    self.stack.clear()  # mismatched: hand it to the parser to reject
+                if not self.stack:
                     out.append(bytes(buf[start:i + 1]))
                     start = i + 1
             i += 1
