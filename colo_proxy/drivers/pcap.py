@@ -86,36 +86,85 @@ SUPPORTED_LINKTYPES = frozenset(
 )
 
 
+_PCAP_MAGICS = {
+    b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
+    b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9),
+}
+MAX_RECORD = 1 << 20
+
+
+def _read_pcap(path: Path, stream: BinaryIO) -> Iterator[tuple[float, bytes]]:
+    """Classic pcap, read with struct: unlike dpkt's reader it notices a cut record."""
+    head = stream.read(24)
+    order, scale = _PCAP_MAGICS[head[:4]]
+    if len(head) < 24:
+        raise InputError(f"{path}: truncated pcap header")
+    linktype = struct.unpack(order + "I", head[20:24])[0] & 0x0FFFFFFF
+    if linktype not in SUPPORTED_LINKTYPES:
+        raise InputError(f"{path}: unsupported link type {linktype}")
+    rec = struct.Struct(order + "IIII")
+    count = 0
+    while True:
+        hdr = stream.read(16)
+        if not hdr:
+            return
+        if len(hdr) < 16:
+            raise InputError(f"{path}: truncated after record {count} (cut record header)")
+        sec, frac, caplen, _ = rec.unpack(hdr)
+        if caplen > MAX_RECORD:
+            raise InputError(f"{path}: corrupt record {count + 1} (length {caplen})")
+        buf = stream.read(caplen)
+        if len(buf) < caplen:
+            raise InputError(f"{path}: truncated after record {count} (cut record data)")
+        count += 1
+        frame = _to_ethernet(linktype, buf)
+        if frame is not None:
+            yield sec + frac * scale, frame
+
+
+def _read_pcapng(path: Path, stream: BinaryIO) -> Iterator[tuple[float, bytes]]:
+    try:
+        reader = dpkt.pcapng.Reader(stream)
+    except (ValueError, dpkt.dpkt.Error, struct.error, EOFError, OSError) as err:
+        raise InputError(f"{path}: not a valid pcapng capture ({err})") from err
+    linktype = reader.datalink()
+    if linktype not in SUPPORTED_LINKTYPES:
+        raise InputError(f"{path}: unsupported link type {linktype}")
+    count = 0
+    try:
+        for ts, buf in reader:
+            count += 1
+            frame = _to_ethernet(linktype, bytes(buf))
+            if frame is not None:
+                yield float(ts), frame
+    except (ValueError, dpkt.dpkt.Error, struct.error, EOFError, OSError) as err:
+        raise InputError(f"{path}: truncated or corrupt after record {count} ({err})") from err
+
+
 def read_frames(path: str | Path) -> Iterator[tuple[float, bytes]]:
     """Yield (timestamp, Ethernet frame) from a pcap or pcapng file (optionally gzipped).
 
-    Records of an unsupported link type are skipped; a truncated file or one
+    Records of a link type without IP are skipped; a truncated file or one
     that is not a capture raises InputError naming the file and the record.
     """
     path = Path(path)
-    stream = _open(path)
-    with stream:
-        head = stream.read(4)
-        stream.seek(0)
+    with _open(path) as stream:
         try:
-            if head == b"\x0a\x0d\x0d\x0a":
-                reader: dpkt.pcapng.Reader | dpkt.pcap.Reader = dpkt.pcapng.Reader(stream)
-            else:
-                reader = dpkt.pcap.Reader(stream)
-        except (ValueError, dpkt.dpkt.Error, struct.error, EOFError, OSError) as err:
-            raise InputError(f"{path}: not a pcap or pcapng capture ({err})") from err
-        linktype = reader.datalink()
-        if linktype not in SUPPORTED_LINKTYPES:
-            raise InputError(f"{path}: unsupported link type {linktype}")
-        count = 0
-        try:
-            for ts, buf in reader:
-                count += 1
-                frame = _to_ethernet(linktype, bytes(buf))
-                if frame is not None:
-                    yield float(ts), frame
-        except (ValueError, dpkt.dpkt.Error, struct.error, EOFError, OSError) as err:
-            raise InputError(f"{path}: truncated or corrupt after record {count} ({err})") from err
+            magic = stream.read(4)
+            stream.seek(0)
+        except (OSError, EOFError) as err:
+            raise InputError(f"{path}: cannot read: {err}") from err
+        if magic == b"\x0a\x0d\x0d\x0a":
+            yield from _read_pcapng(path, stream)
+        elif magic in _PCAP_MAGICS:
+            try:
+                yield from _read_pcap(path, stream)
+            except (OSError, EOFError) as err:
+                raise InputError(f"{path}: truncated or corrupt ({err})") from err
+        elif not magic:
+            raise InputError(f"{path}: empty file, not a capture")
+        else:
+            raise InputError(f"{path}: not a pcap or pcapng capture")
 
 
 class PcapWriter:
