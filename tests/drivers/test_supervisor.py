@@ -1,0 +1,169 @@
+"""The run supervisor without QEMU: notify_dev (Xen) checkpoints, resets, shutdown modes.
+
+The test plays the harness/Xen side over unix sockets: it writes primary and
+secondary records, reads outdev and notify_dev.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from colo_proxy.core.config import Config
+from colo_proxy.core.framing import Frame, FrameDecoder, encode_frames
+from colo_proxy.core.xen_notify import encode_message
+from colo_proxy.drivers.endpoints import parse_endpoint
+from colo_proxy.runtime.supervisor import RunSettings, ShutdownMode, Supervisor
+
+scapy_all = pytest.importorskip("scapy.all")
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    d = tempfile.mkdtemp(dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def segments(payload: bytes, dport: int = 40000) -> list[bytes]:
+    ether, ip, tcp = scapy_all.Ether, scapy_all.IP, scapy_all.TCP
+    head = ether() / ip(src="10.0.0.1", dst="10.0.0.2")
+    out = [head / tcp(sport=80, dport=dport, flags="SA", seq=99, ack=500)]
+    for off in range(0, len(payload), 100):
+        out.append(
+            head / tcp(sport=80, dport=dport, flags="PA", seq=100 + off, ack=501)
+            / payload[off : off + 100]
+        )  # fmt: skip
+    return [bytes(f) for f in out]
+
+
+class Peer:
+    """The harness/Xen side of the four sockets."""
+
+    def __init__(self, d: Path, vnet: bool) -> None:
+        self.d, self.vnet = d, vnet
+        self.out_frames: list[Frame] = []
+        self.notify_text: list[str] = []
+
+    async def connect(self) -> None:
+        self.out_r, self.out_w = await asyncio.open_unix_connection(f"{self.d}/out")
+        self.ntf_r, self.ntf_w = await asyncio.open_unix_connection(f"{self.d}/ntf")
+        _, self.pin = await asyncio.open_unix_connection(f"{self.d}/pin")
+        _, self.sin = await asyncio.open_unix_connection(f"{self.d}/sin")
+        self.tasks = [asyncio.create_task(self._read_out()), asyncio.create_task(self._read_ntf())]
+
+    async def _read_out(self) -> None:
+        dec = FrameDecoder(self.vnet)
+        while chunk := await self.out_r.read(65536):
+            self.out_frames += dec.feed(chunk)
+
+    async def _read_ntf(self) -> None:
+        buf = b""
+        while chunk := await self.ntf_r.read(65536):
+            buf += chunk
+            while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
+                n = struct.unpack(">I", buf[:4])[0]
+                self.notify_text.append(buf[4 : 4 + n].decode())
+                buf = buf[4 + n :]
+
+    def frames(self, frames: list[bytes]) -> bytes:
+        vh = b"\x00" * 12 if self.vnet else b""
+        return encode_frames([(vh + f, len(vh)) for f in frames], self.vnet)
+
+
+async def until(cond: object, what: str) -> None:
+    assert callable(cond)
+    for _ in range(2000):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def make_supervisor(d: Path, vnet: bool, mode: ShutdownMode) -> Supervisor:
+    settings = RunSettings(
+        primary_in=parse_endpoint(f"unix:{d}/pin,server"),
+        secondary_in=parse_endpoint(f"unix:{d}/sin,server"),
+        outdev=parse_endpoint(f"unix:{d}/out,server"),
+        notify_dev=parse_endpoint(f"unix:{d}/ntf,server"),
+        vnet_hdr=vnet,
+        on_shutdown=mode,
+    )
+    return Supervisor(Config(compare_timeout=60.0, min_checkpoint_interval=0.0), settings)
+
+
+@pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
+def test_xen_notify_checkpoint_cycle(sockdir: Path, vnet: bool) -> None:
+    payload = bytes(range(256)) * 4
+    bad = bytearray(payload)
+    bad[500] ^= 1
+    pri, sec = segments(payload), segments(bytes(bad))
+
+    async def main() -> None:
+        sup = make_supervisor(sockdir, vnet, ShutdownMode.REPORT)
+        await sup.start()
+        peer = Peer(sockdir, vnet)
+        await peer.connect()
+        peer.ntf_w.write(encode_message("COLO_USERSPACE_PROXY_INIT"))
+        await until(lambda: peer.notify_text == ["COLO_COMPARE_GET_XEN_INIT"], "init reply")
+        peer.sin.write(peer.frames(sec))
+        await peer.sin.drain()
+        await until(lambda: sup.secondary_in.frames_in == len(sec), "secondary fed")
+        peer.pin.write(peer.frames(pri))
+        await peer.pin.drain()
+        await until(lambda: "DO_CHECKPOINT" in peer.notify_text, "checkpoint request")
+        released = len(peer.out_frames)
+        assert 1 <= released < len(pri)  # the SYN-ACK and the segments before offset 500
+        assert [d[o:] for d, o in peer.out_frames] == pri[:released]
+        # a broken primary stream: reset and counted; nothing held is lost
+        peer.pin.write(struct.pack(">II", 1 << 30, 0))
+        await until(lambda: sup.primary_in.framing_errors == 1, "framing error")
+        assert sup.proxy.held_frames() == len(pri) - released
+        # Xen says the checkpoint is done (with the vnet word when vnet is on)
+        word = struct.pack(">I", 0) if vnet else b""
+        msg = encode_message("COLO_CHECKPOINT")
+        peer.ntf_w.write(msg[:4] + word + msg[4:])
+        await until(lambda: len(peer.out_frames) == len(pri), "flush")
+        assert [d[o:] for d, o in peer.out_frames] == pri
+        if vnet:
+            assert {o for _, o in peer.out_frames} == {12}
+        sup.stop()
+        report = await sup.shutdown()
+        assert report["supervisor"]["notify_checkpoints_done"] == 1  # type: ignore[index]
+        assert report["primary_in"]["framing_errors"] == 1  # type: ignore[index]
+        for w in (peer.pin, peer.sin, peer.ntf_w):
+            w.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", list(ShutdownMode))
+def test_shutdown_reports_or_flushes_held_frames(sockdir: Path, mode: ShutdownMode) -> None:
+    pri = segments(b"x" * 300)
+
+    async def main() -> None:
+        sup = make_supervisor(sockdir, False, mode)
+        await sup.start()
+        peer = Peer(sockdir, False)
+        await peer.connect()
+        peer.pin.write(peer.frames(pri))  # no secondary at all: everything is held
+        await peer.pin.drain()
+        await until(lambda: sup.proxy.held_frames() == len(pri), "held")
+        report = await sup.shutdown()
+        shutdown = report["shutdown"]
+        assert isinstance(shutdown, dict)
+        assert shutdown["held_frames_at_stop"] == len(pri)
+        if mode is ShutdownMode.FLUSH:
+            await until(lambda: len(peer.out_frames) == len(pri), "flushed frames")
+            assert shutdown["held_frames_not_released"] == 0
+        else:
+            assert shutdown["held_frames_not_released"] == len(pri)
+            assert peer.out_frames == []
+
+    asyncio.run(main())
