@@ -8,8 +8,9 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,18 @@ def sockdir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run_loop(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """Run each test on both loops: uvloop's transports are not asyncio.Transport subclasses."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.run  # type: ignore[no-any-return]
+    return asyncio.run
+
+
 async def wait_for(cond: object, what: str) -> None:
     """Poll a condition (a callable) without asserting on time; give up after 10 s."""
     assert callable(cond)
@@ -41,7 +54,7 @@ async def read_exactly(reader: asyncio.StreamReader, n: int) -> bytes:
     return await asyncio.wait_for(reader.readexactly(n), 10)
 
 
-def test_server_survives_reconnect_and_bad_framing(sockdir: Path) -> None:
+def test_server_survives_reconnect_and_bad_framing(sockdir: Path, run_loop: Runner) -> None:
     async def main() -> None:
         got: list[Frame] = []
         rc = RecordChannel(
@@ -75,10 +88,10 @@ def test_server_survives_reconnect_and_bad_framing(sockdir: Path) -> None:
         await rc.channel.close()
         assert not (sockdir / "p").exists()
 
-    asyncio.run(main())
+    run_loop(main())
 
 
-def test_client_reconnects_and_pending_output_is_delivered(sockdir: Path) -> None:
+def test_client_reconnects_and_pending_output_is_delivered(sockdir: Path, run_loop: Runner) -> None:
     async def main() -> None:
         path = f"{sockdir}/out"
         out = RecordChannel("outdev", Endpoint(Transport.UNIX, path), True, None)
@@ -105,10 +118,12 @@ def test_client_reconnects_and_pending_output_is_delivered(sockdir: Path) -> Non
         server.close()
         await out.channel.close()
 
-    asyncio.run(main())
+    run_loop(main())
 
 
-def test_output_overflow_is_dropped_and_counted_never_blocking(sockdir: Path) -> None:
+def test_output_overflow_is_dropped_and_counted_never_blocking(
+    sockdir: Path, run_loop: Runner
+) -> None:
     async def main() -> None:
         path = f"{sockdir}/o"
         srv = socket.socket(socket.AF_UNIX)
@@ -127,10 +142,10 @@ def test_output_overflow_is_dropped_and_counted_never_blocking(sockdir: Path) ->
         srv.close()
         await ch.close()
 
-    asyncio.run(main())
+    run_loop(main())
 
 
-def test_tcp_server_replaces_old_peer() -> None:
+def test_tcp_server_replaces_old_peer(run_loop: Runner) -> None:
     async def main() -> None:
         data: list[bytes] = []
         ch = Channel("secondary_in", parse_endpoint("tcp:127.0.0.1:0,server"), on_data=data.append)
@@ -149,4 +164,4 @@ def test_tcp_server_replaces_old_peer() -> None:
                 await w.wait_closed()
         await ch.close()
 
-    asyncio.run(main())
+    run_loop(main())

@@ -10,8 +10,9 @@ import asyncio
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,18 @@ def sockdir() -> Iterator[Path]:
     d = tempfile.mkdtemp(dir="/tmp")
     yield Path(d)
     shutil.rmtree(d, ignore_errors=True)
+
+
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run_loop(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """Run each test on both loops: uvloop's transports are not asyncio.Transport subclasses."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.run  # type: ignore[no-any-return]
+    return asyncio.run
 
 
 def segments(payload: bytes, dport: int = 40000) -> list[bytes]:
@@ -99,7 +112,7 @@ def make_supervisor(d: Path, vnet: bool, mode: ShutdownMode) -> Supervisor:
 
 
 @pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
-def test_xen_notify_checkpoint_cycle(sockdir: Path, vnet: bool) -> None:
+def test_xen_notify_checkpoint_cycle(sockdir: Path, vnet: bool, run_loop: Runner) -> None:
     payload = bytes(range(256)) * 4
     bad = bytearray(payload)
     bad[500] ^= 1
@@ -140,11 +153,13 @@ def test_xen_notify_checkpoint_cycle(sockdir: Path, vnet: bool) -> None:
         for w in (peer.pin, peer.sin, peer.ntf_w):
             w.close()
 
-    asyncio.run(main())
+    run_loop(main())
 
 
 @pytest.mark.parametrize("mode", list(ShutdownMode))
-def test_shutdown_reports_or_flushes_held_frames(sockdir: Path, mode: ShutdownMode) -> None:
+def test_shutdown_reports_or_flushes_held_frames(
+    sockdir: Path, mode: ShutdownMode, run_loop: Runner
+) -> None:
     pri = segments(b"x" * 300)
 
     async def main() -> None:
@@ -166,4 +181,4 @@ def test_shutdown_reports_or_flushes_held_frames(sockdir: Path, mode: ShutdownMo
             assert shutdown["held_frames_not_released"] == len(pri)
             assert peer.out_frames == []
 
-    asyncio.run(main())
+    run_loop(main())
