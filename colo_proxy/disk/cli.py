@@ -82,8 +82,9 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, agent.stop)
     logging.getLogger(__name__).info(
-        "disk-agent ready: image %s (%d bytes) at epoch %d, NBD %s, QMP %s", image,
-        engine.size, engine.replica.applied_epoch,
+        "disk-agent ready: image %s (%d bytes) at epoch %d (%d journals replayed), "
+        "NBD %s, QMP %s", image, engine.size, engine.replica.applied_epoch,
+        engine.state.replayed,
         ", ".join(map(str, config.nbd)), ", ".join(map(str, config.qmp)))
     await agent.wait_stopped()
     await agent.close()

@@ -279,6 +279,7 @@ class StateDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.replayed = 0
         path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -330,6 +331,7 @@ class StateDir:
             self.set_applied_epoch(epoch)
             journal.remove()
             applied = epoch
+            self.replayed += 1
         return applied
 
     def close(self) -> None:

@@ -62,7 +62,7 @@ class CrashingOs:
         os.replace(a, b)
 
 
-def _trial(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def _trial(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> bool:
     rng = random.Random(seed)
     image = tmp / f"img{seed}"
     state = tmp / f"state{seed}"
@@ -74,6 +74,7 @@ def _trial(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     acked = 0
     in_flight: int | None = None
     pending: list[Apply] = []
+    failed_over = False
     fake = CrashingOs(rng.randrange(0, 60), rng)
     monkeypatch.setattr(store, "os", fake)
     try:
@@ -96,6 +97,12 @@ def _trial(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
                 acts = eng.checkpoint(epoch)
                 acked, in_flight = epoch, None
                 pending.extend(a for a in acts if isinstance(a, Apply))
+            elif r < 0.83:
+                done = eng.drain([*pending, *eng.failover()])
+                assert done == acked, f"seed {seed}: failover reported {done}, acked {acked}"
+                assert image.read_bytes() == snapshots[acked], f"seed {seed}: failover image"
+                failed_over = True
+                break
             elif pending:
                 a = pending.pop(0)
                 eng.run_apply(a)
@@ -115,12 +122,13 @@ def _trial(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
         assert not any(state.glob("journal-*"))
     finally:
         eng.close()
+    return failed_over
 
 
 def test_random_crashes_recover_to_a_committed_epoch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for seed in range(300):
-        _trial(tmp_path, seed, monkeypatch)
+    failovers = sum(_trial(tmp_path, seed, monkeypatch) for seed in range(300))
+    assert failovers > 20  # the failover path really ran, not only crashes
 
 
 def test_failover_drains_and_reports_epoch(tmp_path: Path) -> None:
