@@ -42,6 +42,8 @@ def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, An
         "guest": _guest_text(res.guest),
         "primary_frames": res.primary_frames,
         "secondary_frames": res.secondary_frames,
+        "primary_guest_frames": res.primary_guest_frames,
+        "secondary_guest_frames": res.secondary_guest_frames,
         "client_frames": res.client_frames,
         "primary_bytes": res.primary_bytes,
         "secondary_bytes": res.secondary_bytes,
@@ -71,10 +73,10 @@ def hexdump(data: bytes, width: int = 16) -> str:
 def summary_text(report: dict[str, Any]) -> str:
     """A readable summary of a report dict."""
     lines = [
-        f"primary   {report['primary']}: {report['primary_frames']} guest frames, "
-        f"{report['primary_bytes']} bytes",
-        f"secondary {report['secondary']}: {report['secondary_frames']} guest frames, "
-        f"{report['secondary_bytes']} bytes",
+        f"primary   {report['primary']}: {report['primary_frames']} frames "
+        f"({report['primary_guest_frames']} from the guest), {report['primary_bytes']} bytes",
+        f"secondary {report['secondary']}: {report['secondary_frames']} frames "
+        f"({report['secondary_guest_frames']} from the guest), {report['secondary_bytes']} bytes",
     ]
     if report["guest"] is not None:
         lines.append(f"guest {report['guest']}; client frames (input, not compared): "

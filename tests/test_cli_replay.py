@@ -111,7 +111,8 @@ def test_guest_filter_with_both_directions(
     s = write(tmp_path / "s.pcap", frames)
     rep = replay_json(capsys, str(p), str(s))  # inferred: 10.0.0.1 sends the SYN-ACK
     assert rep["guest"] == "10.0.0.1" and rep["client_frames"] == 2
-    assert rep["primary_frames"] == 2 and rep["divergences"] == []
+    assert rep["primary_frames"] == 3 and rep["primary_guest_frames"] == 2
+    assert rep["divergences"] == []
     rep = replay_json(capsys, str(p), str(s), "--guest", "52:54:00:12:34:56")
     assert rep["client_frames"] == 2 and rep["released_frames"] == 2
 

@@ -138,7 +138,8 @@ def run_client(start_at: float, final_quit: bool) -> None:
     if final_quit:
         sock.recv(1)  # wait for the server's FIN
     else:
-        time.sleep(1.0)  # hold the connection open while the capture stops
+        print("workload-done", flush=True)
+        sys.stdin.readline()  # hold the connection open until the capture has stopped
     sock.close()
 
 
@@ -294,22 +295,95 @@ def capture(variant: str, out: Path, prefix: str, lag: float) -> dict[str, Any]:
             subprocess.Popen(
                 nsexec(lab.ns(tag, "client"), sys.executable, str(Path(__file__).resolve()),
                        "--client", repr(start_at + delay), *([] if diverge else ["--quit"])),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for tag, delay in (("pri", 0.0), ("sec", lag))
         ]
         lab.procs.extend(clients)
-        logs = [c.communicate(timeout=60)[0].decode() for c in clients]
-        for c, log in zip(clients, logs, strict=True):
+        logs = ["", ""]
+        if diverge:
+            # The diverging GET is the last exchange: stop recording before the close, whose
+            # secondary frames would carry the secondary's own (not rebased) sequence numbers.
+            for k, c in enumerate(clients):
+                assert c.stdout is not None
+                for raw_line in c.stdout:
+                    logs[k] += raw_line.decode()
+                    if raw_line.startswith(b"workload-done"):
+                        break
+                else:
+                    raise RuntimeError(f"client failed:\n{logs[k]}")
+            time.sleep(0.5)
+            for side in ("primary", "secondary"):
+                stop_tcpdump(lab, dumps[side])
+        for k, c in enumerate(clients):
+            logs[k] += c.communicate(b"\n", timeout=60)[0].decode()
             lab.procs.remove(c)
             if c.returncode != 0:
-                raise RuntimeError(f"client failed:\n{log}")
-        time.sleep(0.5)  # let tcpdump write the last frames
-        for side in ("primary", "secondary"):
-            stop_tcpdump(lab, dumps[side])
+                raise RuntimeError(f"client failed:\n{logs[k]}")
+        if not diverge:
+            time.sleep(0.5)  # let tcpdump write the last frames
+            for side in ("primary", "secondary"):
+                stop_tcpdump(lab, dumps[side])
         lag_us = round(lag * 1_000_000)
         (out / "primary.pcap").write_bytes(raw["primary"].read_bytes())
         (out / "secondary.pcap").write_bytes(shift_pcap(raw["secondary"].read_bytes(), -lag_us))
-    return write_expected(out, diverge, lag)
+    result = write_expected(out, diverge, lag)
+    if diverge:
+        model_checkpoint(out, result["expected"]["divergences"][0]["offset"])
+        result = write_expected(out, diverge, lag, first_known=result["expected"])
+    return result
+
+
+def _server_frames(path: Path) -> list[tuple[float, bytes, int | None]]:
+    """(time, frame, stream offset of the first payload byte or None) for each frame."""
+    out: list[tuple[float, bytes, int | None]] = []
+    isn: int | None = None
+    with path.open("rb") as f:
+        for ts, buf in dpkt.pcap.Reader(f):
+            eth = dpkt.ethernet.Ethernet(buf)
+            ip = eth.data
+            off = None
+            if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.tcp.TCP) \
+                    and socket.inet_ntoa(ip.src) == SERVER_IP:
+                tcp = ip.data
+                if tcp.flags & dpkt.tcp.TH_SYN:
+                    isn = tcp.seq
+                elif isn is not None:
+                    off = (tcp.seq - isn - 1) % WRAP
+                    out.append((ts, bytes(buf), off if tcp.data else None))
+                    continue
+                out.append((ts, bytes(buf), None))
+                continue
+            out.append((ts, bytes(buf), -1))  # -1: client frame
+    return out
+
+
+def model_checkpoint(out: Path, first: int) -> None:
+    """Make the secondary capture what COLO would show after the divergence.
+
+    A real checkpoint turns the secondary into a copy of the primary, so from
+    then on it sends what the primary sends, with the primary's sequence
+    numbers.  Two independent redis hosts cannot do that, so the secondary's
+    guest frames after the divergence are replaced by the primary's own
+    frames sent after that moment (200 us later), and its client frames kept.
+    """
+    pri = _server_frames(out / "primary.pcap")
+    sec = _server_frames(out / "secondary.pcap")
+
+    def carrier_time(frames: list[tuple[float, bytes, int | None]]) -> float:
+        for ts, buf, off in frames:
+            if off is not None and off >= 0:
+                plen = len(dpkt.ethernet.Ethernet(buf).data.data.data)
+                if off <= first < off + plen:
+                    return float(ts)
+        raise RuntimeError("no frame carries the diverging byte")
+
+    t_div = max(carrier_time(pri), carrier_time(sec))
+    kept = [(ts, buf) for ts, buf, off in sec if off == -1 or ts <= t_div]
+    copied = [(ts + 0.0002, buf) for ts, buf, off in pri if off != -1 and ts > t_div]
+    with (out / "secondary.pcap").open("wb") as f:
+        writer = dpkt.pcap.Writer(f)
+        for ts, buf in sorted(kept + copied, key=lambda x: x[0]):
+            writer.writepkt(buf, ts=ts)
 
 
 # --------------------------------------------------------------------------- analysis
@@ -353,16 +427,21 @@ def analyse(path: Path) -> Seen:
     return Seen(frames, server_frames, server_isn, client_isn, bytes(stream))
 
 
-def write_expected(out: Path, diverge: bool, lag: float) -> dict[str, Any]:
+def write_expected(out: Path, diverge: bool, lag: float,
+                   first_known: dict[str, Any] | None = None) -> dict[str, Any]:
     pri, sec = analyse(out / "primary.pcap"), analyse(out / "secondary.pcap")
     n = min(len(pri.stream), len(sec.stream))
     first = next((i for i in range(n) if pri.stream[i] != sec.stream[i]), None)
+    if first_known is not None:  # after model_checkpoint the streams no longer line up
+        first = first_known["divergences"][0]["offset"]
     if diverge and first is None:
         raise RuntimeError("diverge variant: server streams do not differ")
     if not diverge and (first is not None or pri.stream != sec.stream):
         raise RuntimeError(f"server streams differ at {first}")
     what = ("the secondary redis answers the last GET differently (seeded "
-            f"{SEEDED_KEY}={DIVERGE_SECONDARY_VALUE!r} instead of {SEED_VALUES['primary']!r})"
+            f"{SEEDED_KEY}={DIVERGE_SECONDARY_VALUE!r} instead of {SEED_VALUES['primary']!r}); "
+            "after the divergence the secondary's guest frames are the primary's, as after "
+            "a real checkpoint (see model_checkpoint)"
             if diverge else "same redis workload, same answers -> no divergence")
     expected = {
         "description": f"real Linux TCP stacks + redis-server in namespaces; {what}; "

@@ -26,7 +26,10 @@ D_INDEX, D_REL, D_TIME, D_MATCHED, D_CONTENT, D_FLEN = range(6)
 class DatagramFlow(HeldCounts):
     """Comparison state of one UDP, ICMP or other-protocol flow."""
 
-    __slots__ = ("kind", "pri_n", "pri_order", "pri_wait", "sec_n", "sec_order", "sec_wait")
+    __slots__ = (
+        "ghost_until", "ghosts", "kind", "pri_n", "pri_order", "pri_wait", "sec_n", "sec_order",
+        "sec_wait",
+    )
 
     def __init__(self, key: FlowKey, now: float, kind: DivergenceKind) -> None:
         super().__init__(key, now)
@@ -37,6 +40,10 @@ class DatagramFlow(HeldCounts):
         self.sec_order: deque[list[object]] = deque()
         self.pri_n = 0
         self.sec_n = 0
+        self.ghosts: dict[bytes, int] = {}
+        """Contents the primary sent before the last checkpoint with no partner yet:
+        the secondary's copies may still be in flight and are absorbed, not compared."""
+        self.ghost_until = 0.0
 
     def on_primary(
         self, host: FlowHost, content: bytes, rel: Rel, flen: int, now: float, window: int
@@ -66,6 +73,9 @@ class DatagramFlow(HeldCounts):
         if self.diverged:
             host.count("secondary_frames_dropped_diverged")
             return
+        if self.ghosts and self._absorb(content, now):
+            host.count("secondary_datagrams_late_after_checkpoint")
+            return
         self.sec_n += 1
         waiting = self.pri_wait.get(content)
         if waiting:
@@ -79,6 +89,20 @@ class DatagramFlow(HeldCounts):
             self.sec_order.append(entry)
             self.sec_wait.setdefault(content, deque()).append(entry)
         self._check_window(host, now, window)
+
+    def _absorb(self, content: bytes, now: float) -> bool:
+        """True if this is a late copy of something released by the last checkpoint."""
+        if now > self.ghost_until:
+            self.ghosts.clear()
+            return False
+        left = self.ghosts.get(content, 0)
+        if not left:
+            return False
+        if left == 1:
+            del self.ghosts[content]
+        else:
+            self.ghosts[content] = left - 1
+        return True
 
     @staticmethod
     def _oldest(order: deque[list[object]]) -> list[object] | None:
@@ -114,11 +138,20 @@ class DatagramFlow(HeldCounts):
                 return True
         return False
 
-    def rebase(self, host: FlowHost) -> None:
-        """After a checkpoint: release held primary datagrams in arrival order."""
+    def rebase(self, host: FlowHost, now: float, grace: float) -> None:
+        """After a checkpoint: release held primary datagrams in arrival order.
+
+        Their secondary copies may still arrive for `grace` seconds; they are
+        absorbed rather than left unmatched (TCP gets the same effect from
+        ignoring bytes below the compared offset).
+        """
+        self.ghosts.clear()
         for entry in self.pri_order:
             if not entry[D_MATCHED]:
                 host.release(self, entry[D_REL], entry[D_FLEN], 0)  # type: ignore[arg-type]
+                content: bytes = entry[D_CONTENT]  # type: ignore[assignment]
+                self.ghosts[content] = self.ghosts.get(content, 0) + 1
+        self.ghost_until = now + grace
         self.pri_order.clear()
         self.sec_order.clear()
         self.pri_wait.clear()

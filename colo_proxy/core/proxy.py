@@ -175,8 +175,9 @@ class Proxy:
         self._again = None
         self._deferred = None
         self.counters["checkpoints_completed"] += 1
+        grace = self.config.compare_timeout
         for flow in self._flows.values():
-            flow.rebase(self)
+            flow.rebase(self, now, grace)
         for rel in self._frags[0].clear():
             self._pass(rel, "ip_fragment_incomplete_at_checkpoint")
         self.counters["secondary_fragments_dropped"] += len(self._frags[1].clear())

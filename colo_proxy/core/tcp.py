@@ -248,6 +248,9 @@ class TcpFlow(HeldCounts):
         """Release queued primary frames, in order, while each is safe to send."""
         q = self.queue
         base = self.pri.stream.base
+        fin = self.pri.fin
+        if fin is not None and fin == self.sec.fin and base >= fin:
+            base = fin + 1  # both FINs agreed; the FIN takes one sequence number
         sec_ack = self.sec.ack_max
         release = host.release
         while q:
@@ -345,7 +348,7 @@ class TcpFlow(HeldCounts):
             return True
         return False
 
-    def rebase(self, host: FlowHost) -> None:
+    def rebase(self, host: FlowHost, now: float, grace: float) -> None:
         """After a checkpoint: release everything held, continue as the primary."""
         release = host.release
         q = self.queue

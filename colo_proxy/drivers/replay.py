@@ -31,7 +31,10 @@ class ReplayResult:
 
     start_time: float = 0.0
     primary_frames: int = 0
+    """Frames read from the primary capture (guest output and client input)."""
     secondary_frames: int = 0
+    primary_guest_frames: int = 0
+    secondary_guest_frames: int = 0
     client_frames: int = 0
     primary_bytes: int = 0
     secondary_bytes: int = 0
@@ -88,18 +91,22 @@ class Replay:
         proxy, res = self.proxy, self.result
         feed = proxy.feed
         first = True
-        for ts, _, _, side, frame in merged:
+        for ts, source, _, side, frame in merged:
             if first:
                 res.start_time = ts
                 first = False
             if self._done_at is not None and ts >= self._done_at:
                 self._complete(self._done_at)
-            if side is Side.PRIMARY:
+            if source == Side.PRIMARY:
                 res.primary_frames += 1
                 res.primary_bytes += len(frame)
-            elif side is Side.SECONDARY:
+            else:
                 res.secondary_frames += 1
                 res.secondary_bytes += len(frame)
+            if side is Side.PRIMARY:
+                res.primary_guest_frames += 1
+            elif side is Side.SECONDARY:
+                res.secondary_guest_frames += 1
             else:
                 res.client_frames += 1
             feed(side, frame, ts)
