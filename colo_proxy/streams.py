@@ -19,6 +19,8 @@ from typing import Any, BinaryIO
 from colo_proxy.core.fragments import FragmentTable
 from colo_proxy.core.packet import (
     PROTO_TCP,
+    TCP_FIN,
+    TCP_RST,
     TCP_SYN,
     IpPacket,
     parse_ip,
@@ -28,6 +30,10 @@ from colo_proxy.core.reassembly import StreamBuffer
 from colo_proxy.core.seq import HALF32, MASK32
 from colo_proxy.drivers.pcap import read_frames
 from colo_proxy.errors import InputError
+
+MAX_FRAGMENTS = 65536 // 8
+MAX_TUNNEL_DEPTH = 4
+_TUNNELS = {4: b"\x08\x00", 41: b"\x86\xdd"}  # IP protocol -> ethertype of the inner packet
 
 DirKey = tuple[tuple[int, ...], bytes, bytes, int, int]
 
@@ -76,6 +82,39 @@ def _addr(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw))
 
 
+def _tcp_datagram(
+    frame: bytes, ts: float, frags: FragmentTable[None]
+) -> tuple[IpPacket, bytes, int, int] | None:
+    """(ip, buffer, TCP start, TCP end) of a frame's TCP segment, or None.
+
+    Fragments are reassembled first; IP-in-IP (4) and IPv6-in-IP (41, 6in4)
+    are unwrapped, keeping the outer VLAN tags, like Wireshark does.
+    """
+    data, vlan = frame, None
+    for _ in range(MAX_TUNNEL_DEPTH + 1):
+        ip = parse_ip(data, 0)
+        if not isinstance(ip, IpPacket):
+            return None
+        if vlan is None:
+            vlan = ip.vlan
+        else:
+            ip = ip._replace(vlan=vlan)
+        buf, l4, end = data, ip.l4, ip.l4_end
+        if ip.frag_id >= 0:
+            got = frags.add((ip.vlan, ip.version, ip.src, ip.dst, ip.proto, ip.frag_id),
+                            ip.frag_off, ip.more_frags, data[ip.l4:ip.l4_end], None, ts)
+            if got is None or isinstance(got[0], str):
+                return None
+            buf, l4, end = got[0], 0, len(got[0])
+        if ip.proto == PROTO_TCP:
+            return ip, buf, l4, end
+        ethertype = _TUNNELS.get(ip.proto)
+        if ethertype is None:
+            return None
+        data = bytes(12) + ethertype + buf[l4:end]
+    return None
+
+
 def write_streams(pcap: str, out: str) -> list[dict[str, Any]]:
     """Reassemble every TCP direction of `pcap` into files under `out`; return the index."""
     outdir = Path(out)
@@ -85,25 +124,27 @@ def write_streams(pcap: str, out: str) -> list[dict[str, Any]]:
         raise InputError(f"{out}: cannot create: {err.strerror or err}") from err
     active: dict[DirKey, _Direction] = {}
     done: list[_Direction] = []
-    frags: FragmentTable[None] = FragmentTable(64, 64 * 1024 * 1024, 1e9)
+    # Offline, only the IP limits apply: a datagram has at most 65535 bytes, so
+    # at most 8192 fragments of the minimum 8 bytes (the proxy's per-datagram
+    # limit of 64 is a guard for live guests and would drop valid datagrams here).
+    frags: FragmentTable[None] = FragmentTable(MAX_FRAGMENTS, 64 * 1024 * 1024, 1e9)
     for ts, frame in read_frames(pcap):
-        ip = parse_ip(frame, 0)
-        if not isinstance(ip, IpPacket) or ip.proto != PROTO_TCP:
+        got = _tcp_datagram(frame, ts, frags)
+        if got is None:
             continue
-        buf, l4, end = frame, ip.l4, ip.l4_end
-        if ip.frag_id >= 0:
-            got = frags.add((ip.vlan, ip.version, ip.src, ip.dst, ip.proto, ip.frag_id),
-                            ip.frag_off, ip.more_frags, frame[ip.l4:ip.l4_end], None, ts)
-            if got is None or isinstance(got[0], str):
-                continue
-            buf, l4, end = got[0], 0, len(got[0])
+        ip, buf, l4, end = got
         hdr = parse_tcp(buf, l4, end)
         if isinstance(hdr, str):
             continue
         key: DirKey = (ip.vlan, ip.src, ip.dst, hdr.sport, hdr.dport)
         d = active.get(key)
         syn = bool(hdr.flags & TCP_SYN)
-        if d is not None and syn and (hdr.seq + 1) & MASK32 != d.isn:
+        # Only a SYN that could open a connection starts a new stream: a
+        # receiver never opens one on SYN+RST or SYN+FIN (RFC 9293 3.10.7,
+        # Linux tcp_rcv_state_process drops them), and tshark keeps such a
+        # segment in the current stream too.
+        opens = syn and not hdr.flags & (TCP_RST | TCP_FIN)
+        if d is not None and opens and (hdr.seq + 1) & MASK32 != d.isn:
             done.append(d)
             del active[key]
             d = None
