@@ -50,7 +50,7 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrHopByHop,
     PadN,
 )
-from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
+from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
 EPOCH_S = 1_767_225_600  # 2026-01-01T00:00:00Z: fixed capture start
@@ -267,6 +267,19 @@ class DgramGuest:
             else ICMP(type=0, code=0, id=ident, seq=seq)
         )
         return finish(l2(self.path) / self._l3() / icmp / Raw(load=payload), self.noise)
+
+    def ip_proto(self, proto: int, payload: bytes) -> bytes:
+        """A datagram of an IP protocol the proxy has no parser for."""
+        ip = self._l3()
+        if self.path.v6:
+            ip.nh = proto
+        else:
+            ip.proto = proto
+        return finish(l2(self.path) / ip / Raw(load=payload), self.noise)
+
+    def arp_request(self, target: str) -> bytes:
+        arp = ARP(op=1, hwsrc=GUEST_MAC, psrc=self.path.guest_ip, pdst=target)
+        return finish(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / arp, self.noise)
 
     def fragments(self, l4: Packet, chunk: int, ident: int, order: Sequence[int] | None = None,
                   ) -> list[bytes]:
@@ -762,6 +775,28 @@ def dgram_diverge(name: str, icmp: bool) -> Case:
                 [div(kind, None)], ["divergence"])
 
 
+def case_other_proto() -> Case:
+    tl = Timeline()
+    path = Path4(client_ip="10.0.0.3")
+    pri, sec = DgramGuest(path), DgramGuest(path, Noise(ip_id=0x9300, ttl=63))
+    # ARP is passed through uncompared: the secondary even asks for a different address.
+    tl.p(0, pri.arp_request("10.0.0.3"))
+    tl.s(SKEW_US, sec.arp_request("10.0.0.3"))
+    tl.s(2 * MS, sec.arp_request("10.0.0.99"))
+    bad = 4
+    t = 10 * MS
+    for i in range(28):
+        payload = body(750 + i, 40 + i, b"proto 253 ")
+        spayload = payload if i != bad else payload[:10] + b"?" + payload[11:]
+        tl.ps(t, pri.ip_proto(253, payload), sec.ip_proto(253, spayload))
+        t += 10 * MS
+    return Case("other-proto", "IP protocol 253 datagrams, the 5th differs at byte 10; ARP "
+                "requests differ but are never compared -> one divergence of kind other",
+                "datagram comparison for an IP protocol without a parser (whole IP payload); "
+                "ARP passes through uncompared (and is released)", tl,
+                [div("other", None)], ["divergence"])
+
+
 def case_fin_vs_rst() -> Case:
     tl = Timeline()
     path = Path4(client_port=40060)
@@ -930,7 +965,7 @@ def case_sample() -> Case:
     tl = Timeline()
     flows: list[tuple[TcpGuest, TcpGuest]] = []
     for i, (pisn, sisn) in enumerate(((0x0C0FFEE0, 0x7EA0BEEF), (0x1DEA5000, 0x1DEA5000),
-                                      (0xFFFFFF00, 0x00000100))):
+                                      (0xFFFFFF00, 0x60000100))):
         path = Path4(client_ip=f"10.0.0.{10 + i}", client_port=45000 + i)
         cisn = 0x0A000000 + i * 0x1111
         flows.append((TcpGuest(path, pisn, cisn),
@@ -1001,6 +1036,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "udp-icmp-reorder": case_udp_icmp_reorder,
     "udp-diverge": lambda: dgram_diverge("udp-diverge", icmp=False),
     "icmp-diverge": lambda: dgram_diverge("icmp-diverge", icmp=True),
+    "other-proto": case_other_proto,
     "fin-vs-rst": case_fin_vs_rst,
     "synack-options": case_synack_options,
     "ack-gate": lambda: case_ack_gate(timeout=False),
@@ -1055,6 +1091,25 @@ def write_case(case: Case, out: Path) -> list[str]:
     return changed
 
 
+def verdict(exp: dict[str, Any]) -> str:
+    """Short human form of an expectation: divergences, checkpoints, counts."""
+    divs = ", ".join(f"{d['kind']}@{d['offset']}" if d["offset"] is not None else d["kind"]
+                     for d in exp["divergences"]) or "none"
+    cps = ", ".join(exp["checkpoint_reasons"]) or "none"
+    return (f"divergences: {divs}; checkpoints: {cps}; frames {exp['primary_frames']}/"
+            f"{exp['secondary_frames']}, released {exp['released_frames']}")
+
+
+def markdown_table(names: Iterable[str]) -> str:
+    rows = ["| case | exercises | expected |", "|---|---|---|"]
+    for name in names:
+        case = build(name)
+        exp = case.expected()
+        args = f" (args `{' '.join(case.args)}`)" if case.args else ""
+        rows.append(f"| `{name}` | {case.exercises} | {verdict(exp)}{args} |")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent
@@ -1062,10 +1117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--case", action="append", choices=sorted(CASES), metavar="NAME",
                         help="generate only this case (repeatable)")
     parser.add_argument("--list", action="store_true", help="list case names and exit")
+    parser.add_argument("--table", action="store_true",
+                        help="print the pcaps/README.md case table (Markdown) and exit")
     args = parser.parse_args(argv)
     if args.list:
         for name in CASES:
             print(name)
+        return 0
+    if args.table:
+        print(markdown_table(args.case or list(CASES)))
         return 0
     for name in args.case or list(CASES):
         case = build(name)
