@@ -286,31 +286,32 @@ class QmpDriver:
 
     async def _stop(self, client: QMPClient) -> None:
         self.stats.stops += 1
-        self._sent_at = None  # QEMU reacted: the request is answered
         if self.follow is FollowPolicy.NONE:
             return
         if self.follow is FollowPolicy.COLO and not self._in_colo():
             self.stats.pauses_ignored += 1
             log.info("%s: STOP outside COLO mode: a pause, not a checkpoint", self.name)
             return
-        self._in_checkpoint = True
-        self.stats.checkpoints_started += 1
-        if self._on_started is not None:
-            self._on_started()
         if self.follow is FollowPolicy.COLO:
+            # confirm before telling the core: a pause must not look like a checkpoint
             try:
                 status = await client.execute("query-status")
             except ExecuteError as err:
                 status = {"status": f"unknown ({err})"}
             state = status.get("status") if isinstance(status, dict) else None
             if state not in CHECKPOINT_RUN_STATES:
-                self._in_checkpoint = False
                 self.stats.pauses_ignored += 1
                 log.warning(
                     "%s: VM stopped in state %s: a pause, not a checkpoint; output stays held",
                     self.name,
                     state,
                 )
+                return
+        self._sent_at = None  # a checkpoint began: any request sent is answered
+        self._in_checkpoint = True
+        self.stats.checkpoints_started += 1
+        if self._on_started is not None:
+            self._on_started()
 
     def _resume(self) -> None:
         self.stats.resumes += 1
