@@ -56,6 +56,10 @@ def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, An
             {"time": round(t - res.start_time, 6), "reason": r} for t, r in res.checkpoints
         ],
         "divergences": [_div_json(d, res.start_time) for d in res.divergences],
+        "overlap_conflicts": [
+            {"time": round(c.time - res.start_time, 6), "flow": c.flow, "side": c.side,
+             "offset": c.offset} for c in res.overlap_conflicts
+        ],
         "malformed": stats.pop("malformed"),
         "uncompared": stats.pop("uncompared"),
         "flows": stats.pop("flows_created", 0),
@@ -104,6 +108,11 @@ def summary_text(report: dict[str, Any]) -> str:
             lines.append("    secondary " + hexdump(bytes.fromhex(d["secondary_bytes"])))
     if len(report["divergences"]) > 20:
         lines.append(f"  ... {len(report['divergences']) - 20} more (see --json)")
+    if report["overlap_conflicts"]:
+        lines.append(f"overlap conflicts (same side, same offset, different bytes; first copy "
+                     f"kept): {len(report['overlap_conflicts'])}")
+        for c in report["overlap_conflicts"][:5]:
+            lines.append(f"  {c['time']:.6f}s {c['side']} at offset {c['offset']}: {c['flow']}")
     for name in ("malformed", "uncompared"):
         if report[name]:
             parts = ", ".join(f"{k} {v}" for k, v in sorted(report[name].items()))

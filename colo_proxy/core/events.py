@@ -62,3 +62,17 @@ class Divergence:
     primary: bytes = b""
     secondary: bytes = b""
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OverlapConflict:
+    """One side sent different bytes for an offset it had already sent.
+
+    The first copy is kept and compared; the client may have received
+    either, so this is reported for the operator, not treated as divergence.
+    """
+
+    time: float
+    flow: str
+    side: str
+    offset: int | None

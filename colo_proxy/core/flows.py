@@ -53,6 +53,10 @@ class FlowHost(Protocol):
 
     def want_checkpoint(self, reason: CheckpointReason, now: float) -> None: ...
 
+    def overlap_conflict(
+        self, flow: HeldCounts, side: str, offset: int | None, now: float
+    ) -> None: ...
+
     def count(self, name: str, n: int = 1) -> None: ...
 
 

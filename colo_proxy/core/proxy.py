@@ -38,6 +38,7 @@ from colo_proxy.core.events import (
     CheckpointRequest,
     Divergence,
     DivergenceKind,
+    OverlapConflict,
     Side,
 )
 from colo_proxy.core.flows import FlowKey, HeldCounts, Rel, flow_label
@@ -87,6 +88,7 @@ class Proxy:
         self._released: list[tuple[bytes, int]] = []
         self._requests: list[CheckpointRequest] = []
         self._divergences: list[Divergence] = []
+        self.overlap_conflicts: list[OverlapConflict] = []
         self.counters: Counter[str] = Counter()
         self.malformed: Counter[str] = Counter()
         self.uncompared: Counter[str] = Counter()
@@ -285,6 +287,14 @@ class Proxy:
             self.counters["checkpoint_requests_rate_limited"] += 1
             self._deferred = (reason, due)
             self.state = CheckpointState.DEFERRED
+
+    def overlap_conflict(
+        self, flow: HeldCounts, side: str, offset: int | None, now: float
+    ) -> None:
+        """Record a within-side overlap whose bytes differ (kept: the first MAX)."""
+        self.counters[f"tcp_overlap_conflicts_{side}"] += 1
+        if len(self.overlap_conflicts) < MAX_DIVERGENCES_KEPT:
+            self.overlap_conflicts.append(OverlapConflict(now, flow_label(flow.key), side, offset))
 
     def count(self, name: str, n: int = 1) -> None:
         """Bump a named counter (reported in stats)."""

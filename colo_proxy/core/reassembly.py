@@ -17,7 +17,10 @@ import bisect
 class StreamBuffer:
     """Contiguous bytes from `base`, plus out-of-order pieces beyond them."""
 
-    __slots__ = ("base", "buf", "conflicts", "first_conflict", "ooo", "ooo_bytes", "ooo_starts")
+    __slots__ = (
+        "base", "buf", "conflicts", "first_conflict", "last_conflict", "ooo", "ooo_bytes",
+        "ooo_starts",
+    )
 
     def __init__(self, base: int = 0) -> None:
         self.base = base
@@ -27,6 +30,7 @@ class StreamBuffer:
         self.ooo_bytes = 0
         self.conflicts = 0
         self.first_conflict: int | None = None
+        self.last_conflict: int | None = None
 
     @property
     def end(self) -> int:
@@ -85,11 +89,10 @@ class StreamBuffer:
     def _check(self, start: int, new: bytes | memoryview, old: bytes | bytearray) -> None:
         if new != old:
             self.conflicts += 1
+            at = start + next(i for i in range(len(old)) if new[i] != old[i])
+            self.last_conflict = at
             if self.first_conflict is None:
-                for i in range(len(old)):
-                    if new[i] != old[i]:
-                        self.first_conflict = start + i
-                        break
+                self.first_conflict = at
 
     def _insert_ooo(self, start: int, data: bytes | memoryview) -> None:
         """Keep only the parts of data that no earlier piece covers."""

@@ -49,7 +49,7 @@ class TcpSide:
     """What one guest sent on this flow."""
 
     __slots__ = (
-        "ack_max", "fin", "high", "isn", "last_ack", "last_off", "peer_isn", "rst",
+        "ack_max", "conflicts", "fin", "high", "isn", "last_ack", "last_off", "peer_isn", "rst",
         "stream", "syn_opts",
     )
 
@@ -67,6 +67,8 @@ class TcpSide:
         self.fin: int | None = None
         self.rst: int | None = None
         self.syn_opts: SynOptions | None = None
+        self.conflicts = 0
+        """Conflicting overlaps already reported."""
 
 
 class TcpFlow(HeldCounts):
@@ -135,6 +137,8 @@ class TcpFlow(HeldCounts):
                 me.high = stop
             if not self.diverged:
                 me.stream.add(off, memoryview(data)[hdr.payload:end])
+                if me.stream.conflicts != me.conflicts:
+                    self._report_conflict(host, me, "primary", now)
         if flags & TCP_FIN:
             need = NEED_FIN
             if me.fin is None:
@@ -175,6 +179,8 @@ class TcpFlow(HeldCounts):
                 me.high = stop
             if stop > me.stream.base:
                 me.stream.add(off, memoryview(data)[hdr.payload:end])
+                if me.stream.conflicts != me.conflicts:
+                    self._report_conflict(host, me, "secondary", now)
                 self.sec_times.append((stop, now))
         if flags & TCP_FIN and me.fin is None:
             me.fin = stop
@@ -186,6 +192,11 @@ class TcpFlow(HeldCounts):
         ):
             return
         self.progress(host, now)
+
+    def _report_conflict(self, host: FlowHost, me: TcpSide, side: str, now: float) -> None:
+        """One side sent different bytes for the same offset; the first copy stays."""
+        me.conflicts = me.stream.conflicts
+        host.overlap_conflict(self, side, me.stream.last_conflict, now)
 
     def _new_incarnation(self, host: FlowHost) -> None:
         """A SYN with a new ISN: the 4-tuple is reused for a new connection."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from colo_proxy.core.config import Config
-from colo_proxy.core.events import CheckpointReason, Divergence, Side
+from colo_proxy.core.events import CheckpointReason, Divergence, OverlapConflict, Side
 from colo_proxy.core.proxy import Proxy
 from colo_proxy.drivers.guest import GuestFilter, infer_guest
 from colo_proxy.drivers.pcap import read_frames
@@ -43,6 +43,7 @@ class ReplayResult:
     flushed_frames: int = 0
     checkpoints: list[tuple[float, str]] = field(default_factory=list)
     divergences: list[Divergence] = field(default_factory=list)
+    overlap_conflicts: list[OverlapConflict] = field(default_factory=list)
     guest: bytes | None = None
     stats: dict[str, object] = field(default_factory=dict)
 
@@ -128,6 +129,7 @@ class Replay:
             else:
                 proxy.tick(now)
             self._collect(now)
+        res.overlap_conflicts = list(proxy.overlap_conflicts)
         res.held_frames = proxy.held_frames()
         res.stats = proxy.stats()
         res.released_frames = proxy.released_frames

@@ -221,3 +221,14 @@ def test_vlan_separates_flows() -> None:
     r.proxy.feed(S, frame((10,), b"aa"), 1.0)
     r.collect()
     assert len(r.released) == 1
+
+
+def test_overlap_with_different_bytes_within_one_side_is_reported() -> None:
+    p, s = pair(1)
+    r = run([(P, p.synack()), (S, s.synack()), (P, p.data(0, b"a" * 100)),
+             (P, p.data(50, b"b" * 100)), (S, s.data(0, b"a" * 150))])
+    conflicts = r.proxy.overlap_conflicts
+    assert [(c.side, c.offset) for c in conflicts] == [("primary", 50)]
+    # The first copy was compared: the secondary's "a"s at 50..100 match it, then
+    # bytes 100..150 differ ("b" from the primary's second segment vs "a").
+    assert r.kinds == [("payload", 100)]
