@@ -205,8 +205,8 @@ def guest_output(path: Path, guest: str | None) -> Side:
             dgrams[(("udp", d.vlans, d.src, sport, d.dst, dport), d.payload[8:ulen])] += 1
         elif d.proto in (1, 58):
             ident = struct.unpack_from("!H", d.payload, 4)[0]
-            key = ("icmp", d.vlans, d.src, d.dst, ident)
-            dgrams[(key, d.payload[:2] + d.payload[4:])] += 1  # checksum ignored
+            icmp_key = ("icmp", d.vlans, d.src, d.dst, ident)
+            dgrams[(icmp_key, d.payload[:2] + d.payload[4:])] += 1  # checksum ignored
         else:
             dgrams[(("other", d.vlans, d.src, d.dst, d.proto), d.payload)] += 1
     return Side(dict(tcp), dgrams, len(out))

@@ -436,6 +436,27 @@ def case_segmentation() -> Case:
                 "1000/1448-byte segments, ISNs 0x1a2b3c4d vs 0x7e000001", tl)
 
 
+def case_secondary_first() -> Case:
+    """The secondary is faster: its whole answer (and FIN) precedes the primary's."""
+    tl = Timeline()
+    path = Path4(client_port=40015)
+    pri = TcpGuest(path, 0x0BEEF000, 0x0FEED000)
+    sec = TcpGuest(path, 0xB00B0000, 0x0FEED000, Noise(ts_base=2_200_000))
+    tl.s(0, sec.syn_ack(0))
+    tl.p(40 * MS, pri.syn_ack(40 * MS))
+    data = http_body(18, 7000)
+    for i, (o, c) in enumerate(chunks(data, 1448)):
+        tl.s(60 * MS + i * MS, sec.data(60 * MS + i * MS, o, c, 95))
+    tl.s(80 * MS, sec.fin(80 * MS, len(data), 95))
+    for i, (o, c) in enumerate(chunks(data, 900)):
+        tl.p(150 * MS + i * MS, pri.data(150 * MS + i * MS, o, c, 95))
+    tl.p(200 * MS, pri.fin(200 * MS, len(data), 95))
+    return Case("secondary-first", "the secondary answers (SYN-ACK, data, FIN) 40-120 ms "
+                "before the primary -> no divergence",
+                "buffering secondary output that runs ahead of the primary; primary frames "
+                "released on arrival", tl)
+
+
 def reorder_case(name: str, messy_primary: bool) -> Case:
     """In-order on one side; reordered, duplicated and overlapping on the other."""
     tl = Timeline()
@@ -684,10 +705,10 @@ def case_many_flows() -> Case:
         pri = TcpGuest(path, pisn, cisn)
         sec = TcpGuest(path, sisn, cisn, Noise(ts_base=7_000_000 + i, ip_id=0x4000 + i))
         pdata = http_body(500 + i, 4 * 1448)
-        sdata = bytearray(pdata)
+        changed = bytearray(pdata)
         if i == bad:
-            sdata[2 * 1448 + 700] ^= 0x01
-        flows.append((pri, sec, pdata, bytes(sdata)))
+            changed[2 * 1448 + 700] ^= 0x01
+        flows.append((pri, sec, pdata, bytes(changed)))
     divergences: list[dict[str, Any]] = []
     t = 0
     for pri, sec, _, _ in flows:
@@ -729,23 +750,23 @@ def case_udp_icmp_reorder() -> Case:
     ntp_payloads = [body(620 + i, 48) for i in range(4)]
     pings = [body(640 + i, 56) for i in range(6)]
     pings2 = [body(650 + i, 56) for i in range(3)]
-    sched: list[tuple[int, Callable[[DgramGuest], bytes], DgramGuest, DgramGuest, int]] = []
+    # (index in flow, payload, echo id or None for UDP, primary guest, secondary guest,
+    #  position of this datagram in the secondary's order)
+    sched: list[tuple[int, bytes, int | None, DgramGuest, DgramGuest, int]] = []
     sec_order_dns = [1, 0, 2, 4, 3, 5, 7, 6]
     sec_order_ping = [1, 0, 2, 3, 5, 4]
-    for i in range(8):
-        sched.append((i, lambda g, i=i: g.udp(dns_payloads[i]), pd, sd, sec_order_dns.index(i)))
-    for i in range(4):
-        sched.append((i, lambda g, i=i: g.udp(ntp_payloads[i]), pn, sn, [1, 0, 3, 2].index(i)))
-    for i in range(6):
-        sched.append((i, lambda g, i=i: g.echo_reply(0x4242, i + 1, pings[i]), pi, si,
-                      sec_order_ping.index(i)))
-    for i in range(3):
-        sched.append((i, lambda g, i=i: g.echo_reply(0x4343, i + 1, pings2[i]), pi, si,
-                      [2, 0, 1].index(i)))
-    for k, (i, make, pg, sg, j) in enumerate(sched):
+    sched += [(i, p, None, pd, sd, sec_order_dns.index(i)) for i, p in enumerate(dns_payloads)]
+    sched += [(i, p, None, pn, sn, [1, 0, 3, 2].index(i)) for i, p in enumerate(ntp_payloads)]
+    sched += [(i, p, 0x4242, pi, si, sec_order_ping.index(i)) for i, p in enumerate(pings)]
+    sched += [(i, p, 0x4343, pi, si, [2, 0, 1].index(i)) for i, p in enumerate(pings2)]
+
+    def make(g: DgramGuest, i: int, payload: bytes, ident: int | None) -> bytes:
+        return g.udp(payload) if ident is None else g.echo_reply(ident, i + 1, payload)
+
+    for k, (i, payload, ident, pg, sg, j) in enumerate(sched):
         base = (k // 4) * 10 * MS
-        tl.p(base + i * 2 * MS, make(pg))
-        tl.s(base + j * 2 * MS + 500, make(sg))
+        tl.p(base + i * 2 * MS, make(pg, i, payload, ident))
+        tl.s(base + j * 2 * MS + 500, make(sg, i, payload, ident))
     return Case("udp-icmp-reorder", "UDP and ICMP echo replies identical but reordered "
                 "within their flows on the secondary -> no divergence",
                 "datagram matching with a reorder window: 2 UDP flows, 2 ICMP echo flows, "
@@ -1011,6 +1032,7 @@ def case_sample() -> Case:
 
 CASES: dict[str, Callable[[], Case]] = {
     "segmentation": case_segmentation,
+    "secondary-first": case_secondary_first,
     "reorder-secondary": lambda: reorder_case("reorder-secondary", False),
     "reorder-primary": lambda: reorder_case("reorder-primary", True),
     "seq-wrap": case_seq_wrap,
