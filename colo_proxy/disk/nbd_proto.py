@@ -126,6 +126,9 @@ class NbdServerConnection:
                                           FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         self._no_zeroes = False
         self._fixed = False
+        self._need = 0  # payload bytes still to come for ``_pending``
+        self._pending: Request | None = None
+        self._chunks: list[bytes | memoryview] = []
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -140,10 +143,19 @@ class NbdServerConnection:
 
     # -- input ----------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        self._buf += data
         events: list[Event] = []
+        if self._need:
+            data = self._collect(memoryview(data), events)
+            if self._need or not data:
+                return events
+        # Parse straight out of the caller's buffer when nothing is pending (no copy).
+        buf: bytes | bytearray | memoryview
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data
         pos = 0
-        buf = self._buf
         while self._state is not _State.CLOSED:
             if self._state is _State.TRANSMISSION:
                 used = self._parse_request(buf, pos, events)
@@ -156,15 +168,37 @@ class NbdServerConnection:
             pos += used
         if self._state is _State.CLOSED:
             self._buf = bytearray()
-        elif pos:
-            del buf[:pos]
+        elif buf is self._buf:
+            del self._buf[:pos]
+        else:
+            self._buf = bytearray(buf[pos:])
         return events
+
+    def _collect(self, data: memoryview, events: list[Event]) -> memoryview:
+        """Gather a large WRITE payload chunk by chunk; return what follows it."""
+        take = min(self._need, len(data))
+        self._chunks.append(data[:take])
+        self._need -= take
+        if not self._need:
+            req = self._pending
+            assert req is not None
+            payload = b"".join(self._chunks)
+            self._chunks = []
+            self._pending = None
+            err = self._check(Command.WRITE, req.flags, req.offset, req.length)
+            if err:
+                self._out += self.reply(req.handle, err)
+            else:
+                events.append(Request(Command.WRITE, req.flags, req.handle, req.offset,
+                                      req.length, payload))
+        return data[take:]
 
     def _close(self, events: list[Event], error: str = "") -> None:
         self._state = _State.CLOSED
         events.append(Closed(error))
 
-    def _parse_client_flags(self, buf: bytearray, pos: int, events: list[Event]) -> int:
+    def _parse_client_flags(self, buf: bytes | bytearray | memoryview, pos: int,
+                            events: list[Event]) -> int:
         if len(buf) - pos < 4:
             return 0
         (flags,) = struct.unpack_from(">I", buf, pos)
@@ -183,7 +217,8 @@ class NbdServerConnection:
     def _opt_error(self, opt: int, rtype: int, message: str) -> None:
         self._opt_reply(opt, rtype, message.encode())
 
-    def _parse_option(self, buf: bytearray, pos: int, events: list[Event]) -> int:
+    def _parse_option(self, buf: bytes | bytearray | memoryview, pos: int,
+                      events: list[Event]) -> int:
         if len(buf) - pos < _OPT_HDR.size:
             return 0
         fields: tuple[int, int, int] = _OPT_HDR.unpack_from(buf, pos)
@@ -279,7 +314,8 @@ class NbdServerConnection:
         events.append(ExportChosen(exp))
 
     # -- transmission -------------------------------------------------------------------
-    def _parse_request(self, buf: bytearray, pos: int, events: list[Event]) -> int:
+    def _parse_request(self, buf: bytes | bytearray | memoryview, pos: int,
+                       events: list[Event]) -> int:
         avail = len(buf) - pos
         if avail < _REQ.size:
             return 0
@@ -293,15 +329,21 @@ class NbdServerConnection:
                 self._out += self.reply(handle, EOVERFLOW)
                 self._close(events, f"write of {length} bytes exceeds {MAX_REQUEST}")
                 return _REQ.size
-            if avail < _REQ.size + length:
-                return 0
             start = pos + _REQ.size
+            if avail < _REQ.size + length:
+                # Collect the rest of the payload without re-buffering it.
+                self._pending = Request(Command.WRITE, flags, handle, offset, length)
+                with memoryview(buf) as view:
+                    self._chunks = [bytes(view[start:])]
+                self._need = length - (avail - _REQ.size)
+                return avail
             err = self._check(Command.WRITE, flags, offset, length)
             if err:
                 self._out += self.reply(handle, err)
             else:
-                events.append(Request(Command.WRITE, flags, handle, offset, length,
-                                      bytes(buf[start:start + length])))
+                with memoryview(buf) as view:
+                    payload = bytes(view[start:start + length])
+                events.append(Request(Command.WRITE, flags, handle, offset, length, payload))
             return _REQ.size + length
         if ctype == Command.DISC:
             self._close(events)

@@ -22,6 +22,7 @@ import os
 import re
 import struct
 import tempfile
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -65,22 +66,28 @@ class MemoryBudget:
 
 
 class SpillLog:
-    """An append-only log: in memory while the budget allows, then in an unlinked file."""
+    """An append-only log: in memory while the budget allows, then in an unlinked file.
+
+    The memory part keeps each written ``bytes`` object as it came (no copy); a
+    sorted list of chunk start positions finds them again.
+    """
 
     def __init__(self, budget: MemoryBudget, spill_dir: Path) -> None:
         self._budget = budget
         self._dir = spill_dir
-        self._mem = bytearray()
+        self._chunks: list[bytes] = []
+        self._starts: list[int] = []
+        self._mem_len = 0
         self._fd: int | None = None
         self._file_len = 0
 
     @property
     def length(self) -> int:
-        return len(self._mem) + self._file_len
+        return self._mem_len + self._file_len
 
     @property
     def memory_bytes(self) -> int:
-        return len(self._mem)
+        return self._mem_len
 
     @property
     def spilled_bytes(self) -> int:
@@ -89,8 +96,12 @@ class SpillLog:
     def append(self, data: bytes | bytearray | memoryview) -> int:
         pos = self.length
         n = len(data)
+        if n == 0:
+            return pos
         if self._fd is None and self._budget.used + n <= self._budget.cap:
-            self._mem += data
+            self._chunks.append(data if isinstance(data, bytes) else bytes(data))
+            self._starts.append(pos)
+            self._mem_len += n
             self._budget.used += n
             return pos
         if self._fd is None:
@@ -103,21 +114,38 @@ class SpillLog:
         self._file_len += n
         return pos
 
+    def _read_mem(self, pos: int, length: int) -> bytes:
+        i = bisect_right(self._starts, pos) - 1
+        chunk = self._chunks[i]
+        skip = pos - self._starts[i]
+        if skip == 0 and length == len(chunk):
+            return chunk
+        if skip + length <= len(chunk):
+            return chunk[skip:skip + length]
+        parts = [chunk[skip:]]
+        got = len(parts[0])
+        while got < length:
+            i += 1
+            part = self._chunks[i][:length - got]
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+
     def read(self, pos: int, length: int) -> bytes:
-        mem = len(self._mem)
+        mem = self._mem_len
         if pos + length <= mem:
-            return bytes(self._mem[pos:pos + length])
+            return self._read_mem(pos, length) if length else b""
         head = b""
         if pos < mem:
-            head = bytes(self._mem[pos:])
+            head = self._read_mem(pos, mem - pos)
             length -= mem - pos
             pos = mem
         assert self._fd is not None
         return head + _pread_full(self._fd, length, pos - mem)
 
     def close(self) -> None:
-        self._budget.used -= len(self._mem)
-        self._mem = bytearray()
+        self._budget.used -= self._mem_len
+        self._chunks, self._starts, self._mem_len = [], [], 0
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
