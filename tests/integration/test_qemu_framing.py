@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -82,28 +83,43 @@ def test_qemu_writes_proxy_reads(workdir: str, kind: str, vnet: bool) -> None:
     asyncio.run(main())
 
 
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
-@pytest.mark.parametrize("we_listen", [True, False], ids=["proxy-server", "qemu-server"])
-def test_proxy_writes_qemu_indev_reads(workdir: str, vnet: bool, we_listen: bool) -> None:
+@pytest.mark.parametrize(
+    ("we_listen", "tcp"),
+    [(True, False), (False, False), (False, True)],
+    ids=["proxy-server-unix", "qemu-server-unix", "qemu-server-tcp"],
+)
+def test_proxy_writes_qemu_indev_reads(
+    workdir: str, vnet: bool, we_listen: bool, tcp: bool
+) -> None:
     eth = make_frames(1500, seed=7)
     batch: list[Frame] = [(VNET_HDR + f, 12) for f in eth] if vnet else [(f, 0) for f in eth]
     path = f"{workdir}/out"
+    port = free_tcp_port() if tcp else 0
 
     async def main() -> None:
-        spec = f"unix:{path},server" if we_listen else f"unix:{path}"
-        out = RecordChannel("outdev", parse_endpoint(spec), vnet, None)
+        if tcp:
+            spec, where = f"tcp:127.0.0.1:{port}", f"host=127.0.0.1,port={port}"
+        else:
+            spec, where = f"unix:{path}", f"path={path}"
+        out = RecordChannel("outdev", parse_endpoint(spec + (",server" if we_listen else "")),
+                            vnet, None)  # fmt: skip
         if we_listen:
             await out.channel.start()
-        chardev = f"socket,id=ci,path={path}" + (
-            ",reconnect=1" if we_listen else ",server=on,wait=off"
-        )
+        mode = ",reconnect=1" if we_listen else ",server=on,wait=off"
+        chardev = f"socket,id=ci,{where}{mode}"
         extra = [
             "-chardev", chardev,
             "-object", f"filter-redirector,id=r0,netdev=n0,queue=rx,indev=ci{vnet_opt(vnet)}",
         ]  # fmt: skip
         with running_qemu(workdir, ["n0"], extra) as qemu:
-            if not we_listen:
-                await until(lambda: __import__("os").path.exists(path), "QEMU socket")
+            if not we_listen:  # our client retries until QEMU listens
                 await out.channel.start()
             await until(lambda: out.channel.connected, "connection")
             reader = asyncio.create_task(
