@@ -20,6 +20,7 @@ from colo_proxy.disk.buffers import (
     EpochApplied,
     Export,
     FailoverComplete,
+    Seal,
 )
 from colo_proxy.disk.engine import DiskEngine
 from colo_proxy.disk.nbd import NbdExports, NbdProtocol
@@ -39,6 +40,7 @@ class AgentConfig:
     export_name: str = "replication"
     secondary_name: str | None = "secondary"
     default_export: str | None = "replication"
+    ack_sealed: bool = False  # acknowledge before the journal is durable (Remus-fast)
 
 
 class DiskAgent:
@@ -55,6 +57,8 @@ class DiskAgent:
         self._apply_task: asyncio.Task[None] | None = None
         self._failover_waiters: list[asyncio.Future[int]] = []
         self._stopped = asyncio.Event()
+        self._closing = False
+        self._journal_tasks: set[asyncio.Task[str | None]] = set()
         self.apply_error: str | None = None
         self._register()
 
@@ -82,17 +86,27 @@ class DiskAgent:
         self._stopped.set()
 
     async def close(self) -> None:
+        """Stop serving, let the journal or apply in progress finish, close files.
+
+        Journals not yet applied stay on disk; the next start applies them.
+        """
+        self._closing = True
         for srv in self._servers:
             srv.close()
         self.qmp.close_all()
-        if self._apply_task is not None:
-            await asyncio.shield(self._apply_task)
-        self.engine.close()
+        if self._journal_tasks:
+            await asyncio.gather(*self._journal_tasks, return_exceptions=True)
+        async with self._ckpt_lock:
+            while self._apply_task is not None and not self._apply_task.done():
+                await asyncio.shield(self._apply_task)
+            self.engine.close()
 
     # -- actions ---------------------------------------------------------------------
     def _handle(self, actions: list[Action]) -> None:
         for act in actions:
             if isinstance(act, Apply):
+                if self._closing:
+                    continue
                 self._apply_task = asyncio.get_running_loop().create_task(self._apply(act))
             elif isinstance(act, EpochApplied):
                 self.qmp.emit(EVENT_APPLIED, {"epoch": act.epoch})
@@ -117,18 +131,35 @@ class DiskAgent:
     # -- QMP commands ----------------------------------------------------------------
     async def _checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:
         epoch: int = args["epoch"]
+        if self._closing:
+            raise QmpCommandError("disk agent is shutting down")
+        try:
+            seal = self.engine.begin_checkpoint(epoch)
+        except DiskStateError as err:
+            raise QmpCommandError(str(err)) from err
+        task = asyncio.get_running_loop().create_task(self._journal(seal))
+        if self.config.ack_sealed:
+            # Remus semantics: the sealed buffer is acknowledged now and journaled
+            # behind the reply; a crash before the journal lands loses this epoch.
+            self._journal_tasks.add(task)
+            task.add_done_callback(self._journal_tasks.discard)
+            return {"epoch": epoch}
+        error = await task
+        if error is not None:
+            raise QmpCommandError(error)
+        return {"epoch": epoch}
+
+    async def _journal(self, seal: Seal) -> str | None:
+        """Journal sealed buffers strictly in epoch order (the lock is FIFO)."""
         async with self._ckpt_lock:
-            try:
-                seal = self.engine.begin_checkpoint(epoch)
-            except DiskStateError as err:
-                raise QmpCommandError(str(err)) from err
             try:
                 journal = await asyncio.to_thread(self.engine.write_journal, seal)
             except OSError as err:
-                self._handle(self.engine.fail_checkpoint(epoch))
-                raise QmpCommandError(f"journaling epoch {epoch} failed: {err}") from err
-            self._handle(self.engine.finish_checkpoint(epoch, journal))
-        return {"epoch": epoch}
+                self._handle(self.engine.fail_checkpoint(seal.epoch))
+                log.error("journaling epoch %d failed: %s", seal.epoch, err)
+                return f"journaling epoch {seal.epoch} failed: {err}"
+            self._handle(self.engine.finish_checkpoint(seal.epoch, journal))
+            return None
 
     async def _failover(self, args: dict[str, Any]) -> dict[str, Any]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()

@@ -53,6 +53,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="NBD export for the running secondary VM (COLO mode)")
     p.add_argument("--no-secondary-export", action="store_true",
                    help="offer only the replication export")
+    p.add_argument("--ack", choices=("journaled", "sealed"), default="journaled",
+                   help="acknowledge a checkpoint once its journal is fsynced (default; "
+                        "survives kill -9) or as soon as it is sealed in memory (Remus-fast; "
+                        "a crash may lose the last epochs)")
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="event loop implementation (auto: uvloop when installed)")
     p.add_argument("--log-level", default="INFO")
@@ -68,6 +72,7 @@ async def _serve(args: argparse.Namespace) -> int:
         export_name=args.export_name,
         secondary_name=None if args.no_secondary_export else args.secondary_export,
         default_export=args.export_name,
+        ack_sealed=args.ack == "sealed",
     )
     if config.secondary_name == config.export_name:
         raise ConfigError("--secondary-export must differ from --export-name")

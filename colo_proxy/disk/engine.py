@@ -45,12 +45,17 @@ class DiskEngine:
 
     def __init__(self, image: Path, state_dir: Path,
                  memory_cap: int = DEFAULT_MEMORY_CAP) -> None:
-        self.state = StateDir(state_dir)
+        self.image = Image(image)
         try:
-            self.image = Image(image)
+            self.state = StateDir(state_dir)
+        except BaseException:
+            self.image.close()
+            raise
+        try:
             applied = self.state.recover(self.image)
         except BaseException:
             self.state.close()
+            self.image.close()
             raise
         self.replica = Replica(self.image.size, applied)
         self.budget = MemoryBudget(memory_cap)

@@ -65,15 +65,18 @@ class AgentProcess:
         return self.proc.returncode
 
 
-def start_agent(workdir: Path, image: Path, *extra: str) -> AgentProcess:
+def start_agent(workdir: Path, image: Path, *extra: str, main_cli: bool = False) -> AgentProcess:
+    """Run ``python3 -m colo_proxy.disk`` (or ``colo-proxy disk-agent`` via the main CLI)."""
     nbd, qmp, log = workdir / "nbd.sock", workdir / "qmp.sock", workdir / "agent.log"
     for sock in (nbd, qmp):
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with open(log, "ab") as err:
+        entry = (["-c", "import sys; from colo_proxy.cli import main; sys.exit(main())",
+                  "disk-agent"] if main_cli else ["-m", "colo_proxy.disk"])
         proc = subprocess.Popen(
-            [sys.executable, "-m", "colo_proxy.disk", "--image", str(image),
+            [sys.executable, *entry, "--image", str(image),
              "--nbd", f"unix:{nbd}", "--qmp", f"unix:{qmp}", *extra],
             stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, cwd=ROOT)
     agent = AgentProcess(proc, nbd, qmp, log)

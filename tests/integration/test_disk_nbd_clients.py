@@ -201,7 +201,8 @@ def test_tcp_listener_and_restart_keeps_epoch(workdir: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    a = start_agent(workdir, image, "--nbd", f"tcp:127.0.0.1:{port}")
+    # Through the main ``colo-proxy disk-agent`` entry, with a second (TCP) NBD listener.
+    a = start_agent(workdir, image, "--nbd", f"tcp:127.0.0.1:{port}", main_cli=True)
     try:
         qemu_io(f"nbd://127.0.0.1:{port}/replication", "write -P 0x5a 0 4k")
         checkpoint(a, 3)
