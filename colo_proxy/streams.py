@@ -33,6 +33,8 @@ from colo_proxy.errors import InputError
 
 MAX_FRAGMENTS = 65536 // 8
 MAX_TUNNEL_DEPTH = 4
+KEEP_WRITTEN = 16 * 1024 * 1024
+"""Written bytes kept per direction so later copies are compared (> any receive window)."""
 _TUNNELS = {4: b"\x08\x00", 41: b"\x86\xdd"}  # IP protocol -> ethertype of the inner packet
 
 DirKey = tuple[tuple[int, ...], bytes, bytes, int, int]
@@ -47,6 +49,8 @@ class _Direction:
     name: str
     stream: StreamBuffer = field(default_factory=StreamBuffer)
     last_off: int = 0
+    flushed: int = 0
+    """Stream offset up to which bytes were written to the file."""
     written: int = 0
     gaps: list[list[int]] = field(default_factory=list)
     segments: int = 0
@@ -60,22 +64,36 @@ class _Direction:
         self._drain()
 
     def _drain(self) -> None:
-        buf = self.stream.buf
-        if buf:
-            self.file.write(buf)
-            self.written += len(buf)
-            self.stream.consume(len(buf))
+        """Write the bytes that became contiguous; keep the last KEEP_WRITTEN of them.
+
+        Written bytes stay in the buffer for a while so that a later copy of
+        them (a retransmission, a keep-alive) is still compared and counted
+        as a conflict when it differs; consuming them at once would make every
+        such copy fall below `base` and be ignored.
+        """
+        st = self.stream
+        if st.end > self.flushed:
+            self.file.write(st.buf[self.flushed - st.base :])
+            self.written += st.end - self.flushed
+            self.flushed = st.end
+        excess = len(st.buf) - KEEP_WRITTEN
+        if excess > 0:
+            st.consume(excess)
 
     def close(self) -> None:
         """Write what waits beyond holes, recording each hole."""
+        if self.file.closed:
+            return
         st = self.stream
         for start, piece in list(st.ooo):
-            if start > st.base:
-                self.gaps.append([self.written, start - st.base])
+            if start > st.end:
+                self.gaps.append([self.written, start - st.end])
                 st.reset(start)
+                self.flushed = start
             st.add(start, piece)
             self._drain()
         self.file.close()
+        st.reset(st.end)  # free the memory; the counters stay
 
 
 def _addr(raw: bytes) -> str:
@@ -145,6 +163,7 @@ def write_streams(pcap: str, out: str) -> list[dict[str, Any]]:
         # segment in the current stream too.
         opens = syn and not hdr.flags & (TCP_RST | TCP_FIN)
         if d is not None and opens and (hdr.seq + 1) & MASK32 != d.isn:
+            d.close()
             done.append(d)
             del active[key]
             d = None
