@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,13 +39,28 @@ def parse_address(text: str) -> Address:
     raise ConfigError(f"address {text!r}: unknown kind {kind!r} (unix or tcp)")
 
 
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file nobody listens on (left by a killed agent); refuse a live one."""
+    if not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        except OSError as err:
+            raise ConfigError(f"unix:{path} exists and is not a usable socket: {err}") from err
+    raise ConfigError(f"unix:{path} is in use by a running server")
+
+
 async def listen(address: Address,
                  factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.Server:
     """Start a server; a stale unix socket file from a dead agent is replaced."""
     loop = asyncio.get_running_loop()
     if address.path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address.path)
+        _remove_stale_socket(address.path)
         return await loop.create_unix_server(factory, address.path)
     assert address.port is not None
     return await loop.create_server(factory, address.host, address.port, reuse_address=True)
