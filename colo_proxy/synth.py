@@ -69,25 +69,26 @@ class TcpServerStream:
     dport: int = 40000
     isn: int = 1000
     client_isn: int = 5000
+    vlan: tuple[int, ...] = ()
 
     def synack(self, **opts: int | bool) -> bytes:
         seg = tcp_segment(self.sport, self.dport, self.isn, self.client_isn + 1,
                           TCP_SYN | TCP_ACK, options=syn_options(**opts))  # type: ignore[arg-type]
-        return ipv4_frame(self.src, self.dst, 6, seg)
+        return ipv4_frame(self.src, self.dst, 6, seg, vlan=self.vlan)
 
     def data(self, offset: int, payload: bytes, ack_offset: int = 0, flags: int = 0,
              ident: int = 0) -> bytes:
         """A segment carrying payload at stream offset `offset`."""
         seg = tcp_segment(self.sport, self.dport, self.isn + 1 + offset,
                           self.client_isn + 1 + ack_offset, TCP_ACK | TCP_PSH | flags, payload)
-        return ipv4_frame(self.src, self.dst, 6, seg, ident=ident)
+        return ipv4_frame(self.src, self.dst, 6, seg, ident=ident, vlan=self.vlan)
 
     def fin(self, offset: int, ack_offset: int = 0) -> bytes:
         seg = tcp_segment(self.sport, self.dport, self.isn + 1 + offset,
                           self.client_isn + 1 + ack_offset, TCP_ACK | TCP_FIN)
-        return ipv4_frame(self.src, self.dst, 6, seg)
+        return ipv4_frame(self.src, self.dst, 6, seg, vlan=self.vlan)
 
     def ack(self, offset: int, ack_offset: int) -> bytes:
         seg = tcp_segment(self.sport, self.dport, self.isn + 1 + offset,
                           self.client_isn + 1 + ack_offset, TCP_ACK)
-        return ipv4_frame(self.src, self.dst, 6, seg)
+        return ipv4_frame(self.src, self.dst, 6, seg, vlan=self.vlan)

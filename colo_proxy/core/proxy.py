@@ -28,6 +28,7 @@ nothing the client would have received from an unprotected VM.
 from __future__ import annotations
 
 import enum
+import struct
 from collections import Counter
 from typing import cast
 
@@ -63,6 +64,15 @@ from colo_proxy.core.tcp import TcpFlow
 Flow = TcpFlow | DatagramFlow
 
 _TIMEOUT_KINDS = (DivergenceKind.TIMEOUT, DivergenceKind.ACK)
+
+# Ethernet type, IPv4 version/IHL, total length, flags/fragment, protocol,
+# addresses and ports (12 bytes: the fast-path flow key), seq, ack, data offset, flags.
+_FAST = struct.Struct("!12xHBxHxxHxBxx12sIIBB")
+
+
+def _fast_key(key: FlowKey) -> bytes:
+    """The raw IPv4 src/dst/sport/dport bytes of a flow, as the fast path sees them."""
+    return key[2] + key[3] + key[4].to_bytes(2, "big") + key[5].to_bytes(2, "big")
 MAX_DIVERGENCES_KEPT = 10000
 
 
@@ -81,6 +91,9 @@ class Proxy:
     def __init__(self, config: Config | None = None) -> None:
         self.config = cfg = config or Config()
         self._flows: dict[FlowKey, Flow] = {}
+        self._tcp4: dict[bytes, TcpFlow] = {}
+        """Untagged IPv4 TCP flows by their raw address/port bytes, for the fast path."""
+        self._side_frames = [0, 0, 0]
         self._frags: tuple[FragmentTable[tuple[bytes, int]], FragmentTable[tuple[bytes, int]]] = (
             FragmentTable(cfg.max_fragments, cfg.max_fragment_bytes, cfg.fragment_timeout),
             FragmentTable(cfg.max_fragments, cfg.max_fragment_bytes, cfg.fragment_timeout),
@@ -118,15 +131,37 @@ class Proxy:
         elif now >= self._next_scan or self._deferred is not None:
             self.tick(now)
         if side is Side.CLIENT:
-            self.counters["client_frames"] += 1
+            self._side_frames[2] += 1
             return
         primary = side is Side.PRIMARY
-        self.counters["primary_frames" if primary else "secondary_frames"] += 1
+        self._side_frames[side] += 1
+        flen = len(data) - offset
+        if flen >= 54:
+            # Fast path: untagged IPv4 without options, TCP with ACK and no SYN/FIN/RST,
+            # on a flow that is already known (the bulk of any stream).
+            etype, vihl, total, frag, proto, key, seq, ack, doff, flags = _FAST.unpack_from(
+                data, offset
+            )
+            if (
+                etype == 0x0800 and vihl == 0x45 and proto == PROTO_TCP and not frag & 0x3FFF
+                and flags & 0x17 == 0x10 and 40 <= total <= flen - 14 and doff >= 0x50
+            ):
+                tflow = self._tcp4.get(key)
+                if tflow is not None:
+                    end = offset + 14 + total
+                    start = offset + 34 + (doff >> 4) * 4
+                    if start <= end:
+                        tflow.last_seen = now
+                        if primary:
+                            if tflow.fast_primary(self, data, seq, ack, start, end,
+                                                  (data, offset), flen, now):
+                                return
+                        elif tflow.fast_secondary(self, data, seq, ack, start, end, now):
+                            return
         ip = parse_ip(data, offset)
         if isinstance(ip, str):
-            self._uncompared(primary, (data, offset), len(data) - offset, ip)
+            self._uncompared(primary, (data, offset), flen, ip)
             return
-        flen = len(data) - offset
         if ip.frag_id >= 0:
             self._fragment(primary, ip, data, offset, flen, now)
             return
@@ -206,6 +241,9 @@ class Proxy:
     def stats(self) -> dict[str, object]:
         """Counters for reports and metrics."""
         return {
+            "primary_frames": self._side_frames[0],
+            "secondary_frames": self._side_frames[1],
+            "client_frames": self._side_frames[2],
             **self.counters,
             "released_frames": self._released_frames,
             "released_payload_bytes": self._released_payload,
@@ -407,7 +445,13 @@ class Proxy:
     def _new_flow(self, key: FlowKey, now: float, kind: DivergenceKind | None) -> Flow:
         if len(self._flows) >= self.config.max_flows:
             self._evict(now)
-        flow: Flow = TcpFlow(key, now) if kind is None else DatagramFlow(key, now, kind)
+        flow: Flow
+        if kind is None:
+            flow = TcpFlow(key, now)
+            if not key[1] and len(key[2]) == 4:
+                self._tcp4[_fast_key(key)] = flow
+        else:
+            flow = DatagramFlow(key, now, kind)
         self._flows[key] = flow
         self.counters["flows_created"] += 1
         return flow
@@ -422,11 +466,16 @@ class Proxy:
                 if len(victims) >= want:
                     break
         for key in victims:
-            del self._flows[key]
+            self._forget(key)
         self.counters["flows_evicted"] += len(victims)
         if not victims:
             self.counters["flow_table_full"] += 1
             self.want_checkpoint(CheckpointReason.FLOW_TABLE, now)
+
+    def _forget(self, key: FlowKey) -> None:
+        del self._flows[key]
+        if key[0] == PROTO_TCP and not key[1] and len(key[2]) == 4:
+            self._tcp4.pop(_fast_key(key), None)
 
     def _scan(self, now: float) -> None:
         """Timeouts and expiry; runs every scan_interval of (virtual) time."""
@@ -443,7 +492,7 @@ class Proxy:
             if now - flow.last_seen > limit:
                 stale.append(key)
         for key in stale:
-            del self._flows[key]
+            self._forget(key)
         self.counters["flows_expired"] += len(stale)
         for rel in self._frags[0].expire(now):
             self._pass(rel, "ip_fragments_timed_out")

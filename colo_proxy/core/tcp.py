@@ -43,6 +43,7 @@ NEED_RST = 3
 E_END, E_ACK, E_NEED, E_REL, E_TIME, E_START, E_PLEN, E_FLEN = range(8)
 
 SynOptions = tuple[int, int, bool, bool]
+_SPECIAL = TCP_ACK | TCP_SYN | TCP_FIN | TCP_RST
 
 
 class TcpSide:
@@ -116,6 +117,66 @@ class TcpFlow(HeldCounts):
             me.ack_max = a
         return a
 
+    def _offsets(self, me: TcpSide, seq: int, ack: int) -> tuple[int, int]:
+        """Stream offset of `seq` and client offset of `ack` (ISNs known, ACK set)."""
+        near = me.last_off
+        off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
+        me.last_off = off
+        near = me.last_ack
+        a = near + ((((ack - me.peer_isn - 1) - near + HALF32) & MASK32) - HALF32)
+        me.last_ack = a
+        if a > me.ack_max:
+            me.ack_max = a
+        return off, a
+
+    def _add(self, host: FlowHost, me: TcpSide, off: int, data: bytes, start: int, end: int,
+             side: str, now: float) -> None:
+        stream = me.stream
+        if off == stream.base + len(stream.buf) and not stream.ooo:
+            stream.buf += memoryview(data)[start:end]
+            return
+        stream.add(off, memoryview(data)[start:end])
+        if stream.conflicts != me.conflicts:
+            self._report_conflict(host, me, side, now)
+
+    def fast_primary(
+        self, host: FlowHost, data: bytes, seq: int, ack: int, start: int, end: int, rel: Rel,
+        flen: int, now: float,
+    ) -> bool:
+        """An ACK-bearing segment without SYN/FIN/RST; False if the general path must run."""
+        me = self.pri
+        if self.diverged or me.isn < 0 or me.peer_isn < 0:
+            return False
+        off, a = self._offsets(me, seq, ack)
+        plen = end - start
+        stop = off + plen
+        if plen:
+            if stop > me.high:
+                me.high = stop
+            self._add(host, me, off, data, start, end, "primary", now)
+        self.queue.append([stop, a, NEED_NONE, rel, now, off, plen, flen])
+        host.hold(self, flen)
+        self.progress(host, now)
+        return True
+
+    def fast_secondary(
+        self, host: FlowHost, data: bytes, seq: int, ack: int, start: int, end: int, now: float
+    ) -> bool:
+        """The secondary's counterpart of fast_primary."""
+        me = self.sec
+        if self.diverged or me.isn < 0 or me.peer_isn < 0:
+            return False
+        off, _ = self._offsets(me, seq, ack)
+        stop = off + end - start
+        if stop > off:
+            if stop > me.high:
+                me.high = stop
+            if stop > me.stream.base:
+                self._add(host, me, off, data, start, end, "secondary", now)
+                self.sec_times.append((stop, now))
+        self.progress(host, now)
+        return True
+
     def on_primary(
         self, host: FlowHost, hdr: TcpHeader, data: bytes, end: int, rel: Rel, flen: int,
         now: float,
@@ -123,6 +184,10 @@ class TcpFlow(HeldCounts):
         """A segment from the primary: hold it, then release whatever became safe."""
         me = self.pri
         flags = hdr.flags
+        if flags & _SPECIAL == TCP_ACK and self.fast_primary(
+            host, data, hdr.seq, hdr.ack, hdr.payload, end, rel, flen, now
+        ):
+            return
         if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
             self._new_incarnation(host)
             me = self.pri
@@ -167,6 +232,10 @@ class TcpFlow(HeldCounts):
             return
         me = self.sec
         flags = hdr.flags
+        if flags & _SPECIAL == TCP_ACK and self.fast_secondary(
+            host, data, hdr.seq, hdr.ack, hdr.payload, end, now
+        ):
+            return
         if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
             self._new_incarnation(host)
             me = self.sec

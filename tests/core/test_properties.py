@@ -76,3 +76,28 @@ def test_single_flipped_byte_is_found_at_its_offset(
         seq = int.from_bytes(frame[38:42], "big")
         start = (seq - isn_p - 1) % 2**32
         assert not start <= flip < start + len(frame) - 54
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenario, st.one_of(st.none(), st.integers(0, 5999)))
+def test_fast_path_and_general_path_agree(
+    case: tuple[bytes, int, int, int, bool, bool], flip: int | None,
+) -> None:
+    """Untagged IPv4 takes the fast path; a VLAN tag forces the general one."""
+    data, isn_p, isn_s, seed, reorder_p, reorder_s = case
+    bad = bytearray(data)
+    if flip is not None and flip < len(data):
+        bad[flip] ^= 0xFF
+    outcomes = []
+    for vlan in ((), (7,)):
+        rng = random.Random(seed)
+        p = TcpServerStream(isn=isn_p, vlan=vlan)
+        s = TcpServerStream(isn=isn_s, vlan=vlan)
+        pri = [*cut(p, data, rng, reorder_p), p.fin(len(data))]
+        sec = [*cut(s, bytes(bad), rng, reorder_s), s.fin(len(data))]
+        r = run([(P, p.synack()), (S, s.synack())] + [(P, f) for f in pri]
+                + [(S, f) for f in sec], end_time=4.0)
+        outcomes.append(
+            (r.kinds, [len(f) - 4 * len(vlan) for f in r.released], r.proxy.held_frames())
+        )
+    assert outcomes[0] == outcomes[1]
