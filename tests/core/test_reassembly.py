@@ -302,3 +302,42 @@ def test_matches_first_copy_byte_model(segs: list[Segment]) -> None:
     assert queued == {k: v for k, v in model.items() if k >= n}
     assert sb.first_conflict == first
     assert (sb.conflicts == 0) == (first is None)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(
+    arbitrary_segments().map(lambda segs: ("add", segs[0])),
+    st.integers(0, 20).map(lambda n: ("consume", n)),
+), min_size=1, max_size=25))
+def test_matches_model_with_consumption(ops: list[tuple[str, object]]) -> None:
+    """Consumed bytes are out of reach: copies below `base` are neither kept nor compared."""
+    model: dict[int, int] = {}
+    base = 0
+    first: int | None = None
+    sb = StreamBuffer()
+    out = bytearray()
+    for op, arg in ops:
+        if op == "consume":
+            assert isinstance(arg, int)
+            n = min(arg, len(sb.buf))
+            out += sb.buf[:n]
+            sb.consume(n)
+            base += n
+            continue
+        assert isinstance(arg, tuple)
+        off, piece = arg
+        diffs = [off + i for i, x in enumerate(piece)
+                 if off + i >= base and model.get(off + i, x) != x]
+        if diffs and first is None:
+            first = min(diffs)
+        for i, x in enumerate(piece):
+            if off + i >= base:
+                model.setdefault(off + i, x)
+        sb.add(off, piece)
+    end = base
+    while end in model:
+        end += 1
+    assert sb.base == base
+    assert bytes(out) + bytes(sb.buf) == bytes(model[i] for i in range(end))
+    assert sb.first_conflict == first
+    assert (sb.conflicts == 0) == (first is None)
