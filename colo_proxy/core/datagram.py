@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from colo_proxy.core.events import DivergenceKind
+from colo_proxy.core.events import CheckpointReason, DivergenceKind
 from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
 
 # Entry fields: [index, rel (None for the secondary), time, matched, content, flen]
@@ -27,8 +27,8 @@ class DatagramFlow(HeldCounts):
     """Comparison state of one UDP, ICMP or other-protocol flow."""
 
     __slots__ = (
-        "ghost_until", "ghosts", "kind", "pri_n", "pri_order", "pri_wait", "sec_n", "sec_order",
-        "sec_wait",
+        "ghost_until", "ghosts", "kind", "pri_n", "pri_order", "pri_wait", "sec_bytes", "sec_n",
+        "sec_order", "sec_wait",
     )
 
     def __init__(self, key: FlowKey, now: float, kind: DivergenceKind) -> None:
@@ -40,6 +40,8 @@ class DatagramFlow(HeldCounts):
         self.sec_order: deque[list[object]] = deque()
         self.pri_n = 0
         self.sec_n = 0
+        self.sec_bytes = 0
+        """Bytes of secondary datagrams waiting for a partner (bounded by max_sec_buffer)."""
         self.ghosts: dict[bytes, int] = {}
         """Contents the primary sent before the last checkpoint with no partner yet:
         the secondary's copies may still be in flight and are absorbed, not compared."""
@@ -57,6 +59,7 @@ class DatagramFlow(HeldCounts):
                 if not waiting:
                     del self.sec_wait[content]
                 partner[D_MATCHED] = True
+                self.sec_bytes -= len(content)
                 host.hold(self, flen)
                 host.release(self, rel, flen, 0)
                 self._check_window(host, now, window)
@@ -88,6 +91,10 @@ class DatagramFlow(HeldCounts):
             entry: list[object] = [self.sec_n, None, now, False, content, 0]
             self.sec_order.append(entry)
             self.sec_wait.setdefault(content, deque()).append(entry)
+            self.sec_bytes += len(content)
+            if self.sec_bytes > host.max_sec_buffer:
+                host.count("secondary_buffer_limit_hits")
+                host.want_checkpoint(CheckpointReason.HOLD_LIMIT, now)
         self._check_window(host, now, window)
 
     def _absorb(self, content: bytes, now: float) -> bool:
@@ -154,6 +161,7 @@ class DatagramFlow(HeldCounts):
         self.ghost_until = now + grace
         self.pri_order.clear()
         self.sec_order.clear()
+        self.sec_bytes = 0
         self.pri_wait.clear()
         self.sec_wait.clear()
         self.pri_n = self.sec_n = 0

@@ -42,6 +42,9 @@ def flow_label(key: FlowKey) -> str:
 class FlowHost(Protocol):
     """What a flow needs from the proxy: hold and release accounting, verdicts."""
 
+    max_sec_buffer: int
+    """Secondary bytes (or datagram bytes) one flow may buffer unmatched."""
+
     def hold(self, flow: HeldCounts, flen: int) -> None: ...
 
     def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None: ...

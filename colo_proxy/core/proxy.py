@@ -118,6 +118,7 @@ class Proxy:
         self._last_end = float("-inf")
         self._next_scan: float | None = None
         self._window = cfg.datagram_reorder_window
+        self.max_sec_buffer = cfg.max_sec_buffer_bytes
         self._hold_limits = (
             cfg.max_hold_bytes, cfg.max_hold_frames, cfg.max_flow_hold_bytes, cfg.max_hold_flows,
         )

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from colo_proxy.core.events import DivergenceKind
+from colo_proxy.core.events import CheckpointReason, DivergenceKind
 from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
 from colo_proxy.core.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHeader, tcp_syn_options
 from colo_proxy.core.reassembly import StreamBuffer
@@ -167,15 +167,25 @@ class TcpFlow(HeldCounts):
         if self.diverged or me.isn < 0 or me.peer_isn < 0:
             return False
         off, _ = self._offsets(me, seq, ack)
-        stop = off + end - start
-        if stop > off:
-            if stop > me.high:
-                me.high = stop
-            if stop > me.stream.base:
-                self._add(host, me, off, data, start, end, "secondary", now)
-                self.sec_times.append((stop, now))
+        if end > start:
+            self._secondary_data(host, off, data, start, end, now)
         self.progress(host, now)
         return True
+
+    def _secondary_data(
+        self, host: FlowHost, off: int, data: bytes, start: int, end: int, now: float
+    ) -> None:
+        """Buffer secondary bytes for comparison; too much unmatched forces a checkpoint."""
+        me = self.sec
+        stop = off + end - start
+        if stop > me.high:
+            me.high = stop
+        if stop > me.stream.base:
+            self._add(host, me, off, data, start, end, "secondary", now)
+            self.sec_times.append((stop, now))
+            if len(me.stream.buf) + me.stream.ooo_bytes > host.max_sec_buffer:
+                host.count("secondary_buffer_limit_hits")
+                host.want_checkpoint(CheckpointReason.HOLD_LIMIT, now)
 
     def on_primary(
         self, host: FlowHost, hdr: TcpHeader, data: bytes, end: int, rel: Rel, flen: int,
@@ -241,16 +251,9 @@ class TcpFlow(HeldCounts):
             me = self.sec
         off = self.learn(me, self.pri, hdr, data)
         self.ack_offset(me, hdr)
-        plen = end - hdr.payload
-        stop = off + plen
-        if plen:
-            if stop > me.high:
-                me.high = stop
-            if stop > me.stream.base:
-                me.stream.add(off, memoryview(data)[hdr.payload:end])
-                if me.stream.conflicts != me.conflicts:
-                    self._report_conflict(host, me, "secondary", now)
-                self.sec_times.append((stop, now))
+        stop = off + end - hdr.payload
+        if stop > off:
+            self._secondary_data(host, off, data, hdr.payload, end, now)
         if flags & TCP_FIN and me.fin is None:
             me.fin = stop
         if flags & TCP_RST and me.rst is None:

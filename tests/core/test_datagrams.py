@@ -102,3 +102,8 @@ def test_fragment_limit_passes_primary_through() -> None:
     assert r.proxy.malformed["ip_fragment_limit"] == 1
     # The given-up datagram's fragments, earlier and later ones, all went out uncompared.
     assert r.released == pri
+
+
+def test_secondary_datagrams_without_primary_are_bounded() -> None:
+    r = run([(S, udp(bytes([i]) * 100)) for i in range(30)], Config(max_sec_buffer_bytes=1000))
+    assert [q.reason.value for q in r.requests] == ["hold_limit"]

@@ -232,3 +232,12 @@ def test_overlap_with_different_bytes_within_one_side_is_reported() -> None:
     # The first copy was compared: the secondary's "a"s at 50..100 match it, then
     # bytes 100..150 differ ("b" from the primary's second segment vs "a").
     assert r.kinds == [("payload", 100)]
+
+
+def test_secondary_running_far_ahead_forces_a_checkpoint() -> None:
+    p, s = pair(1)
+    cfg = Config(max_sec_buffer_bytes=5000)
+    r = run([(P, p.synack()), (S, s.synack()), *((S, f) for f in segments(s, PAYLOAD, 1000))],
+            cfg)
+    assert [q.reason.value for q in r.requests] == ["hold_limit"]
+    assert r.proxy.counters["secondary_buffer_limit_hits"] >= 1
