@@ -138,13 +138,14 @@ class DiskAgent:
         except DiskStateError as err:
             raise QmpCommandError(str(err)) from err
         task = asyncio.get_running_loop().create_task(self._journal(seal))
+        self._journal_tasks.add(task)
+        task.add_done_callback(self._journal_tasks.discard)
         if self.config.ack_sealed:
             # Remus semantics: the sealed buffer is acknowledged now and journaled
             # behind the reply; a crash before the journal lands loses this epoch.
-            self._journal_tasks.add(task)
-            task.add_done_callback(self._journal_tasks.discard)
             return {"epoch": epoch}
-        error = await task
+        # A client that hangs up mid-command must not cancel the journaling.
+        error = await asyncio.shield(task)
         if error is not None:
             raise QmpCommandError(error)
         return {"epoch": epoch}
@@ -154,7 +155,7 @@ class DiskAgent:
         async with self._ckpt_lock:
             try:
                 journal = await asyncio.to_thread(self.engine.write_journal, seal)
-            except OSError as err:
+            except Exception as err:  # any failure: this epoch was never acknowledged
                 self._handle(self.engine.fail_checkpoint(seal.epoch))
                 log.error("journaling epoch %d failed: %s", seal.epoch, err)
                 return f"journaling epoch {seal.epoch} failed: {err}"

@@ -32,6 +32,9 @@ from colo_proxy.errors import ColoProxyError
 BASE = -2
 """``Piece.buffer`` for bytes that come from the base image."""
 
+MAX_EPOCH = 2**63 - 1
+"""Epochs are journaled as unsigned 64-bit numbers; keep well inside that."""
+
 
 class DiskStateError(ColoProxyError):
     """The driver used the state machine out of order (a bug, not peer input)."""
@@ -257,6 +260,8 @@ class Replica:
         if epoch <= self.sealed_epoch:
             raise DiskStateError(
                 f"epoch {epoch} is not after the last checkpoint {self.sealed_epoch}")
+        if epoch > MAX_EPOCH:
+            raise DiskStateError(f"epoch {epoch} is larger than {MAX_EPOCH}")
         assert self._spec is not None and self._overlay is not None
         sealed = self._spec
         self._spec = self._new_buffer()

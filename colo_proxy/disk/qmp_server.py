@@ -95,6 +95,15 @@ class QmpProtocol(asyncio.Protocol):
         if data and self._transport is not None:
             self._transport.write(data)
 
+    def pause_writing(self) -> None:
+        """A client that does not read its replies stops being read from."""
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
     def send_event(self, msg: bytes) -> None:
         if self._session.negotiated and self._transport is not None:
             self._transport.write(msg)

@@ -151,3 +151,57 @@ def test_query_commands_and_version(sockdir: Path) -> None:
         assert (await client.execute("query-version"))["package"] == "colo-proxy disk-agent"
 
     run_agent(sockdir, body)
+
+
+def test_garbage_on_both_servers_never_hurts(sockdir: Path) -> None:
+    """Random and mutated input on NBD and QMP: the agent keeps serving, state stays sane."""
+    import random
+    import struct
+
+    from colo_proxy.disk import nbd_proto as p
+    from tests.disk.nbdwire import go_payload, option, request
+
+    rng = random.Random(99)
+    handshake = struct.pack(">I", 3) + option(p.OPT_GO, go_payload("replication"))
+
+    async def blast(path: Path, data: bytes) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            writer.write(data)
+            await writer.drain()
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(), 30)  # until the server hangs up
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def body(agent: DiskAgent, client: QMPClient) -> None:
+        for trial in range(150):
+            valid = request(p.Command.READ, rng.randrange(0, SIZE), rng.randrange(0, 4096),
+                            handle=trial)
+            mutated = bytearray(valid)
+            mutated[rng.randrange(0, len(mutated))] ^= 1 << rng.randrange(8)
+            junk = rng.randbytes(rng.randrange(0, 200))
+            nbd_input = rng.choice([junk, handshake + junk, handshake + bytes(mutated) + junk,
+                                    handshake[:rng.randrange(len(handshake))]])
+            qmp_input = rng.choice([
+                junk, b'{"execute": "qmp_capabilities"}' + junk,
+                b'{"execute": "qmp_capabilities"}{"execute": "colo-disk-checkpoint", '
+                b'"arguments": {"epoch": ' + str(rng.randrange(-5, 5)).encode() + b"}}" + junk,
+                b"[" * rng.randrange(1, 200), b'{"execute": "' + junk.hex().encode()])
+            await asyncio.gather(blast(sockdir / "nbd", nbd_input),
+                                 blast(sockdir / "qmp", qmp_input))
+        # Still serving, and consistent: what the replication export shows is what a
+        # checkpoint puts on disk.
+        status = await client.execute("query-colo-disk")
+        assert status["phase"] == "replicating"
+        view = agent.engine.read(Export.REPLICATION, 0, SIZE)
+        epoch = status["sealed-epoch"] + 1
+        await client.execute("colo-disk-checkpoint", {"epoch": epoch})
+        while (await client.execute("query-colo-disk"))["applied-epoch"] < epoch:
+            await next_event(client, "COLO_DISK_EPOCH_APPLIED")
+        assert (sockdir / "img").read_bytes() == view
+        assert agent.engine.status().writeouts == ()
+
+    run_agent(sockdir, body)

@@ -211,6 +211,8 @@ def test_misuse_raises() -> None:
         r.read(Export.REPLICATION, 90, 11)
     with pytest.raises(DiskStateError):
         r.applied(4)
+    with pytest.raises(DiskStateError):
+        r.checkpoint(2**64)
     r.checkpoint(4)
     with pytest.raises(DiskStateError):
         r.checkpoint(4)
