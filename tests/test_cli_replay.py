@@ -171,3 +171,13 @@ def test_streams_command_writes_index(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "st" / "index.json").read_text())
     assert len(index) == 1 and index[0]["bytes"] == len(DATA)
     assert (tmp_path / "st" / index[0]["file"]).read_bytes() == DATA
+
+
+def test_long_timeouts_do_not_step_through_idle_virtual_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p, _ = pair(tmp_path)
+    empty = write(tmp_path / "e.pcap", [])
+    rep = replay_json(capsys, str(p), str(empty), "--compare-timeout", "1e7")
+    (ck,) = rep["checkpoints"]  # type: ignore[misc]
+    assert ck["reason"] == "timeout" and 1e7 < ck["time"] < 1e7 + 0.2

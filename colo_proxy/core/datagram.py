@@ -133,6 +133,11 @@ class DatagramFlow(HeldCounts):
         """Whether any datagram of either side is still unmatched."""
         return self._oldest(self.pri_order) is not None or self._oldest(self.sec_order) is not None
 
+    def oldest_pending(self) -> float | None:
+        """Arrival time of the oldest unmatched datagram, if any."""
+        heads = [h for h in (self._oldest(self.pri_order), self._oldest(self.sec_order)) if h]
+        return min(h[D_TIME] for h in heads) if heads else None  # type: ignore[type-var,return-value]
+
     def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
         """Report a timeout divergence if a datagram waited too long; True if so."""
         if self.diverged:

@@ -115,6 +115,10 @@ class FragmentTable(Generic[R]):
         self._given_up[key] = dgram.first_seen
         return reason, dgram.rels
 
+    def oldest(self) -> float | None:
+        """When the oldest incomplete datagram arrived, if any."""
+        return min((d.first_seen for d in self._table.values()), default=None)
+
     def expire(self, now: float) -> list[R]:
         """Give up datagrams older than the timeout; returns their frames."""
         out: list[R] = []

@@ -187,6 +187,27 @@ class Proxy:
             times.append(self._next_scan)
         return min(times) if times else None
 
+    def earliest_timer(self) -> float | None:
+        """The earliest time a timeout or deferred request can fire (an O(flows) scan).
+
+        Lets an offline driver skip idle stretches of virtual time instead of
+        ticking through every scan interval; None when nothing is waiting.
+        """
+        if self._deferred is not None:
+            return self._deferred[1]
+        cfg = self.config
+        times = []
+        for flow in self._flows.values():
+            if not flow.diverged:
+                t = flow.oldest_pending()
+                if t is not None:
+                    times.append(t + cfg.compare_timeout)
+        for table in self._frags:
+            t = table.oldest()
+            if t is not None:
+                times.append(t + cfg.fragment_timeout)
+        return min(times) if times else None
+
     def take_released(self) -> list[tuple[bytes, int]]:
         """Primary frames safe to send to the client, as (data, offset), in order."""
         out, self._released = self._released, []

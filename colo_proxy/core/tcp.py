@@ -406,6 +406,15 @@ class TcpFlow(HeldCounts):
         """Whether anything waits here: held primary frames or unmatched secondary bytes."""
         return bool(self.queue or self.sec_times)
 
+    def oldest_pending(self) -> float | None:
+        """Arrival time of the oldest held or unmatched output, if any."""
+        times = []
+        if self.queue:
+            times.append(self.queue[0][E_TIME])
+        if self.sec_times:
+            times.append(self.sec_times[0][1])
+        return min(times) if times else None  # type: ignore[type-var,return-value]
+
     def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
         """Report a timeout divergence if output waited too long; True if so."""
         if self.diverged:

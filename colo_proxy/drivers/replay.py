@@ -120,7 +120,11 @@ class Replay:
         for _ in range(MAX_DRAIN_STEPS):
             if not proxy.busy() and self._done_at is None:
                 break
-            candidates = [t for t in (proxy.next_deadline(), self._done_at) if t is not None]
+            deadline = proxy.next_deadline()
+            timer = proxy.earliest_timer()
+            if deadline is not None and timer is not None and timer > deadline:
+                deadline = timer  # nothing can happen before then: skip idle scans
+            candidates = [t for t in (deadline, self._done_at) if t is not None]
             if not candidates:
                 break
             now = max(now, min(candidates))
