@@ -27,6 +27,8 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(tool("qemu-system-x86_64") is None,
                        reason="qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"),
+    pytest.mark.skipif(tool("qemu-img") is None,
+                       reason="qemu-img not installed (apt-get install qemu-utils)"),
 ]
 
 SIZE = 8 << 20
