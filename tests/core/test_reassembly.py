@@ -151,8 +151,8 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def tcp_frame(seq: int, flags: int, payload: bytes = b"", ack: int = 0) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", SPORT, DPORT, seq & 0xFFFFFFFF, ack, 5 << 4, flags,
+def tcp_frame(seq: int, flags: int, payload: bytes = b"", sport: int = SPORT) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, DPORT, seq & 0xFFFFFFFF, 0, 5 << 4, flags,
                       65535, 0, 0) + payload
     pseudo = CLIENT + SERVER + struct.pack("!BBH", 0, 6, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
@@ -161,11 +161,17 @@ def tcp_frame(seq: int, flags: int, payload: bytes = b"", ack: int = 0) -> bytes
     return b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + ip + tcp
 
 
+def connection(isn: int, segments: tuple[Segment, ...], sport: int = SPORT) -> list[bytes]:
+    """A SYN with sequence number `isn`, then each segment at offset ISN + 1 + off."""
+    return [tcp_frame(isn, 0x02, sport=sport)] + [
+        tcp_frame(isn + 1 + off, 0x18, data, sport) for off, data in segments  # PSH|ACK
+    ]
+
+
 def write_capture(path: Path, isn: int, segments: tuple[Segment, ...]) -> None:
     w = PcapWriter(path)
-    w.write(1.0, tcp_frame(isn, 0x02))  # SYN
-    for i, (off, data) in enumerate(segments):
-        w.write(2.0 + i, tcp_frame(isn + 1 + off, 0x18, data))  # PSH|ACK
+    for i, frame in enumerate(connection(isn, segments)):
+        w.write(1.0 + i, frame)
     w.close()
 
 

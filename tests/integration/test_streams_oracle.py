@@ -18,6 +18,9 @@ except the differences listed per capture, each with its documented cause:
                   lower-offset fragment, we keep the first to arrive.
   tunnel-gtp      TCP inside GTP-U: Wireshark decodes it, streams does not.
 
+The overlap tables of tests/core/test_reassembly.py are also compared with Wireshark, at
+ISNs 0, 1, 2**32-1 and 2**32-11 (no real capture wraps the sequence space).
+
 The captures are not part of the repository: CI puts shared/ beside the clone.  The
 conflict counts are also checked against the independent byte-level triage in
 shared/realpcaps/triage.tsv (column conflict_segments).
@@ -33,6 +36,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from colo_proxy.drivers.pcap import PcapWriter
+from tests.core.test_reassembly import ISNS, OVERLAP_TABLE, connection
 
 pytestmark = pytest.mark.integration
 
@@ -180,3 +186,38 @@ def test_conflicts_match_triage(name: str, directions: int, tmp_path: Path) -> N
 
     index = write_streams(str(REALPCAPS / name), str(tmp_path))
     assert sum(d["conflicts"] for d in index) == TRIAGE[name]
+
+
+# Overlap-table cases where a segment filling a hole covers differing queued bytes.
+OOO_PRECEDENCE_CASES = {
+    "partial_before_ooo", "containing_ooo", "spans_two_pieces", "spans_buffer_and_piece",
+    "same_end_ooo", "three_way",
+}
+
+
+def test_overlap_tables_and_wraparound_match_wireshark(tmp_path: Path) -> None:
+    """All table cases at all ISNs in one capture (one tshark run), one port per case."""
+    pcap = tmp_path / "tables.pcap"
+    ports: dict[int, tuple[str, int]] = {}
+    w = PcapWriter(pcap)
+    t = 1.0
+    for c in OVERLAP_TABLE:
+        for isn in ISNS:
+            sport = 20000 + len(ports)
+            ports[sport] = (c.name, isn)
+            for frame in connection(isn, c.segments, sport):
+                w.write(t, frame)
+                t += 0.001
+    w.close()
+    res = tool.check(pcap, ORACLE)
+    assert res.error is None, res.error
+    assert sorted(r.key[1] for r in res.rows) == sorted(ports)
+    for row in res.rows:
+        name, isn = ports[row.key[1]]
+        assert row.ours is not None and row.oracle is not None, (name, isn, row.describe())
+        expected = next(c for c in OVERLAP_TABLE if c.name == name).stream
+        assert row.ours.data == expected, (name, isn)
+        if name in OOO_PRECEDENCE_CASES:
+            assert row.status == "differ" and row.ours.conflicts > 0, (name, isn)
+        else:
+            assert row.status == "equal", (name, isn, row.describe())
