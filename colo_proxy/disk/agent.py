@@ -67,6 +67,7 @@ class DiskAgent:
         q.command("colo-disk-checkpoint", CommandSpec({"epoch": Param("int")}), self._checkpoint)
         q.command("colo-disk-failover", CommandSpec(), self._failover)
         q.command("query-colo-disk", CommandSpec(), self._query)
+        q.command("query-status", CommandSpec(), self._run_status)
         q.command("query-version", CommandSpec(), self._version)
         q.command("query-commands", CommandSpec(), self._commands)
         q.command("quit", CommandSpec(), self._quit)
@@ -195,6 +196,10 @@ class DiskAgent:
         if self.apply_error is not None:
             out["error"] = self.apply_error
         return out
+
+    async def _run_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's shape, so generic QMP drivers that ask every peer can talk to us."""
+        return {"running": True, "singlestep": False, "status": "running"}
 
     async def _version(self, args: dict[str, Any]) -> dict[str, Any]:
         return version_info()
