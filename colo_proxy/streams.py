@@ -2,10 +2,14 @@
 
 This exposes the same reassembly the comparison uses (StreamBuffer) so it
 can be checked against an independent implementation such as tshark's
-`-z follow,tcp,raw`.  Semantics: a direction starts at SYN + 1, or at the
-first segment seen; bytes before that are dropped; the first copy of a byte
-wins; a hole that is never filled is recorded in `gaps` and the data after
-it is written without filler.  A SYN with a new ISN starts a new stream.
+`-z follow,tcp,raw` (tools/check_streams.py does).  Semantics: a direction
+starts at SYN + 1, or at the first segment seen that carries data (a pure ACK
+does not start it); bytes before that are dropped; the first copy of a byte
+wins and a later copy that differs is counted in `conflicts`; a hole that is
+never filled is recorded in `gaps` and the data after it is written without
+filler.  A SYN (without RST or FIN) with a new ISN starts a new stream.  IP
+fragments are reassembled and IP-in-IP / 6in4 tunnels unwrapped; a datagram
+longer than its captured frame is dropped, as a receiver would.
 """
 
 from __future__ import annotations
