@@ -50,6 +50,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _pread_full(fd: int, length: int, offset: int) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) < length:  # past EOF of a sparse/short file reads as zeros
@@ -193,7 +199,7 @@ def write_journal(state_dir: Path, epoch: int, extents: Sequence[Extent],
         index = bytearray(_HEADER.pack(_MAGIC, epoch, len(layout), total))
         for ext in layout:
             index += _ENTRY.pack(ext.offset, ext.length, 1 if ext.pos == ZERO else 0)
-        os.write(fd, index)
+        _write_all(fd, index)
         compact_layout: list[Extent] = []
         cursor = 0
         parts: list[bytes] = []
@@ -211,10 +217,10 @@ def write_journal(state_dir: Path, epoch: int, extents: Sequence[Extent],
                 pending += n
                 done += n
                 if pending >= CHUNK:
-                    os.write(fd, b"".join(parts))
+                    _write_all(fd, b"".join(parts))
                     parts, pending = [], 0
         if parts:
-            os.write(fd, b"".join(parts))
+            _write_all(fd, b"".join(parts))
         os.fsync(fd)
     finally:
         os.close(fd)
