@@ -121,7 +121,7 @@ class DiskAgent:
     async def _apply(self, act: Apply) -> None:
         try:
             await asyncio.to_thread(self.engine.run_apply, act)
-        except OSError as err:
+        except Exception as err:
             # The journal stays on disk; a restarted agent applies it.
             self.apply_error = f"applying epoch {act.epoch}: {err}"
             log.error("%s", self.apply_error)

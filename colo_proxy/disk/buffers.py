@@ -222,6 +222,19 @@ class Replica:
         top.extents.insert(offset, length, pos)
         return WriteTo(top.id, pos)
 
+    def write_failed(self, placed: WriteTo, offset: int, length: int) -> None:
+        """The driver could not store a placed write: give back its log space.
+
+        The range then reads as zeros, which NBD allows after a failed write
+        (its contents are unspecified), and later writes keep their positions.
+        """
+        for buf in (self._spec, self._overlay):
+            if buf is not None and buf.id == placed.buffer:
+                buf.extents.insert(offset, length, ZERO)
+                if placed.pos is not None and buf.log_len == placed.pos + length:
+                    buf.log_len = placed.pos
+                return
+
     def passthrough(self, export: Export) -> bool:
         """True when this export's writes go to the base image (flush must fsync it)."""
         return self.phase is Phase.FAILED_OVER and export is Export.SECONDARY

@@ -99,7 +99,11 @@ class DiskEngine:
             return None
         log = self.logs[placed.buffer]
         assert isinstance(log, SpillLog)
-        pos = log.append(data)
+        try:
+            pos = log.append(data)
+        except OSError:
+            self.replica.write_failed(placed, offset, len(data))
+            raise
         if pos != placed.pos:
             raise DiskStateError(f"log position {pos} != planned {placed.pos}")
         return None

@@ -72,6 +72,9 @@ class NbdExports:
         except OSError as err:
             log.error("NBD %s at %d+%d failed: %s", cmd.name, req.offset, req.length, err)
             return reply(req.handle, EIO)
+        except Exception:  # a bug must cost one request, not the connection
+            log.exception("NBD %s at %d+%d failed", cmd.name, req.offset, req.length)
+            return reply(req.handle, EIO)
 
 
 class NbdProtocol(asyncio.Protocol):

@@ -114,9 +114,10 @@ class SpillLog:
             fd, name = tempfile.mkstemp(prefix="spill-", dir=self._dir)
             os.unlink(name)
             self._fd = fd
-        written = os.pwrite(self._fd, data, self._file_len)
-        if written != n:
-            raise StoreError("short write to spill file")
+        view = memoryview(data)
+        done = 0
+        while done < n:  # on failure the length stays put: the append did not happen
+            done += os.pwrite(self._fd, view[done:], self._file_len + done)
         self._file_len += n
         return pos
 

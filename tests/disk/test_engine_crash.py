@@ -170,3 +170,25 @@ def test_corrupt_journal_is_refused(tmp_path: Path) -> None:
         DiskEngine(image, st)
 
 
+
+
+def test_failed_spill_write_leaves_zeros_and_keeps_going(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(b"\x01" * 4096)
+    eng = DiskEngine(image, tmp_path / "st", memory_cap=0)
+    eng.write(Export.REPLICATION, 0, b"a" * 100)
+
+    def full(*_: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store.os, "pwrite", full)
+    with pytest.raises(OSError):
+        eng.write(Export.REPLICATION, 50, b"b" * 100)
+    monkeypatch.undo()
+    assert eng.read(Export.REPLICATION, 0, 200) == b"a" * 50 + bytes(100) + b"\x01" * 50
+    eng.write(Export.REPLICATION, 150, b"c" * 10)
+    assert eng.read(Export.REPLICATION, 140, 30) == bytes(10) + b"c" * 10 + b"\x01" * 10
+    eng.drain(eng.checkpoint(1))
+    assert image.read_bytes()[:200] == eng.read(Export.REPLICATION, 0, 200)
+    eng.close()
