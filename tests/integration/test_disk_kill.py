@@ -98,3 +98,42 @@ def test_kill_9_at_random_points(workdir: Path) -> None:
             del committed[future]
     assert outcomes["acked"] + outcomes["in-flight"] == TRIALS
     print("kill -9 outcomes:", outcomes)
+
+
+def test_failover_at_random_points(workdir: Path) -> None:
+    """Orderly failover after random writes and checkpoints: exactly the last epoch."""
+    from colo_proxy.disk import nbd_proto as p
+
+    rng = random.Random(4242)
+    image = workdir / "secondary.img"
+    image.write_bytes(bytes(SIZE))
+    disk = bytes(SIZE)
+    for trial in range(8):
+        agent = start_agent(workdir, image, "--memory-cap", rng.choice(["0", "4M"]))
+        try:
+            mon = agent.monitor()
+            acked = mon.cmd("query-colo-disk")["epoch"]
+            primary = bytearray(disk)
+            nbd = NbdClient(agent.nbd)
+            vm = NbdClient(agent.nbd, "secondary")
+            for _ in range(rng.randrange(0, 6)):
+                for _ in range(rng.randrange(1, 20)):
+                    off = rng.randrange(0, SIZE - 1)
+                    n = min(rng.choice([512, 4096, 65536, 1 << 20]), SIZE - off)
+                    data = rng.randbytes(1) * n
+                    nbd.write(off, data)
+                    primary[off:off + n] = data
+                    vm.write(rng.randrange(0, SIZE - 4096), b"v" * 4096)
+                if rng.random() < 0.7:
+                    acked += 1
+                    assert mon.cmd("colo-disk-checkpoint", epoch=acked) == {"epoch": acked}
+                    disk = bytes(primary)
+            assert mon.cmd("colo-disk-failover") == {"epoch": acked}, f"trial {trial}"
+            assert image.read_bytes() == disk, f"trial {trial}: image is not epoch {acked}"
+            assert nbd.call(p.Command.WRITE, 0, 1, b"x")[0] == p.ESHUTDOWN
+            assert vm.read(0, SIZE) == disk  # the new primary sees the committed disk
+            nbd.close()
+            vm.close()
+            mon.close()
+        finally:
+            assert agent.stop() == 0, agent.stderr()
