@@ -52,7 +52,6 @@ class _Direction:
     file: BinaryIO
     name: str
     stream: StreamBuffer = field(default_factory=StreamBuffer)
-    last_off: int = 0
     flushed: int = 0
     """Stream offset up to which bytes were written to the file."""
     written: int = 0
@@ -60,9 +59,12 @@ class _Direction:
     segments: int = 0
 
     def add(self, seq: int, payload: bytes) -> None:
-        near = self.last_off
+        # Unwrap next to the next expected byte, as a receiver judges a segment
+        # (against RCV.NXT) and Wireshark does: unwrapping next to the previous
+        # segment let one segment with a wild sequence number (2**31 away) move
+        # the reference, and every later segment then fell below `base`.
+        near = self.stream.end
         off = near + ((((seq - self.isn) - near + HALF32) & MASK32) - HALF32)
-        self.last_off = off
         self.segments += 1
         self.stream.add(off, payload)
         self._drain()
