@@ -347,3 +347,18 @@ def test_matches_model_with_consumption(ops: list[tuple[str, object]]) -> None:
     assert bytes(out) + bytes(sb.buf) == bytes(model[i] for i in range(end))
     assert sb.first_conflict == first
     assert (sb.conflicts == 0) == (first is None)
+
+
+@pytest.mark.parametrize("isn", ISNS, ids=lambda i: f"isn{i}")
+@pytest.mark.parametrize("wild", [2**31 + 50, 2**31 - 50, 2**32 - 300])
+def test_streams_one_wild_sequence_number_loses_nothing_after_it(
+    tmp_path: Path, isn: int, wild: int,
+) -> None:
+    """A segment far outside the window must not move where the next ones land."""
+    pcap = tmp_path / "t.pcap"
+    segs = ((0, b"a" * 100), (wild, b"X" * 10), (100, b"b" * 100), (200, b"c" * 100))
+    write_capture(pcap, isn, segs)
+    d = write_streams(str(pcap), str(tmp_path / "out"))[0]
+    data = (tmp_path / "out" / d["file"]).read_bytes()
+    assert data[:300] == b"a" * 100 + b"b" * 100 + b"c" * 100
+    assert data[300:] in (b"", b"X" * 10)
