@@ -143,8 +143,12 @@ class NbdServerConnection:
 
     # -- input ----------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed received bytes; returns the events they complete."""
         events: list[Event] = []
         if self._need:
+            # Payload chunks are kept by reference until complete: they must not change.
+            if not isinstance(data, bytes):
+                data = bytes(data)
             data = self._collect(memoryview(data), events)
             if self._need or not data:
                 return events
