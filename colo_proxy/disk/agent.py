@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,10 @@ class DiskAgent:
         self._closing = False
         self._journal_tasks: set[asyncio.Task[str | None]] = set()
         self.apply_error: str | None = None
+        # Changes with every agent process: speculation did not survive a change, so a
+        # controller that sees a new boot id must resync the primary's mirror.
+        self.boot_id = uuid.uuid4().hex
+        self.started_epoch = engine.replica.applied_epoch
         self._register()
 
     def _register(self) -> None:
@@ -176,6 +181,8 @@ class DiskAgent:
         eng = self.engine
         out: dict[str, Any] = {
             "phase": st.phase.value,
+            "boot-id": self.boot_id,
+            "started-at-epoch": self.started_epoch,
             "epoch": st.committed_epoch,
             "sealed-epoch": st.sealed_epoch,
             "applied-epoch": st.applied_epoch,

@@ -206,12 +206,17 @@ def test_tcp_listener_and_restart_keeps_epoch(workdir: Path) -> None:
     try:
         qemu_io(f"nbd://127.0.0.1:{port}/replication", "write -P 0x5a 0 4k")
         checkpoint(a, 3)
+        mon = a.monitor()
+        first_boot = mon.cmd("query-colo-disk")["boot-id"]
+        mon.close()
     finally:
         assert a.stop() == 0
     b = start_agent(workdir, image)
     try:
         mon = b.monitor()
-        assert mon.cmd("query-colo-disk")["epoch"] == 3
+        status = mon.cmd("query-colo-disk")
+        assert status["epoch"] == 3 and status["started-at-epoch"] == 3
+        assert status["boot-id"] != first_boot
         mon.close()
         qemu_io(b.uri(), "read -P 0x5a 0 4k")
     finally:
