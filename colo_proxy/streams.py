@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,12 +45,42 @@ _TUNNELS = {4: b"\x08\x00", 41: b"\x86\xdd"}  # IP protocol -> ethertype of the 
 DirKey = tuple[tuple[int, ...], bytes, bytes, int, int]
 
 
+class _Files:
+    """Output files, at most `limit` of them open at a time.
+
+    A capture can hold more TCP directions than a process may open files
+    (the usual soft limit is 1024), so handles are reopened for appending.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._open: OrderedDict[Path, BinaryIO] = OrderedDict()
+
+    def create(self, path: Path) -> None:
+        path.write_bytes(b"")
+
+    def write(self, path: Path, data: bytes | bytearray) -> None:
+        f = self._open.pop(path, None)
+        if f is None:
+            if len(self._open) >= self.limit:
+                self._open.popitem(last=False)[1].close()
+            f = path.open("ab")
+        self._open[path] = f
+        f.write(data)
+
+    def close(self, path: Path) -> None:
+        f = self._open.pop(path, None)
+        if f is not None:
+            f.close()
+
+
 @dataclass
 class _Direction:
     index: int
     key: DirKey
     isn: int
-    file: BinaryIO
+    files: _Files
+    path: Path
     name: str
     stream: StreamBuffer = field(default_factory=StreamBuffer)
     flushed: int = 0
@@ -57,6 +88,7 @@ class _Direction:
     written: int = 0
     gaps: list[list[int]] = field(default_factory=list)
     segments: int = 0
+    closed: bool = False
 
     def add(self, seq: int, payload: bytes) -> None:
         # Unwrap next to the next expected byte, as a receiver judges a segment
@@ -79,7 +111,7 @@ class _Direction:
         """
         st = self.stream
         if st.end > self.flushed:
-            self.file.write(st.buf[self.flushed - st.base :])
+            self.files.write(self.path, st.buf[self.flushed - st.base :])
             self.written += st.end - self.flushed
             self.flushed = st.end
         excess = len(st.buf) - KEEP_WRITTEN
@@ -88,8 +120,9 @@ class _Direction:
 
     def close(self) -> None:
         """Write what waits beyond holes, recording each hole."""
-        if self.file.closed:
+        if self.closed:
             return
+        self.closed = True
         st = self.stream
         for start, piece in list(st.ooo):
             if start > st.end:
@@ -98,7 +131,7 @@ class _Direction:
                 self.flushed = start
             st.add(start, piece)
             self._drain()
-        self.file.close()
+        self.files.close(self.path)
         st.reset(st.end)  # free the memory; the counters stay
 
 
@@ -148,6 +181,7 @@ def write_streams(pcap: str, out: str) -> list[dict[str, Any]]:
         raise InputError(f"{out}: cannot create: {err.strerror or err}") from err
     active: dict[DirKey, _Direction] = {}
     done: list[_Direction] = []
+    files = _Files()
     # Offline, only the IP limits apply: a datagram has at most 65535 bytes, so
     # at most 8192 fragments of the minimum 8 bytes (the proxy's per-datagram
     # limit of 64 is a guard for live guests and would drop valid datagrams here).
@@ -182,7 +216,8 @@ def write_streams(pcap: str, out: str) -> list[dict[str, Any]]:
             name = f"{n:04d}-{vl}{_addr(ip.src)}_{hdr.sport}-{_addr(ip.dst)}_{hdr.dport}.bin"
             name = name.replace(":", ".")
             isn = (hdr.seq + 1) & MASK32 if syn else hdr.seq
-            d = active[key] = _Direction(n, key, isn, (outdir / name).open("wb"), name)
+            files.create(outdir / name)
+            d = active[key] = _Direction(n, key, isn, files, outdir / name, name)
         seq = (hdr.seq + 1) & MASK32 if syn else hdr.seq
         if payload:
             d.add(seq, payload)
