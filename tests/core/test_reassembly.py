@@ -17,6 +17,8 @@ from __future__ import annotations
 import itertools
 import json
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -362,3 +364,31 @@ def test_streams_one_wild_sequence_number_loses_nothing_after_it(
     data = (tmp_path / "out" / d["file"]).read_bytes()
     assert data[:300] == b"a" * 100 + b"b" * 100 + b"c" * 100
     assert data[300:] in (b"", b"X" * 10)
+
+
+def test_streams_more_directions_than_open_files(tmp_path: Path) -> None:
+    """Every direction gets its file even when the process may open only 128 files."""
+    pcap = tmp_path / "many.pcap"
+    w = PcapWriter(pcap)
+    for k in range(300):
+        w.write(1.0 + k, tcp_frame(5, 0x18, b"hello %d" % k, sport=10000 + k))
+    for k in range(300):  # a second segment for each, after all files were created
+        w.write(400.0 + k, tcp_frame(5 + len(b"hello %d" % k), 0x18, b"!", sport=10000 + k))
+    w.close()
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "0000-10.0.0.1_10000-10.0.0.2_80.bin").write_bytes(b"stale")  # truncated, not kept
+    script = (
+        "import resource, sys\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))\n"
+        "from colo_proxy.streams import write_streams\n"
+        "write_streams(sys.argv[1], sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(pcap), str(out)], check=True,
+                   cwd=Path(__file__).resolve().parents[2])
+    index = json.loads((out / "index.json").read_text())
+    assert len(index) == 300
+    for d in index:
+        k = d["sport"] - 10000
+        assert (out / d["file"]).read_bytes() == b"hello %d!" % k
