@@ -39,7 +39,9 @@ from colo_proxy.errors import InputError
 MAX_FRAGMENTS = 65536 // 8
 MAX_TUNNEL_DEPTH = 4
 KEEP_WRITTEN = 16 * 1024 * 1024
-"""Written bytes kept per direction so later copies are compared (> any receive window)."""
+"""Written bytes kept per direction so later copies are compared (> Linux's 6 MiB rwnd)."""
+KEEP_WRITTEN_TOTAL = 256 * 1024 * 1024
+"""All directions together; beyond it the least recently active ones forget theirs."""
 _TUNNELS = {4: b"\x08\x00", 41: b"\x86\xdd"}  # IP protocol -> ethertype of the inner packet
 
 DirKey = tuple[tuple[int, ...], bytes, bytes, int, int]
@@ -135,6 +137,20 @@ class _Direction:
         st.reset(st.end)  # free the memory; the counters stay
 
 
+def _forget_written(active: OrderedDict[DirKey, _Direction], need: int) -> int:
+    """Drop kept written bytes, least recently active direction first; return how many."""
+    freed = 0
+    for d in active.values():
+        if freed >= need:
+            break
+        st = d.stream
+        n = min(d.flushed, st.end) - st.base
+        if n > 0:
+            st.consume(n)
+            freed += n
+    return freed
+
+
 def _addr(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw))
 
@@ -179,7 +195,8 @@ def write_streams(pcap: str, out: str) -> list[dict[str, Any]]:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{out}: cannot create: {err.strerror or err}") from err
-    active: dict[DirKey, _Direction] = {}
+    active: OrderedDict[DirKey, _Direction] = OrderedDict()  # least recently active first
+    held = 0  # bytes buffered by the active directions
     done: list[_Direction] = []
     files = _Files()
     # Offline, only the IP limits apply: a datagram has at most 65535 bytes, so
@@ -203,6 +220,7 @@ def write_streams(pcap: str, out: str) -> list[dict[str, Any]]:
         # segment in the current stream too.
         opens = syn and not hdr.flags & (TCP_RST | TCP_FIN)
         if d is not None and opens and (hdr.seq + 1) & MASK32 != d.isn:
+            held -= d.stream.buffered
             d.close()
             done.append(d)
             del active[key]
@@ -220,7 +238,12 @@ def write_streams(pcap: str, out: str) -> list[dict[str, Any]]:
             d = active[key] = _Direction(n, key, isn, files, outdir / name, name)
         seq = (hdr.seq + 1) & MASK32 if syn else hdr.seq
         if payload:
+            before = d.stream.buffered
             d.add(seq, payload)
+            held += d.stream.buffered - before
+            active.move_to_end(key)
+            if held > KEEP_WRITTEN_TOTAL:
+                held -= _forget_written(active, held - KEEP_WRITTEN_TOTAL)
     done.extend(active.values())
     index = []
     for d in sorted(done, key=lambda x: x.index):
