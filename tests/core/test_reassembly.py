@@ -392,3 +392,26 @@ def test_streams_more_directions_than_open_files(tmp_path: Path) -> None:
     for d in index:
         k = d["sport"] - 10000
         assert (out / d["file"]).read_bytes() == b"hello %d!" % k
+
+
+def test_streams_kept_bytes_have_a_total_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over the budget, the least recently active direction forgets its written bytes first."""
+    import colo_proxy.streams as streams_mod
+
+    monkeypatch.setattr(streams_mod, "KEEP_WRITTEN_TOTAL", 3000)
+    a, b = b"a" * 2000, b"b" * 2000
+    pcap = tmp_path / "t.pcap"
+    w = PcapWriter(pcap)
+    w.write(1.0, tcp_frame(100, 0x18, a, sport=1))
+    w.write(2.0, tcp_frame(100, 0x18, b, sport=2))  # 4000 kept > 3000: sport 1 forgets
+    w.write(3.0, tcp_frame(100, 0x18, b"X", sport=1))  # below base: not compared
+    w.write(4.0, tcp_frame(100, 0x18, b"X", sport=2))  # still kept: a conflict
+    w.close()
+    index = write_streams(str(pcap), str(tmp_path / "out"))
+    got = {d["sport"]: (d["bytes"], d["conflicts"]) for d in index}
+    assert got == {1: (2000, 0), 2: (2000, 1)}
+    monkeypatch.setattr(streams_mod, "KEEP_WRITTEN_TOTAL", 5000)
+    index = write_streams(str(pcap), str(tmp_path / "out2"))
+    assert {d["sport"]: d["conflicts"] for d in index} == {1: 1, 2: 1}
