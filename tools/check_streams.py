@@ -38,10 +38,12 @@ capture of ../shared/realpcaps, the directions they affect and why (REASONS);
 --allow adds more, --no-known ignores the built-in list.  Two more semantic
 differences were found only with synthetic captures and are not in KNOWN:
 "acked-hole-late-fill" (Wireshark gives a hole up as soon as the peer ACKs past
-it and drops a copy of its bytes that arrives later; we fill the hole) and
+it and drops a copy of its bytes that arrives later; we fill the hole),
 "ack-starts-direction" (Wireshark starts a direction at its first segment even
 without data, so earlier data seen afterwards is dropped; we start at the first
-segment with data).
+segment with data) and "vlan-split" (tshark puts the same connection seen on
+two VLANs in one stream; we keep one direction per VLAN, so ours has an extra
+occurrence, missing-oracle).
 
 Exit status: 0 when every difference is explained, 1 otherwise, 2 on usage errors.
 """
@@ -91,6 +93,10 @@ REASONS = {
     "acked-hole-late-fill": (
         "the peer ACKs past a hole before its bytes are captured: Wireshark records the gap "
         "and drops the late copy, we fill the hole with it"
+    ),
+    "vlan-split": (
+        "the same connection on two VLANs: tshark merges them into one stream, we keep a "
+        "direction per VLAN"
     ),
     "ack-starts-direction": (
         "a direction's first segment has no data: Wireshark starts the direction at its "
