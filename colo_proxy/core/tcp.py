@@ -32,7 +32,7 @@ from colo_proxy.core.events import CheckpointReason, DivergenceKind
 from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
 from colo_proxy.core.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHeader, tcp_syn_options
 from colo_proxy.core.reassembly import StreamBuffer
-from colo_proxy.core.seq import HALF32, MASK32
+from colo_proxy.core.seq import HALF32, MASK32, unwrap
 
 NEED_NONE = 0
 NEED_HANDSHAKE = 1
@@ -50,7 +50,7 @@ class TcpSide:
     """What one guest sent on this flow."""
 
     __slots__ = (
-        "ack_max", "conflicts", "fin", "high", "isn", "last_ack", "last_off", "peer_isn", "rst",
+        "ack_max", "conflicts", "fin", "high", "isn", "peer_isn", "rst",
         "stream", "syn_opts",
     )
 
@@ -59,8 +59,6 @@ class TcpSide:
         """ISN (32-bit); byte at offset 0 has sequence number isn + 1.  -1: unknown."""
         self.peer_isn = -1
         """The client's ISN as this guest acknowledged it.  -1: unknown."""
-        self.last_off = 0
-        self.last_ack = 0
         self.ack_max = -1
         self.high = 0
         """Highest stream offset this side sent data up to."""
@@ -101,30 +99,28 @@ class TcpFlow(HeldCounts):
             me.isn = other.isn if other.isn >= 0 else (seq - 1) & MASK32
         if me.peer_isn < 0 and hdr.flags & TCP_ACK:
             me.peer_isn = other.peer_isn if other.peer_isn >= 0 else (hdr.ack - 1) & MASK32
-        near = me.last_off
-        off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
-        me.last_off = off
-        return off
+        return unwrap(seq - me.isn - 1, me.stream.base + len(me.stream.buf))
 
     def ack_offset(self, me: TcpSide, hdr: TcpHeader) -> int:
         """The segment's ACK as an offset from the client's ISN (-1 without ACK)."""
         if not hdr.flags & TCP_ACK:
             return -1
-        near = me.last_ack
-        a = near + ((((hdr.ack - me.peer_isn - 1) - near + HALF32) & MASK32) - HALF32)
-        me.last_ack = a
+        a = unwrap(hdr.ack - me.peer_isn - 1, me.ack_max if me.ack_max > 0 else 0)
         if a > me.ack_max:
             me.ack_max = a
         return a
 
     def _offsets(self, me: TcpSide, seq: int, ack: int) -> tuple[int, int]:
-        """Stream offset of `seq` and client offset of `ack` (ISNs known, ACK set)."""
-        near = me.last_off
+        """Stream offset of `seq` and client offset of `ack` (ISNs known, ACK set).
+
+        seq.unwrap inlined (hot path).  Both are unwrapped next to stable
+        references, the contiguous end and the highest ACK, so one wild segment
+        from a guest cannot shift the window for the segments after it.
+        """
+        near = me.stream.base + len(me.stream.buf)
         off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
-        me.last_off = off
-        near = me.last_ack
+        near = me.ack_max if me.ack_max > 0 else 0
         a = near + ((((ack - me.peer_isn - 1) - near + HALF32) & MASK32) - HALF32)
-        me.last_ack = a
         if a > me.ack_max:
             me.ack_max = a
         return off, a
@@ -457,7 +453,7 @@ class TcpFlow(HeldCounts):
         p.stream.reset(pos)
         s = self.sec
         s.isn, s.peer_isn = p.isn, p.peer_isn
-        s.last_off, s.last_ack, s.ack_max, s.high = p.last_off, p.last_ack, p.ack_max, p.high
+        s.ack_max, s.high = p.ack_max, p.high
         s.fin, s.rst, s.syn_opts = p.fin, p.rst, p.syn_opts
         s.stream.reset(pos)
         if p.syn_opts is not None:

@@ -241,3 +241,14 @@ def test_secondary_running_far_ahead_forces_a_checkpoint() -> None:
             cfg)
     assert [q.reason.value for q in r.requests] == ["hold_limit"]
     assert r.proxy.counters["secondary_buffer_limit_hits"] >= 1
+
+
+@pytest.mark.parametrize("isn", ISNS)
+def test_one_wild_sequence_number_does_not_shift_later_segments(isn: int) -> None:
+    p, s = pair(isn)
+    wild = p.data(2**31 + 12345, b"?" * 10)
+    pri = [p.synack(), p.data(0, PAYLOAD[:1000]), wild, p.data(1000, PAYLOAD[1000:2000])]
+    sec = [s.synack(), s.data(0, PAYLOAD[:2000])]
+    r = run([(P, f) for f in pri] + [(S, f) for f in sec])
+    assert r.divergences == []
+    assert pri[3] in r.released and pri[1] in r.released
