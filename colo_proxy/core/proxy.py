@@ -413,11 +413,7 @@ class Proxy:
                 self._bad_l4(primary, rel, hdr)
                 return
             key: FlowKey = (proto, ip.vlan, ip.src, ip.dst, hdr.sport, hdr.dport)
-            flow = self._flows.get(key)
-            if flow is None:
-                flow = self._new_flow(key, now, None)
-            flow.last_seen = now
-            tflow = cast(TcpFlow, flow)
+            tflow = cast(TcpFlow, self._flow(key, now, None))
             if primary:
                 tflow.on_primary(self, hdr, buf, end, rel, flen, now)
             else:
@@ -449,11 +445,7 @@ class Proxy:
             key = (proto, ip.vlan, ip.src, ip.dst, 0, 0)
             content = buf[l4:end]
             kind = DivergenceKind.OTHER
-        dflow = self._flows.get(key)
-        if dflow is None:
-            dflow = self._new_flow(key, now, kind)
-        dflow.last_seen = now
-        gflow = cast(DatagramFlow, dflow)
+        gflow = cast(DatagramFlow, self._flow(key, now, kind))
         if primary:
             gflow.on_primary(self, content, rel, flen, now, self._window)
         else:
@@ -463,6 +455,14 @@ class Proxy:
         rels = rel if isinstance(rel, list) else [rel]
         for one in rels:
             self._uncompared(primary, one, len(one[0]) - one[1], reason)
+
+    def _flow(self, key: FlowKey, now: float, kind: DivergenceKind | None) -> Flow:
+        """The flow for `key` (TCP when kind is None), created on first sight."""
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = self._new_flow(key, now, kind)
+        flow.last_seen = now
+        return flow
 
     def _new_flow(self, key: FlowKey, now: float, kind: DivergenceKind | None) -> Flow:
         if len(self._flows) >= self.config.max_flows:
