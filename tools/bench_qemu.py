@@ -92,8 +92,8 @@ def one_case(
     for impl, rep_ in reports.items():
         summary[impl] = {
             "verdict": rep_.get("verdict"),
-            "released": rep_.get("released", {}).get("count"),
-            "notifications": rep_.get("notifications", {}).get("count"),
+            "released": (rep_.get("released") or {}).get("count"),
+            "notifications": (rep_.get("notifications") or {}).get("count", 0),
             "released_pps": _pps(rep_),
         }
     q, c = summary["qemu"]["released_pps"], summary["colo-proxy"]["released_pps"]
@@ -118,6 +118,7 @@ def main() -> int:
     p.add_argument("--kind", choices=["behaviour", "bench", "all"], default="behaviour")
     p.add_argument("--only", help="comma-separated case names")
     p.add_argument("--skip", default="", help="comma-separated case names to leave out")
+    p.add_argument("--start-at", help="skip the cases listed before this one")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--proxy-args", default="", help="extra colo-proxy run arguments")
     args = p.parse_args()
@@ -127,7 +128,11 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     results = []
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    started = args.start_at is None
     for name, gen, run, kind in load_suite(args.harness):
+        started = started or name == args.start_at
+        if not started:
+            continue
         if (only and name not in only) or name in skip:
             continue
         if not only and args.kind != "all" and kind != args.kind:
@@ -135,7 +140,7 @@ def main() -> int:
         summary = one_case(args.harness, out, name, gen, run, args.repeat, args.proxy_args)
         results.append(summary)
         print(_line(summary), flush=True)
-    (out / "summary.json").write_text(json.dumps(results, indent=1))
+        (out / "summary.json").write_text(json.dumps(results, indent=1))
     agree = sum(1 for r in results if r.get("verdicts_equal"))
     print(f"{agree}/{len(results)} cases with equal verdicts; details in {out}/summary.json")
     return 0
