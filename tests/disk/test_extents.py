@@ -28,7 +28,7 @@ writes = st.lists(
     st.tuples(st.integers(0, SIZE - 1), st.integers(1, 64), st.booleans()), max_size=40)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(writes)
 def test_map_matches_model(ops: list[tuple[int, int, bool]]) -> None:
     m = ExtentMap()

@@ -155,7 +155,7 @@ requests = st.lists(st.one_of(
 ), max_size=12)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(requests, st.data())
 def test_any_split_gives_the_same_result(reqs: list[bytes], data: st.DataObject) -> None:
     stream = b"".join(reqs)

@@ -116,7 +116,7 @@ def test_event_shape() -> None:
                   "timestamp": {"seconds": 12, "microseconds": 500000}}
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from([
     b'{"execute": "opt", "id": "}{\\"\\\\"}', b'{"execute": "colo-disk-checkpoint", '
     b'"arguments": {"epoch": 2}}', b'{"execute": "nope"}', b"junk ", b'{"bad": [}', b"\n",
