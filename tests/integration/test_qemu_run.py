@@ -90,11 +90,12 @@ class Chain:
 
 @contextmanager
 def chain(workdir: str, vnet: bool, proxy_args: list[str]) -> Iterator[Chain]:
-    qmp, op = f"{workdir}/qmp", f"{workdir}/op"
+    qmp, op, sqmp = f"{workdir}/qmp", f"{workdir}/op", f"{workdir}/sqmp"
     sock = {n: f"{workdir}/{n}" for n in ("pin", "sin", "out")}
     v = ",vnet_hdr_support=on" if vnet else ""
     extra = [
         "-qmp", f"unix:{op},server=on,wait=off",
+        "-qmp", f"unix:{sqmp},server=on,wait=off",  # stands in for the secondary's
         "-chardev", f"socket,id=pin,path={sock['pin']},reconnect=1",
         "-chardev", f"socket,id=sin,path={sock['sin']},reconnect=1",
         "-chardev", f"socket,id=out,path={sock['out']},server=on,wait=off",
@@ -110,7 +111,8 @@ def chain(workdir: str, vnet: bool, proxy_args: list[str]) -> Iterator[Chain]:
             "--primary-in", f"unix:{sock['pin']},server",
             "--secondary-in", f"unix:{sock['sin']},server=on",
             "--outdev", f"unix:{sock['out']}",
-            "--qmp", f"unix:{qmp}", "--vnet-hdr", "on" if vnet else "off",
+            "--qmp", f"unix:{qmp}", "--secondary-qmp", f"unix:{sqmp}",
+            "--vnet-hdr", "on" if vnet else "off",
             *proxy_args,
         ]  # fmt: skip
         proxy = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -173,6 +175,8 @@ def test_run_end_to_end_with_checkpoint(workdir: str) -> None:
         report = ch.stop_proxy()
     assert report["primary-qmp"]["requests_sent"] >= 1
     assert report["primary-qmp"]["checkpoints_done"] == 1
+    assert report["secondary-qmp"]["sessions"] == 1
+    assert report["secondary-qmp"]["checkpoints_done"] == 0  # only the primary's is followed
     assert report["core"]["divergences_by_kind"]
     assert report["outdev"]["frames_out"] == len(good) + len(bad_pri)
     assert report["shutdown"]["held_frames_not_released"] == 0
