@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class _ChannelProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        _keepalive(transport.get_extra_info("socket"))
         self._channel._attach(self)
 
     def data_received(self, data: bytes) -> None:
@@ -294,6 +296,17 @@ class Channel:
                 await asyncio.shield(proto.lost)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+def _keepalive(sock: socket.socket | None) -> None:
+    """Notice a TCP peer whose host died (no FIN, no RST) within about 25 s."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def _remove_stale_socket(path: str) -> None:
