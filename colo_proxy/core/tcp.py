@@ -73,7 +73,9 @@ class TcpSide:
 class TcpFlow(HeldCounts):
     """Comparison state of one TCP flow (one direction of guest output)."""
 
-    __slots__ = ("closed", "hs_ok", "pri", "queue", "sec", "sec_times")
+    __slots__ = (
+        "closed", "hs_ok", "pri", "queue", "sec", "sec_times", "space_ok", "stash", "stash_bytes",
+    )
 
     def __init__(self, key: FlowKey, now: float) -> None:
         super().__init__(key, now)
@@ -83,6 +85,11 @@ class TcpFlow(HeldCounts):
         self.sec_times: deque[tuple[int, float]] = deque()
         self.hs_ok = False
         self.closed = False
+        self.space_ok = False
+        """Whether the secondary's sequence space is settled (see _decide_space)."""
+        self.stash: list[tuple[TcpHeader, bytes, int, float]] = []
+        """Secondary segments waiting for the primary's ISN to settle the space."""
+        self.stash_bytes = 0
 
     # -- input ---------------------------------------------------------------
 
@@ -160,7 +167,7 @@ class TcpFlow(HeldCounts):
     ) -> bool:
         """The secondary's counterpart of fast_primary."""
         me = self.sec
-        if self.diverged or me.isn < 0 or me.peer_isn < 0:
+        if self.diverged or me.isn < 0 or me.peer_isn < 0 or not self.space_ok:
             return False
         off, _ = self._offsets(me, seq, ack)
         if end > start:
@@ -222,6 +229,8 @@ class TcpFlow(HeldCounts):
         host.hold(self, flen)
         if self.diverged:
             return
+        if self.stash:
+            self._replay_stash(host)
         if (
             need == NEED_HANDSHAKE and not self.hs_ok and self.sec.syn_opts is not None
             and not self._check_handshake(host, now)
@@ -245,6 +254,12 @@ class TcpFlow(HeldCounts):
         if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
             self._new_incarnation(host)
             me = self.sec
+        if not flags & TCP_SYN and not self.space_ok:
+            if me.isn >= 0 and self.pri.isn < 0 and self.stash_bytes <= host.max_sec_buffer:
+                self.stash.append((hdr, data, end, now))
+                self.stash_bytes += end - hdr.payload + 1
+                return
+            self._decide_space(host, hdr.seq)
         off = self.learn(me, self.pri, hdr, data)
         self.ack_offset(me, hdr)
         stop = off + end - hdr.payload
@@ -260,6 +275,31 @@ class TcpFlow(HeldCounts):
         ):
             return
         self.progress(host, now)
+
+    def _decide_space(self, host: FlowHost, seq: int) -> None:
+        """Settle which ISN the secondary's data is numbered from.
+
+        QEMU's filter-rewriter leaves the secondary's SYN-ACK alone but
+        renumbers every later segment into the primary's sequence space.  So
+        the first segment after the handshake decides: whichever ISN puts it
+        nearer the expected offset is the secondary's from now on.
+        """
+        self.space_ok = True
+        s, p = self.sec, self.pri
+        if s.isn < 0 or p.isn < 0 or s.isn == p.isn:
+            return
+        near = s.stream.base + len(s.stream.buf)
+        own = unwrap(seq - s.isn - 1, near)
+        alt = unwrap(seq - p.isn - 1, near)
+        if abs(alt - near) < abs(own - near):
+            s.isn = p.isn
+            host.count("tcp_secondary_in_primary_sequence_space")
+
+    def _replay_stash(self, host: FlowHost) -> None:
+        """The primary's ISN is known: process the secondary segments kept back."""
+        stash, self.stash, self.stash_bytes = self.stash, [], 0
+        for hdr, data, end, when in stash:
+            self.on_secondary(host, hdr, data, end, when)
 
     def _report_conflict(self, host: FlowHost, me: TcpSide, side: str, now: float) -> None:
         """One side sent different bytes for the same offset; the first copy stays."""
@@ -277,6 +317,8 @@ class TcpFlow(HeldCounts):
         self.sec_times.clear()
         self.hs_ok = False
         self.closed = False
+        self.space_ok = False
+        self.stash, self.stash_bytes = [], 0
 
     # -- comparison ----------------------------------------------------------
 
@@ -400,7 +442,7 @@ class TcpFlow(HeldCounts):
 
     def pending(self) -> bool:
         """Whether anything waits here: held primary frames or unmatched secondary bytes."""
-        return bool(self.queue or self.sec_times)
+        return bool(self.queue or self.sec_times or self.stash)
 
     def oldest_pending(self) -> float | None:
         """Arrival time of the oldest held or unmatched output, if any."""
@@ -409,6 +451,8 @@ class TcpFlow(HeldCounts):
             times.append(self.queue[0][E_TIME])
         if self.sec_times:
             times.append(self.sec_times[0][1])
+        if self.stash:
+            times.append(self.stash[0][3])
         return min(times) if times else None  # type: ignore[type-var,return-value]
 
     def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
@@ -429,7 +473,12 @@ class TcpFlow(HeldCounts):
                 at = max(0, start) if isinstance(start, int) else 0
                 host.diverge(self, kind, at, b"", b"", now, "primary output unmatched")
                 return True
-        if self.sec_times and now - self.sec_times[0][1] > timeout:
+        oldest_sec = min(
+            [t for t in (self.sec_times[0][1] if self.sec_times else None,
+                         self.stash[0][3] if self.stash else None) if t is not None],
+            default=None,
+        )
+        if oldest_sec is not None and now - oldest_sec > timeout:
             at = self.pri.stream.base
             host.diverge(self, DivergenceKind.TIMEOUT, at, b"", b"", now,
                          "secondary output unmatched")
@@ -445,6 +494,8 @@ class TcpFlow(HeldCounts):
             release(self, e[3], e[7], e[6])  # type: ignore[arg-type]
         self.diverged = False
         self.sec_times.clear()
+        self.space_ok = True
+        self.stash, self.stash_bytes = [], 0
         p = self.pri
         if p.isn < 0:
             self.sec = TcpSide()

@@ -252,3 +252,29 @@ def test_one_wild_sequence_number_does_not_shift_later_segments(isn: int) -> Non
     r = run([(P, f) for f in pri] + [(S, f) for f in sec])
     assert r.divergences == []
     assert pri[3] in r.released and pri[1] in r.released
+
+
+@pytest.mark.parametrize("isn", ISNS)
+@pytest.mark.parametrize("secondary_first", [False, True])
+def test_secondary_renumbered_by_filter_rewriter(isn: int, secondary_first: bool) -> None:
+    """filter-rewriter keeps the secondary's SYN-ACK ISN but renumbers later segments."""
+    p, s_own = pair(isn, delta=987654321)
+    s_rewritten = TcpServerStream(isn=p.isn)  # data segments in the primary's space
+    pri = [(P, p.synack()), *((P, f) for f in segments(p, PAYLOAD[:6000], 1448)),
+           (P, p.fin(6000))]
+    sec = [(S, s_own.synack()), *((S, f) for f in segments(s_rewritten, PAYLOAD[:6000], 1000)),
+           (S, s_rewritten.fin(6000))]
+    r = run(sec + pri if secondary_first else pri + sec)
+    assert r.divergences == []
+    assert r.released == [f for _, f in pri]
+    assert r.proxy.counters["tcp_secondary_in_primary_sequence_space"] == 1
+
+
+def test_rewritten_space_still_finds_a_flipped_byte() -> None:
+    p, s_own = pair(5, delta=1 << 30)
+    s_rewritten = TcpServerStream(isn=p.isn)
+    bad = bytearray(PAYLOAD[:5000])
+    bad[4321] ^= 2
+    r = run([(S, s_own.synack()), *((S, f) for f in segments(s_rewritten, bytes(bad), 700)),
+             (P, p.synack()), *((P, f) for f in segments(p, PAYLOAD[:5000], 1448))])
+    assert r.kinds == [("payload", 4321)]

@@ -74,12 +74,6 @@ def netdev_write(sock: object, frames: list[bytes]) -> None:
     sock.sendall(encode_frames([(f, 0) for f in frames], False))  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core gap: a secondary SYN-ACK with its own ISN followed by data in the "
-    "primary's sequence space (what filter-rewriter produces) is never matched; "
-    "remove this marker when the core learns the rewritten secondary ISN",
-)
 @pytest.mark.parametrize("secondary_first", [True, False], ids=["secondary-first", "primary-first"])
 def test_rewritten_secondary_stream_is_released(workdir: str, secondary_first: bool) -> None:
     payload = bytes(range(200)) * 3
