@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import tomllib
@@ -224,8 +225,13 @@ async def _serve(config: Any, settings: RunSettings) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stop, sup, sig)
+    loop.add_signal_handler(signal.SIGUSR1, _log_stats, sup)
     log.info("colo-proxy running (loop %s)", type(loop).__module__.split(".")[0])
     return await sup.serve()
+
+
+def _log_stats(sup: Supervisor) -> None:
+    log.info("stats %s", json.dumps(sup.stats(), default=str, sort_keys=True))
 
 
 def _stop(sup: Supervisor, sig: signal.Signals) -> None:

@@ -94,6 +94,7 @@ class Supervisor:
             "notify_errors": 0,
             "outdev_dropped_frames": 0,
             "divergences_not_logged": 0,
+            "core_errors": 0,
         }
         vnet = settings.vnet_hdr
         self.primary_in = RecordChannel("primary_in", settings.primary_in, vnet, self._primary)
@@ -227,9 +228,26 @@ class Supervisor:
     def _feed(self, side: Side, frames: list[Frame]) -> None:
         now = self._clock()
         feed = self.proxy.feed
-        for data, offset in frames:
-            feed(side, data, now, offset)
+        done = 0
+        while done < len(frames):
+            try:
+                for data, offset in frames[done:] if done else frames:
+                    feed(side, data, now, offset)
+                    done += 1
+            except Exception:  # a core bug must not cost the connection (asyncio closes it)
+                self._core_error(side, frames[done])
+                done += 1
         self._after(now)
+
+    def _core_error(self, side: Side, frame: Frame) -> None:
+        self.counters["core_errors"] += 1
+        if self.counters["core_errors"] <= DIVERGENCE_LOG_BURST:
+            log.exception(
+                "core failed on a %s frame (%d bytes, dropped): %s",
+                side.name.lower(),
+                len(frame[0]),
+                frame[0][:64].hex(),
+            )
 
     def _after(self, now: float) -> None:
         """Carry out everything the core produced; re-arm the timer."""

@@ -182,3 +182,33 @@ def test_shutdown_reports_or_flushes_held_frames(
             assert peer.out_frames == []
 
     run_loop(main())
+
+
+def test_core_exception_costs_one_frame_not_the_connection(
+    sockdir: Path, run_loop: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frames = segments(b"y" * 500)
+
+    async def main() -> None:
+        sup = make_supervisor(sockdir, False, ShutdownMode.REPORT)
+        real_feed = sup.proxy.feed
+        poison = frames[2]
+
+        def feed(side: object, data: bytes, now: float, offset: int = 0) -> None:
+            if data[offset:] == poison:
+                raise RuntimeError("core bug")
+            real_feed(side, data, now, offset)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(sup.proxy, "feed", feed)
+        await sup.start()
+        peer = Peer(sockdir, False)
+        await peer.connect()
+        peer.sin.write(peer.frames(frames))
+        peer.pin.write(peer.frames(frames))
+        await until(lambda: sup.counters["core_errors"] == 2, "both poisoned frames counted")
+        await until(lambda: sup.primary_in.frames_in == len(frames), "all frames read")
+        assert sup.primary_in.channel.connected and sup.primary_in.channel.stats.resets == 0
+        assert sup.proxy.stats()["primary_frames"] == len(frames) - 1
+        await sup.shutdown()
+
+    run_loop(main())
