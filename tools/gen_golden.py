@@ -436,6 +436,24 @@ def case_segmentation() -> Case:
                 "1000/1448-byte segments, ISNs 0x1a2b3c4d vs 0x7e000001", tl)
 
 
+def case_rewriter() -> Case:
+    """The secondary's stream as QEMU's filter-rewriter passes it on (passive open)."""
+    tl = Timeline()
+    path = Path4(client_port=40016)
+    pri = TcpGuest(path, 0x31415926, 0x27182818)
+    sec = TcpGuest(path, 0x9E3779B9, 0x27182818, Noise(ts_base=4_400_000))
+    synack_pair(tl, pri, sec, 0)
+    sec.rebase(pri.isn)  # the rewriter renumbers everything after the SYN-ACK
+    data = http_body(21, 6000)
+    t = serve_split(tl, pri, sec, 40 * MS, data, 0, 80, pmss=1448, smss=1000)
+    fin_pair(tl, pri, sec, t + 20 * MS, len(data), 80)
+    return Case("rewriter", "secondary SYN-ACK keeps its own ISN, later segments carry the "
+                "primary's sequence numbers (filter-rewriter) -> no divergence",
+                "the secondary's sequence space settled by its first segment after the "
+                "handshake: SYN-ACK ISN 0x9e3779b9, data numbered from the primary's 0x31415926",
+                tl)
+
+
 def case_secondary_first() -> Case:
     """The secondary is faster: its whole answer (and FIN) precedes the primary's."""
     tl = Timeline()
@@ -1033,6 +1051,7 @@ def case_sample() -> Case:
 CASES: dict[str, Callable[[], Case]] = {
     "segmentation": case_segmentation,
     "secondary-first": case_secondary_first,
+    "rewriter": case_rewriter,
     "reorder-secondary": lambda: reorder_case("reorder-secondary", False),
     "reorder-primary": lambda: reorder_case("reorder-primary", True),
     "seq-wrap": case_seq_wrap,
