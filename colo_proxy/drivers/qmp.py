@@ -31,7 +31,8 @@ ignored.  :attr:`FollowPolicy.ALWAYS` follows every ``STOP``/``RESUME``
 (tests, management layers that checkpoint by pausing).
 
 ``checkpoint_delay`` overrides the value written on a request (by default
-the current ``x-checkpoint-delay``, read once per session, is re-set).
+the current ``x-checkpoint-delay`` is read and written back, so an operator's
+change made meanwhile is kept).
 """
 
 from __future__ import annotations
@@ -117,7 +118,6 @@ class QmpDriver:
         self._resend_after = request_timeout
         self._in_checkpoint = False
         self._fixed_delay = checkpoint_delay
-        self._delay: int | None = checkpoint_delay
         self._wake = asyncio.Event()
         self._reported_held = False
         self._task: asyncio.Task[None] | None = None
@@ -221,7 +221,6 @@ class QmpDriver:
     async def _session(self, client: QMPClient) -> None:
         self._client = client
         self.stats.sessions += 1
-        self._delay = self._fixed_delay
         await self._refresh(client)
         log.info(
             "%s: QMP connected (%s); status %s, COLO %s",
@@ -363,11 +362,12 @@ class QmpDriver:
                 self._wake.set()
 
     async def _send_request(self, client: QMPClient) -> None:
-        if self._delay is None:
+        delay = self._fixed_delay
+        if delay is None:  # read it each time: the operator may have changed it since
             params = await client.execute("query-migrate-parameters")
-            delay = params.get("x-checkpoint-delay") if isinstance(params, dict) else None
-            self._delay = int(delay) if isinstance(delay, int) else 20000
-        await client.execute("migrate-set-parameters", {"x-checkpoint-delay": self._delay})
+            value = params.get("x-checkpoint-delay") if isinstance(params, dict) else None
+            delay = value if isinstance(value, int) else 20000
+        await client.execute("migrate-set-parameters", {"x-checkpoint-delay": delay})
         self._pending = False
         self._sent_at = time.monotonic()
         self.stats.requests_sent += 1

@@ -84,6 +84,12 @@ def test_negotiation_stop_resume_and_request(workdir: str) -> None:
         # outside COLO no STOP follows: the request is sent again, not forgotten
         await until(lambda: drv.stats.requests_resent >= 1, "request re-sent")
         assert drv.request_pending
+        # an operator's change of the delay is kept by later requests
+        await op.execute("migrate-set-parameters", {"x-checkpoint-delay": 777})
+        sent = drv.stats.requests_sent
+        await until(lambda: drv.stats.requests_sent > sent, "another request")
+        params = await op.execute("query-migrate-parameters")
+        assert isinstance(params, dict) and params["x-checkpoint-delay"] == 777
         # QEMU's own error text comes through
         with pytest.raises(ExecuteError, match="has not been found"):
             await drv.execute("no-such-command")
