@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -240,7 +241,14 @@ def _stop(sup: Supervisor, sig: signal.Signals) -> None:
 
 
 def _run_loop(coro: Any, which: str) -> dict[str, object]:
-    """uvloop is chosen here, once; all other code is plain asyncio."""
+    """uvloop is chosen here, once; all other code is plain asyncio.
+
+    The cyclic garbage collector is tuned here too: every frame allocates a few
+    short-lived objects, and collecting the young generation less often (with
+    start-up objects frozen out of it) is worth a few percent of frames/s.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     if which == "uvloop":
         try:
             import uvloop
