@@ -30,6 +30,10 @@ other state (``paused``) is a user pause and the following ``RESUME`` is
 ignored.  :attr:`FollowPolicy.ALWAYS` follows every ``STOP``/``RESUME``
 (tests, management layers that checkpoint by pausing).
 
+``COLO_EXIT`` (failover, or the peer lost) is handed to ``on_colo_exit`` with
+its data (``mode``, ``reason``), so the runtime can stop holding output once
+the primary runs alone.
+
 ``checkpoint_delay`` overrides the value written on a request (by default
 the current ``x-checkpoint-delay`` is read and written back, so an operator's
 change made meanwhile is kept).
@@ -99,6 +103,7 @@ class QmpDriver:
         *,
         on_checkpoint_started: Callback | None = None,
         on_checkpoint_done: Callback | None = None,
+        on_colo_exit: Callable[[Mapping[str, object]], None] | None = None,
         follow: FollowPolicy = FollowPolicy.COLO,
         request_timeout: float = 5.0,
         backoff: float = 0.1,
@@ -110,6 +115,7 @@ class QmpDriver:
         self.stats = QmpStats()
         self._on_started = on_checkpoint_started
         self._on_done = on_checkpoint_done
+        self._on_colo_exit = on_colo_exit
         self._request_timeout = request_timeout
         self._backoff = backoff
         self._client: QMPClient | None = None
@@ -278,7 +284,10 @@ class QmpDriver:
             elif name == "RESUME":
                 self._resume()
             elif name in ("MIGRATION", "COLO_EXIT"):
-                log.info("%s: %s %s", self.name, name, event.get("data"))
+                data = event.get("data")
+                log.info("%s: %s %s", self.name, name, data)
+                if name == "COLO_EXIT" and self._on_colo_exit is not None:
+                    self._on_colo_exit(data if isinstance(data, dict) else {})
                 await self._refresh(client)
                 if name == "MIGRATION" and self._in_colo():
                     self._wake.set()  # a request held for want of COLO can go now

@@ -227,6 +227,7 @@ async def _serve(config: Any, settings: RunSettings) -> dict[str, object]:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stop, sup, sig)
     loop.add_signal_handler(signal.SIGUSR1, _log_stats, sup)
+    loop.add_signal_handler(signal.SIGUSR2, sup.enter_passthrough, "SIGUSR2")
     log.info("colo-proxy running (loop %s)", type(loop).__module__.split(".")[0])
     return await sup.serve()
 

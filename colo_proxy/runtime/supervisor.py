@@ -32,7 +32,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from colo_proxy.core.config import Config
@@ -95,7 +95,10 @@ class Supervisor:
             "outdev_dropped_frames": 0,
             "divergences_not_logged": 0,
             "core_errors": 0,
+            "passthrough_frames": 0,
+            "passthrough_secondary_dropped": 0,
         }
+        self.passthrough_reason: str | None = None
         vnet = settings.vnet_hdr
         self.primary_in = RecordChannel("primary_in", settings.primary_in, vnet, self._primary)
         self.secondary_in = RecordChannel(
@@ -120,6 +123,7 @@ class Supervisor:
                 settings.qmp,
                 on_checkpoint_started=self._checkpoint_started,
                 on_checkpoint_done=self._checkpoint_done,
+                on_colo_exit=self._colo_exit,
                 follow=settings.qmp_follow,
                 request_timeout=settings.qmp_request_timeout,
             )
@@ -190,6 +194,7 @@ class Supervisor:
         if self.notify is not None:
             await self.notify.close()
         report = self.stats()
+        report["passthrough"] = self.passthrough_reason
         report["shutdown"] = {
             "mode": self.settings.on_shutdown.value,
             "held_frames_at_stop": held,
@@ -226,6 +231,9 @@ class Supervisor:
         self._feed(Side.SECONDARY, frames)
 
     def _feed(self, side: Side, frames: list[Frame]) -> None:
+        if self.passthrough_reason is not None:
+            self._pass_through(side, frames)
+            return
         now = self._clock()
         feed = self.proxy.feed
         done = 0
@@ -325,6 +333,34 @@ class Supervisor:
         now = self._clock()
         self.proxy.checkpoint_done(now)
         self._after(now)
+
+    def _colo_exit(self, data: Mapping[str, object]) -> None:
+        if data.get("mode") == "primary":
+            self.enter_passthrough(f"COLO ended on the primary (reason {data.get('reason')})")
+
+    def enter_passthrough(self, reason: str) -> None:
+        """The primary runs alone now: release everything held and stop comparing.
+
+        Called on the primary's ``COLO_EXIT`` (failover with the primary going on,
+        or the secondary lost) and on SIGUSR2.  There is no secondary left to fail
+        over to, so holding output would only stall the primary's clients.
+        """
+        if self.passthrough_reason is not None:
+            return
+        held = self.proxy.held_frames()
+        log.warning("%s: releasing %d held frames; passing primary output through", reason, held)
+        self.passthrough_reason = reason
+        now = self._clock()
+        self.proxy.checkpoint_done(now)
+        self._after(now)
+
+    def _pass_through(self, side: Side, frames: list[Frame]) -> None:
+        if side is Side.PRIMARY:
+            self.counters["passthrough_frames"] += len(frames)
+            if not self.outdev.send(frames):
+                self.counters["outdev_dropped_frames"] += len(frames)
+        else:
+            self.counters["passthrough_secondary_dropped"] += len(frames)
 
     def _notify_connected(self) -> None:
         self._notify_decoder.reset()

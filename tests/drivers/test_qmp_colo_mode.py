@@ -69,10 +69,12 @@ class FakePrimary:
             reply["id"] = msg["id"]
         w.write(json.dumps(reply).encode() + b"\r\n")
 
-    def event(self, name: str) -> None:
+    def event(self, name: str, data: dict[str, Any] | None = None) -> None:
         assert self.writer is not None
-        ts = {"seconds": 0, "microseconds": 0}
-        self.writer.write(json.dumps({"event": name, "timestamp": ts}).encode() + b"\r\n")
+        msg: dict[str, Any] = {"event": name, "timestamp": {"seconds": 0, "microseconds": 0}}
+        if data is not None:
+            msg["data"] = data
+        self.writer.write(json.dumps(msg).encode() + b"\r\n")
 
 
 async def until(cond: object, what: str) -> None:
@@ -89,11 +91,13 @@ def test_colo_checkpoint_followed_and_pause_ignored(sockdir: Path) -> None:
         fake = FakePrimary()
         server = await asyncio.start_unix_server(fake.serve, f"{sockdir}/qmp")
         events: list[str] = []
+        exits: list[object] = []
         drv = QmpDriver(
             "primary",
             parse_endpoint(f"unix:{sockdir}/qmp"),
             on_checkpoint_started=lambda: events.append("started"),
             on_checkpoint_done=lambda: events.append("done"),
+            on_colo_exit=exits.append,
         )
         drv.start()
         await until(lambda: drv.connected, "session")
@@ -117,6 +121,9 @@ def test_colo_checkpoint_followed_and_pause_ignored(sockdir: Path) -> None:
         await until(lambda: drv.stats.resumes == 2, "resume seen")
         assert events == ["started", "done"]
         assert drv.stats.checkpoints_done == 1
+        # failover: COLO_EXIT reaches the runtime with QEMU's data
+        fake.event("COLO_EXIT", {"mode": "primary", "reason": "request"})
+        await until(lambda: exits == [{"mode": "primary", "reason": "request"}], "COLO_EXIT")
         await drv.close()
         server.close()
 

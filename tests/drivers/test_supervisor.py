@@ -212,3 +212,31 @@ def test_core_exception_costs_one_frame_not_the_connection(
         await sup.shutdown()
 
     run_loop(main())
+
+
+def test_passthrough_after_colo_exit_releases_held_and_later_frames(
+    sockdir: Path, run_loop: Runner
+) -> None:
+    first, later = segments(b"a" * 300), segments(b"b" * 300, dport=40001)
+
+    async def main() -> None:
+        sup = make_supervisor(sockdir, False, ShutdownMode.REPORT)
+        await sup.start()
+        peer = Peer(sockdir, False)
+        await peer.connect()
+        peer.pin.write(peer.frames(first))  # no secondary: all held
+        await until(lambda: sup.proxy.held_frames() == len(first), "held")
+        assert peer.out_frames == []
+        sup._colo_exit({"mode": "secondary", "reason": "error"})  # not ours: still held
+        assert sup.passthrough_reason is None
+        sup._colo_exit({"mode": "primary", "reason": "request"})
+        await until(lambda: len(peer.out_frames) == len(first), "held frames released")
+        peer.sin.write(peer.frames(later))
+        peer.pin.write(peer.frames(later))
+        await until(lambda: len(peer.out_frames) == len(first) + len(later), "passed through")
+        assert [d for d, _ in peer.out_frames] == first + later
+        await until(lambda: sup.counters["passthrough_secondary_dropped"] == len(later), "dropped")
+        report = await sup.shutdown()
+        assert report["passthrough"] == "COLO ended on the primary (reason request)"
+
+    run_loop(main())
