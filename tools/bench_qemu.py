@@ -82,8 +82,16 @@ def one_case(
         )
         if res.returncode or not path.exists():
             return {"case": name, "error": f"{impl} run failed: {res.stderr[-800:]}"}
-        reports[impl] = json.loads(path.read_text())
-    diff = run_harness(harness, ["diff", str(case / "qemu.json"), str(case / "colo-proxy.json")])
+        report = json.loads(path.read_text())
+        if "runs" in report:  # --repeat: verdicts from the first run, medians kept
+            first = dict(report["runs"][0], median=report["median"])
+            path.with_suffix(".run0.json").write_text(json.dumps(report["runs"][0]))
+            report = first
+        reports[impl] = report
+    suffix = ".run0.json" if repeat > 1 else ".json"
+    diff = run_harness(
+        harness, ["diff", str(case / f"qemu{suffix}"), str(case / f"colo-proxy{suffix}")]
+    )
     summary: dict[str, Any] = {"case": name, "verdicts_equal": diff.returncode == 0}
     try:
         summary["diff"] = json.loads(diff.stdout)
@@ -103,9 +111,9 @@ def one_case(
 
 
 def _pps(report: dict[str, Any]) -> float | None:
-    median = report.get("median") or {}
-    if isinstance(median, dict) and median.get("released_pps"):
-        return float(median["released_pps"])
+    median = (report.get("median") or {}).get("released_pps") or {}
+    if isinstance(median, dict) and median.get("median"):
+        return float(median["median"])
     tp = report.get("throughput") or {}
     value = tp.get("released_pps") if isinstance(tp, dict) else None
     return float(value) if value else None
