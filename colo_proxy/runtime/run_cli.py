@@ -38,6 +38,7 @@ RUN_KEYS: dict[str, tuple[type, Any]] = {
     "vnet_hdr": (bool, False),
     "qmp": (str, None),
     "secondary_qmp": (str, None),
+    "disk_qmp": (str, None),
     "qmp_follow": (str, FollowPolicy.COLO.value),
     "qmp_request_timeout": (float, 5.0),
     "outdev_buffer": (int, 64 * 1024 * 1024),
@@ -84,6 +85,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     io.add_argument("--qmp", metavar="SPEC", help="primary QEMU's QMP socket")
     io.add_argument("--secondary-qmp", metavar="SPEC", help="secondary QEMU's QMP socket")
+    io.add_argument(
+        "--disk-qmp",
+        metavar="SPEC",
+        help="disk replication agent's QMP socket: held output also waits for its epoch ack",
+    )
     io.add_argument(
         "--qmp-follow",
         choices=[f.value for f in FollowPolicy],
@@ -198,6 +204,7 @@ def settings_from_values(values: dict[str, Any]) -> RunSettings:
         vnet_hdr=bool(values["vnet_hdr"]),
         qmp=endpoint("qmp"),
         secondary_qmp=endpoint("secondary_qmp"),
+        disk_qmp=endpoint("disk_qmp"),
         qmp_follow=follow,
         qmp_request_timeout=float(values["qmp_request_timeout"]),
         outdev_buffer=int(values["outdev_buffer"]),

@@ -16,6 +16,14 @@ Checkpoints come back as QMP ``STOP``/``RESUME`` (through the QMP driver's
 follow policy) or as ``COLO_CHECKPOINT`` on ``notify_dev`` (Xen), and become
 ``checkpoint_started``/``checkpoint_done`` on the core.
 
+Disk replication (``--disk-qmp``, Remus rule): a :class:`DiskLink` has the
+disk agent commit epoch N on ``STOP``, and held output is released only once
+``RESUME`` came *and* the agent acknowledged, in either order.  Input read
+after ``RESUME`` N, while epoch N still waits for the agent, is output of
+epoch N+1: it is deferred (bounded) and compared only after epoch N's
+release, since epoch N's ``checkpoint_done`` releases everything held and
+would otherwise let N+1's unverified output through with it.
+
 Shutdown (SIGINT/SIGTERM): inputs are closed first so nothing new arrives;
 then held primary frames are either flushed to ``outdev`` (``flush``) or
 counted and reported (``report``, the default: releasing unverified output
@@ -32,6 +40,7 @@ import json
 import logging
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -43,11 +52,16 @@ from colo_proxy.core.xen_notify import NotifyDecoder, NotifyKind, do_checkpoint,
 from colo_proxy.drivers.endpoints import Endpoint
 from colo_proxy.drivers.qemu_socket import Channel, RecordChannel
 from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
+from colo_proxy.runtime.disk_link import DiskLink
 
 log = logging.getLogger(__name__)
 
 DIVERGENCE_LOG_BURST = 20
 """Divergences logged in full per second; the rest are only counted."""
+
+DEFERRED_INPUT_LIMIT = 64 * 1024 * 1024
+"""Bytes of input kept while the disk agent lags; beyond it input is dropped and counted
+(memory stays bounded; a dropped primary frame is a lost packet, which TCP recovers)."""
 
 
 class ShutdownMode(enum.Enum):
@@ -68,6 +82,7 @@ class RunSettings:
     vnet_hdr: bool = False
     qmp: Endpoint | None = None
     secondary_qmp: Endpoint | None = None
+    disk_qmp: Endpoint | None = None
     qmp_follow: FollowPolicy = FollowPolicy.COLO
     qmp_request_timeout: float = 5.0
     outdev_buffer: int = 64 * 1024 * 1024
@@ -97,6 +112,8 @@ class Supervisor:
             "core_errors": 0,
             "passthrough_frames": 0,
             "passthrough_secondary_dropped": 0,
+            "deferred_input_frames": 0,
+            "deferred_input_dropped_frames": 0,
         }
         self.passthrough_reason: str | None = None
         vnet = settings.vnet_hdr
@@ -132,6 +149,12 @@ class Supervisor:
             self.secondary_qmp = QmpDriver(
                 "secondary-qmp", settings.secondary_qmp, follow=FollowPolicy.NONE
             )
+        self.disk_link: DiskLink | None = None
+        if settings.disk_qmp is not None:
+            self.disk_link = DiskLink(settings.disk_qmp, self._disk_released)
+        self._deferred: deque[tuple[int, Side, list[Frame]]] = deque()
+        self._deferred_bytes = 0
+        self._vm_in_checkpoint = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._log_window = 0.0
@@ -150,6 +173,8 @@ class Supervisor:
         for driver in (self.qmp, self.secondary_qmp):
             if driver is not None:
                 driver.start()
+        if self.disk_link is not None:
+            self.disk_link.start()
 
     def stop(self) -> None:
         """Ask :meth:`serve` to shut down (signal handlers call this)."""
@@ -173,22 +198,29 @@ class Supervisor:
         if self._timer is not None:
             self._timer.cancel()
         held = self.proxy.held_frames()
-        if held and self.settings.on_shutdown is ShutdownMode.FLUSH:
-            log.warning("shutdown: flushing %d held primary frames to outdev unverified", held)
+        deferred = self._deferred_primary_frames()
+        if (held or deferred) and self.settings.on_shutdown is ShutdownMode.FLUSH:
+            log.warning(
+                "shutdown: flushing %d held primary frames to outdev unverified", held + deferred
+            )
             self.proxy.checkpoint_done(self._clock())
             self._after(self._clock())
-        elif held:
+            self._flush_deferred()
+        elif held or deferred:
             log.warning(
                 "shutdown: %d primary frames (%s bytes) held awaiting comparison or a "
-                "checkpoint were not released (--on-shutdown flush would send them)",
-                held,
+                "checkpoint%s were not released (--on-shutdown flush would send them)",
+                held + deferred,
                 self.proxy.stats().get("held_bytes"),
+                self._disk_wait_note(),
             )
         for driver in (self.qmp, self.secondary_qmp):
             if driver is not None:
                 if driver.request_pending:
                     log.warning("shutdown: %s had a checkpoint request pending", driver.name)
                 await driver.close()
+        if self.disk_link is not None:
+            await self.disk_link.close()
         unsent = self.outdev.channel.buffered_bytes()
         await self.outdev.channel.close()
         if self.notify is not None:
@@ -199,6 +231,9 @@ class Supervisor:
             "mode": self.settings.on_shutdown.value,
             "held_frames_at_stop": held,
             "held_frames_not_released": self.proxy.held_frames(),
+            "deferred_primary_frames_at_stop": deferred,
+            "deferred_primary_frames_not_released": self._deferred_primary_frames(),
+            "waiting_for_disk_agent": self.disk_link is not None and self.disk_link.waiting,
             "outdev_bytes_buffered_at_close": unsent,
         }
         return report
@@ -215,6 +250,8 @@ class Supervisor:
         for driver in (self.qmp, self.secondary_qmp):
             if driver is not None:
                 out[driver.name] = driver.report()
+        if self.disk_link is not None:
+            out["disk_link"] = self.disk_link.report()
         return out
 
     async def _log_stats(self) -> None:
@@ -234,7 +271,15 @@ class Supervisor:
         if self.passthrough_reason is not None:
             self._pass_through(side, frames)
             return
+        if self.disk_link is not None and self.disk_link.waiting:
+            self._defer(side, frames)
+            return
         now = self._clock()
+        self._compare(side, frames, now)
+        self._after(now)
+
+    def _compare(self, side: Side, frames: list[Frame], now: float) -> None:
+        """Feed frames to the core; a core exception costs that frame only."""
         feed = self.proxy.feed
         done = 0
         while done < len(frames):
@@ -245,7 +290,6 @@ class Supervisor:
             except Exception:  # a core bug must not cost the connection (asyncio closes it)
                 self._core_error(side, frames[done])
                 done += 1
-        self._after(now)
 
     def _core_error(self, side: Side, frame: Frame) -> None:
         self.counters["core_errors"] += 1
@@ -327,12 +371,77 @@ class Supervisor:
             )
 
     def _checkpoint_started(self) -> None:
+        self._vm_in_checkpoint = True
         self.proxy.checkpoint_started(self._clock())
+        if self.disk_link is not None:
+            self.disk_link.vm_stopped()
 
     def _checkpoint_done(self) -> None:
+        """The VM checkpoint finished; with a disk agent, release waits for its ack too."""
+        self._vm_in_checkpoint = False
+        if self.disk_link is not None:
+            self.disk_link.vm_resumed()
+            return
         now = self._clock()
         self.proxy.checkpoint_done(now)
         self._after(now)
+
+    def _disk_released(self) -> None:
+        """Memory and disk of an epoch are both committed: release, then compare what waited.
+
+        The input deferred behind this epoch is fed only now, after the core's
+        ``checkpoint_done``, so it is compared afresh instead of being released
+        with this epoch's held output.  If the VMs are already in (or past) the
+        next checkpoint, the core is told so again.
+        """
+        assert self.disk_link is not None
+        now = self._clock()
+        self.proxy.checkpoint_done(now)
+        released = self.disk_link.gate.released_epoch
+        while self._deferred and self._deferred[0][0] <= released:
+            _, side, frames = self._deferred.popleft()
+            self._deferred_bytes -= sum(len(data) for data, _ in frames)
+            self._compare(side, frames, now)
+        if self._vm_in_checkpoint or self.disk_link.waiting:
+            self.proxy.checkpoint_started(now)
+        self._after(now)
+
+    def _defer(self, side: Side, frames: list[Frame]) -> None:
+        """Keep input of a later epoch until the disk agent acknowledged the current one."""
+        assert self.disk_link is not None
+        size = sum(len(data) for data, _ in frames)
+        if self._deferred_bytes + size > DEFERRED_INPUT_LIMIT:
+            if not self.counters["deferred_input_dropped_frames"]:
+                log.error(
+                    "disk agent lagging: %d bytes of input deferred; dropping new input "
+                    "(counted) until it acknowledges",
+                    self._deferred_bytes,
+                )
+            self.counters["deferred_input_dropped_frames"] += len(frames)
+            return
+        self._deferred.append((self.disk_link.gate.memory_epoch, side, frames))
+        self._deferred_bytes += size
+        self.counters["deferred_input_frames"] += len(frames)
+
+    def _deferred_primary_frames(self) -> int:
+        return sum(len(f) for _, side, f in self._deferred if side is Side.PRIMARY)
+
+    def _flush_deferred(self) -> None:
+        """Deferred input goes out as pass-through (failover, or a flush at shutdown)."""
+        while self._deferred:
+            _, side, frames = self._deferred.popleft()
+            self._pass_through(side, frames)
+        self._deferred_bytes = 0
+
+    def _disk_wait_note(self) -> str:
+        link = self.disk_link
+        if link is None or not link.waiting:
+            return ""
+        return (
+            f", waiting for the disk agent to acknowledge epoch {link.gate.released_epoch + 1} "
+            f"(VM checkpoints done: {link.gate.memory_epoch}, disk acknowledged: "
+            f"{link.gate.disk_epoch}, agent connected: {link.driver.connected})"
+        )
 
     def _colo_exit(self, data: Mapping[str, object]) -> None:
         if data.get("mode") == "primary":
@@ -353,6 +462,7 @@ class Supervisor:
         now = self._clock()
         self.proxy.checkpoint_done(now)
         self._after(now)
+        self._flush_deferred()
 
     def _pass_through(self, side: Side, frames: list[Frame]) -> None:
         if side is Side.PRIMARY:
