@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from typing import cast
 
 from colo_proxy.core.config import Config
@@ -66,7 +67,8 @@ Flow = TcpFlow | DatagramFlow
 _TIMEOUT_KINDS = (DivergenceKind.TIMEOUT, DivergenceKind.ACK)
 
 # Ethernet type, IPv4 version/IHL, total length, flags/fragment, protocol,
-# addresses and ports (12 bytes: the fast-path flow key), seq, ack, data offset, flags.
+# addresses and ports (12 bytes: the fast-path flow key), then TCP seq, ack, data
+# offset, flags (for UDP the first word holds the length and checksum).
 _FAST = struct.Struct("!12xHBxHxxHxBxx12sIIBB")
 
 
@@ -93,6 +95,8 @@ class Proxy:
         self._flows: dict[FlowKey, Flow] = {}
         self._tcp4: dict[bytes, TcpFlow] = {}
         """Untagged IPv4 TCP flows by their raw address/port bytes, for the fast path."""
+        self._udp4: dict[bytes, DatagramFlow] = {}
+        """The same for UDP flows."""
         self._side_frames = [0, 0, 0]
         self._frags: tuple[FragmentTable[tuple[bytes, int]], FragmentTable[tuple[bytes, int]]] = (
             FragmentTable(cfg.max_fragments, cfg.max_fragment_bytes, cfg.fragment_timeout),
@@ -127,46 +131,75 @@ class Proxy:
 
     def feed(self, side: Side, data: bytes, now: float, offset: int = 0) -> None:
         """One frame from `side` at time `now`; data[offset:] is the Ethernet frame."""
+        self.feed_many(side, ((data, offset),), now)
+
+    def feed_many(self, side: Side, frames: Sequence[tuple[bytes, int]], now: float) -> None:
+        """Frames from `side` that arrived together, as (data, offset) pairs.
+
+        The loop is the hot path: untagged IPv4 TCP segments with ACK and no
+        SYN/FIN/RST, and UDP datagrams, on flows already known, are handled
+        here with one struct unpack each; everything else takes the general
+        path.  Each pair is kept by reference and handed back on release.
+        """
         if self._next_scan is None:
             self._next_scan = now + self.config.scan_interval
         elif now >= self._next_scan or self._deferred is not None:
             self.tick(now)
         if side is Side.CLIENT:
-            self._side_frames[2] += 1
+            self._side_frames[2] += len(frames)
             return
         primary = side is Side.PRIMARY
-        self._side_frames[side] += 1
-        flen = len(data) - offset
-        if flen >= 54:
-            # Fast path: untagged IPv4 without options, TCP with ACK and no SYN/FIN/RST,
-            # on a flow that is already known (the bulk of any stream).
-            etype, vihl, total, frag, proto, key, seq, ack, doff, flags = _FAST.unpack_from(
-                data, offset
-            )
-            if (
-                etype == 0x0800 and vihl == 0x45 and proto == PROTO_TCP and not frag & 0x3FFF
-                and flags & 0x17 == 0x10 and 40 <= total <= flen - 14 and doff >= 0x50
-            ):
-                tflow = self._tcp4.get(key)
-                if tflow is not None:
-                    end = offset + 14 + total
-                    start = offset + 34 + (doff >> 4) * 4
-                    if start <= end:
-                        tflow.last_seen = now
-                        if primary:
-                            if tflow.fast_primary(self, data, seq, ack, start, end,
-                                                  (data, offset), flen, now):
-                                return
-                        elif tflow.fast_secondary(self, data, seq, ack, start, end, now):
-                            return
+        self._side_frames[side] += len(frames)
+        unpack = _FAST.unpack_from
+        tcp4, udp4, window = self._tcp4, self._udp4, self._window
+        for frame in frames:
+            data, offset = frame
+            flen = len(data) - offset
+            if flen >= 54:
+                etype, vihl, total, frag, proto, key, seq, ack, doff, flags = unpack(data, offset)
+                if (
+                    etype == 0x0800 and vihl == 0x45 and not frag & 0x3FFF
+                    and 40 <= total <= flen - 14
+                ):
+                    if proto == PROTO_TCP:
+                        tflow = tcp4.get(key)
+                        if tflow is not None and flags & 0x17 == 0x10 and doff >= 0x50:
+                            stop = offset + 14 + total
+                            start = offset + 34 + (doff >> 4) * 4
+                            if start <= stop:
+                                tflow.last_seen = now
+                                if primary:
+                                    if tflow.fast_primary(self, data, seq, ack, start, stop,
+                                                          frame, flen, now):
+                                        continue
+                                elif tflow.fast_secondary(self, data, seq, ack, start, stop,
+                                                          now):
+                                    continue
+                    elif proto == PROTO_UDP:
+                        uflow = udp4.get(key)
+                        ulen = seq >> 16  # the UDP length field, where a TCP seq would be
+                        if uflow is not None and 8 <= ulen <= total - 20:
+                            uflow.last_seen = now
+                            content = data[offset + 42 : offset + 34 + ulen]
+                            if primary:
+                                uflow.on_primary(self, content, frame, flen, now, window)
+                            else:
+                                uflow.on_secondary(self, content, now, window)
+                            continue
+            self._feed_general(primary, data, offset, frame, flen, now)
+
+    def _feed_general(
+        self, primary: bool, data: bytes, offset: int, frame: tuple[bytes, int], flen: int,
+        now: float,
+    ) -> None:
         ip = parse_ip(data, offset)
         if isinstance(ip, str):
-            self._uncompared(primary, (data, offset), flen, ip)
+            self._uncompared(primary, frame, flen, ip)
             return
         if ip.frag_id >= 0:
             self._fragment(primary, ip, data, offset, flen, now)
             return
-        self._dispatch(primary, ip, data, ip.l4, ip.l4_end, (data, offset), flen, now)
+        self._dispatch(primary, ip, data, ip.l4, ip.l4_end, frame, flen, now)
 
     def tick(self, now: float) -> None:
         """Advance timers: rate-limited checkpoint requests, timeouts, expiry."""
@@ -468,12 +501,15 @@ class Proxy:
         if len(self._flows) >= self.config.max_flows:
             self._evict(now)
         flow: Flow
+        fast = not key[1] and len(key[2]) == 4
         if kind is None:
             flow = TcpFlow(key, now)
-            if not key[1] and len(key[2]) == 4:
+            if fast:
                 self._tcp4[_fast_key(key)] = flow
         else:
             flow = DatagramFlow(key, now, kind)
+            if fast and key[0] == PROTO_UDP:
+                self._udp4[_fast_key(key)] = flow
         self._flows[key] = flow
         self.counters["flows_created"] += 1
         return flow
@@ -496,8 +532,11 @@ class Proxy:
 
     def _forget(self, key: FlowKey) -> None:
         del self._flows[key]
-        if key[0] == PROTO_TCP and not key[1] and len(key[2]) == 4:
-            self._tcp4.pop(_fast_key(key), None)
+        if not key[1] and len(key[2]) == 4:
+            if key[0] == PROTO_TCP:
+                self._tcp4.pop(_fast_key(key), None)
+            elif key[0] == PROTO_UDP:
+                self._udp4.pop(_fast_key(key), None)
 
     def _scan(self, now: float) -> None:
         """Timeouts and expiry; runs every scan_interval of (virtual) time."""

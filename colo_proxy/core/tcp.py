@@ -146,20 +146,35 @@ class TcpFlow(HeldCounts):
         self, host: FlowHost, data: bytes, seq: int, ack: int, start: int, end: int, rel: Rel,
         flen: int, now: float,
     ) -> bool:
-        """An ACK-bearing segment without SYN/FIN/RST; False if the general path must run."""
+        """An ACK-bearing segment without SYN/FIN/RST; False if the general path must run.
+
+        _offsets and the in-order case of _add are inlined: this runs per frame.
+        """
         me = self.pri
         if self.diverged or me.isn < 0 or me.peer_isn < 0:
             return False
-        off, a = self._offsets(me, seq, ack)
+        stream = me.stream
+        near = stream.base + len(stream.buf)
+        off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
+        top = me.ack_max
+        near_ack = top if top > 0 else 0
+        a = near_ack + ((((ack - me.peer_isn - 1) - near_ack + HALF32) & MASK32) - HALF32)
+        if a > top:
+            me.ack_max = a
         plen = end - start
         stop = off + plen
         if plen:
             if stop > me.high:
                 me.high = stop
-            self._add(host, me, off, data, start, end, "primary", now)
+            if off == near and not stream.ooo:
+                stream.buf += memoryview(data)[start:end]
+            else:
+                self._add(host, me, off, data, start, end, "primary", now)
         self.queue.append([stop, a, NEED_NONE, rel, now, off, plen, flen])
         host.hold(self, flen)
-        self.progress(host, now)
+        sec = self.sec
+        if sec.stream.buf or stop <= stream.base or sec.fin is not None or sec.rst is not None:
+            self.progress(host, now)  # otherwise nothing can compare or go out yet
         return True
 
     def fast_secondary(
@@ -172,7 +187,9 @@ class TcpFlow(HeldCounts):
         off, _ = self._offsets(me, seq, ack)
         if end > start:
             self._secondary_data(host, off, data, start, end, now)
-        self.progress(host, now)
+        pri = self.pri
+        if self.queue or pri.stream.buf or pri.fin is not None or pri.rst is not None:
+            self.progress(host, now)  # otherwise nothing can compare or go out yet
         return True
 
     def _secondary_data(
