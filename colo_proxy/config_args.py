@@ -49,15 +49,20 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def load_toml(path: str) -> dict[str, Any]:
-    """The settings in a TOML file: the [core] table if there is one, else the top level."""
+def read_toml(path: str) -> dict[str, Any]:
+    """A whole TOML document; unreadable or invalid files are ConfigErrors."""
     try:
         with Path(path).open("rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """The settings in a TOML file: the [core] table if there is one, else the top level."""
+    data = read_toml(path)
     core = data.get("core", data)
     if not isinstance(core, dict):
         raise ConfigError(f"{path}: [core] must be a table")
