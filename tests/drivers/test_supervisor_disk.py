@@ -1,0 +1,191 @@
+"""Supervisor wiring with --disk-qmp, against scripted QMP servers (no QEMU, no agent).
+
+The scripted primary sends STOP/RESUME when the test says so; the scripted
+disk agent acknowledges ``colo-disk-checkpoint`` at once or only when the
+test releases it, so both orders of the Remus rule are driven exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from colo_proxy.core.config import Config
+from colo_proxy.drivers.endpoints import parse_endpoint
+from colo_proxy.drivers.qmp import FollowPolicy
+from colo_proxy.runtime.supervisor import RunSettings, ShutdownMode, Supervisor
+from tests.drivers.test_qmp_colo_mode import FakePrimary
+from tests.drivers.test_supervisor import Peer, segments, until
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    d = tempfile.mkdtemp(dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class FakeDiskAgent(FakePrimary):
+    """Answers the disk agent's commands; ``hold`` keeps checkpoint acks until ``ack()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+        self.hold = False
+        self.held: list[tuple[asyncio.StreamWriter, dict[str, Any]]] = []
+
+    def answer(self, w: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+        cmd = msg["execute"]
+        if cmd == "query-colo-disk":
+            self.commands.append((cmd, None))
+            self.reply(w, msg, {"epoch": self.epoch, "boot-id": "boot-1"})
+        elif cmd == "colo-disk-checkpoint":
+            self.commands.append((cmd, msg["arguments"]))
+            self.held.append((w, msg))
+            if not self.hold:
+                self.ack()
+        else:
+            super().answer(w, msg)
+
+    def ack(self) -> None:
+        for w, msg in self.held:
+            self.epoch = msg["arguments"]["epoch"]
+            self.reply(w, msg, {"epoch": self.epoch})
+        self.held.clear()
+
+    @staticmethod
+    def reply(w: asyncio.StreamWriter, msg: dict[str, Any], ret: object) -> None:
+        w.write(json.dumps({"return": ret, "id": msg["id"]}).encode() + b"\r\n")
+
+
+def diverging(dport: int) -> tuple[list[bytes], list[bytes], int]:
+    """Primary and secondary output of one flow differing at byte 500; frames before it."""
+    payload = bytes(range(256)) * 4
+    bad = bytearray(payload)
+    bad[500] ^= 1
+    return segments(payload, dport), segments(bytes(bad), dport), 1 + 5
+
+
+def test_release_waits_for_resume_and_disk_ack_in_either_order(sockdir: Path) -> None:
+    pri_a, sec_a, before_a = diverging(40000)
+    pri_b, sec_b, before_b = diverging(40001)
+
+    async def main() -> None:
+        primary, disk = FakePrimary(), FakeDiskAgent()
+        servers = [
+            await asyncio.start_unix_server(primary.serve, f"{sockdir}/qmp"),
+            await asyncio.start_unix_server(disk.serve, f"{sockdir}/disk"),
+        ]
+        settings = RunSettings(
+            primary_in=parse_endpoint(f"unix:{sockdir}/pin,server"),
+            secondary_in=parse_endpoint(f"unix:{sockdir}/sin,server"),
+            outdev=parse_endpoint(f"unix:{sockdir}/out,server"),
+            notify_dev=parse_endpoint(f"unix:{sockdir}/ntf,server"),
+            qmp=parse_endpoint(f"unix:{sockdir}/qmp"),
+            disk_qmp=parse_endpoint(f"unix:{sockdir}/disk"),
+            qmp_follow=FollowPolicy.ALWAYS,
+            on_shutdown=ShutdownMode.REPORT,
+        )
+        sup = Supervisor(Config(compare_timeout=60.0, min_checkpoint_interval=0.0), settings)
+        await sup.start()
+        link, qmp = sup.disk_link, sup.qmp
+        assert link is not None and qmp is not None
+        peer = Peer(sockdir, False)
+        await peer.connect()
+        await until(lambda: link.driver.connected and qmp.connected, "both QMP sessions")
+
+        # epoch 1, memory first: the RESUME alone releases nothing
+        peer.sin.write(peer.frames(sec_a))
+        await until(lambda: sup.secondary_in.frames_in == len(sec_a), "secondary a")
+        peer.pin.write(peer.frames(pri_a))
+        await until(lambda: sup.proxy.held_frames() == len(pri_a) - before_a, "a held")
+        disk.hold = True
+        primary.event("STOP")
+        await until(lambda: len(disk.held) == 1, "disk checkpoint sent")
+        primary.event("RESUME")
+        await until(lambda: qmp.stats.checkpoints_done == 1, "RESUME followed")
+        assert sup.proxy.held_frames() == len(pri_a) - before_a
+        assert link.waiting and sup.outdev.frames_out == before_a
+
+        # output of the next epoch arrives meanwhile: deferred, not released with epoch 1
+        peer.sin.write(peer.frames(sec_b))
+        peer.pin.write(peer.frames(pri_b))
+        deferred = len(sec_b) + len(pri_b)
+        await until(lambda: sup.counters["deferred_input_frames"] == deferred, "deferred")
+        assert sup.proxy.stats()["primary_frames"] == len(pri_a)
+
+        disk.ack()
+        await until(lambda: link.counters["releases"] == 1, "release after the disk ack")
+        assert disk.commands.count(("colo-disk-checkpoint", {"epoch": 1})) == 1
+        # epoch 1's held frames went out; flow b was compared afresh and holds its divergence
+        assert sup.proxy.held_frames() == len(pri_b) - before_b
+        await until(lambda: len(peer.out_frames) == len(pri_a) + before_b, "frames out")
+        assert [d for d, _ in peer.out_frames] == pri_a + pri_b[:before_b]
+
+        # epoch 2, disk first: the ack alone releases nothing, the RESUME then does
+        disk.hold = False
+        primary.event("STOP")
+        await until(lambda: link.gate.disk_epoch == 2, "disk epoch 2 acknowledged")
+        assert sup.proxy.held_frames() == len(pri_b) - before_b
+        primary.event("RESUME")
+        await until(lambda: link.counters["releases"] == 2, "second release")
+        await until(lambda: len(peer.out_frames) == len(pri_a) + len(pri_b), "all out")
+        assert [d for d, _ in peer.out_frames] == pri_a + pri_b
+
+        report = await sup.shutdown()
+        assert report["disk_link"]["released_epoch"] == 2  # type: ignore[index]
+        assert report["shutdown"]["waiting_for_disk_agent"] is False  # type: ignore[index]
+        for server in servers:
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_shutdown_names_the_disk_agent_when_output_waits_for_it(
+    sockdir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pri, sec, before = diverging(40000)
+
+    async def main() -> dict[str, Any]:
+        primary = FakePrimary()
+        server = await asyncio.start_unix_server(primary.serve, f"{sockdir}/qmp")
+        settings = RunSettings(
+            primary_in=parse_endpoint(f"unix:{sockdir}/pin,server"),
+            secondary_in=parse_endpoint(f"unix:{sockdir}/sin,server"),
+            outdev=parse_endpoint(f"unix:{sockdir}/out,server"),
+            notify_dev=parse_endpoint(f"unix:{sockdir}/ntf,server"),
+            qmp=parse_endpoint(f"unix:{sockdir}/qmp"),
+            disk_qmp=parse_endpoint(f"unix:{sockdir}/no-agent"),  # nobody listens
+            qmp_follow=FollowPolicy.ALWAYS,
+        )
+        sup = Supervisor(Config(compare_timeout=60.0, min_checkpoint_interval=0.0), settings)
+        await sup.start()
+        assert sup.qmp is not None and sup.disk_link is not None
+        peer = Peer(sockdir, False)
+        await peer.connect()
+        await until(lambda: sup.qmp is not None and sup.qmp.connected, "primary QMP")
+        peer.sin.write(peer.frames(sec))
+        await until(lambda: sup.secondary_in.frames_in == len(sec), "secondary")
+        peer.pin.write(peer.frames(pri))
+        await until(lambda: sup.proxy.held_frames() == len(pri) - before, "held")
+        primary.event("STOP")
+        primary.event("RESUME")
+        await until(lambda: sup.qmp is not None and sup.qmp.stats.checkpoints_done == 1, "ckpt")
+        await until(lambda: sup.disk_link is not None and sup.disk_link.waiting, "waiting")
+        report = await sup.shutdown()
+        server.close()
+        return report
+
+    report = asyncio.run(main())
+    assert report["shutdown"]["waiting_for_disk_agent"] is True
+    assert report["shutdown"]["held_frames_not_released"] == len(pri) - before
+    assert report["disk_link"]["releases"] == 0
+    assert "waiting for the disk agent to acknowledge epoch 1" in caplog.text
