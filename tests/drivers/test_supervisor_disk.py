@@ -7,6 +7,7 @@ test releases it, so both orders of the Remus rule are driven exactly.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import shutil
@@ -20,6 +21,7 @@ import pytest
 from colo_proxy.core.config import Config
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
+from colo_proxy.runtime import run_cli
 from colo_proxy.runtime.supervisor import RunSettings, ShutdownMode, Supervisor
 from tests.drivers.test_qmp_colo_mode import FakePrimary
 from tests.drivers.test_supervisor import Peer, segments, until
@@ -189,3 +191,21 @@ def test_shutdown_names_the_disk_agent_when_output_waits_for_it(
     assert report["shutdown"]["held_frames_not_released"] == len(pri) - before
     assert report["disk_link"]["releases"] == 0
     assert "waiting for the disk agent to acknowledge epoch 1" in caplog.text
+
+
+def test_disk_qmp_flag_and_toml_key(tmp_path: Path) -> None:
+    base = ["--primary-in", "unix:/p,server", "--secondary-in", "unix:/s,server", "--outdev",
+            "unix:/o"]  # fmt: skip
+    parser = argparse.ArgumentParser()
+    run_cli.add_parser(parser.add_subparsers(dest="command"))
+    flags = parser.parse_args(["run", *base, "--disk-qmp", "tcp:127.0.0.1:4446"])
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[run]\ndisk_qmp = "tcp:127.0.0.1:4446"\n')
+    toml = parser.parse_args(["run", *base, "--config", str(cfg)])
+    from_flags = run_cli.settings_from_values(run_cli.run_values(flags))
+    assert from_flags == run_cli.settings_from_values(run_cli.run_values(toml))
+    assert from_flags.disk_qmp == parse_endpoint("tcp:127.0.0.1:4446")
+    without = run_cli.settings_from_values(run_cli.run_values(parser.parse_args(["run", *base])))
+    assert without.disk_qmp is None
+    sup = Supervisor(Config(), without)  # no --disk-qmp: no link, releases stay direct
+    assert sup.disk_link is None and "disk_link" not in sup.stats()
