@@ -57,15 +57,22 @@ def run_harness(harness: str, args: list[str]) -> subprocess.CompletedProcess[st
     return subprocess.run([sys.executable, harness, *args], capture_output=True, text=True)
 
 
+def gen_case(harness: str, case: Path, gen: str) -> str | None:
+    """`harness.py gen` into `case` unless its pcaps exist; an error message or None."""
+    case.mkdir(parents=True, exist_ok=True)
+    if (case / "primary.pcap").exists():
+        return None
+    res = run_harness(harness, ["gen", "--out", str(case), *shlex.split(gen)])
+    return "gen failed: " + res.stderr[-500:] if res.returncode else None
+
+
 def one_case(
     harness: str, out: Path, name: str, gen: str, run: str, repeat: int, extra: str
 ) -> dict[str, Any]:
     case = out / name
-    case.mkdir(parents=True, exist_ok=True)
-    if not (case / "primary.pcap").exists():
-        res = run_harness(harness, ["gen", "--out", str(case), *shlex.split(gen)])
-        if res.returncode:
-            return {"case": name, "error": "gen failed: " + res.stderr[-500:]}
+    error = gen_case(harness, case, gen)
+    if error:
+        return {"case": name, "error": error}
     run_args = shlex.split(run)
     if "--impl" in run_args:
         return {"case": name, "skipped": "case runs its own implementation"}
