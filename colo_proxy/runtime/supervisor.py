@@ -208,10 +208,12 @@ class Supervisor:
             self._flush_deferred()
         elif held or deferred:
             log.warning(
-                "shutdown: %d primary frames (%s bytes) held awaiting comparison or a "
-                "checkpoint%s were not released (--on-shutdown flush would send them)",
+                "shutdown: %d primary frames (%s bytes held, %d frames kept aside) awaiting "
+                "comparison or a checkpoint were not released (--on-shutdown flush would send "
+                "them)%s",
                 held + deferred,
                 self.proxy.stats().get("held_bytes"),
+                deferred,
                 self._disk_wait_note(),
             )
         for driver in (self.qmp, self.secondary_qmp):
@@ -438,7 +440,8 @@ class Supervisor:
         if link is None or not link.waiting:
             return ""
         return (
-            f", waiting for the disk agent to acknowledge epoch {link.gate.released_epoch + 1} "
+            f"; output was waiting for the disk agent to acknowledge epoch "
+            f"{link.gate.released_epoch + 1} "
             f"(VM checkpoints done: {link.gate.memory_epoch}, disk acknowledged: "
             f"{link.gate.disk_epoch}, agent connected: {link.driver.connected})"
         )

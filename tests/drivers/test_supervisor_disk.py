@@ -150,13 +150,15 @@ def test_release_waits_for_resume_and_disk_ack_in_either_order(sockdir: Path) ->
     asyncio.run(main())
 
 
-def test_shutdown_names_the_disk_agent_when_output_waits_for_it(
-    sockdir: Path,
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize("end", ["shutdown", "failover"])
+def test_agent_unreachable_output_waits_until_shutdown_or_failover(
+    sockdir: Path, end: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pri, sec, before = diverging(40000)
+    """No agent: the checkpoint completes, nothing is released; failover releases it all."""
+    pri_a, sec_a, before_a = diverging(40000)
+    pri_b, sec_b, _ = diverging(40001)
 
-    async def main() -> dict[str, Any]:
+    async def main() -> tuple[dict[str, Any], list[bytes]]:
         primary = FakePrimary()
         server = await asyncio.start_unix_server(primary.serve, f"{sockdir}/qmp")
         settings = RunSettings(
@@ -170,27 +172,44 @@ def test_shutdown_names_the_disk_agent_when_output_waits_for_it(
         )
         sup = Supervisor(Config(compare_timeout=60.0, min_checkpoint_interval=0.0), settings)
         await sup.start()
-        assert sup.qmp is not None and sup.disk_link is not None
+        qmp, link = sup.qmp, sup.disk_link
+        assert qmp is not None and link is not None
         peer = Peer(sockdir, False)
         await peer.connect()
-        await until(lambda: sup.qmp is not None and sup.qmp.connected, "primary QMP")
-        peer.sin.write(peer.frames(sec))
-        await until(lambda: sup.secondary_in.frames_in == len(sec), "secondary")
-        peer.pin.write(peer.frames(pri))
-        await until(lambda: sup.proxy.held_frames() == len(pri) - before, "held")
+        await until(lambda: qmp.connected, "primary QMP")
+        peer.sin.write(peer.frames(sec_a))
+        await until(lambda: sup.secondary_in.frames_in == len(sec_a), "secondary")
+        peer.pin.write(peer.frames(pri_a))
+        await until(lambda: sup.proxy.held_frames() == len(pri_a) - before_a, "held")
+        await until(lambda: len(peer.out_frames) == before_a, "frames before the divergence")
         primary.event("STOP")
         primary.event("RESUME")
-        await until(lambda: sup.qmp is not None and sup.qmp.stats.checkpoints_done == 1, "ckpt")
-        await until(lambda: sup.disk_link is not None and sup.disk_link.waiting, "waiting")
+        await until(lambda: qmp.stats.checkpoints_done == 1 and link.waiting, "waiting")
+        peer.sin.write(peer.frames(sec_b))
+        peer.pin.write(peer.frames(pri_b))
+        deferred = len(sec_b) + len(pri_b)
+        await until(lambda: sup.counters["deferred_input_frames"] == deferred, "deferred")
+        if end == "failover":
+            sup._colo_exit({"mode": "primary", "reason": "request"})
+            await until(lambda: len(peer.out_frames) == len(pri_a) + len(pri_b), "passed")
         report = await sup.shutdown()
         server.close()
-        return report
+        return report, [d for d, _ in peer.out_frames]
 
-    report = asyncio.run(main())
-    assert report["shutdown"]["waiting_for_disk_agent"] is True
-    assert report["shutdown"]["held_frames_not_released"] == len(pri) - before
+    report, out = asyncio.run(main())
+    shutdown = report["shutdown"]
     assert report["disk_link"]["releases"] == 0
-    assert "waiting for the disk agent to acknowledge epoch 1" in caplog.text
+    if end == "failover":
+        assert out == pri_a + pri_b
+        assert shutdown["held_frames_not_released"] == 0
+        assert shutdown["deferred_primary_frames_not_released"] == 0
+        assert report["supervisor"]["passthrough_secondary_dropped"] == len(sec_b)
+    else:
+        assert out == pri_a[:before_a]
+        assert shutdown["waiting_for_disk_agent"] is True
+        assert shutdown["held_frames_not_released"] == len(pri_a) - before_a
+        assert shutdown["deferred_primary_frames_not_released"] == len(pri_b)
+        assert "waiting for the disk agent to acknowledge epoch 1" in caplog.text
 
 
 def test_disk_qmp_flag_and_toml_key(tmp_path: Path) -> None:
