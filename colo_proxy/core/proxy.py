@@ -78,6 +78,18 @@ def _fast_key(key: FlowKey) -> bytes:
 MAX_DIVERGENCES_KEPT = 10000
 
 
+class CoreFault(Exception):
+    """The core failed on frames[index] of a feed_many batch (a bug, never guest input).
+
+    The frames before it were fed; the caller may log this one and go on
+    with frames[index + 1:].
+    """
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"core failed on frame {index} of the batch")
+        self.index = index
+
+
 class CheckpointState(enum.Enum):
     """Where the proxy is in its checkpoint cycle."""
 
@@ -151,42 +163,49 @@ class Proxy:
         primary = side is Side.PRIMARY
         self._side_frames[side] += len(frames)
         unpack = _FAST.unpack_from
-        tcp4, udp4, window = self._tcp4, self._udp4, self._window
-        for frame in frames:
-            data, offset = frame
-            flen = len(data) - offset
-            if flen >= 54:
+        tcp4, udp4, window, general = self._tcp4, self._udp4, self._window, self._feed_general
+        index = 0
+        try:
+            for index, frame in enumerate(frames):  # noqa: B007 - read by the except clause
+                data, offset = frame
+                flen = len(data) - offset
+                if flen < 54:
+                    general(primary, data, offset, frame, flen, now)
+                    continue
                 etype, vihl, total, frag, proto, key, seq, ack, doff, flags = unpack(data, offset)
-                if (
-                    etype == 0x0800 and vihl == 0x45 and not frag & 0x3FFF
-                    and 40 <= total <= flen - 14
-                ):
-                    if proto == PROTO_TCP:
-                        tflow = tcp4.get(key)
-                        if tflow is not None and flags & 0x17 == 0x10 and doff >= 0x50:
-                            stop = offset + 14 + total
-                            start = offset + 34 + (doff >> 4) * 4
-                            if start <= stop:
-                                tflow.last_seen = now
-                                if primary:
-                                    if tflow.fast_primary(self, data, seq, ack, start, stop,
-                                                          frame, flen, now):
-                                        continue
-                                elif tflow.fast_secondary(self, data, seq, ack, start, stop,
-                                                          now):
-                                    continue
-                    elif proto == PROTO_UDP:
-                        uflow = udp4.get(key)
-                        ulen = seq >> 16  # the UDP length field, where a TCP seq would be
-                        if uflow is not None and 8 <= ulen <= total - 20:
-                            uflow.last_seen = now
-                            content = data[offset + 42 : offset + 34 + ulen]
-                            if primary:
-                                uflow.on_primary(self, content, frame, flen, now, window)
-                            else:
-                                uflow.on_secondary(self, content, now, window)
+                if etype != 0x0800 or vihl != 0x45 or frag & 0x3FFF or not 40 <= total <= flen - 14:
+                    general(primary, data, offset, frame, flen, now)
+                    continue
+                if proto == PROTO_TCP:
+                    tflow = tcp4.get(key)
+                    start = offset + 34 + (doff >> 4) * 4
+                    stop = offset + 14 + total
+                    if (
+                        tflow is not None and flags & 0x17 == 0x10 and doff >= 0x50
+                        and start <= stop
+                    ):
+                        tflow.last_seen = now
+                        if primary:
+                            if tflow.fast_primary(
+                                self, data, seq, ack, start, stop, frame, flen, now
+                            ):
+                                continue
+                        elif tflow.fast_secondary(self, data, seq, ack, start, stop, now):
                             continue
-            self._feed_general(primary, data, offset, frame, flen, now)
+                elif proto == PROTO_UDP:
+                    uflow = udp4.get(key)
+                    ulen = seq >> 16  # the UDP length field sits where a TCP seq would be
+                    if uflow is not None and 8 <= ulen <= total - 20:
+                        uflow.last_seen = now
+                        content = data[offset + 42 : offset + 34 + ulen]
+                        if primary:
+                            uflow.on_primary(self, content, frame, flen, now, window)
+                        else:
+                            uflow.on_secondary(self, content, now, window)
+                        continue
+                general(primary, data, offset, frame, flen, now)
+        except Exception as err:  # a bug in the core: name the frame so the rest can go on
+            raise CoreFault(index) from err
 
     def _feed_general(
         self, primary: bool, data: bytes, offset: int, frame: tuple[bytes, int], flen: int,

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import CheckpointRequest, Divergence, Side
 from colo_proxy.core.framing import Frame
-from colo_proxy.core.proxy import Proxy
+from colo_proxy.core.proxy import CoreFault, Proxy
 from colo_proxy.core.xen_notify import NotifyDecoder, NotifyKind, do_checkpoint, init_reply
 from colo_proxy.drivers.endpoints import Endpoint
 from colo_proxy.drivers.qemu_socket import Channel, RecordChannel
@@ -281,15 +281,15 @@ class Supervisor:
         self._after(now)
 
     def _compare(self, side: Side, frames: list[Frame], now: float) -> None:
-        """Feed frames to the core; a core exception costs that frame only."""
-        feed = self.proxy.feed
+        """Feed one read's frames to the core at once; a core exception costs that frame only."""
+        feed_many = self.proxy.feed_many
         done = 0
         while done < len(frames):
             try:
-                for data, offset in frames[done:] if done else frames:
-                    feed(side, data, now, offset)
-                    done += 1
-            except Exception:  # a core bug must not cost the connection (asyncio closes it)
+                feed_many(side, frames[done:] if done else frames, now)
+                done = len(frames)
+            except CoreFault as fault:  # a core bug must not cost the connection
+                done += fault.index
                 self._core_error(side, frames[done])
                 done += 1
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
-from colo_proxy.core.proxy import Proxy
+from colo_proxy.core.proxy import CoreFault, Proxy
+from colo_proxy.core.tcp import TcpFlow
 from colo_proxy.synth import TcpServerStream, ipv4_frame
 from tests.core.harness import P, S, run
 
@@ -79,3 +81,18 @@ def test_garbage_behind_valid_headers_never_raises(tail: bytes, proto: int) -> N
     proxy.feed(Side.SECONDARY, frame, 0.0)
     proxy.checkpoint_done(1.0)
     assert len(proxy.take_released()) == 1
+
+
+def test_a_core_fault_names_the_frame_of_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = Proxy(Config())
+    p = TcpServerStream()
+    frames = [(p.synack(), 0), (p.data(0, b"x"), 0), (p.data(1, b"y"), 0)]
+    proxy.feed_many(Side.PRIMARY, frames[:1], 0.0)
+
+    def broken(*_: object) -> bool:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(TcpFlow, "fast_primary", broken)
+    with pytest.raises(CoreFault) as info:
+        proxy.feed_many(Side.PRIMARY, frames[1:], 0.0)
+    assert info.value.index == 0 and isinstance(info.value.__cause__, RuntimeError)

@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 from colo_proxy.core.config import Config
+from colo_proxy.core.events import Side
 from colo_proxy.core.framing import Frame, FrameDecoder, encode_frames
+from colo_proxy.core.proxy import CoreFault
 from colo_proxy.core.xen_notify import encode_message
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.runtime.supervisor import RunSettings, ShutdownMode, Supervisor
@@ -191,15 +193,18 @@ def test_core_exception_costs_one_frame_not_the_connection(
 
     async def main() -> None:
         sup = make_supervisor(sockdir, False, ShutdownMode.REPORT)
-        real_feed = sup.proxy.feed
+        real_feed_many = sup.proxy.feed_many
         poison = frames[2]
 
-        def feed(side: object, data: bytes, now: float, offset: int = 0) -> None:
-            if data[offset:] == poison:
-                raise RuntimeError("core bug")
-            real_feed(side, data, now, offset)  # type: ignore[arg-type]
+        def feed_many(side: Side, batch: list[tuple[bytes, int]], now: float) -> None:
+            """The core failing on the poisoned frame, as Proxy.feed_many reports it."""
+            for i, (data, offset) in enumerate(batch):
+                if data[offset:] == poison:
+                    real_feed_many(side, batch[:i], now)
+                    raise CoreFault(i)
+            real_feed_many(side, batch, now)
 
-        monkeypatch.setattr(sup.proxy, "feed", feed)
+        monkeypatch.setattr(sup.proxy, "feed_many", feed_many)
         await sup.start()
         peer = Peer(sockdir, False)
         await peer.connect()
