@@ -15,11 +15,9 @@ import gc
 import json
 import logging
 import signal
-import tomllib
-from pathlib import Path
 from typing import Any
 
-from colo_proxy.config_args import add_config_flags, config_from_args
+from colo_proxy.config_args import add_config_flags, config_from_args, read_toml
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
@@ -147,14 +145,7 @@ def run_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _toml_run_table(path: str) -> dict[str, Any]:
-    try:
-        with Path(path).open("rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
-    table = data.get("run", {})
+    table = read_toml(path).get("run", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [run] must be a table")
     unknown = sorted(set(table) - set(RUN_KEYS))
