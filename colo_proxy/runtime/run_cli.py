@@ -145,7 +145,8 @@ def run_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _toml_run_table(path: str) -> dict[str, Any]:
-    table = read_toml(path).get("run", {})
+    data = read_toml(path)
+    table = data.get("run", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [run] must be a table")
     unknown = sorted(set(table) - set(RUN_KEYS))
