@@ -60,7 +60,8 @@ class QemuProcess:
 
 
 def start_qemu(
-    workdir: str, netdevs: list[str], extra: list[str], qmp_path: str | None = None
+    workdir: str | os.PathLike[str], netdevs: list[str], extra: list[str],
+    qmp_path: str | None = None,
 ) -> QemuProcess:
     """Start ``qemu-system-x86_64 -M none`` with one hubbed socket netdev per id."""
     assert QEMU is not None
@@ -109,13 +110,40 @@ def start_qemu(
     return qp
 
 
+def wait_chardev_connected(qmp_path: str, chardev: str, timeout: float = 20.0) -> None:
+    """Wait until QEMU itself reports `chardev` connected (QMP query-chardev).
+
+    Our accept() can return before QEMU's reconnecting chardev has switched to
+    connected; a filter writing in that window drops the frame, so tests must
+    wait for QEMU's view, as the shared harness does.
+    """
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    mon = QEMUMonitorProtocol(qmp_path)
+    mon.connect()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for dev in mon.cmd("query-chardev"):
+                if dev["label"] == chardev and not dev["filename"].startswith("disconnected"):
+                    return
+            time.sleep(0.01)
+        raise AssertionError(f"QEMU never connected chardev {chardev}")
+    finally:
+        mon.close()
+
+
 @contextlib.contextmanager
 def running_qemu(
-    workdir: str, netdevs: list[str], extra: list[str], qmp_path: str | None = None
+    workdir: str | os.PathLike[str], netdevs: list[str], extra: list[str],
+    qmp_path: str | None = None,
 ) -> Iterator[QemuProcess]:
     qp = start_qemu(workdir, netdevs, extra, qmp_path)
     try:
         yield qp
+    except BaseException:
+        print(f"QEMU exit status {qp.proc.poll()}; its output:\n{qp.stderr()}")
+        raise
     finally:
         qp.kill()
 

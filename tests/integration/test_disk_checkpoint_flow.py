@@ -8,10 +8,8 @@ completed (STOP then RESUME) AND the agent acknowledged epoch N.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import pytest
 from colo_proxy.disk.gate import CommitGate
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
-from tests.disk.agent_helpers import NbdClient, short_tmpdir, start_agent, tool
+from tests.disk.agent_helpers import NbdClient, start_agent, tool
 
 pytestmark = [
     pytest.mark.integration,
@@ -27,12 +25,6 @@ pytestmark = [
                        reason="qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"),
 ]
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_output_released_only_after_vm_and_disk_checkpoint(workdir: Path) -> None:

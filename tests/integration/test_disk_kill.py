@@ -10,27 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError
 
-from tests.disk.agent_helpers import NbdClient, short_tmpdir, start_agent
+from tests.disk.agent_helpers import NbdClient, start_agent
 
 pytestmark = pytest.mark.integration
 
 SIZE = 16 << 20
 TRIALS = 25
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_kill_9_at_random_points(workdir: Path) -> None:

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.runtime.disk_link import DiskLink
-from tests.disk.agent_helpers import NbdClient, short_tmpdir, start_agent
+from tests.disk.agent_helpers import NbdClient, start_agent
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 async def _until(cond: object, timeout: float = 20.0) -> None:

@@ -18,7 +18,6 @@ from tests.disk.agent_helpers import (
     NbdClient,
     must,
     run,
-    short_tmpdir,
     start_agent,
     tool,
     wait_event,
@@ -33,12 +32,6 @@ pytestmark = [
 
 SIZE = 8 << 20
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

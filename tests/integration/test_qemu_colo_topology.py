@@ -13,13 +13,12 @@ client.  colo-proxy runs as the real command.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from qemu.qmp import QMPClient
@@ -28,7 +27,6 @@ from colo_proxy.core.framing import encode_frames
 from tests.integration.qemu_helpers import (
     needs_qemu,
     recv_netdev_frames,
-    short_tmpdir,
     start_qemu,
 )
 
@@ -38,12 +36,6 @@ scapy_all = pytest.importorskip("scapy.all")
 
 PRI_ISN, SEC_ISN, CLIENT_ISN = 3_000_000, 9_000_000, 5000
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def free_ports(n: int) -> list[int]:
@@ -98,7 +90,7 @@ async def all_connected(qmp_path: str, labels: tuple[str, ...]) -> None:
         await qmp.disconnect()
 
 
-def test_colo_ft_network_topology_with_colo_proxy(workdir: str) -> None:
+def test_colo_ft_network_topology_with_colo_proxy(workdir: Path) -> None:
     mirror, compare0, compare_out, sec_in = free_ports(4)
     payload = bytes(i % 253 for i in range(30_000))
     pri_out, sec_out = guest(PRI_ISN, payload), guest(SEC_ISN, payload)

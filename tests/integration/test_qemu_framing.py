@@ -12,9 +12,8 @@ Also: QEMU killed and restarted under a listening channel; QEMU as the server.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,20 +26,14 @@ from tests.integration.qemu_helpers import (
     recv_netdev_frames,
     running_qemu,
     send_netdev_frames,
-    short_tmpdir,
     start_qemu,
+    wait_chardev_connected,
 )
 
 pytestmark = [pytest.mark.integration, needs_qemu]
 
 VNET_HDR = bytes(range(1, 13))
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 async def until(cond: object, what: str, limit: float = 30.0) -> None:
@@ -53,34 +46,54 @@ async def until(cond: object, what: str, limit: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
+QEMU_IOV_ABORT = "iov_copy: Assertion"
+
+
 def vnet_opt(vnet: bool) -> str:
     return ",vnet_hdr_support=on" if vnet else ""
 
 
 @pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
 @pytest.mark.parametrize("kind", ["filter-redirector", "filter-mirror"])
-def test_qemu_writes_proxy_reads(workdir: str, kind: str, vnet: bool) -> None:
+def test_qemu_writes_proxy_reads(workdir: Path, kind: str, vnet: bool) -> None:
     frames = make_frames(1500)
 
-    async def main() -> None:
+    async def main(attempt: int) -> bool:
+        """One run; False if QEMU itself aborted on its known iov_copy assertion."""
         got: list[Frame] = []
-        ch = RecordChannel("primary_in", parse_endpoint(f"unix:{workdir}/pin,server"), vnet,
+        sock = f"{workdir}/pin{attempt}"
+        ch = RecordChannel("primary_in", parse_endpoint(f"unix:{sock},server"), vnet,
                            got.extend)  # fmt: skip
         await ch.channel.start()
         extra = [
-            "-chardev", f"socket,id=co,path={workdir}/pin,reconnect=1",
+            "-chardev", f"socket,id=co,path={sock},reconnect=1",
             "-object", f"{kind},id=f0,netdev=n0,queue=tx,outdev=co{vnet_opt(vnet)}",
         ]  # fmt: skip
-        with running_qemu(workdir, ["n0"], extra) as qemu:
-            await until(lambda: ch.channel.connected, "QEMU to connect")
-            await asyncio.to_thread(send_netdev_frames, qemu.ports["n0"], frames)
-            await until(lambda: len(got) >= len(frames), "all frames", 60)
+        qmp = f"{workdir}/qmp{attempt}"
+        try:
+            with running_qemu(workdir, ["n0"], extra, qmp) as qemu:
+                await until(lambda: ch.channel.connected, "QEMU to connect")
+                await asyncio.to_thread(wait_chardev_connected, qmp, "co")
+                await asyncio.to_thread(send_netdev_frames, qemu.ports["n0"], frames)
+                await until(lambda: len(got) >= len(frames), "all frames", 60)
+        except (AssertionError, OSError):
+            if qemu.proc.poll() is not None and QEMU_IOV_ABORT in qemu.stderr():
+                await ch.channel.close()
+                return False
+            raise
         assert [d for d, _ in got] == frames
         assert {o for _, o in got} == {0}  # socket netdevs have no vnet header
         assert ch.framing_errors == 0
         await ch.channel.close()
+        return True
 
-    asyncio.run(main())
+    # Debian's QEMU 7.2 sometimes aborts inside its own filter code (an
+    # iov_copy assertion) while forwarding this traffic; that says nothing
+    # about colo-proxy, so such a run is repeated with a fresh QEMU, at most twice.
+    for attempt in range(3):
+        if asyncio.run(main(attempt)):
+            return
+    pytest.fail("QEMU aborted with its iov_copy assertion on three runs in a row")
 
 
 def free_tcp_port() -> int:
@@ -96,7 +109,7 @@ def free_tcp_port() -> int:
     ids=["proxy-server-unix", "qemu-server-unix", "qemu-server-tcp"],
 )
 def test_proxy_writes_qemu_indev_reads(
-    workdir: str, vnet: bool, we_listen: bool, tcp: bool
+    workdir: Path, vnet: bool, we_listen: bool, tcp: bool
 ) -> None:
     eth = make_frames(1500, seed=7)
     batch: list[Frame] = [(VNET_HDR + f, 12) for f in eth] if vnet else [(f, 0) for f in eth]
@@ -134,7 +147,7 @@ def test_proxy_writes_qemu_indev_reads(
     asyncio.run(main())
 
 
-def test_listening_channel_survives_qemu_restart_over_tcp(workdir: str) -> None:
+def test_listening_channel_survives_qemu_restart_over_tcp(workdir: Path) -> None:
     async def main() -> None:
         got: list[Frame] = []
         ch = RecordChannel("secondary_in", parse_endpoint("tcp:127.0.0.1:0,server"), False,
@@ -147,9 +160,11 @@ def test_listening_channel_survives_qemu_restart_over_tcp(workdir: str) -> None:
         ]  # fmt: skip
         first, second = make_frames(300, seed=1), make_frames(300, seed=2)
         for n, frames in enumerate((first, second)):
-            qemu = start_qemu(workdir, ["n0"], extra)
+            qmp = f"{workdir}/qmp"
+            qemu = start_qemu(workdir, ["n0"], extra, qmp)
             try:
                 await until(lambda n=n: ch.channel.stats.connects == n + 1, "QEMU to connect")
+                await asyncio.to_thread(wait_chardev_connected, qmp, "co")
                 await asyncio.to_thread(send_netdev_frames, qemu.ports["n0"], frames)
                 want = len(first) * (n + 1)
                 await until(lambda want=want: len(got) >= want, "frames")

@@ -13,24 +13,17 @@ request) needs a COLO pair, which hangs under TCG on this QEMU
 from __future__ import annotations
 
 import asyncio
-import shutil
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
-from tests.integration.qemu_helpers import needs_qemu, short_tmpdir, start_qemu
+from tests.integration.qemu_helpers import needs_qemu, start_qemu
 
 pytestmark = [pytest.mark.integration, needs_qemu]
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 async def until(cond: object, what: str, limit: float = 30.0) -> None:
@@ -50,7 +43,7 @@ async def other_client(path: str) -> QMPClient:
     return client
 
 
-def test_negotiation_stop_resume_and_request(workdir: str) -> None:
+def test_negotiation_stop_resume_and_request(workdir: Path) -> None:
     qmp = f"{workdir}/qmp.sock"
     op_qmp = f"{workdir}/op.sock"
     qemu = start_qemu(workdir, [], ["-qmp", f"unix:{op_qmp},server=on,wait=off"], qmp)
@@ -102,7 +95,7 @@ def test_negotiation_stop_resume_and_request(workdir: str) -> None:
         qemu.kill()
 
 
-def test_default_policy_ignores_pause_outside_colo(workdir: str) -> None:
+def test_default_policy_ignores_pause_outside_colo(workdir: Path) -> None:
     qmp = f"{workdir}/qmp.sock"
     op_qmp = f"{workdir}/op.sock"
     qemu = start_qemu(workdir, [], ["-qmp", f"unix:{op_qmp},server=on,wait=off"], qmp)
@@ -133,7 +126,7 @@ def test_default_policy_ignores_pause_outside_colo(workdir: str) -> None:
         qemu.kill()
 
 
-def test_request_error_reported_with_qemu_message(workdir: str) -> None:
+def test_request_error_reported_with_qemu_message(workdir: Path) -> None:
     qmp = f"{workdir}/qmp.sock"
     qemu = start_qemu(workdir, [], [], qmp)
 
@@ -153,7 +146,7 @@ def test_request_error_reported_with_qemu_message(workdir: str) -> None:
         qemu.kill()
 
 
-def test_request_survives_qemu_kill_and_restart(workdir: str) -> None:
+def test_request_survives_qemu_kill_and_restart(workdir: Path) -> None:
     qmp = f"{workdir}/qmp.sock"
 
     async def main() -> None:

@@ -15,12 +15,11 @@ filters and checks that colo-proxy releases the primary's connection.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from qemu.qmp import QMPClient
@@ -29,7 +28,6 @@ from colo_proxy.core.framing import encode_frames
 from tests.integration.qemu_helpers import (
     needs_qemu,
     recv_netdev_frames,
-    short_tmpdir,
     start_qemu,
 )
 
@@ -39,12 +37,6 @@ scapy_all = pytest.importorskip("scapy.all")
 
 PRI_ISN, SEC_ISN, CLIENT_ISN = 1000, 777000, 5000
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def client(flags: str, seq: int, ack: int = 0) -> bytes:
@@ -75,7 +67,7 @@ def netdev_write(sock: object, frames: list[bytes]) -> None:
 
 
 @pytest.mark.parametrize("secondary_first", [True, False], ids=["secondary-first", "primary-first"])
-def test_rewritten_secondary_stream_is_released(workdir: str, secondary_first: bool) -> None:
+def test_rewritten_secondary_stream_is_released(workdir: Path, secondary_first: bool) -> None:
     payload = bytes(range(200)) * 3
     sock = {n: f"{workdir}/{n}" for n in ("pin", "sin", "out")}
     op = f"{workdir}/op"

@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,7 +35,6 @@ from tests.integration.qemu_helpers import (
     needs_qemu,
     recv_netdev_frames,
     send_netdev_frames,
-    short_tmpdir,
     start_qemu,
 )
 
@@ -43,12 +42,6 @@ pytestmark = [pytest.mark.integration, needs_qemu]
 
 scapy_all = pytest.importorskip("scapy.all")
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def guest_tcp_output(dport: int, payload: bytes, seg: int) -> list[bytes]:
@@ -89,7 +82,7 @@ class Chain:
 
 
 @contextmanager
-def chain(workdir: str, vnet: bool, proxy_args: list[str]) -> Iterator[Chain]:
+def chain(workdir: Path, vnet: bool, proxy_args: list[str]) -> Iterator[Chain]:
     qmp, op, sqmp = f"{workdir}/qmp", f"{workdir}/op", f"{workdir}/sqmp"
     sock = {n: f"{workdir}/{n}" for n in ("pin", "sin", "out")}
     v = ",vnet_hdr_support=on" if vnet else ""
@@ -142,7 +135,7 @@ async def _wait_connected(op: str) -> None:
         await opc.disconnect()
 
 
-def test_run_end_to_end_with_checkpoint(workdir: str) -> None:
+def test_run_end_to_end_with_checkpoint(workdir: Path) -> None:
     payload = bytes(i % 251 for i in range(20 * 1000))
     good = guest_tcp_output(40000, payload, 1000)
     bad_pri = guest_tcp_output(40001, payload, 1000)
@@ -190,7 +183,7 @@ def bulk_flows() -> list[list[bytes]]:
 
 
 @pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
-def test_run_bulk_through_one_qemu_does_not_deadlock(workdir: str, vnet: bool) -> None:
+def test_run_bulk_through_one_qemu_does_not_deadlock(workdir: Path, vnet: bool) -> None:
     """~9 MB each way through one QEMU that writes primary_in and reads outdev."""
     flows = bulk_flows()
     frames = [f for seg in zip(*flows, strict=True) for f in seg]  # round robin

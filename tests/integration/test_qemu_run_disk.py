@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +33,6 @@ from tests.integration.qemu_helpers import (
     needs_qemu,
     recv_netdev_frames,
     send_netdev_frames,
-    short_tmpdir,
     start_qemu,
 )
 from tests.integration.test_qemu_run import _wait_connected, guest_tcp_output  # skips w/o scapy
@@ -44,12 +42,6 @@ pytestmark = [pytest.mark.integration, needs_qemu]
 SEG = 1000
 HELD_FROM = 2 + 2  # SYN-ACK, ACK, two segments; the byte at 2500 differs
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(short_tmpdir())
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def diverging(dport: int) -> tuple[list[bytes], list[bytes]]:
