@@ -110,8 +110,8 @@ def start_qemu(
     return qp
 
 
-def wait_chardev_connected(qmp_path: str, chardev: str, timeout: float = 20.0) -> None:
-    """Wait until QEMU itself reports `chardev` connected (QMP query-chardev).
+def wait_chardev_connected(qmp_path: str, *chardevs: str, timeout: float = 20.0) -> None:
+    """Wait until QEMU itself reports every named chardev connected (QMP query-chardev).
 
     Our accept() can return before QEMU's reconnecting chardev has switched to
     connected; a filter writing in that window drops the frame, so tests must
@@ -124,11 +124,11 @@ def wait_chardev_connected(qmp_path: str, chardev: str, timeout: float = 20.0) -
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for dev in mon.cmd("query-chardev"):
-                if dev["label"] == chardev and not dev["filename"].startswith("disconnected"):
-                    return
+            state = {dev["label"]: dev["filename"] for dev in mon.cmd("query-chardev")}
+            if all(not state.get(c, "disconnected").startswith("disconnected") for c in chardevs):
+                return
             time.sleep(0.01)
-        raise AssertionError(f"QEMU never connected chardev {chardev}")
+        raise AssertionError(f"QEMU never connected chardevs {chardevs}: {state}")
     finally:
         mon.close()
 

@@ -14,7 +14,6 @@ filters and checks that colo-proxy releases the primary's connection.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -22,13 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu.qmp import QMPClient
 
 from colo_proxy.core.framing import encode_frames
 from tests.integration.qemu_helpers import (
     needs_qemu,
     recv_netdev_frames,
     start_qemu,
+    wait_chardev_connected,
 )
 
 pytestmark = [pytest.mark.integration, needs_qemu]
@@ -91,7 +90,7 @@ def test_rewritten_secondary_stream_is_released(workdir: Path, secondary_first: 
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        asyncio.run(_wait_connected(op))
+        wait_chardev_connected(op, "pin", "sin", "out", timeout=30)
         pri_sink, sec_sink = qemu.sinks[0], qemu.sinks[1]
         pri_out, sec_out = guest(PRI_ISN, payload), guest(SEC_ISN, payload)
 
@@ -126,17 +125,3 @@ def test_rewritten_secondary_stream_is_released(workdir: Path, secondary_first: 
             qemu.kill()
 
 
-async def _wait_connected(op: str) -> None:
-    opc = QMPClient("op")
-    await opc.connect(op)
-    try:
-        for _ in range(3000):
-            st = await opc.execute("query-chardev")
-            assert isinstance(st, list)
-            if all(not c["filename"].startswith("disconnected") for c in st
-                   if c["label"] in ("pin", "sin", "out")):  # fmt: skip
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"chardevs never connected: {st}")
-    finally:
-        await opc.disconnect()

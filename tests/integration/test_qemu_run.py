@@ -36,6 +36,7 @@ from tests.integration.qemu_helpers import (
     recv_netdev_frames,
     send_netdev_frames,
     start_qemu,
+    wait_chardev_connected,
 )
 
 pytestmark = [pytest.mark.integration, needs_qemu]
@@ -109,7 +110,7 @@ def chain(workdir: Path, vnet: bool, proxy_args: list[str]) -> Iterator[Chain]:
             *proxy_args,
         ]  # fmt: skip
         proxy = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-        asyncio.run(_wait_connected(op))
+        wait_chardev_connected(op, "pin", "sin", "out", timeout=30)
         yield Chain(qemu, proxy, op)
     finally:
         if proxy is not None and proxy.poll() is None:
@@ -118,21 +119,6 @@ def chain(workdir: Path, vnet: bool, proxy_args: list[str]) -> Iterator[Chain]:
         qemu.kill()
 
 
-async def _wait_connected(op: str) -> None:
-    """Wait until QEMU's chardevs are connected to the proxy (and it to QEMU's)."""
-    opc = QMPClient("op")
-    await opc.connect(op)
-    try:
-        for _ in range(3000):
-            st = await opc.execute("query-chardev")
-            assert isinstance(st, list)
-            if all(not c["filename"].startswith("disconnected") for c in st
-                   if c["label"] in ("pin", "sin", "out")):  # fmt: skip
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"chardevs never connected: {st}")
-    finally:
-        await opc.disconnect()
 
 
 def test_run_end_to_end_with_checkpoint(workdir: Path) -> None:

@@ -12,7 +12,6 @@ is read from its own stats (SIGUSR1), so nothing is concluded from a timeout.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -34,8 +33,9 @@ from tests.integration.qemu_helpers import (
     recv_netdev_frames,
     send_netdev_frames,
     start_qemu,
+    wait_chardev_connected,
 )
-from tests.integration.test_qemu_run import _wait_connected, guest_tcp_output  # skips w/o scapy
+from tests.integration.test_qemu_run import guest_tcp_output  # skips w/o scapy
 
 pytestmark = [pytest.mark.integration, needs_qemu]
 
@@ -130,7 +130,7 @@ def rig(workdir: Path) -> Iterator[Rig]:
         ]  # fmt: skip
         with log_path.open("wb") as log:
             proxy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=log)
-        asyncio.run(_wait_connected(op))
+        wait_chardev_connected(op, "pin", "sin", "out", timeout=30)
         yield Rig(qemu, proxy, log_path, op, agent)
     finally:
         if proxy is not None and proxy.poll() is None:
