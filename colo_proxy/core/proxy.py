@@ -149,7 +149,7 @@ class Proxy:
         """Frames from `side` that arrived together, as (data, offset) pairs.
 
         The loop is the hot path: untagged IPv4 TCP segments with ACK and no
-        SYN/FIN/RST, and UDP datagrams, on flows already known, are handled
+        SYN/RST (FIN allowed), and UDP datagrams, on flows already known, are handled
         here with one struct unpack each; everything else takes the general
         path.  Each pair is kept by reference and handed back on release.
         """
@@ -181,16 +181,18 @@ class Proxy:
                     start = offset + 34 + (doff >> 4) * 4
                     stop = offset + 14 + total
                     if (
-                        tflow is not None and flags & 0x17 == 0x10 and doff >= 0x50
+                        tflow is not None and flags & 0x16 == 0x10 and doff >= 0x50
                         and start <= stop
                     ):
                         tflow.last_seen = now
                         if primary:
                             if tflow.fast_primary(
-                                self, data, seq, ack, start, stop, frame, flen, now
+                                self, data, seq, ack, start, stop, frame, flen, now, flags & 1
                             ):
                                 continue
-                        elif tflow.fast_secondary(self, data, seq, ack, start, stop, now):
+                        elif tflow.fast_secondary(
+                            self, data, seq, ack, start, stop, now, flags & 1
+                        ):
                             continue
                 elif proto == PROTO_UDP:
                     uflow = udp4.get(key)

@@ -43,7 +43,8 @@ NEED_RST = 3
 E_END, E_ACK, E_NEED, E_REL, E_TIME, E_START, E_PLEN, E_FLEN = range(8)
 
 SynOptions = tuple[int, int, bool, bool]
-_SPECIAL = TCP_ACK | TCP_SYN | TCP_FIN | TCP_RST
+_FAST_FLAGS = TCP_ACK | TCP_SYN | TCP_RST
+"""Segments with ACK and neither SYN nor RST take the fast path (FIN is handled there)."""
 
 
 class TcpSide:
@@ -144,9 +145,10 @@ class TcpFlow(HeldCounts):
 
     def fast_primary(
         self, host: FlowHost, data: bytes, seq: int, ack: int, start: int, end: int, rel: Rel,
-        flen: int, now: float,
+        flen: int, now: float, fin: int = 0,
     ) -> bool:
-        """An ACK-bearing segment without SYN/FIN/RST; False if the general path must run.
+        """An ACK-bearing segment without SYN/RST (FIN allowed); False if the general path
+        must run.
 
         _offsets and the in-order case of _add are inlined: this runs per frame.
         """
@@ -170,25 +172,41 @@ class TcpFlow(HeldCounts):
                 stream.buf += memoryview(data)[start:end]
             else:
                 self._add(host, me, off, data, start, end, "primary", now)
-        self.queue.append([stop, a, NEED_NONE, rel, now, off, plen, flen])
+        need = NEED_NONE
+        if fin:
+            need = NEED_FIN
+            if me.fin is None:
+                me.fin = stop
+        self.queue.append([stop, a, need, rel, now, off, plen, flen])
         host.hold(self, flen)
         sec = self.sec
-        if sec.stream.buf or stop <= stream.base or sec.fin is not None or sec.rst is not None:
+        if (
+            sec.stream.buf or stop <= stream.base or sec.fin is not None or sec.rst is not None
+            or fin
+        ):
             self.progress(host, now)  # otherwise nothing can compare or go out yet
         return True
 
     def fast_secondary(
-        self, host: FlowHost, data: bytes, seq: int, ack: int, start: int, end: int, now: float
+        self, host: FlowHost, data: bytes, seq: int, ack: int, start: int, end: int, now: float,
+        fin: int = 0,
     ) -> bool:
         """The secondary's counterpart of fast_primary."""
         me = self.sec
-        if self.diverged or me.isn < 0 or me.peer_isn < 0 or not self.space_ok:
+        pri = self.pri
+        if self.diverged or me.isn < 0 or me.peer_isn < 0:
             return False
+        if not self.space_ok:
+            if pri.isn < 0:
+                return False  # the general path keeps it until the primary's ISN is known
+            self._decide_space(host, seq)
         off, _ = self._offsets(me, seq, ack)
+        stop = off + end - start
         if end > start:
             self._secondary_data(host, off, data, start, end, now)
-        pri = self.pri
-        if self.queue or pri.stream.buf or pri.fin is not None or pri.rst is not None:
+        if fin and me.fin is None:
+            me.fin = stop
+        if self.queue or pri.stream.buf or pri.fin is not None or pri.rst is not None or fin:
             self.progress(host, now)  # otherwise nothing can compare or go out yet
         return True
 
@@ -214,8 +232,8 @@ class TcpFlow(HeldCounts):
         """A segment from the primary: hold it, then release whatever became safe."""
         me = self.pri
         flags = hdr.flags
-        if flags & _SPECIAL == TCP_ACK and self.fast_primary(
-            host, data, hdr.seq, hdr.ack, hdr.payload, end, rel, flen, now
+        if flags & _FAST_FLAGS == TCP_ACK and self.fast_primary(
+            host, data, hdr.seq, hdr.ack, hdr.payload, end, rel, flen, now, flags & TCP_FIN
         ):
             return
         if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
@@ -264,8 +282,8 @@ class TcpFlow(HeldCounts):
             return
         me = self.sec
         flags = hdr.flags
-        if flags & _SPECIAL == TCP_ACK and self.fast_secondary(
-            host, data, hdr.seq, hdr.ack, hdr.payload, end, now
+        if flags & _FAST_FLAGS == TCP_ACK and self.fast_secondary(
+            host, data, hdr.seq, hdr.ack, hdr.payload, end, now, flags & TCP_FIN
         ):
             return
         if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
