@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from tests.tools_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "check_streams", REPO / "tools" / "check_streams.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["check_streams"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cs = _load()
+cs = load_tool("check_streams")
 K1 = ("10.0.0.1", 1000, "10.0.0.2", 80)
 K2 = ("10.0.0.2", 80, "10.0.0.1", 1000)
 

@@ -107,14 +107,18 @@ REASONS = {
 # capture name -> {row name: reason codes}
 KNOWN: dict[str, dict[str, str]] = {
     "ndpi__reasm_crash_anon.pcapng": {
+        # frames 15, 17, 45, 68, 81... claim IP total lengths beyond the frame
         "192.168.145.147:51218>10.209.8.148:21999#0": "ip-truncated",
         "10.209.8.148:21999>192.168.145.147:51218#0": "ip-truncated",
     },
     "ndpi__reasm_segv_anon.pcapng": {"63.190.145.43:80>172.17.36.21:57619#0": "tunnel-gtp"},
     "zeek__ipv4_fragmented-4.pcap": {"128.32.46.142:7790>10.0.0.1:80#0": "frag-overlap"},
     "zeek__tcp_reassembly.pcap": {
+        # frames 7, 26, 35, 39, 85 are 8 bytes short of their IP total length; at stream
+        # offset 13366 segment 64 fills a hole over the differing queued segment 28
         "63.193.213.194:2564>128.3.97.175:80#0": "ip-truncated,ooo-precedence",
     },
+    # snaplen 96: every data segment is cut, Wireshark keeps their first 30 bytes
     "zeek__tcp_timestamp.pcap": {"192.168.2.20:12345>192.168.1.10:60706#0": "ip-truncated"},
 }
 

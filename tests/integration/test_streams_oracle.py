@@ -29,16 +29,14 @@ shared/realpcaps/triage.tsv (column conflict_segments).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from colo_proxy.drivers.pcap import PcapWriter
 from tests.core.test_reassembly import ISNS, OVERLAP_TABLE, connection
+from tests.tools_loader import load_tool
 
 pytestmark = pytest.mark.integration
 
@@ -52,35 +50,11 @@ if not ORACLE.is_file():
     pytest.skip(f"real captures not found at {REALPCAPS}", allow_module_level=True)
 
 
-def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "check_streams", REPO / "tools" / "check_streams.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["check_streams"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+tool = load_tool("check_streams")
 
-
-tool = _load_tool()
-
-# capture -> {direction row name: reason}; every other direction must be equal.
-DIFFERS: dict[str, dict[str, str]] = {
-    "ndpi__reasm_crash_anon.pcapng": {
-        # frames 15, 17, 45, 68, 81... claim IP total lengths beyond the frame
-        "192.168.145.147:51218>10.209.8.148:21999#0": "ip-truncated",
-        "10.209.8.148:21999>192.168.145.147:51218#0": "ip-truncated",
-    },
-    "ndpi__reasm_segv_anon.pcapng": {"63.190.145.43:80>172.17.36.21:57619#0": "tunnel-gtp"},
-    "zeek__ipv4_fragmented-4.pcap": {"128.32.46.142:7790>10.0.0.1:80#0": "frag-overlap"},
-    "zeek__tcp_reassembly.pcap": {
-        # frames 7, 26, 35, 39, 85 are 8 bytes short of their IP total length; at stream
-        # offset 13366 segment 64 fills a hole over the differing queued segment 28
-        "63.193.213.194:2564>128.3.97.175:80#0": "ip-truncated,ooo-precedence",
-    },
-    # snaplen 96: every data segment is cut, Wireshark keeps their first 30 bytes
-    "zeek__tcp_timestamp.pcap": {"192.168.2.20:12345>192.168.1.10:60706#0": "ip-truncated"},
-}
+# capture -> {direction row name: reason}: the tool's own list of documented
+# differences (reasons in tools/check_streams.py); every other direction must be equal.
+DIFFERS: dict[str, dict[str, str]] = tool.KNOWN
 
 # capture -> number of directions the tool explains as unacked-hole
 UNACKED_HOLES: dict[str, int] = {"ndpi__skype.pcap": 29}
