@@ -184,3 +184,31 @@ def make_frames(count: int, seed: int = 1) -> list[bytes]:
         body = (i.to_bytes(4, "big") + bytes([seed & 0xFF])) * (size // 5 + 1)
         frames.append(head + body[: size - len(head)])
     return frames
+
+
+CLIENT_MAC, GUEST_MAC = "02:00:00:00:00:02", "02:00:00:00:00:01"
+CLIENT_IP, GUEST_IP = "10.0.0.2", "10.0.0.1"
+
+
+def client_segment(flags: str, seq: int, ack: int = 0) -> bytes:
+    """What the client (10.0.0.2:40000) sends to the guest's port 80 (needs scapy)."""
+    from scapy.all import IP, TCP, Ether
+
+    pkt = Ether(src=CLIENT_MAC, dst=GUEST_MAC) / IP(src=CLIENT_IP, dst=GUEST_IP) / TCP(
+        sport=40000, dport=80, flags=flags, seq=seq, ack=ack
+    )  # fmt: skip
+    return bytes(pkt)
+
+
+def guest_reply(isn: int, client_isn: int, payload: bytes, seg: int) -> list[bytes]:
+    """A server guest's output: SYN-ACK, then `payload` in `seg`-byte segments (needs scapy)."""
+    from scapy.all import IP, TCP, Ether
+
+    head = Ether(src=GUEST_MAC, dst=CLIENT_MAC) / IP(src=GUEST_IP, dst=CLIENT_IP)
+    out = [head / TCP(sport=80, dport=40000, flags="SA", seq=isn, ack=client_isn + 1)]
+    for off in range(0, len(payload), seg):
+        out.append(
+            head / TCP(sport=80, dport=40000, flags="PA", seq=isn + 1 + off, ack=client_isn + 1)
+            / payload[off : off + seg]
+        )  # fmt: skip
+    return [bytes(f) for f in out]

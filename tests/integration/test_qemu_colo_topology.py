@@ -25,6 +25,8 @@ from qemu.qmp import QMPClient
 
 from colo_proxy.core.framing import encode_frames
 from tests.integration.qemu_helpers import (
+    client_segment,
+    guest_reply,
     needs_qemu,
     recv_netdev_frames,
     start_qemu,
@@ -32,7 +34,7 @@ from tests.integration.qemu_helpers import (
 
 pytestmark = [pytest.mark.integration, needs_qemu]
 
-scapy_all = pytest.importorskip("scapy.all")
+pytest.importorskip("scapy.all")  # the frames are built with scapy
 
 PRI_ISN, SEC_ISN, CLIENT_ISN = 3_000_000, 9_000_000, 5000
 
@@ -48,26 +50,8 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def client(flags: str, seq: int, ack: int = 0) -> bytes:
-    ether, ip, tcp = scapy_all.Ether, scapy_all.IP, scapy_all.TCP
-    pkt = ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / ip(
-        src="10.0.0.2", dst="10.0.0.1"
-    ) / tcp(sport=40000, dport=80, flags=flags, seq=seq, ack=ack)  # fmt: skip
-    return bytes(pkt)
-
-
 def guest(isn: int, payload: bytes) -> list[bytes]:
-    ether, ip, tcp = scapy_all.Ether, scapy_all.IP, scapy_all.TCP
-    head = ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip(
-        src="10.0.0.1", dst="10.0.0.2"
-    )
-    out = [head / tcp(sport=80, dport=40000, flags="SA", seq=isn, ack=CLIENT_ISN + 1)]
-    for off in range(0, len(payload), 1000):
-        out.append(
-            head / tcp(sport=80, dport=40000, flags="PA", seq=isn + 1 + off, ack=CLIENT_ISN + 1)
-            / payload[off : off + 1000]
-        )  # fmt: skip
-    return [bytes(f) for f in out]
+    return guest_reply(isn, CLIENT_ISN, payload, 1000)
 
 
 def write(sock: socket.socket, frames: list[bytes]) -> None:
@@ -127,12 +111,12 @@ def test_colo_ft_network_topology_with_colo_proxy(workdir: Path) -> None:
         pri_guest, sec_guest = primary.sinks[0], secondary.sinks[0]
         # pauses only order writes on different sockets (the rewriter must see the
         # handshake in order); nothing is timed
-        write(network, [client("S", CLIENT_ISN)])  # mirrored to the secondary
+        write(network, [client_segment("S", CLIENT_ISN)])  # mirrored to the secondary
         time.sleep(0.3)
         write(pri_guest, pri_out[:1])
         write(sec_guest, sec_out[:1])
         time.sleep(0.3)
-        write(network, [client("A", CLIENT_ISN + 1, PRI_ISN + 1)])
+        write(network, [client_segment("A", CLIENT_ISN + 1, PRI_ISN + 1)])
         time.sleep(0.3)
         write(sec_guest, sec_out[1:])
         write(pri_guest, pri_out[1:])

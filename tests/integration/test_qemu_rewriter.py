@@ -24,6 +24,8 @@ import pytest
 
 from colo_proxy.core.framing import encode_frames
 from tests.integration.qemu_helpers import (
+    client_segment,
+    guest_reply,
     needs_qemu,
     recv_netdev_frames,
     start_qemu,
@@ -32,33 +34,14 @@ from tests.integration.qemu_helpers import (
 
 pytestmark = [pytest.mark.integration, needs_qemu]
 
-scapy_all = pytest.importorskip("scapy.all")
+pytest.importorskip("scapy.all")  # the frames are built with scapy
 
 PRI_ISN, SEC_ISN, CLIENT_ISN = 1000, 777000, 5000
 
 
 
-def client(flags: str, seq: int, ack: int = 0) -> bytes:
-    ether, ip, tcp = scapy_all.Ether, scapy_all.IP, scapy_all.TCP
-    pkt = ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / ip(
-        src="10.0.0.2", dst="10.0.0.1"
-    ) / tcp(sport=40000, dport=80, flags=flags, seq=seq, ack=ack)  # fmt: skip
-    return bytes(pkt)
-
-
 def guest(isn: int, payload: bytes) -> list[bytes]:
-    """A server guest's output: SYN-ACK, then data in 100-byte segments."""
-    ether, ip, tcp = scapy_all.Ether, scapy_all.IP, scapy_all.TCP
-    head = ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip(
-        src="10.0.0.1", dst="10.0.0.2"
-    )
-    out = [head / tcp(sport=80, dport=40000, flags="SA", seq=isn, ack=CLIENT_ISN + 1)]
-    for off in range(0, len(payload), 100):
-        out.append(
-            head / tcp(sport=80, dport=40000, flags="PA", seq=isn + 1 + off, ack=CLIENT_ISN + 1)
-            / payload[off : off + 100]
-        )  # fmt: skip
-    return [bytes(f) for f in out]
+    return guest_reply(isn, CLIENT_ISN, payload, 100)
 
 
 def netdev_write(sock: object, frames: list[bytes]) -> None:
@@ -98,11 +81,11 @@ def test_rewritten_secondary_stream_is_released(workdir: Path, secondary_first: 
             # the handshake as the secondary's rewriter sees it (client side mirrored)
             # (pauses only order writes on different sockets, so the rewriter sees
             # the handshake in order; nothing is timed)
-            netdev_write(qemu.ports["sec"], [client("S", CLIENT_ISN)])
+            netdev_write(qemu.ports["sec"], [client_segment("S", CLIENT_ISN)])
             time.sleep(0.2)
             netdev_write(sec_sink, sec_out[:1])
             time.sleep(0.2)
-            netdev_write(qemu.ports["sec"], [client("A", CLIENT_ISN + 1, PRI_ISN + 1)])
+            netdev_write(qemu.ports["sec"], [client_segment("A", CLIENT_ISN + 1, PRI_ISN + 1)])
             time.sleep(0.2)
             netdev_write(sec_sink, sec_out[1:])
 
