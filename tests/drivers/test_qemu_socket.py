@@ -4,40 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import struct
-import tempfile
-from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from colo_proxy.core.framing import Frame, encode_frames
 from colo_proxy.drivers.endpoints import Endpoint, Transport, parse_endpoint
 from colo_proxy.drivers.qemu_socket import Channel, RecordChannel
+from tests.drivers.conftest import Runner
 
 ETH = bytes(range(64))
 
 
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(dir="/tmp")
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
 
 
-Runner = Callable[[Coroutine[Any, Any, None]], None]
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run_loop(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
-    """Run each test on both loops: uvloop's transports are not asyncio.Transport subclasses."""
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        return uvloop.run  # type: ignore[no-any-return]
-    return asyncio.run
 
 
 async def wait_for(cond: object, what: str) -> None:

@@ -11,23 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import QmpDriver
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(dir="/tmp")
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class FakePrimary:

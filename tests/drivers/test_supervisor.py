@@ -7,12 +7,8 @@ secondary records, reads outdev and notify_dev.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,27 +19,15 @@ from colo_proxy.core.proxy import CoreFault
 from colo_proxy.core.xen_notify import encode_message
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.runtime.supervisor import RunSettings, ShutdownMode, Supervisor
+from tests.drivers.conftest import Runner
 
 scapy_all = pytest.importorskip("scapy.all")
 
 
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(dir="/tmp")
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
 
 
-Runner = Callable[[Coroutine[Any, Any, None]], None]
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run_loop(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
-    """Run each test on both loops: uvloop's transports are not asyncio.Transport subclasses."""
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        return uvloop.run  # type: ignore[no-any-return]
-    return asyncio.run
 
 
 def segments(payload: bytes, dport: int = 40000) -> list[bytes]:

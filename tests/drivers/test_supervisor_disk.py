@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +22,6 @@ from colo_proxy.runtime import run_cli
 from colo_proxy.runtime.supervisor import RunSettings, ShutdownMode, Supervisor
 from tests.drivers.test_qmp_colo_mode import FakePrimary
 from tests.drivers.test_supervisor import Peer, segments, until
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(dir="/tmp")
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class FakeDiskAgent(FakePrimary):

@@ -27,6 +27,7 @@ from tests.integration.qemu_helpers import (
     running_qemu,
     send_netdev_frames,
     start_qemu,
+    until,
     wait_chardev_connected,
 )
 
@@ -34,16 +35,6 @@ pytestmark = [pytest.mark.integration, needs_qemu]
 
 VNET_HDR = bytes(range(1, 13))
 
-
-
-async def until(cond: object, what: str, limit: float = 30.0) -> None:
-    assert callable(cond)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"gave up waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 QEMU_IOV_ABORT = "iov_copy: Assertion"

@@ -20,20 +20,10 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
-from tests.integration.qemu_helpers import needs_qemu, start_qemu
+from tests.integration.qemu_helpers import needs_qemu, start_qemu, until
 
 pytestmark = [pytest.mark.integration, needs_qemu]
 
-
-
-async def until(cond: object, what: str, limit: float = 30.0) -> None:
-    assert callable(cond)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"gave up waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def other_client(path: str) -> QMPClient:
