@@ -1,0 +1,467 @@
+"""What every live proxy does around the core, whatever its frames travel on.
+
+Theory of operation
+-------------------
+Everything runs on one asyncio loop thread, and only the callbacks below
+touch the :class:`~colo_proxy.core.proxy.Proxy`, so the core has exactly one
+owner without a queue in between.  A subclass owns the ports (QEMU chardev
+sockets for ``colo-proxy run``, packet sockets on interfaces for
+``colo-proxy bridge``) and calls :meth:`CoreHost._feed` with each read's
+frames; :meth:`CoreHost._after` then moves the results out at once:
+released frames go to the subclass's ``_send_released`` (never awaited, so
+reading never waits on writing), checkpoint requests go to QMP, else to the
+subclass's ``_route_request`` (``notify_dev``), else the log, and
+divergences are logged (rate limited, all counted).  One timer follows
+``next_deadline()``.
+
+Checkpoints come back as QMP ``STOP``/``RESUME`` (through the QMP driver's
+follow policy), or through the subclass (``COLO_CHECKPOINT`` on
+``notify_dev``), and become ``checkpoint_started``/``checkpoint_done`` on
+the core.
+
+Disk replication (``--disk-qmp``, Remus rule): a :class:`DiskLink` has the
+disk agent commit epoch N on ``STOP``, and held output is released only once
+``RESUME`` came *and* the agent acknowledged, in either order.  Input read
+after ``RESUME`` N, while epoch N still waits for the agent, is output of
+epoch N+1: it is deferred (bounded) and compared only after epoch N's
+release, since epoch N's ``checkpoint_done`` releases everything held and
+would otherwise let N+1's unverified output through with it.
+
+Shutdown (SIGINT/SIGTERM): inputs are closed first so nothing new arrives;
+then held primary frames are either flushed (``flush``) or counted and
+reported (``report``, the default: releasing unverified output is what COLO
+exists to prevent, and a guest's TCP retransmits what it never saw
+acknowledged); the subclass then closes its outputs and says what they
+could not deliver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from colo_proxy.core.config import Config
+from colo_proxy.core.events import CheckpointRequest, Divergence, Side
+from colo_proxy.core.framing import Frame
+from colo_proxy.core.proxy import CoreFault, Proxy
+from colo_proxy.drivers.endpoints import Endpoint
+from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
+from colo_proxy.runtime.disk_link import DiskLink
+
+log = logging.getLogger(__name__)
+
+DIVERGENCE_LOG_BURST = 20
+"""Divergences logged in full per second; the rest are only counted."""
+
+DEFERRED_INPUT_LIMIT = 64 * 1024 * 1024
+"""Bytes of input kept while the disk agent lags; beyond it input is dropped and counted
+(memory stays bounded; a dropped primary frame is a lost packet, which TCP recovers)."""
+
+
+class ShutdownMode(enum.Enum):
+    """What happens to held primary frames when the proxy stops."""
+
+    REPORT = "report"
+    FLUSH = "flush"
+
+
+class HostSettings(Protocol):
+    """The settings every live proxy shares (RunSettings and BridgeSettings have them)."""
+
+    @property
+    def qmp(self) -> Endpoint | None: ...
+    @property
+    def secondary_qmp(self) -> Endpoint | None: ...
+    @property
+    def disk_qmp(self) -> Endpoint | None: ...
+    @property
+    def qmp_follow(self) -> FollowPolicy: ...
+    @property
+    def qmp_request_timeout(self) -> float: ...
+    @property
+    def on_shutdown(self) -> ShutdownMode: ...
+    @property
+    def stats_interval(self) -> float: ...
+
+
+class CoreHost:
+    """Owns the core and carries out its actions; subclasses move the frames."""
+
+    REQUEST_ROUTES = "--qmp"
+    """The flags that give checkpoint requests somewhere to go (named in the log)."""
+
+    def __init__(
+        self, config: Config, settings: HostSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.proxy = Proxy(config)
+        self._clock = clock
+        self._on_shutdown = settings.on_shutdown
+        self._stats_interval = settings.stats_interval
+        self.counters: dict[str, int] = {
+            "checkpoint_requests": 0,
+            "requests_to_qmp": 0,
+            "requests_unrouted": 0,
+            "divergences_not_logged": 0,
+            "core_errors": 0,
+            "passthrough_frames": 0,
+            "passthrough_secondary_dropped": 0,
+            "deferred_input_frames": 0,
+            "deferred_input_dropped_frames": 0,
+        }
+        self.passthrough_reason: str | None = None
+        self.qmp: QmpDriver | None = None
+        if settings.qmp is not None:
+            self.qmp = QmpDriver(
+                "primary-qmp",
+                settings.qmp,
+                on_checkpoint_started=self._checkpoint_started,
+                on_checkpoint_done=self._checkpoint_done,
+                on_colo_exit=self._colo_exit,
+                follow=settings.qmp_follow,
+                request_timeout=settings.qmp_request_timeout,
+            )
+        self.secondary_qmp: QmpDriver | None = None
+        if settings.secondary_qmp is not None:
+            self.secondary_qmp = QmpDriver(
+                "secondary-qmp", settings.secondary_qmp, follow=FollowPolicy.NONE
+            )
+        self.disk_link: DiskLink | None = None
+        if settings.disk_qmp is not None:
+            self.disk_link = DiskLink(settings.disk_qmp, self._disk_released)
+        self._deferred: deque[tuple[int, Side, list[Frame]]] = deque()
+        self._deferred_bytes = 0
+        self._vm_in_checkpoint = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._log_window = 0.0
+        self._logged_in_window = 0
+        self._stopping = asyncio.Event()
+
+    # ---- what a subclass provides ---------------------------------------------------------
+
+    async def _open_ports(self) -> None:
+        """Open every port (outputs first, so the first release has somewhere to go)."""
+        raise NotImplementedError
+
+    async def _close_inputs(self) -> None:
+        """Stop reading: nothing new reaches the core after this."""
+        raise NotImplementedError
+
+    async def _close_outputs(self) -> dict[str, object]:
+        """Close the outputs; what they could not deliver, for the shutdown report."""
+        raise NotImplementedError
+
+    def _send_released(self, frames: list[Frame]) -> None:
+        """Send released primary frames towards the client (count what is dropped)."""
+        raise NotImplementedError
+
+    def _port_stats(self) -> dict[str, object]:
+        """Counters of each port, by port name."""
+        raise NotImplementedError
+
+    def _route_request(self, request: CheckpointRequest) -> bool:
+        """Carry out a checkpoint request without QMP; False if there is no way to."""
+        return False
+
+    def _vm_checkpoint_done(self) -> None:
+        """The VMs finished a checkpoint (the secondary now holds the primary's state)."""
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the ports, then connect QMP and the disk agent."""
+        await self._open_ports()
+        for driver in (self.qmp, self.secondary_qmp):
+            if driver is not None:
+                driver.start()
+        if self.disk_link is not None:
+            self.disk_link.start()
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to shut down (signal handlers call this)."""
+        self._stopping.set()
+
+    async def serve(self) -> dict[str, object]:
+        """Run until :meth:`stop`; then shut down and return the final report."""
+        await self.start()
+        stats_task = None
+        if self._stats_interval > 0:
+            stats_task = asyncio.create_task(self._log_stats())
+        await self._stopping.wait()
+        if stats_task is not None:
+            stats_task.cancel()
+        return await self.shutdown()
+
+    async def shutdown(self) -> dict[str, object]:
+        """Close inputs, settle held output as configured, close outputs, report."""
+        await self._close_inputs()
+        if self._timer is not None:
+            self._timer.cancel()
+        held = self.proxy.held_frames()
+        deferred = self._deferred_primary_frames()
+        if (held or deferred) and self._on_shutdown is ShutdownMode.FLUSH:
+            log.warning("shutdown: flushing %d held primary frames unverified", held + deferred)
+            self.proxy.checkpoint_done(self._clock())
+            self._after(self._clock())
+            self._flush_deferred()
+        elif held or deferred:
+            log.warning(
+                "shutdown: %d primary frames (%s bytes held, %d frames kept aside) awaiting "
+                "comparison or a checkpoint were not released (--on-shutdown flush would send "
+                "them)%s",
+                held + deferred,
+                self.proxy.stats().get("held_bytes"),
+                deferred,
+                self._disk_wait_note(),
+            )
+        for driver in (self.qmp, self.secondary_qmp):
+            if driver is not None:
+                if driver.request_pending:
+                    log.warning("shutdown: %s had a checkpoint request pending", driver.name)
+                await driver.close()
+        if self.disk_link is not None:
+            await self.disk_link.close()
+        undelivered = await self._close_outputs()
+        report = self.stats()
+        report["passthrough"] = self.passthrough_reason
+        report["shutdown"] = {
+            "mode": self._on_shutdown.value,
+            "held_frames_at_stop": held,
+            "held_frames_not_released": self.proxy.held_frames(),
+            "deferred_primary_frames_at_stop": deferred,
+            "deferred_primary_frames_not_released": self._deferred_primary_frames(),
+            "waiting_for_disk_agent": self.disk_link is not None and self.disk_link.waiting,
+            **undelivered,
+        }
+        return report
+
+    def stats(self) -> dict[str, object]:
+        """Core, port and QMP counters in one dict."""
+        out: dict[str, object] = {"core": self.proxy.stats(), "supervisor": dict(self.counters)}
+        out.update(self._port_stats())
+        for driver in (self.qmp, self.secondary_qmp):
+            if driver is not None:
+                out[driver.name] = driver.report()
+        if self.disk_link is not None:
+            out["disk_link"] = self.disk_link.report()
+        return out
+
+    async def _log_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self._stats_interval)
+            log.info("stats %s", json.dumps(self.stats(), default=str, sort_keys=True))
+
+    # ---- frames in, results out ----------------------------------------------------------
+
+    def _feed(self, side: Side, frames: list[Frame]) -> None:
+        """One read's frames from ``side``: compare them and carry out the results."""
+        if self.passthrough_reason is not None:
+            self._pass_through(side, frames)
+            return
+        if self.disk_link is not None and self.disk_link.waiting:
+            self._defer(side, frames)
+            return
+        now = self._clock()
+        self._compare(side, frames, now)
+        self._after(now)
+
+    def _compare(self, side: Side, frames: list[Frame], now: float) -> None:
+        """Feed one read's frames to the core at once; a core exception costs that frame only."""
+        feed_many = self.proxy.feed_many
+        done = 0
+        while done < len(frames):
+            try:
+                feed_many(side, frames[done:] if done else frames, now)
+                done = len(frames)
+            except CoreFault as fault:  # a core bug must not cost the connection
+                done += fault.index
+                self._core_error(side, frames[done])
+                done += 1
+
+    def _core_error(self, side: Side, frame: Frame) -> None:
+        self.counters["core_errors"] += 1
+        if self.counters["core_errors"] <= DIVERGENCE_LOG_BURST:
+            log.exception(
+                "core failed on a %s frame (%d bytes, dropped): %s",
+                side.name.lower(),
+                len(frame[0]),
+                frame[0][:64].hex(),
+            )
+
+    def _after(self, now: float) -> None:
+        """Carry out everything the core produced; re-arm the timer."""
+        proxy = self.proxy
+        released = proxy.take_released()
+        if released:
+            self._send_released(released)
+        for request in proxy.take_requests():
+            self._request(request)
+        divergences = proxy.take_divergences()
+        if divergences:
+            self._log_divergences(divergences, now)
+        deadline = proxy.next_deadline()
+        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, deadline - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self._clock()
+        self.proxy.tick(now)
+        self._after(now)
+
+    def _log_divergences(self, divergences: list[Divergence], now: float) -> None:
+        if now - self._log_window >= 1.0:
+            self._log_window = now
+            self._logged_in_window = 0
+        for d in divergences:
+            if self._logged_in_window >= DIVERGENCE_LOG_BURST:
+                self.counters["divergences_not_logged"] += 1
+                continue
+            self._logged_in_window += 1
+            log.warning(
+                "divergence %s %s at offset %s: primary %s secondary %s %s",
+                d.kind.value,
+                d.flow,
+                d.offset,
+                d.primary[:16].hex(),
+                d.secondary[:16].hex(),
+                d.detail,
+            )
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def _request(self, request: CheckpointRequest) -> None:
+        self.counters["checkpoint_requests"] += 1
+        log.info("checkpoint wanted: %s", request.reason.value)
+        if self.qmp is not None:
+            self.counters["requests_to_qmp"] += 1
+            self.qmp.request_checkpoint()
+        elif not self._route_request(request):
+            self.counters["requests_unrouted"] += 1
+            log.warning(
+                "checkpoint wanted (%s) but no %s is given: "
+                "affected output stays held (%d frames held)",
+                request.reason.value,
+                self.REQUEST_ROUTES,
+                self.proxy.held_frames(),
+            )
+
+    def _checkpoint_started(self) -> None:
+        self._vm_in_checkpoint = True
+        self.proxy.checkpoint_started(self._clock())
+        if self.disk_link is not None:
+            self.disk_link.vm_stopped()
+
+    def _checkpoint_done(self) -> None:
+        """The VM checkpoint finished; with a disk agent, release waits for its ack too."""
+        self._vm_in_checkpoint = False
+        self._vm_checkpoint_done()
+        if self.disk_link is not None:
+            self.disk_link.vm_resumed()
+            return
+        now = self._clock()
+        self.proxy.checkpoint_done(now)
+        self._after(now)
+
+    def _disk_released(self) -> None:
+        """Memory and disk of an epoch are both committed: release, then compare what waited.
+
+        The input deferred behind this epoch is fed only now, after the core's
+        ``checkpoint_done``, so it is compared afresh instead of being released
+        with this epoch's held output.  If the VMs are already in (or past) the
+        next checkpoint, the core is told so again.
+        """
+        assert self.disk_link is not None
+        now = self._clock()
+        self.proxy.checkpoint_done(now)
+        released = self.disk_link.gate.released_epoch
+        while self._deferred and self._deferred[0][0] <= released:
+            _, side, frames = self._deferred.popleft()
+            self._deferred_bytes -= sum(len(data) for data, _ in frames)
+            self._compare(side, frames, now)
+        if self._vm_in_checkpoint or self.disk_link.waiting:
+            self.proxy.checkpoint_started(now)
+        self._after(now)
+
+    def _defer(self, side: Side, frames: list[Frame]) -> None:
+        """Keep input of a later epoch until the disk agent acknowledged the current one."""
+        assert self.disk_link is not None
+        size = sum(len(data) for data, _ in frames)
+        if self._deferred_bytes + size > DEFERRED_INPUT_LIMIT:
+            if not self.counters["deferred_input_dropped_frames"]:
+                log.error(
+                    "disk agent lagging: %d bytes of input deferred; dropping new input "
+                    "(counted) until it acknowledges",
+                    self._deferred_bytes,
+                )
+            self.counters["deferred_input_dropped_frames"] += len(frames)
+            return
+        self._deferred.append((self.disk_link.gate.memory_epoch, side, frames))
+        self._deferred_bytes += size
+        self.counters["deferred_input_frames"] += len(frames)
+
+    def _deferred_primary_frames(self) -> int:
+        return sum(len(f) for _, side, f in self._deferred if side is Side.PRIMARY)
+
+    def _flush_deferred(self) -> None:
+        """Deferred input goes out as pass-through (failover, or a flush at shutdown)."""
+        while self._deferred:
+            _, side, frames = self._deferred.popleft()
+            self._pass_through(side, frames)
+        self._deferred_bytes = 0
+
+    def _disk_wait_note(self) -> str:
+        link = self.disk_link
+        if link is None or not link.waiting:
+            return ""
+        return (
+            f"; output was waiting for the disk agent to acknowledge epoch "
+            f"{link.gate.released_epoch + 1} "
+            f"(VM checkpoints done: {link.gate.memory_epoch}, disk acknowledged: "
+            f"{link.gate.disk_epoch}, agent connected: {link.driver.connected})"
+        )
+
+    def _colo_exit(self, data: Mapping[str, object]) -> None:
+        if data.get("mode") == "primary":
+            self.enter_passthrough(f"COLO ended on the primary (reason {data.get('reason')})")
+
+    def enter_passthrough(self, reason: str) -> None:
+        """The primary runs alone now: release everything held and stop comparing.
+
+        Called on the primary's ``COLO_EXIT`` (failover with the primary going on,
+        or the secondary lost) and on SIGUSR2.  There is no secondary left to fail
+        over to, so holding output would only stall the primary's clients.
+        """
+        if self.passthrough_reason is not None:
+            return
+        held = self.proxy.held_frames()
+        log.warning("%s: releasing %d held frames; passing primary output through", reason, held)
+        self.passthrough_reason = reason
+        now = self._clock()
+        self.proxy.checkpoint_done(now)
+        self._after(now)
+        self._flush_deferred()
+
+    def _pass_through(self, side: Side, frames: list[Frame]) -> None:
+        if side is Side.PRIMARY:
+            self.counters["passthrough_frames"] += len(frames)
+            self._send_released(frames)
+        elif side is Side.SECONDARY:
+            self.counters["passthrough_secondary_dropped"] += len(frames)
+
+
+def print_report(report: dict[str, object]) -> None:
+    """The final report, one JSON line on stderr (logs and reports never go to stdout)."""
+    print(json.dumps({"colo_proxy_report": report}, default=str, sort_keys=True), file=sys.stderr)
