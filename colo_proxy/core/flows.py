@@ -49,6 +49,8 @@ class FlowHost(Protocol):
 
     def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None: ...
 
+    def release_run(self, flow: HeldCounts, run: list[list[object]]) -> None: ...
+
     def diverge(
         self, flow: HeldCounts, kind: DivergenceKind, offset: int | None,
         primary: bytes, secondary: bytes, now: float, detail: str = "",

@@ -27,6 +27,7 @@ nothing the client would have received from an unprotected VM.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import struct
 from collections import Counter
@@ -60,7 +61,7 @@ from colo_proxy.core.packet import (
     parse_tcp,
     parse_udp,
 )
-from colo_proxy.core.tcp import TcpFlow
+from colo_proxy.core.tcp import FAST_PROGRESS, TcpFlow
 
 Flow = TcpFlow | DatagramFlow
 
@@ -82,7 +83,8 @@ class CoreFault(Exception):
     """The core failed on frames[index] of a feed_many batch (a bug, never guest input).
 
     The frames before it were fed; the caller may log this one and go on
-    with frames[index + 1:].
+    with frames[index + 1:].  index -1: every frame was fed, and the failure
+    came when the batch's flows were compared afterwards.
     """
 
     def __init__(self, index: int) -> None:
@@ -164,6 +166,11 @@ class Proxy:
         self._side_frames[side] += len(frames)
         unpack = _FAST.unpack_from
         tcp4, udp4, window, general = self._tcp4, self._udp4, self._window, self._feed_general
+        dirty: dict[TcpFlow, None] = {}
+        """Flows whose `progress` is owed: run once per flow when the batch ends."""
+        max_flow_bytes = self._hold_limits[2]
+        held = held_bytes = holding = 0  # hold() inlined: totals added when the batch ends
+        flow_over = False
         index = 0
         try:
             for index, frame in enumerate(frames):  # noqa: B007 - read by the except clause
@@ -186,13 +193,25 @@ class Proxy:
                     ):
                         tflow.last_seen = now
                         if primary:
-                            if tflow.fast_primary(
+                            taken = tflow.fast_primary(
                                 self, data, seq, ack, start, stop, frame, flen, now, flags & 1
-                            ):
-                                continue
-                        elif tflow.fast_secondary(
-                            self, data, seq, ack, start, stop, now, flags & 1
-                        ):
+                            )
+                            if taken:
+                                if not tflow.held_frames:
+                                    holding += 1
+                                tflow.held_frames += 1
+                                tflow.held_bytes += flen
+                                held += 1
+                                held_bytes += flen
+                                if tflow.held_bytes > max_flow_bytes:
+                                    flow_over = True
+                        else:
+                            taken = tflow.fast_secondary(
+                                self, data, seq, ack, start, stop, now, flags & 1
+                            )
+                        if taken:
+                            if taken == FAST_PROGRESS:
+                                dirty[tflow] = None
                             continue
                 elif proto == PROTO_UDP:
                     uflow = udp4.get(key)
@@ -207,7 +226,42 @@ class Proxy:
                         continue
                 general(primary, data, offset, frame, flen, now)
         except Exception as err:  # a bug in the core: name the frame so the rest can go on
+            if held:
+                self._held_fast(held, held_bytes, holding, flow_over, now)
+            with contextlib.suppress(CoreFault):  # the frame's fault is the one to report
+                self._settle(dirty, now)
             raise CoreFault(index) from err
+        if held:
+            self._held_fast(held, held_bytes, holding, flow_over, now)
+        if dirty:
+            self._settle(dirty, now)
+
+    def _held_fast(
+        self, frames: int, nbytes: int, flows: int, flow_over: bool, now: float
+    ) -> None:
+        """hold() for a batch's fast-path frames at once: totals, then the limits."""
+        self._held_frames += frames
+        self._held_bytes += nbytes
+        self._holding_flows += flows
+        max_bytes, max_frames, _, max_flows = self._hold_limits
+        if (
+            self._held_bytes > max_bytes or self._held_frames > max_frames or flow_over
+            or self._holding_flows > max_flows
+        ) and self.state is CheckpointState.IDLE:
+            self.counters["hold_limit_hits"] += 1
+            self.want_checkpoint(CheckpointReason.HOLD_LIMIT, now)
+
+    def _settle(self, dirty: dict[TcpFlow, None], now: float) -> None:
+        """Compare and release on every flow the batch touched (diverged ones wait)."""
+        fault: Exception | None = None
+        for flow in dirty:
+            if not flow.diverged:
+                try:
+                    flow.progress(self, now)
+                except Exception as err:  # one flow's bug must not stall the others
+                    fault = fault or err
+        if fault is not None:
+            raise CoreFault(-1) from fault
 
     def _feed_general(
         self, primary: bool, data: bytes, offset: int, frame: tuple[bytes, int], flen: int,
@@ -366,6 +420,30 @@ class Proxy:
         else:
             self._released.extend(rel)  # type: ignore[arg-type]
             self._released_frames += len(rel)
+        self._released_payload += payload
+
+    def release_run(self, flow: HeldCounts, run: list[list[object]]) -> None:
+        """Held TCP queue entries that may go to the client, in order (one call per run)."""
+        released = self._released
+        frames = flen = payload = 0
+        for e in run:
+            rel = e[3]
+            if type(rel) is tuple:
+                released.append(rel)
+                frames += 1
+            else:
+                released.extend(rel)  # type: ignore[arg-type]
+                frames += len(rel)  # type: ignore[arg-type]
+            flen += e[7]  # type: ignore[operator]
+            payload += e[6]  # type: ignore[operator]
+        n = len(run)
+        flow.held_frames -= n
+        flow.held_bytes -= flen
+        if not flow.held_frames:
+            self._holding_flows -= 1
+        self._held_frames -= n
+        self._held_bytes -= flen
+        self._released_frames += frames
         self._released_payload += payload
 
     def diverge(

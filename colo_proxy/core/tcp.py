@@ -42,6 +42,9 @@ NEED_RST = 3
 # Queue entry fields (a list per held frame keeps allocation to one object).
 E_END, E_ACK, E_NEED, E_REL, E_TIME, E_START, E_PLEN, E_FLEN = range(8)
 
+# fast_primary / fast_secondary results.
+FAST_NO, FAST_DONE, FAST_PROGRESS = 0, 1, 2
+
 SynOptions = tuple[int, int, bool, bool]
 _FAST_FLAGS = TCP_ACK | TCP_SYN | TCP_RST
 """Segments with ACK and neither SYN nor RST take the fast path (FIN is handled there)."""
@@ -146,15 +149,18 @@ class TcpFlow(HeldCounts):
     def fast_primary(
         self, host: FlowHost, data: bytes, seq: int, ack: int, start: int, end: int, rel: Rel,
         flen: int, now: float, fin: int = 0,
-    ) -> bool:
-        """An ACK-bearing segment without SYN/RST (FIN allowed); False if the general path
-        must run.
+    ) -> int:
+        """An ACK-bearing segment without SYN/RST (FIN allowed).
 
+        Returns FAST_NO when the general path must run, FAST_DONE when the
+        segment was taken, FAST_PROGRESS when it was taken and `progress` must
+        run before the caller's batch ends (the caller runs it once per flow
+        per batch, so a burst of segments is compared and released together).
         _offsets and the in-order case of _add are inlined: this runs per frame.
         """
         me = self.pri
         if self.diverged or me.isn < 0 or me.peer_isn < 0:
-            return False
+            return FAST_NO
         stream = me.stream
         near = stream.base + len(stream.buf)
         off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
@@ -178,37 +184,54 @@ class TcpFlow(HeldCounts):
             if me.fin is None:
                 me.fin = stop
         self.queue.append([stop, a, need, rel, now, off, plen, flen])
-        host.hold(self, flen)
+        # The caller accounts the held frame (host.hold, or inline in Proxy.feed_many).
         sec = self.sec
         if (
             sec.stream.buf or stop <= stream.base or sec.fin is not None or sec.rst is not None
             or fin
         ):
-            self.progress(host, now)  # otherwise nothing can compare or go out yet
-        return True
+            return FAST_PROGRESS
+        return FAST_DONE  # nothing can compare or go out yet
 
     def fast_secondary(
         self, host: FlowHost, data: bytes, seq: int, ack: int, start: int, end: int, now: float,
         fin: int = 0,
-    ) -> bool:
-        """The secondary's counterpart of fast_primary."""
+    ) -> int:
+        """The secondary's counterpart of fast_primary (same return values)."""
         me = self.sec
         pri = self.pri
         if self.diverged or me.isn < 0 or me.peer_isn < 0:
-            return False
+            return FAST_NO
         if not self.space_ok:
             if pri.isn < 0:
-                return False  # the general path keeps it until the primary's ISN is known
+                return FAST_NO  # the general path keeps it until the primary's ISN is known
             self._decide_space(host, seq)
-        off, _ = self._offsets(me, seq, ack)
+        stream = me.stream
+        near = stream.base + len(stream.buf)
+        off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
+        top = me.ack_max
+        near_ack = top if top > 0 else 0
+        a = near_ack + ((((ack - me.peer_isn - 1) - near_ack + HALF32) & MASK32) - HALF32)
+        if a > top:
+            me.ack_max = a
         stop = off + end - start
         if end > start:
-            self._secondary_data(host, off, data, start, end, now)
+            if off == near and not stream.ooo:  # in order: _secondary_data inlined
+                if stop > me.high:
+                    me.high = stop
+                stream.buf += memoryview(data)[start:end]
+                pst = pri.stream
+                if stop > pst.base + len(pst.buf):
+                    self.sec_times.append((stop, now))  # else this batch's progress matches it
+                if len(stream.buf) > host.max_sec_buffer:
+                    self._sec_buffer_full(host, now)
+            else:
+                self._secondary_data(host, off, data, start, end, now)
         if fin and me.fin is None:
             me.fin = stop
         if self.queue or pri.stream.buf or pri.fin is not None or pri.rst is not None or fin:
-            self.progress(host, now)  # otherwise nothing can compare or go out yet
-        return True
+            return FAST_PROGRESS
+        return FAST_DONE  # nothing can compare or go out yet
 
     def _secondary_data(
         self, host: FlowHost, off: int, data: bytes, start: int, end: int, now: float
@@ -222,8 +245,12 @@ class TcpFlow(HeldCounts):
             self._add(host, me, off, data, start, end, "secondary", now)
             self.sec_times.append((stop, now))
             if len(me.stream.buf) + me.stream.ooo_bytes > host.max_sec_buffer:
-                host.count("secondary_buffer_limit_hits")
-                host.want_checkpoint(CheckpointReason.HOLD_LIMIT, now)
+                self._sec_buffer_full(host, now)
+
+    @staticmethod
+    def _sec_buffer_full(host: FlowHost, now: float) -> None:
+        host.count("secondary_buffer_limit_hits")
+        host.want_checkpoint(CheckpointReason.HOLD_LIMIT, now)
 
     def on_primary(
         self, host: FlowHost, hdr: TcpHeader, data: bytes, end: int, rel: Rel, flen: int,
@@ -232,10 +259,15 @@ class TcpFlow(HeldCounts):
         """A segment from the primary: hold it, then release whatever became safe."""
         me = self.pri
         flags = hdr.flags
-        if flags & _FAST_FLAGS == TCP_ACK and self.fast_primary(
-            host, data, hdr.seq, hdr.ack, hdr.payload, end, rel, flen, now, flags & TCP_FIN
-        ):
-            return
+        if flags & _FAST_FLAGS == TCP_ACK:
+            taken = self.fast_primary(
+                host, data, hdr.seq, hdr.ack, hdr.payload, end, rel, flen, now, flags & TCP_FIN
+            )
+            if taken:
+                host.hold(self, flen)
+                if taken == FAST_PROGRESS:
+                    self.progress(host, now)
+                return
         if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
             self._new_incarnation(host)
             me = self.pri
@@ -282,10 +314,14 @@ class TcpFlow(HeldCounts):
             return
         me = self.sec
         flags = hdr.flags
-        if flags & _FAST_FLAGS == TCP_ACK and self.fast_secondary(
-            host, data, hdr.seq, hdr.ack, hdr.payload, end, now, flags & TCP_FIN
-        ):
-            return
+        if flags & _FAST_FLAGS == TCP_ACK:
+            taken = self.fast_secondary(
+                host, data, hdr.seq, hdr.ack, hdr.payload, end, now, flags & TCP_FIN
+            )
+            if taken:
+                if taken == FAST_PROGRESS:
+                    self.progress(host, now)
+                return
         if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
             self._new_incarnation(host)
             me = self.sec
@@ -372,20 +408,31 @@ class TcpFlow(HeldCounts):
         return True
 
     def progress(self, host: FlowHost, now: float) -> None:
-        """Compare what both sides have, check closes, release what is safe."""
-        pst = self.pri.stream
-        sst = self.sec.stream
-        n = min(len(pst.buf), len(sst.buf))
+        """Compare what both sides have, check closes, release what is safe.
+
+        _consume is inlined: this runs once per flow per batch.
+        """
+        pri, sec = self.pri, self.sec
+        pst, sst = pri.stream, sec.stream
+        pb, sb = pst.buf, sst.buf
+        lp, ls = len(pb), len(sb)
+        n = lp if lp < ls else ls
         if n:
-            pb, sb = pst.buf, sst.buf
-            same = pb == sb if n == len(pb) == len(sb) else pb[:n] == sb[:n]
-            if not same:
+            if not (pb == sb if lp == ls else pb[:n] == sb[:n]):
                 self._payload_divergence(host, now, n)
                 return
-            self._consume(n)
+            del pb[:n]
+            del sb[:n]
+            pst.base += n
+            sst.base += n
+            times = self.sec_times
+            if times:
+                base = pst.base
+                while times and times[0][0] <= base:
+                    times.popleft()
         if (
-            self.pri.fin is not None or self.pri.rst is not None
-            or self.sec.fin is not None or self.sec.rst is not None
+            pri.fin is not None or pri.rst is not None or sec.fin is not None
+            or sec.rst is not None
         ) and not self._check_close(host, now):
             return
         if self.queue:
@@ -408,7 +455,7 @@ class TcpFlow(HeldCounts):
         if fin is not None and fin == self.sec.fin and base >= fin:
             base = fin + 1  # both FINs agreed; the FIN takes one sequence number
         sec_ack = self.sec.ack_max
-        release = host.release
+        run = []
         while q:
             e = q[0]
             if e[0] > base or e[1] > sec_ack:  # type: ignore[operator]
@@ -416,8 +463,9 @@ class TcpFlow(HeldCounts):
             need = e[2]
             if need and not self._need_met(need, base):
                 break
-            q.popleft()
-            release(self, e[3], e[7], e[6])  # type: ignore[arg-type]
+            run.append(q.popleft())
+        if run:
+            host.release_run(self, run)
 
     def _need_met(self, need: object, base: int) -> bool:
         if need == NEED_HANDSHAKE:
@@ -522,11 +570,9 @@ class TcpFlow(HeldCounts):
 
     def rebase(self, host: FlowHost, now: float, grace: float) -> None:
         """After a checkpoint: release everything held, continue as the primary."""
-        release = host.release
-        q = self.queue
-        while q:
-            e = q.popleft()
-            release(self, e[3], e[7], e[6])  # type: ignore[arg-type]
+        if self.queue:
+            host.release_run(self, list(self.queue))
+            self.queue.clear()
         self.diverged = False
         self.sec_times.clear()
         self.space_ok = True
