@@ -15,35 +15,44 @@ import gc
 import json
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from colo_proxy.config_args import add_config_flags, config_from_args, read_toml
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
-from colo_proxy.runtime.supervisor import RunSettings, ShutdownMode, Supervisor, print_report
+from colo_proxy.runtime.host import CoreHost, ShutdownMode, print_report
+from colo_proxy.runtime.supervisor import RunSettings, Supervisor
 
 log = logging.getLogger("colo_proxy.run")
 
 _ON_OFF = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False}
 
-# run key -> (type, default); endpoints are strings parsed by parse_endpoint
-RUN_KEYS: dict[str, tuple[type, Any]] = {
+Keys = dict[str, tuple[type, Any]]
+"""key -> (type, default); endpoints are strings parsed by parse_endpoint."""
+
+HOST_KEYS: Keys = {
+    "qmp": (str, None),
+    "qmp_follow": (str, FollowPolicy.COLO.value),
+    "qmp_request_timeout": (float, 5.0),
+    "on_shutdown": (str, ShutdownMode.REPORT.value),
+    "stats_interval": (float, 0.0),
+    "loop": (str, "uvloop"),
+    "log_level": (str, "info"),
+}
+"""Settings every live proxy (run, bridge) has, spelled the same way."""
+
+RUN_KEYS: Keys = {
     "primary_in": (str, None),
     "secondary_in": (str, None),
     "outdev": (str, None),
     "notify_dev": (str, None),
     "vnet_hdr": (bool, False),
-    "qmp": (str, None),
     "secondary_qmp": (str, None),
     "disk_qmp": (str, None),
-    "qmp_follow": (str, FollowPolicy.COLO.value),
-    "qmp_request_timeout": (float, 5.0),
     "outdev_buffer": (int, 64 * 1024 * 1024),
-    "on_shutdown": (str, ShutdownMode.REPORT.value),
-    "stats_interval": (float, 0.0),
-    "loop": (str, "uvloop"),
-    "log_level": (str, "info"),
+    **HOST_KEYS,
 }
 
 
@@ -81,13 +90,28 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="on|off",
         help="records carry a vnet header length (vnet_hdr_support)",
     )
-    io.add_argument("--qmp", metavar="SPEC", help="primary QEMU's QMP socket")
     io.add_argument("--secondary-qmp", metavar="SPEC", help="secondary QEMU's QMP socket")
     io.add_argument(
         "--disk-qmp",
         metavar="SPEC",
         help="disk replication agent's QMP socket: held output also waits for its epoch ack",
     )
+    io.add_argument(
+        "--outdev-buffer",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="bound on output waiting for outdev; beyond it output is dropped and counted (64 MiB)",
+    )
+    add_host_flags(p, "outdev")
+    add_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def add_host_flags(p: argparse.ArgumentParser, output: str) -> None:
+    """The flags every live proxy shares: QMP, shutdown, stats, loop, logging."""
+    io = p.add_argument_group("checkpoints and operation")
+    io.add_argument("--qmp", metavar="SPEC", help="primary QEMU's QMP socket")
     io.add_argument(
         "--qmp-follow",
         choices=[f.value for f in FollowPolicy],
@@ -102,17 +126,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="re-send a checkpoint request no STOP answered after S seconds (5)",
     )
     io.add_argument(
-        "--outdev-buffer",
-        type=int,
-        default=None,
-        metavar="BYTES",
-        help="bound on output waiting for outdev; beyond it output is dropped and counted (64 MiB)",
-    )
-    io.add_argument(
         "--on-shutdown",
         choices=[m.value for m in ShutdownMode],
         default=None,
-        help="held frames at exit: report (default) or flush to outdev",
+        help=f"held frames at exit: report (default) or flush to {output}",
     )
     io.add_argument(
         "--stats-interval",
@@ -128,34 +145,37 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="event loop implementation (uvloop)",
     )
     io.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
-    add_config_flags(p)
-    p.set_defaults(func=run)
 
 
 def run_values(args: argparse.Namespace) -> dict[str, Any]:
     """Run settings from the TOML file's [run] table/top level, then flags."""
-    values: dict[str, Any] = {k: default for k, (_, default) in RUN_KEYS.items()}
+    return section_values(args, "run", RUN_KEYS)
+
+
+def section_values(args: argparse.Namespace, table: str, keys: Keys) -> dict[str, Any]:
+    """A subcommand's settings: defaults, then the TOML file's [table]/top level, then flags."""
+    values: dict[str, Any] = {k: default for k, (_, default) in keys.items()}
     if getattr(args, "config", None):
-        values.update(_toml_run_table(args.config))
-    for key in RUN_KEYS:
+        values.update(_toml_table(args.config, table, keys))
+    for key in keys:
         flag = getattr(args, key, None)
         if flag is not None:
             values[key] = flag
     return values
 
 
-def _toml_run_table(path: str) -> dict[str, Any]:
+def _toml_table(path: str, name: str, keys: Keys) -> dict[str, Any]:
     data = read_toml(path)
-    table = data.get("run", {})
+    table = data.get(name, {})
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [run] must be a table")
-    unknown = sorted(set(table) - set(RUN_KEYS))
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    unknown = sorted(set(table) - set(keys))
     if unknown:
-        raise ConfigError(f"{path}: unknown [run] setting(s): {', '.join(unknown)}")
-    out = {k: v for k, v in data.items() if k in RUN_KEYS}
+        raise ConfigError(f"{path}: unknown [{name}] setting(s): {', '.join(unknown)}")
+    out = {k: v for k, v in data.items() if k in keys}
     out.update(table)
     for key, value in out.items():
-        kind = RUN_KEYS[key][0]
+        kind = keys[key][0]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if kind is bool and isinstance(value, str) and value.lower() in _ON_OFF:
@@ -177,32 +197,42 @@ def settings_from_values(values: dict[str, Any]) -> RunSettings:
         spec = values.get(key)
         return parse_endpoint(spec) if spec else None
 
-    try:
-        follow = FollowPolicy(values["qmp_follow"])
-        on_shutdown = ShutdownMode(values["on_shutdown"])
-    except ValueError as err:
-        raise ConfigError(f"run: {err}") from None
     if values["outdev_buffer"] < 65536:
         raise ConfigError("outdev_buffer: must be at least 65536 bytes")
-    if values["qmp_request_timeout"] <= 0 or values["stats_interval"] < 0:
-        raise ConfigError("qmp_request_timeout must be positive, stats_interval >= 0")
-    if values["loop"] not in ("uvloop", "asyncio"):
-        raise ConfigError(f"loop: expected uvloop or asyncio, got {values['loop']!r}")
     return RunSettings(
         primary_in=endpoint("primary_in"),
         secondary_in=endpoint("secondary_in"),
         outdev=endpoint("outdev"),
         notify_dev=endpoint("notify_dev"),
         vnet_hdr=bool(values["vnet_hdr"]),
-        qmp=endpoint("qmp"),
         secondary_qmp=endpoint("secondary_qmp"),
         disk_qmp=endpoint("disk_qmp"),
-        qmp_follow=follow,
-        qmp_request_timeout=float(values["qmp_request_timeout"]),
         outdev_buffer=int(values["outdev_buffer"]),
-        on_shutdown=on_shutdown,
-        stats_interval=float(values["stats_interval"]),
+        **host_settings(values, "run"),
     )
+
+
+def host_settings(values: dict[str, Any], command: str) -> dict[str, Any]:
+    """The shared settings, validated, as keyword arguments for RunSettings/BridgeSettings."""
+    try:
+        follow = FollowPolicy(values["qmp_follow"])
+        on_shutdown = ShutdownMode(values["on_shutdown"])
+    except ValueError as err:
+        raise ConfigError(f"{command}: {err}") from None
+    if values["qmp_request_timeout"] <= 0 or values["stats_interval"] < 0:
+        raise ConfigError("qmp_request_timeout must be positive, stats_interval >= 0")
+    if values["loop"] not in ("uvloop", "asyncio"):
+        raise ConfigError(f"loop: expected uvloop or asyncio, got {values['loop']!r}")
+    level = str(values["log_level"]).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level: unknown level {values['log_level']!r}")
+    return {
+        "qmp": parse_endpoint(values["qmp"]) if values["qmp"] else None,
+        "qmp_follow": follow,
+        "qmp_request_timeout": float(values["qmp_request_timeout"]),
+        "on_shutdown": on_shutdown,
+        "stats_interval": float(values["stats_interval"]),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,34 +240,37 @@ def run(args: argparse.Namespace) -> int:
     values = run_values(args)
     config = config_from_args(args, extra_keys=frozenset(RUN_KEYS) | {"run"})
     settings = settings_from_values(values)
+    return serve_and_report(lambda: Supervisor(config, settings), values)
+
+
+def serve_and_report(make_host: Callable[[], CoreHost], values: dict[str, Any]) -> int:
+    """Log set-up, the host on its loop until SIGINT/SIGTERM, the final report on stderr."""
     level = str(values["log_level"]).upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"log_level: unknown level {values['log_level']!r}")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("qemu.qmp").setLevel(max(logging.WARNING, logging.getLogger().level))
-    report = _run_loop(_serve(config, settings), values["loop"])
+    report = _run_loop(_serve(make_host), values["loop"])
     print_report(report)
     return 0
 
 
-async def _serve(config: Any, settings: RunSettings) -> dict[str, object]:
-    sup = Supervisor(config, settings)
+async def _serve(make_host: Callable[[], CoreHost]) -> dict[str, object]:
+    host = make_host()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _stop, sup, sig)
-    loop.add_signal_handler(signal.SIGUSR1, _log_stats, sup)
-    loop.add_signal_handler(signal.SIGUSR2, sup.enter_passthrough, "SIGUSR2")
+        loop.add_signal_handler(sig, _stop, host, sig)
+    loop.add_signal_handler(signal.SIGUSR1, _log_stats, host)
+    loop.add_signal_handler(signal.SIGUSR2, host.enter_passthrough, "SIGUSR2")
     log.info("colo-proxy running (loop %s)", type(loop).__module__.split(".")[0])
-    return await sup.serve()
+    return await host.serve()
 
 
-def _log_stats(sup: Supervisor) -> None:
-    log.info("stats %s", json.dumps(sup.stats(), default=str, sort_keys=True))
+def _log_stats(host: CoreHost) -> None:
+    log.info("stats %s", json.dumps(host.stats(), default=str, sort_keys=True))
 
 
-def _stop(sup: Supervisor, sig: signal.Signals) -> None:
+def _stop(host: CoreHost, sig: signal.Signals) -> None:
     log.info("%s: shutting down", sig.name)
-    sup.stop()
+    host.stop()
 
 
 def _run_loop(coro: Any, which: str) -> dict[str, object]:
