@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import struct
 
+from colo_proxy.core.checksum import ones_sum
 from colo_proxy.core.events import Side
 from colo_proxy.core.packet import (
     PASS_REASONS,
@@ -131,8 +132,14 @@ def _quick_flags(frame: bytes) -> int:
     return frame[flags_at] if flags_at < n else _LOOK_CLOSER
 
 
-def _tsval(data: bytes, start: int, end: int) -> int:
-    """TSval of the timestamp option in data[start:end], -1 when absent or unreadable."""
+def _find_options(data: bytes, start: int, end: int) -> tuple[int, int] | None:
+    """Offsets of the SACK and timestamp options in data[start:end] (-1: absent).
+
+    None when the options cannot be walked, or a SACK or timestamp option is
+    malformed or repeated: real stacks never send that, and a frame that is
+    only half translated would be worse than one left alone.
+    """
+    sack = ts = -1
     i = start
     while i < end:
         kind = data[i]
@@ -142,14 +149,28 @@ def _tsval(data: bytes, start: int, end: int) -> int:
             i += 1
             continue
         if i + 1 >= end:
-            break
+            return None
         length = data[i + 1]
         if length < 2 or i + length > end:
-            break
-        if kind == OPT_TS and length == 10:
-            return int(_U32.unpack_from(data, i + 2)[0])
+            return None
+        if kind == OPT_SACK:
+            if sack != -1 or length < 10 or (length - 2) % 8:
+                return None
+            sack = i
+        elif kind == OPT_TS:
+            if ts != -1 or length != 10:
+                return None
+            ts = i
         i += length
-    return -1
+    return sack, ts
+
+
+def _tsval(data: bytes, start: int, end: int) -> int:
+    """TSval of a SYN's timestamp option, -1 when absent or the options are unreadable."""
+    found = _find_options(data, start, end)
+    if found is None or found[1] == -1:
+        return -1
+    return int(_U32.unpack_from(data, found[1] + 2)[0])
 
 
 def _shift32(buf: bytearray, at: int, off: int) -> int:
@@ -160,33 +181,14 @@ def _shift32(buf: bytearray, at: int, off: int) -> int:
     return int(new - old)
 
 
-def _shift_options(buf: bytearray, start: int, end: int, ack_off: int, ts_off: int) -> int | None:
-    """Shift SACK edges and a non-zero TSecr in the options; None when they are malformed."""
+def _shift_options(buf: bytearray, sack: int, ts: int, ack_off: int, ts_off: int) -> int:
+    """Shift every SACK edge and a non-zero TSecr; return the checksum change."""
     delta = 0
-    i = start
-    while i < end:
-        kind = buf[i]
-        if kind == OPT_EOL:
-            break
-        if kind == OPT_NOP:
-            i += 1
-            continue
-        if i + 1 >= end:
-            return None
-        length = buf[i + 1]
-        if length < 2 or i + length > end:
-            return None
-        if kind == OPT_SACK:
-            if length < 10 or (length - 2) % 8:
-                return None
-            for edge in range(i + 2, i + length, 4):
-                delta += _shift32(buf, edge, ack_off)
-        elif kind == OPT_TS:
-            if length != 10:
-                return None
-            if ts_off > 0 and _U32.unpack_from(buf, i + 6)[0]:
-                delta += _shift32(buf, i + 6, ts_off)
-        i += length
+    if sack != -1:
+        for edge in range(sack + 2, sack + buf[sack + 1], 4):
+            delta += _shift32(buf, edge, ack_off)
+    if ts != -1 and ts_off > 0 and _U32.unpack_from(buf, ts + 6)[0]:
+        delta += _shift32(buf, ts + 6, ts_off)
     return delta
 
 
@@ -206,10 +208,7 @@ def _is_partial(data: bytes, src: bytes, dst: bytes, l4: int, l4_end: int, csum:
     pseudo = _pseudo_sum(src, dst, l4_end - l4)
     if csum % _CSUM_MOD != pseudo:
         return False
-    segment = int.from_bytes(data[l4:l4_end], "big")
-    if (l4_end - l4) & 1:
-        segment <<= 8  # the odd last byte is the high half of a zero-padded word
-    return (pseudo + segment) % _CSUM_MOD != 0
+    return (pseudo + ones_sum(memoryview(data)[l4:l4_end])) % _CSUM_MOD != 0
 
 
 def _updated_checksum(csum: int, delta: int) -> int:
@@ -350,11 +349,12 @@ class SecondaryRewriter:
         conn: _Conn,
     ) -> bytes:
         """Shift ack, SACK edges and TSecr; fix the checksum unless offload will fill it."""
-        buf = bytearray(frame)
-        delta = _shift_options(buf, l4 + 20, payload, conn.ack_off, conn.ts_off)
-        if delta is None:
+        found = _find_options(frame, l4 + 20, payload)
+        if found is None:
             self._counts["bad_options"] += 1
             return frame
+        buf = bytearray(frame)
+        delta = _shift_options(buf, found[0], found[1], conn.ack_off, conn.ts_off)
         delta += _shift32(buf, l4 + 8, conn.ack_off)
         csum = _U16.unpack_from(frame, l4 + 16)[0]
         if _is_partial(frame, src, dst, l4, l4_end, csum):

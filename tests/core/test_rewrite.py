@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.all import IP, TCP, UDP, Dot1Q, Ether, IPv6, Raw
-from scapy.layers.inet import in4_chksum
+from scapy.layers.inet import IP, TCP, UDP, in4_chksum
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Dot1Q, Ether
+from scapy.packet import Raw
 
 from colo_proxy.core.rewrite import SecondaryRewriter
 
@@ -93,7 +95,7 @@ def ip_header_and_payload(frame: bytes) -> tuple[bytes, bytes]:
     return frame[:start], bytes(tcp.payload)
 
 
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "ipv4": {},
     "ipv6": {"v6": True},
     "vlan": {"vlan": (10,)},
@@ -241,39 +243,43 @@ def test_rst_from_anyone_ends_the_entry(who: str) -> None:
     assert r.stats()["ended_rst"] == 1 and r.stats()["connections"] == 0
 
 
-def test_client_closes_first_last_ack_is_still_translated() -> None:
+# (who, flags, client ack or guest seq, guest payload, entries left afterwards).  Client
+# frames must come out translated until the one that ends the entry, that one included.
+CLOSES: dict[str, list[tuple[str, str, int, bytes, int]]] = {
+    "client_first": [
+        ("client", "FA", 1001, b"", 1),
+        ("primary", "FA", 1001, b"bye", 1),
+        ("secondary", "FA", 2001, b"bye", 1),
+        ("client", "A", 1004, b"", 1),  # acks the data, not the guests' FIN
+        ("client", "A", 1005, b"", 0),  # the last ACK: translated, then the entry goes
+    ],
+    "guests_first": [
+        ("secondary", "FA", 2001, b"", 1),
+        ("primary", "FA", 1001, b"", 1),
+        ("client", "FA", 1002, b"", 0),
+    ],
+    "secondary_lags": [
+        ("primary", "FA", 1001, b"", 1),
+        ("client", "FA", 1002, b"", 1),
+        ("secondary", "FA", 2001, b"", 0),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", CLOSES)
+def test_fin_from_all_three_ends_the_entry_after_the_last_ack(case: str) -> None:
     r = SecondaryRewriter()
     learn(r, 1000, 2000)
-    out = r.to_secondary(build("FA", CLIENT_ISN + 1, 1001), 0.0)
-    assert tcp_of(out).ack == 2001
-    r.observe_primary(build("FA", 1001, CLIENT_ISN + 2, to_guest=False, payload=b"bye"), 0.0)
-    r.observe_secondary(build("FA", 2001, CLIENT_ISN + 2, to_guest=False, payload=b"bye"), 0.0)
-    assert r.stats()["connections"] == 1
-    early = r.to_secondary(build("A", CLIENT_ISN + 2, 1004), 0.0)  # acks the data, not the FIN
-    assert tcp_of(early).ack == 2004 and r.stats()["connections"] == 1
-    last = r.to_secondary(build("A", CLIENT_ISN + 2, 1005), 0.0)
-    assert tcp_of(last).ack == 2005
-    assert r.stats()["connections"] == 0 and r.stats()["ended_fin"] == 1
-
-
-def test_guests_close_first_entry_ends_with_the_clients_fin() -> None:
-    r = SecondaryRewriter()
-    learn(r, 1000, 2000)
-    r.observe_secondary(build("FA", 2001, CLIENT_ISN + 1, to_guest=False), 0.0)
-    r.observe_primary(build("FA", 1001, CLIENT_ISN + 1, to_guest=False), 0.0)
-    out = r.to_secondary(build("FA", CLIENT_ISN + 1, 1002), 0.0)
-    assert tcp_of(out).ack == 2002
-    assert r.stats()["connections"] == 0 and r.stats()["ended_fin"] == 1
-
-
-def test_fin_from_one_guest_only_keeps_the_entry() -> None:
-    r = SecondaryRewriter()
-    learn(r, 1000, 2000)
-    r.observe_primary(build("FA", 1001, CLIENT_ISN + 1, to_guest=False), 0.0)
-    r.to_secondary(build("FA", CLIENT_ISN + 1, 1002), 0.0)
-    assert r.stats()["connections"] == 1
-    r.observe_secondary(build("FA", 2001, CLIENT_ISN + 2, to_guest=False), 0.0)
-    assert r.stats()["connections"] == 0
+    for who, flags, number, payload, left in CLOSES[case]:
+        if who == "client":
+            out = r.to_secondary(build(flags, CLIENT_ISN + 1, number), 0.0)
+            assert tcp_of(out).ack == number + 1000
+            assert_checksum_ok(out)
+        else:
+            observe = r.observe_primary if who == "primary" else r.observe_secondary
+            observe(build(flags, number, CLIENT_ISN + 2, to_guest=False, payload=payload), 0.0)
+        assert r.stats()["connections"] == left, (who, flags, number)
+    assert r.stats()["ended_fin"] == 1
 
 
 def test_table_is_bounded() -> None:
@@ -350,20 +356,32 @@ def test_partial_checksum_left_for_the_nic(v6: bool) -> None:
     assert r.stats()["partial_checksums"] == 1
 
 
-def test_full_checksum_equal_to_the_pseudo_sum_is_still_updated() -> None:
+@pytest.mark.parametrize("tail", [b"", b"\x07"], ids=["even", "odd"])
+def test_full_checksum_equal_to_the_pseudo_sum_is_still_updated(tail: bytes) -> None:
     """One frame in 65535 has a complete checksum that looks like a partial one."""
     r = SecondaryRewriter()
     learn(r, 1000, 2000)
-    base = build("A", CLIENT_ISN + 1, 1001, payload=b"\0\0")
+    base = build("A", CLIENT_ISN + 1, 1001, payload=b"\0\0" + tail)
     pseudo = _pseudo_sum(base)
     # Two payload bytes x add x to the sum, so the checksum drops by x: pick x to land on it.
     x = (tcp_of(base).chksum - pseudo) % 0xFFFF
-    frame = build("A", CLIENT_ISN + 1, 1001, payload=x.to_bytes(2, "big"))
+    frame = build("A", CLIENT_ISN + 1, 1001, payload=x.to_bytes(2, "big") + tail)
     assert tcp_of(frame).chksum % 0xFFFF == pseudo % 0xFFFF
     out = r.to_secondary(frame, 0.0)
     assert tcp_of(out).ack == 2001
     assert_checksum_ok(out)
     assert r.stats()["partial_checksums"] == 0
+
+
+def test_rewritten_checksum_that_sums_to_zero_is_0x0000() -> None:
+    """A ones'-complement sum of real data folds to 0xFFFF, so the field is 0, never 0xFFFF."""
+    r = SecondaryRewriter()
+    learn(r, 1000, 2000)
+    first = r.to_secondary(build("A", CLIENT_ISN + 1, 1001, payload=b"\0\0"), 0.0)
+    x = tcp_of(first).chksum  # payload x lowers the rewritten checksum by exactly x
+    out = r.to_secondary(build("A", CLIENT_ISN + 1, 1001, payload=x.to_bytes(2, "big")), 0.0)
+    assert tcp_of(out).chksum == 0
+    assert_checksum_ok(out)
 
 
 @pytest.mark.parametrize(("opts", "walkable"), [
@@ -373,6 +391,8 @@ def test_full_checksum_equal_to_the_pseudo_sum_is_still_updated() -> None:
     (b"\x01\x01\x05\x0c" + bytes(8), False),   # SACK running past the header
     (b"\x01\x01\x01\x13", False),              # last option has no length byte
     (b"\x01\x01\x13\x00", False),              # option length 0
+    (b"\x01\x01\x08\x0a" + bytes(8) + b"\x01\x01\x08\x0a" + bytes(8), False),  # two timestamps
+    (b"\x05\x0a" + bytes(8) + b"\x05\x0a" + bytes(8) + b"\x01\x01\x01\x01", False),  # two SACKs
     (b"\x01\x01\x01\x00\x05\x07\x00\x00", True),   # garbage after EOL is not read
 ])
 def test_malformed_client_options_pass_unchanged(opts: bytes, walkable: bool) -> None:
