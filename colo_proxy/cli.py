@@ -1,4 +1,4 @@
-"""`colo-proxy` command line: replay, streams, run, disk-agent.
+"""`colo-proxy` command line: replay, streams, run, bridge, disk-agent.
 
 Errors the operator can fix (bad files, bad values) print one line and exit
 with status 2; no traceback.
@@ -19,6 +19,7 @@ EXIT_USAGE = 2
 # Subcommands that live in their own packages: (module, attribute adding the parser).
 _PLUGGED = (
     ("colo_proxy.runtime.run_cli", "add_parser"),
+    ("colo_proxy.runtime.bridge_cli", "add_parser"),
     ("colo_proxy.disk.cli", "add_parser"),
 )
 

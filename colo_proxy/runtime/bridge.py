@@ -1,0 +1,202 @@
+"""The proxy as a live bridge between three interfaces: client, primary guest, secondary guest.
+
+Theory of operation
+-------------------
+Where ``colo-proxy run`` reads QEMU's chardevs, the bridge sits on the wire:
+each of ``--client-if``, ``--primary-if`` and ``--secondary-if`` is a
+:class:`~colo_proxy.drivers.afpacket.PacketPort` (a TPACKET_V3 ring).  The
+core, QMP, timers, divergence log and shutdown are
+:class:`~colo_proxy.runtime.host.CoreHost`'s, exactly as for ``run``; only
+the frame paths differ:
+
+* client-if -> core (``Side.CLIENT``), then out on primary-if unchanged and
+  on secondary-if translated by the
+  :class:`~colo_proxy.core.rewrite.SecondaryRewriter` (the client
+  acknowledges the primary's sequence numbers and timestamps; the secondary's
+  kernel needs its own);
+* primary-if -> rewriter learns from it -> core (``Side.PRIMARY``); what the
+  core releases goes out on client-if;
+* secondary-if -> rewriter learns from it -> core (``Side.SECONDARY``); never
+  sent anywhere.
+
+A completed VM checkpoint (QMP ``RESUME``) also tells the rewriter: the
+secondary now runs with the primary's TCP state, so every offset is zero.
+The rewriter's idle connections are expired on a slow periodic timer.
+
+At shutdown the ports stop reading first, held output is settled by
+``--on-shutdown`` like ``run``, then output still queued for the kernel is
+drained with a time limit and what remained is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from colo_proxy.core.config import Config
+from colo_proxy.core.events import Side
+from colo_proxy.core.framing import Frame
+from colo_proxy.core.rewrite import SecondaryRewriter
+from colo_proxy.drivers.afpacket import PacketPort, RingSpec
+from colo_proxy.drivers.endpoints import Endpoint
+from colo_proxy.drivers.qmp import FollowPolicy
+from colo_proxy.errors import ConfigError
+from colo_proxy.runtime.host import DIVERGENCE_LOG_BURST, CoreHost, ShutdownMode
+
+log = logging.getLogger(__name__)
+
+DRAIN_LIMIT = 2.0
+"""Seconds shutdown waits for queued output to leave."""
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeSettings:
+    """Everything `colo-proxy bridge` needs besides the core Config."""
+
+    client_if: str
+    primary_if: str
+    secondary_if: str
+    qmp: Endpoint | None = None
+    qmp_follow: FollowPolicy = FollowPolicy.COLO
+    qmp_request_timeout: float = 5.0
+    on_shutdown: ShutdownMode = ShutdownMode.REPORT
+    stats_interval: float = 0.0
+    ring: RingSpec = field(default_factory=RingSpec)
+    output_buffer: int = 64 * 1024 * 1024
+    secondary_qmp: Endpoint | None = None
+    disk_qmp: Endpoint | None = None
+
+    def validate(self) -> None:
+        """Three distinct interfaces and a sane ring; ConfigError otherwise."""
+        names = (self.client_if, self.primary_if, self.secondary_if)
+        if len(set(names)) != 3:
+            raise ConfigError(
+                "bridge: --client-if, --primary-if and --secondary-if must be three "
+                f"different interfaces, got {', '.join(names)}"
+            )
+        if self.output_buffer < 65536:
+            raise ConfigError("output_buffer: must be at least 65536 bytes")
+        self.ring.validate()
+
+
+class Bridge(CoreHost):
+    """The core between three interfaces (``colo-proxy bridge``)."""
+
+    def __init__(
+        self, config: Config, settings: BridgeSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        settings.validate()
+        super().__init__(config, settings, clock)
+        self.settings = settings
+        self.rewriter = SecondaryRewriter(config.max_flows, config.flow_idle_timeout)
+        self.counters["rewriter_errors"] = 0
+        ring, buf = settings.ring, settings.output_buffer
+        self.client = PacketPort("client-if", settings.client_if, self._from_client, ring, buf)
+        self.primary = PacketPort("primary-if", settings.primary_if, self._from_primary, ring, buf)
+        self.secondary = PacketPort(
+            "secondary-if", settings.secondary_if, self._from_secondary, ring, buf
+        )
+        self.ports = (self.client, self.primary, self.secondary)
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_every = max(1.0, min(30.0, config.flow_idle_timeout / 4))
+
+    # ---- ports --------------------------------------------------------------------------
+
+    async def _open_ports(self) -> None:
+        opened: list[PacketPort] = []
+        try:
+            for port in self.ports:
+                port.open()
+                opened.append(port)
+        except Exception:
+            for port in opened:
+                port.close()
+            raise
+        mtus = {port.ifname: port.mtu for port in self.ports}
+        if len(set(mtus.values())) > 1:
+            log.warning("interface MTUs differ (%s): larger frames will be dropped (counted)",
+                        ", ".join(f"{k} {v}" for k, v in mtus.items()))
+        for port in self.ports:
+            port.start()
+        self._schedule_expiry()
+        log.info("bridge up: client %s, primary %s, secondary %s",
+                 self.client.ifname, self.primary.ifname, self.secondary.ifname)
+
+    async def _close_inputs(self) -> None:
+        for port in self.ports:
+            port.stop_reading()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    async def _close_outputs(self) -> dict[str, object]:
+        deadline = time.monotonic() + DRAIN_LIMIT
+        while any(p.pending_bytes for p in self.ports) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        pending = {p.name: p.pending_bytes for p in self.ports}
+        for port in self.ports:
+            port.close()
+        return {"output_bytes_pending_at_close": pending}
+
+    def _send_released(self, frames: list[Frame]) -> None:
+        self.client.send(frames)
+
+    def _port_stats(self) -> dict[str, object]:
+        out: dict[str, object] = {port.name: port.counters() for port in self.ports}
+        out["rewriter"] = self.rewriter.stats()
+        return out
+
+    def _vm_checkpoint_done(self) -> None:
+        self.rewriter.checkpoint_done()
+
+    # ---- frame paths --------------------------------------------------------------------
+
+    def _from_client(self, frames: list[Frame]) -> None:
+        now = self._clock()
+        self._feed(Side.CLIENT, frames)
+        self.primary.send(frames)
+        to_secondary = self.rewriter.to_secondary
+        try:
+            translated = [(to_secondary(data, now), 0) for data, _ in frames]
+        except Exception:  # a rewriter bug: translate one by one, pass the failing frame as is
+            translated = [(self._translate_one(data, now), 0) for data, _ in frames]
+        self.secondary.send(translated)
+
+    def _translate_one(self, data: bytes, now: float) -> bytes:
+        try:
+            return self.rewriter.to_secondary(data, now)
+        except Exception:
+            self._rewriter_error("to_secondary", data)
+            return data
+
+    def _from_primary(self, frames: list[Frame]) -> None:
+        self._observe(self.rewriter.observe_primary, frames)
+        self._feed(Side.PRIMARY, frames)
+
+    def _from_secondary(self, frames: list[Frame]) -> None:
+        self._observe(self.rewriter.observe_secondary, frames)
+        self._feed(Side.SECONDARY, frames)
+
+    def _observe(self, observe: Callable[[bytes, float], None], frames: list[Frame]) -> None:
+        now = self._clock()
+        for data, _ in frames:
+            try:
+                observe(data, now)
+            except Exception:  # a rewriter bug costs what it learns from this frame only
+                self._rewriter_error(observe.__name__, data)
+
+    def _rewriter_error(self, what: str, data: bytes) -> None:
+        self.counters["rewriter_errors"] += 1
+        if self.counters["rewriter_errors"] <= DIVERGENCE_LOG_BURST:
+            log.exception("rewriter %s failed on a %d-byte frame: %s",
+                          what, len(data), data[:64].hex())
+
+    def _schedule_expiry(self) -> None:
+        self._expiry = asyncio.get_running_loop().call_later(self._expiry_every, self._expire)
+
+    def _expire(self) -> None:
+        self.rewriter.expire(self._clock())
+        self._schedule_expiry()

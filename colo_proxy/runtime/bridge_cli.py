@@ -1,0 +1,98 @@
+"""`colo-proxy bridge`: flags and TOML to BridgeSettings, then the bridge on (uv)loop.
+
+Same conventions as `colo-proxy run` (shared flags come from run_cli): bridge
+settings in a ``[bridge]`` table (or at the top level), core thresholds in
+``[core]``; ``--client-if`` is ``client_if``; flags override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from colo_proxy.config_args import add_config_flags, config_from_args
+from colo_proxy.drivers.afpacket import RingSpec
+from colo_proxy.errors import ConfigError
+from colo_proxy.runtime.bridge import Bridge, BridgeSettings
+from colo_proxy.runtime.run_cli import (
+    HOST_KEYS,
+    Keys,
+    add_host_flags,
+    host_settings,
+    section_values,
+    serve_and_report,
+)
+
+_RING = RingSpec()
+
+BRIDGE_KEYS: Keys = {
+    "client_if": (str, None),
+    "primary_if": (str, None),
+    "secondary_if": (str, None),
+    "ring_block_size": (int, _RING.block_size),
+    "ring_blocks": (int, _RING.block_count),
+    "ring_retire_ms": (int, _RING.retire_ms),
+    "output_buffer": (int, 64 * 1024 * 1024),
+    **HOST_KEYS,
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `bridge` subcommand."""
+    p = subparsers.add_parser(
+        "bridge",
+        help="bridge three interfaces (client, primary guest, secondary guest) live",
+        description=(
+            "Sit between the client side and two guests' taps/veths: client frames go to both "
+            "guests (translated for the secondary), the primary's output is released to the "
+            "client once the secondary produced the same; checkpoints through QMP. Needs root "
+            "or CAP_NET_RAW, and segmentation/checksum offloads off on the three interfaces."
+        ),
+    )
+    io = p.add_argument_group("interfaces")
+    io.add_argument("--client-if", metavar="IF", help="interface towards the clients")
+    io.add_argument("--primary-if", metavar="IF", help="the primary guest's tap or veth")
+    io.add_argument("--secondary-if", metavar="IF", help="the secondary guest's tap or veth")
+    io.add_argument("--ring-block-size", type=int, default=None, metavar="BYTES",
+                    help=f"receive ring block size, a page multiple ({_RING.block_size})")
+    io.add_argument("--ring-blocks", type=int, default=None, metavar="N",
+                    help=f"receive ring blocks per interface ({_RING.block_count})")
+    io.add_argument("--ring-retire-ms", type=int, default=None, metavar="MS",
+                    help=f"a partly filled block is read after MS ms ({_RING.retire_ms})")
+    io.add_argument("--output-buffer", type=int, default=None, metavar="BYTES",
+                    help="bound on output waiting for an interface; beyond it output is "
+                         "dropped and counted (64 MiB)")
+    add_host_flags(p, "the client interface")
+    add_config_flags(p)
+    p.set_defaults(func=bridge)
+
+
+def settings_from_values(values: dict[str, Any]) -> BridgeSettings:
+    """Validate bridge values into BridgeSettings (ConfigError names the problem)."""
+    missing = [k for k in ("client_if", "primary_if", "secondary_if") if not values.get(k)]
+    if missing:
+        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise ConfigError(f"bridge: {flags} required (flag or config file)")
+    ring = RingSpec(
+        block_size=int(values["ring_block_size"]),
+        block_count=int(values["ring_blocks"]),
+        retire_ms=int(values["ring_retire_ms"]),
+    )
+    settings = BridgeSettings(
+        client_if=str(values["client_if"]),
+        primary_if=str(values["primary_if"]),
+        secondary_if=str(values["secondary_if"]),
+        ring=ring,
+        output_buffer=int(values["output_buffer"]),
+        **host_settings(values, "bridge"),
+    )
+    settings.validate()
+    return settings
+
+
+def bridge(args: argparse.Namespace) -> int:
+    """Entry point of `colo-proxy bridge`."""
+    values = section_values(args, "bridge", BRIDGE_KEYS)
+    config = config_from_args(args, extra_keys=frozenset(BRIDGE_KEYS) | {"bridge"})
+    settings = settings_from_values(values)
+    return serve_and_report(lambda: Bridge(config, settings), values)

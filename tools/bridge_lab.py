@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""A bridge-mode lab in network namespaces, and the tiny guests and clients that run in it.
+
+    client ns (10.S.T.1) --veth-- [client-if]              (root namespace:
+    primary ns (10.S.T.2) --veth-- [primary-if]  colo-proxy bridge
+    secondary ns (10.S.T.2) --veth-- [secondary-if]         runs here)
+
+The primary and secondary guests get the same MAC and IP address, as a COLO
+pair does.  IPv6 is off in the namespaces and on the host ends (no router
+solicitations or MLD noise), and segmentation, GRO and checksum offloads are
+off on all six veth ends (pyroute2's ethtool), as bridge mode needs.
+:class:`BridgeLab` builds all of it and always removes it.
+
+Subcommands run inside a namespace (``ip netns exec NS python3 bridge_lab.py ...``)
+and print one JSON line:
+
+* ``tcp-server``: accept one connection, read a request line, send ``--size``
+  deterministic bytes (byte ``--diverge-at`` flipped), half-close, read to EOF,
+  then wait until the client acknowledged everything (``SIOCOUTQ`` 0);
+* ``tcp-client``: fetch from a server, compare with the expected bytes;
+* ``udp-echo`` / ``udp-client``: answer / send numbered datagrams.
+
+Usage (root): ``python3 tools/bridge_lab.py up`` keeps a lab until Enter is
+pressed and prints the ``colo-proxy bridge`` command line for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GUEST_MAC = "52:54:00:c0:10:02"
+CLIENT_MAC = "52:54:00:c0:10:01"
+SIOCOUTQ = 0x5411
+OFFLOADS = ("tx-checksum", "tx-tcp", "tx-generic-segmentation", "tx-udp-segmentation",
+            "rx-gro", "tx-scatter-gather", "tx-gso")
+ROLES = ("client", "primary", "secondary")
+
+
+def payload(size: int, diverge_at: int = -1) -> bytes:
+    """Deterministic, incompressible-looking bytes; byte ``diverge_at`` flipped if >= 0."""
+    blocks = (hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(size // 32 + 1))
+    data = bytearray(b"".join(blocks)[:size])
+    if 0 <= diverge_at < size:
+        data[diverge_at] ^= 0xFF
+    return bytes(data)
+
+
+def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+    return proc
+
+
+def offloads_off(ifname: str) -> None:
+    """ethtool -K IF tso off gso off gro off tx off (what bridge mode needs on every end)."""
+    from pyroute2.ethtool import Ethtool
+
+    ethtool = Ethtool()
+    try:
+        features = ethtool.get_features(ifname)
+        for name, feature in features.features.items():
+            if name.startswith(OFFLOADS) and feature.available:
+                feature.enable = False
+        ethtool.set_features(ifname, features)
+    finally:
+        ethtool.close()
+
+
+@dataclass
+class BridgeLab:
+    """Three namespaces, three veth pairs; host ends named in ``ifs``."""
+
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    subnet: str = ""
+    ns: dict[str, str] = field(default_factory=dict)
+    ifs: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.subnet:
+            raw = int(self.tag, 16)
+            self.subnet = f"10.{200 + raw % 50}.{(raw >> 8) % 256}"
+        for role in ROLES:
+            self.ns[role] = f"cpb-{self.tag}-{role}"
+            self.ifs[role] = f"cpb{self.tag}{role[0]}"
+
+    @property
+    def client_ip(self) -> str:
+        return f"{self.subnet}.1"
+
+    @property
+    def guest_ip(self) -> str:
+        return f"{self.subnet}.2"
+
+    def __enter__(self) -> BridgeLab:
+        try:
+            self._create()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def _create(self) -> None:
+        for role in ROLES:
+            ns, host, guest = self.ns[role], self.ifs[role], self.ifs[role] + "g"
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1")
+            _sh("ip", "link", "add", host, "type", "veth", "peer", "name", guest)
+            _sh("sysctl", "-qw", f"net.ipv6.conf.{host}.disable_ipv6=1", check=False)
+            offloads_off(host)
+            offloads_off(guest)
+            _sh("ip", "link", "set", guest, "netns", ns)
+            mac = CLIENT_MAC if role == "client" else GUEST_MAC
+            ip = self.client_ip if role == "client" else self.guest_ip
+            _sh("ip", "-n", ns, "link", "set", guest, "name", "eth0", "address", mac)
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            _sh("ip", "link", "set", host, "up")
+
+    def destroy(self) -> None:
+        """Remove every interface and namespace of this lab (errors ignored)."""
+        for role in ROLES:
+            _sh("ip", "link", "del", self.ifs[role], check=False)
+            _sh("ip", "netns", "del", self.ns[role], check=False)
+
+    def popen(self, role: str, argv: Sequence[str], **kw: object) -> subprocess.Popen[str]:
+        """A process inside ``role``'s namespace (stdout piped, text)."""
+        return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+            ["ip", "netns", "exec", self.ns[role], *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+        )
+
+    def tool(self, role: str, *args: str) -> subprocess.Popen[str]:
+        """This script's subcommand ``args`` inside ``role``'s namespace."""
+        return self.popen(role, [sys.executable, str(Path(__file__).resolve()), *args])
+
+    def bridge_args(self) -> list[str]:
+        """The interface flags of ``colo-proxy bridge`` for this lab."""
+        return ["--client-if", self.ifs["client"], "--primary-if", self.ifs["primary"],
+                "--secondary-if", self.ifs["secondary"]]
+
+
+def available() -> str | None:
+    """Why the lab cannot run here (None when it can)."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and packet sockets)"
+    probe = f"cpb-probe-{os.getpid()}"
+    if _sh("ip", "netns", "add", probe, check=False).returncode != 0:
+        return "cannot create network namespaces"
+    _sh("ip", "netns", "del", probe, check=False)
+    try:
+        import pyroute2.ethtool  # noqa: F401
+    except ImportError:
+        return "pyroute2 not installed"
+    return None
+
+
+# ---- programs that run inside the namespaces ---------------------------------------------
+
+
+def _emit(obj: dict[str, object]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def tcp_server(args: argparse.Namespace) -> int:
+    """Serve one fetch; report whether every byte (and the FIN) was acknowledged."""
+    data = payload(args.size, args.diverge_at)
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", args.port))
+    srv.listen(1)
+    srv.settimeout(args.timeout)
+    _emit({"listening": args.port})
+    result: dict[str, object] = {"sent": 0, "eof": False, "unacked": None}
+    try:
+        conn, _ = srv.accept()
+        conn.settimeout(args.timeout)
+        request = conn.recv(100)
+        result["request"] = request.decode(errors="replace").strip()
+        conn.sendall(data)
+        result["sent"] = len(data)
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(65536):
+            pass
+        result["eof"] = True
+        deadline = time.monotonic() + args.timeout
+        unacked = -1
+        while time.monotonic() < deadline:
+            raw = fcntl.ioctl(conn.fileno(), SIOCOUTQ, struct.pack("i", 0))
+            unacked = struct.unpack("i", raw)[0]
+            if unacked == 0:
+                break
+            time.sleep(0.05)
+        result["unacked"] = unacked
+        conn.close()
+    except OSError as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+    _emit(result)
+    return 0
+
+
+def tcp_client(args: argparse.Namespace) -> int:
+    """Fetch; report how much arrived and whether it is a prefix of the expected bytes."""
+    expected = payload(args.size)
+    sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    sock.sendall(b"FETCH\n")
+    sock.settimeout(args.idle)
+    got = bytearray()
+    result: dict[str, object] = {"eof": False}
+    start = time.monotonic()
+    try:
+        while True:
+            chunk = sock.recv(262144)
+            if not chunk:
+                result["eof"] = True
+                break
+            got += chunk
+    except TimeoutError:
+        result["idle_timeout"] = True
+    except OSError as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+    elapsed = time.monotonic() - start
+    sock.close()
+    result.update(received=len(got), complete=bytes(got) == expected,
+                  prefix_ok=expected.startswith(bytes(got)), seconds=elapsed)
+    _emit(result)
+    return 0
+
+
+def udp_echo(args: argparse.Namespace) -> int:
+    """Echo ``--count`` datagrams back, prefixed with b'echo:'."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", args.port))
+    sock.settimeout(args.timeout)
+    _emit({"listening": args.port})
+    n = 0
+    try:
+        while n < args.count:
+            data, peer = sock.recvfrom(65536)
+            sock.sendto(b"echo:" + data, peer)
+            n += 1
+    except TimeoutError:
+        pass
+    _emit({"echoed": n})
+    return 0
+
+
+def udp_client(args: argparse.Namespace) -> int:
+    """Send numbered datagrams one at a time; count the correct echoes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(args.timeout)
+    good = 0
+    for i in range(args.count):
+        msg = f"datagram {i} ".encode() * 20
+        sock.sendto(msg, (args.host, args.port))
+        try:
+            reply, _ = sock.recvfrom(65536)
+        except TimeoutError:
+            continue
+        good += reply == b"echo:" + msg
+    _emit({"sent": args.count, "good_echoes": good})
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("tcp-server")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--size", type=int, default=300_000)
+    p.add_argument("--diverge-at", type=int, default=-1)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=tcp_server)
+    p = sub.add_parser("tcp-client")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--size", type=int, default=300_000)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--idle", type=float, default=60.0, help="give up after S seconds of silence")
+    p.set_defaults(func=tcp_client)
+    p = sub.add_parser("udp-echo")
+    p.add_argument("--port", type=int, default=7777)
+    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=udp_echo)
+    p = sub.add_parser("udp-client")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, default=7777)
+    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=udp_client)
+    p = sub.add_parser("up", help="build a lab and keep it until Enter is pressed")
+    p.set_defaults(func=None)
+    args = parser.parse_args(argv)
+    if args.func is not None:
+        return int(args.func(args))
+    reason = available()
+    if reason:
+        print(f"bridge_lab: {reason}", file=sys.stderr)
+        return 2
+    with BridgeLab() as lab:
+        print("namespaces:", ", ".join(lab.ns.values()))
+        print(f"client {lab.client_ip}, guests {lab.guest_ip}")
+        print("colo-proxy bridge " + " ".join(lab.bridge_args()))
+        input("press Enter to tear the lab down ")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
