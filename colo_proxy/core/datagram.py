@@ -60,8 +60,7 @@ class DatagramFlow(HeldCounts):
                     del self.sec_wait[content]
                 partner[D_MATCHED] = True
                 self.sec_bytes -= len(content)
-                host.hold(self, flen)
-                host.release(self, rel, flen, 0)
+                host.release_unheld(rel)
                 self._check_window(host, now, window)
                 return
         entry: list[object] = [self.pri_n, rel, now, False, content, flen]
@@ -118,6 +117,11 @@ class DatagramFlow(HeldCounts):
         return order[0] if order else None
 
     def _check_window(self, host: FlowHost, now: float, window: int) -> None:
+        po, so = self.pri_order, self.sec_order
+        if (not po or self.sec_n - po[0][D_INDEX] < window) and (  # type: ignore[operator]
+            not so or self.pri_n - so[0][D_INDEX] < window  # type: ignore[operator]
+        ):
+            return  # indexes grow along each queue: if its head is in the window, all are
         p = self._oldest(self.pri_order)
         s = self._oldest(self.sec_order)
         late_p = p is not None and self.sec_n - p[D_INDEX] >= window  # type: ignore[operator]

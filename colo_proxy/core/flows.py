@@ -51,6 +51,8 @@ class FlowHost(Protocol):
 
     def release_run(self, flow: HeldCounts, run: list[list[object]]) -> None: ...
 
+    def release_unheld(self, rel: Rel) -> None: ...
+
     def diverge(
         self, flow: HeldCounts, kind: DivergenceKind, offset: int | None,
         primary: bytes, secondary: bytes, now: float, detail: str = "",

@@ -422,6 +422,15 @@ class Proxy:
             self._released_frames += len(rel)
         self._released_payload += payload
 
+    def release_unheld(self, rel: Rel) -> None:
+        """A primary unit that matched on arrival goes out without ever being held."""
+        if type(rel) is tuple:
+            self._released.append(rel)
+            self._released_frames += 1
+        else:
+            self._released.extend(rel)  # type: ignore[arg-type]
+            self._released_frames += len(rel)
+
     def release_run(self, flow: HeldCounts, run: list[list[object]]) -> None:
         """Held TCP queue entries that may go to the client, in order (one call per run)."""
         released = self._released
