@@ -49,12 +49,19 @@ OFFLOADS = ("tx-checksum", "tx-tcp", "tx-generic-segmentation", "tx-udp-segmenta
 ROLES = ("client", "primary", "secondary")
 
 
-def payload(size: int, diverge_at: int = -1) -> bytes:
-    """Deterministic, incompressible-looking bytes; byte ``diverge_at`` flipped if >= 0."""
-    blocks = (hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(size // 32 + 1))
-    data = bytearray(b"".join(blocks)[:size])
-    if 0 <= diverge_at < size:
-        data[diverge_at] ^= 0xFF
+BLOCK = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(1 << 15))
+"""1 MiB of deterministic, incompressible-looking bytes; payloads repeat it."""
+
+
+def payload(size: int, diverge_at: int = -1, start: int = 0) -> bytes:
+    """Bytes ``start .. start + size`` of the stream; byte ``diverge_at`` flipped if inside."""
+    first = start % len(BLOCK)
+    reps = (first + size) // len(BLOCK) + 1
+    data = bytearray((BLOCK * reps)[first : first + size]) if reps > 1 else bytearray(
+        BLOCK[first : first + size]
+    )
+    if start <= diverge_at < start + size:
+        data[diverge_at - start] ^= 0xFF
     return bytes(data)
 
 
@@ -182,7 +189,6 @@ def _emit(obj: dict[str, object]) -> None:
 
 def tcp_server(args: argparse.Namespace) -> int:
     """Serve one fetch; report whether every byte (and the FIN) was acknowledged."""
-    data = payload(args.size, args.diverge_at)
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", args.port))
@@ -195,21 +201,14 @@ def tcp_server(args: argparse.Namespace) -> int:
         conn.settimeout(args.timeout)
         request = conn.recv(100)
         result["request"] = request.decode(errors="replace").strip()
-        conn.sendall(data)
-        result["sent"] = len(data)
+        for start in range(0, args.size, len(BLOCK)):
+            conn.sendall(payload(min(len(BLOCK), args.size - start), args.diverge_at, start))
+        result["sent"] = args.size
         conn.shutdown(socket.SHUT_WR)
         while conn.recv(65536):
             pass
         result["eof"] = True
-        deadline = time.monotonic() + args.timeout
-        unacked = -1
-        while time.monotonic() < deadline:
-            raw = fcntl.ioctl(conn.fileno(), SIOCOUTQ, struct.pack("i", 0))
-            unacked = struct.unpack("i", raw)[0]
-            if unacked == 0:
-                break
-            time.sleep(0.05)
-        result["unacked"] = unacked
+        result["unacked"] = _wait_acked(conn, args.timeout)
         conn.close()
     except OSError as err:
         result["error"] = f"{type(err).__name__}: {err}"
@@ -217,13 +216,23 @@ def tcp_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait_acked(conn: socket.socket, timeout: float) -> int:
+    """Bytes (FIN included) the peer has not acknowledged, once it is 0 or at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = fcntl.ioctl(conn.fileno(), SIOCOUTQ, struct.pack("i", 0))
+        unacked: int = struct.unpack("i", raw)[0]
+        if unacked == 0 or time.monotonic() > deadline:
+            return unacked
+        time.sleep(0.05)
+
+
 def tcp_client(args: argparse.Namespace) -> int:
     """Fetch; report how much arrived and whether it is a prefix of the expected bytes."""
-    expected = payload(args.size)
     sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
     sock.sendall(b"FETCH\n")
     sock.settimeout(args.idle)
-    got = bytearray()
+    received, prefix_ok = 0, True
     result: dict[str, object] = {"eof": False}
     start = time.monotonic()
     try:
@@ -232,15 +241,18 @@ def tcp_client(args: argparse.Namespace) -> int:
             if not chunk:
                 result["eof"] = True
                 break
-            got += chunk
+            if prefix_ok:
+                prefix_ok = chunk == payload(len(chunk), start=received)
+            received += len(chunk)
     except TimeoutError:
         result["idle_timeout"] = True
     except OSError as err:
         result["error"] = f"{type(err).__name__}: {err}"
     elapsed = time.monotonic() - start
     sock.close()
-    result.update(received=len(got), complete=bytes(got) == expected,
-                  prefix_ok=expected.startswith(bytes(got)), seconds=elapsed)
+    prefix_ok = prefix_ok and received <= args.size
+    result.update(received=received, complete=prefix_ok and received == args.size,
+                  prefix_ok=prefix_ok, seconds=elapsed)
     _emit(result)
     return 0
 

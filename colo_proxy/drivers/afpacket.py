@@ -24,18 +24,19 @@ What the kernel did to a frame on the way is undone before anyone sees it:
 * a frame cut short by the ring (``tp_snaplen < tp_len``) is dropped and
   counted.
 
-Sends are one ``send()`` per frame on the non-blocking socket.  When the
-kernel pushes back (``EAGAIN``, or ``ENOBUFS`` from a full device queue) the
-rest waits in a bounded queue, retried when the socket is writable or after
-a short delay; beyond the bound, output is dropped and counted.  Reading
-never waits for writing.
+Sends go through a mapped transmit ring (:mod:`.afpacket_tx`): a batch is
+copied into its slots and handed over with one ``send()``.  Frames the
+interface cannot carry (over its MTU) are dropped and counted before the
+ring.  When the ring is full the rest waits in a bounded queue; when the
+device pushes back (``ENOBUFS``, ``EAGAIN``) the filled slots stay
+filled; both are retried after a short delay.  Beyond the bound, output is
+dropped and counted.  Reading never waits for writing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import logging
 import mmap
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 
 from colo_proxy.core.checksum import complete_checksum
 from colo_proxy.core.framing import Frame
+from colo_proxy.drivers.afpacket_tx import RETRY_ERRNOS, TxRing
 from colo_proxy.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,9 @@ TP_STATUS_CSUMNOTREADY = 1 << 3
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
 TP_STATUS_GSO_TCP = 1 << 8
+
+RETRY_DELAY = 0.0005
+"""Seconds before retrying output the kernel could not take yet."""
 
 VLAN_HEADROOM = 8
 """Bytes beyond MTU + 14 a frame may have: two VLAN tags (QinQ)."""
@@ -203,7 +208,8 @@ class PacketPort:
         self._max_frame = 0
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
-        self._writer = False
+        self._tx: TxRing | None = None
+        self._send_limit = 0
         self._reading = False
         self._retry: asyncio.TimerHandle | None = None
         self._gso_logged = False
@@ -232,6 +238,9 @@ class PacketPort:
         except OSError as err:
             sock.close()
             self._unmap()
+            if self._tx is not None:
+                self._tx.close()
+                self._tx = None
             raise TransportError(f"{self.name}: cannot set up {self.ifname}: {err}") from err
         self._sock = sock
         if not self._interface_up():
@@ -261,6 +270,8 @@ class PacketPort:
         sock.setblocking(False)
         self.mtu = self._ioctl_int(sock, SIOCGIFMTU)
         self._max_frame = self.mtu + 14 + VLAN_HEADROOM
+        self._send_limit = self.mtu + 14
+        self._tx = TxRing(self.ifname, self.mtu)
 
     def _ioctl_int(self, sock: socket.socket, request: int) -> int:
         ifreq = _IFREQ_INT.pack(self.ifname.encode(), 0)
@@ -289,17 +300,16 @@ class PacketPort:
         if self._sock is None:
             return
         self._collect_ring_stats()
-        if self._reading or self._writer:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self._sock.fileno())
-            loop.remove_writer(self._sock.fileno())
-        self._reading = self._writer = False
+        self.stop_reading()
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        self.stats.send_overflow_dropped += len(self._pending)
+        self.stats.send_overflow_dropped += self.pending_frames
         self._pending.clear()
         self._pending_bytes = 0
+        if self._tx is not None:
+            self._tx.close()
+            self._tx = None
         self._sock.close()
         self._sock = None
         self._unmap()
@@ -358,38 +368,53 @@ class PacketPort:
     # ---- sending ----------------------------------------------------------------------
 
     @property
-    def pending_bytes(self) -> int:
-        """Output waiting for the kernel to take it."""
-        return self._pending_bytes
+    def pending_frames(self) -> int:
+        """Output not yet taken by the kernel (queued here or filled in the ring)."""
+        unsent = self._tx.unsent() if self._tx is not None else 0
+        return len(self._pending) + unsent
 
     def send(self, frames: Sequence[Frame]) -> None:
-        """Send each frame on the interface; what the kernel refuses now waits (bounded)."""
-        sock = self._sock
-        if sock is None:
+        """Queue frames on the transmit ring and hand them to the kernel with one send()."""
+        ring = self._tx
+        if ring is None:
             self.stats.send_errors += len(frames)
             return
-        index = 0
-        if not self._pending:
-            send = sock.send
-            stats = self.stats
-            for index, (data, offset) in enumerate(frames):  # noqa: B007 - used after the loop
+        if self._pending:
+            self._queue(frames)
+        else:
+            put, stats, limit = ring.put, self.stats, self._send_limit
+            for index, (data, offset) in enumerate(frames):
                 frame = data[offset:] if offset else data
-                try:
-                    send(frame)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as err:
-                    if err.errno != errno.ENOBUFS:
-                        self._send_failed(err, len(frame))
-                        continue
+                size = len(frame)
+                if size > limit and not (size <= limit + 4 and frame[12:14] == b"\x81\x00"):
+                    self._refuse(size)
+                    continue
+                if size < 14:
+                    self._refuse(size)
+                    continue
+                if not put(frame):
+                    self._queue(frames[index:])
                     break
                 stats.frames_out += 1
-                stats.bytes_out += len(frame)
-            else:
-                return
-        self._queue(frames[index:])
+                stats.bytes_out += size
+        self._kick(ring)
+
+    def _refuse(self, size: int) -> None:
+        """A frame the interface cannot carry (over its MTU, or a runt): counted, logged once."""
+        self.stats.send_oversize += 1
+        if self.stats.send_oversize == 1:
+            log.error("%s: a %d-byte frame does not fit %s (mtu %d): dropped (counted as "
+                      "send_oversize)", self.name, size, self.ifname, self.mtu)
+
+    def _kick(self, ring: TxRing) -> None:
+        err = ring.kick()
+        if err is not None and err.errno not in RETRY_ERRNOS:
+            self._send_failed(err)
+        if self._pending or ring.busy():
+            self._arm()
 
     def _queue(self, frames: Sequence[Frame]) -> None:
+        """The ring is full: keep the rest in order, within the bound."""
         for data, offset in frames:
             frame = data[offset:] if offset else data
             if self._pending_bytes + len(frame) > self._max_pending:
@@ -402,64 +427,39 @@ class PacketPort:
             self._pending.append(frame)
             self._pending_bytes += len(frame)
             self.stats.send_deferred += 1
-        self._arm()
 
     def _arm(self) -> None:
-        """Wait for writability, and retry soon anyway (ENOBUFS never signals writability)."""
-        if not self._pending or self._sock is None:
-            return
-        loop = asyncio.get_running_loop()
-        if not self._writer:
-            loop.add_writer(self._sock.fileno(), self._drain)
-            self._writer = True
-        if self._retry is None:
-            self._retry = loop.call_later(0.001, self._drain)
+        """Retry shortly: the kernel frees slots as the device takes frames."""
+        if self._retry is None and self._tx is not None:
+            self._retry = asyncio.get_running_loop().call_later(RETRY_DELAY, self._drain)
 
     def _drain(self) -> None:
         self._retry = None
-        sock = self._sock
-        if sock is None:
+        ring = self._tx
+        if ring is None:
             return
-        pending = self._pending
-        while pending:
-            frame = pending[0]
-            try:
-                sock.send(frame)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as err:
-                if err.errno == errno.ENOBUFS:
-                    break
-                self._send_failed(err, len(frame))
-            else:
-                self.stats.frames_out += 1
-                self.stats.bytes_out += len(frame)
-            pending.popleft()
+        pending, stats = self._pending, self.stats
+        while pending and ring.put(pending[0]):
+            frame = pending.popleft()
             self._pending_bytes -= len(frame)
-        if pending:
-            self._arm()
-            return
-        self._overflowing = False
-        if self._writer:
-            asyncio.get_running_loop().remove_writer(sock.fileno())
-            self._writer = False
+            stats.frames_out += 1
+            stats.bytes_out += len(frame)
+        if not pending:
+            self._overflowing = False
+        self._kick(ring)
 
-    def _send_failed(self, err: OSError, size: int) -> None:
-        if err.errno == errno.EMSGSIZE:
-            self.stats.send_oversize += 1
-            if self.stats.send_oversize == 1:
-                log.error("%s: a %d-byte frame is too big for %s (mtu %d): dropped (counted)",
-                          self.name, size, self.ifname, self.mtu)
-            return
+    def _send_failed(self, err: OSError) -> None:
         self.stats.send_errors += 1
         if self.stats.send_errors in (1, 10, 100, 1000) or self.stats.send_errors % 10000 == 0:
-            log.error("%s: send on %s failed (%d so far): %s",
+            log.error("%s: sending on %s failed (%d so far; frames stay queued): %s",
                       self.name, self.ifname, self.stats.send_errors, err)
 
     def counters(self) -> dict[str, int]:
         """Counters for stats and the shutdown report (ring counters refreshed)."""
         self._collect_ring_stats()
         out = {k: getattr(self.stats, k) for k in PortStats.__dataclass_fields__}
-        out["pending_bytes"] = self._pending_bytes
+        out["pending_frames"] = self.pending_frames
+        if self._tx is not None:
+            out["tx_wrong_format"] = self._tx.wrong_format
         out["mtu"] = self.mtu
         return out

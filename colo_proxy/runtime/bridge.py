@@ -134,12 +134,12 @@ class Bridge(CoreHost):
 
     async def _close_outputs(self) -> dict[str, object]:
         deadline = time.monotonic() + DRAIN_LIMIT
-        while any(p.pending_bytes for p in self.ports) and time.monotonic() < deadline:
+        while any(p.pending_frames for p in self.ports) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        pending = {p.name: p.pending_bytes for p in self.ports}
+        pending = {p.name: p.pending_frames for p in self.ports}
         for port in self.ports:
             port.close()
-        return {"output_bytes_pending_at_close": pending}
+        return {"output_frames_pending_at_close": pending}
 
     def _send_released(self, frames: list[Frame]) -> None:
         self.client.send(frames)

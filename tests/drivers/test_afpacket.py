@@ -9,6 +9,7 @@ kernel's UDP stack, for offloaded checksums).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -310,3 +311,56 @@ def test_gso_super_frames_are_dropped_counted_and_logged(
 
     asyncio.run(main())
     assert "ethtool -K" in caplog.text and "tso off gso off gro off" in caplog.text
+
+
+def test_more_frames_than_the_transmit_ring_holds_all_leave_in_order(veth: Veth) -> None:
+    out = [ether(i.to_bytes(4, "big") * 100) for i in range(6000)]  # the ring has 2048 slots
+
+    async def main() -> None:
+        port = PacketPort("test", veth.host, None)
+        port.open()
+        peer = peer_socket(veth)
+        peer.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: room for all
+        port.send([(f, 0) for f in out])
+        await until(lambda: port.pending_frames == 0, "the queue drained")
+        received = []
+        peer.settimeout(2)
+        with contextlib.suppress(TimeoutError):
+            while len(received) < len(out):
+                frame = peer.recv(4096)
+                if frame[6:12] == SRC:
+                    received.append(frame)
+        counters = port.counters()
+        port.close()
+        peer.close()
+        assert counters["send_deferred"] > 0  # some had to wait for free slots
+        assert counters["frames_out"] == len(out) and counters["send_overflow_dropped"] == 0
+        assert received == out
+
+    asyncio.run(main())
+
+
+def test_frames_too_big_for_the_interface_are_refused_and_counted(
+    veth: Veth, caplog: pytest.LogCaptureFixture
+) -> None:
+    too_big = ether(b"\x02" * 1501)  # 1515 bytes: one over MTU 1500 + 14
+    tagged = ether(b"\x03" * 1500, tags=b"\x81\x00\x00\x07")  # 1518: fits with its tag
+
+    async def main() -> None:
+        port = PacketPort("test", veth.host, None)
+        port.open()
+        peer = peer_socket(veth)
+        port.send([(too_big, 0), (tagged, 0), (b"short", 0)])
+        received = []
+        while len(received) < 1:
+            frame = await asyncio.get_running_loop().run_in_executor(None, peer.recv, 4096)
+            if frame[6:12] == SRC:
+                received.append(frame)
+        counters = port.counters()
+        port.close()
+        peer.close()
+        assert received == [tagged[:12] + tagged[16:]]  # the peer's kernel strips the tag
+        assert counters["send_oversize"] == 2 and counters["frames_out"] == 1
+
+    asyncio.run(main())
+    assert "does not fit" in caplog.text

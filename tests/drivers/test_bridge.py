@@ -36,7 +36,7 @@ class FakePort:
     def __init__(self, name: str, ifname: str) -> None:
         self.name, self.ifname, self.mtu = name, ifname, 1500
         self.sent: list[bytes] = []
-        self.pending_bytes = 0
+        self.pending_frames = 0
         self.reading = False
 
     def open(self) -> None:
