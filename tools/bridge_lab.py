@@ -295,30 +295,23 @@ def udp_client(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("tcp-server")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--size", type=int, default=300_000)
-    p.add_argument("--diverge-at", type=int, default=-1)
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.set_defaults(func=tcp_server)
-    p = sub.add_parser("tcp-client")
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--size", type=int, default=300_000)
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--idle", type=float, default=60.0, help="give up after S seconds of silence")
-    p.set_defaults(func=tcp_client)
-    p = sub.add_parser("udp-echo")
-    p.add_argument("--port", type=int, default=7777)
-    p.add_argument("--count", type=int, default=20)
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.set_defaults(func=udp_echo)
-    p = sub.add_parser("udp-client")
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, default=7777)
-    p.add_argument("--count", type=int, default=20)
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.set_defaults(func=udp_client)
+    programs = {tcp_server: (8080, 60.0), tcp_client: (8080, 60.0), udp_echo: (7777, 60.0),
+                udp_client: (7777, 10.0)}
+    for func, (port, timeout) in programs.items():
+        p = sub.add_parser(func.__name__.replace("_", "-"), help=func.__doc__)
+        p.add_argument("--port", type=int, default=port)
+        p.add_argument("--timeout", type=float, default=timeout)
+        if func in (tcp_server, tcp_client):
+            p.add_argument("--size", type=int, default=300_000)
+        else:
+            p.add_argument("--count", type=int, default=20)
+        if func in (tcp_client, udp_client):
+            p.add_argument("--host", required=True)
+        p.set_defaults(func=func)
+    sub.choices["tcp-server"].add_argument("--diverge-at", type=int, default=-1)
+    sub.choices["tcp-client"].add_argument(
+        "--idle", type=float, default=60.0, help="give up after S seconds of silence"
+    )
     p = sub.add_parser("up", help="build a lab and keep it until Enter is pressed")
     p.set_defaults(func=None)
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ from colo_proxy.drivers.afpacket import (
     RingSpec,
     parse_block,
 )
-from colo_proxy.errors import ConfigError
+from colo_proxy.errors import ConfigError, TransportError
 
 SRC = bytes.fromhex("525400aa0001")
 DST = bytes.fromhex("525400aa0002")
@@ -113,6 +113,15 @@ def test_missing_interface_is_a_config_error() -> None:
         port.open()
 
 
+def test_no_permission_says_what_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args: object) -> socket.socket:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("colo_proxy.drivers.afpacket.socket.socket", refused)
+    with pytest.raises(TransportError, match="needs root or CAP_NET_RAW"):
+        PacketPort("client-if", "lo", None).open()
+
+
 # ---- a real veth pair ---------------------------------------------------------------------
 
 
@@ -164,6 +173,37 @@ def peer_socket(v: Veth) -> socket.socket:
     return sock
 
 
+def reading_port(v: Veth, got: list[bytes]) -> PacketPort:
+    """A started port on the host end that appends every frame it reads to ``got``."""
+    port = PacketPort("test", v.host, lambda frames: got.extend(d for d, _ in frames))
+    port.open()
+    port.start()
+    return port
+
+
+async def peer_receives(peer: socket.socket, count: int) -> list[bytes]:
+    """The next ``count`` frames the port sent (source SRC) as the namespace end sees them."""
+    received: list[bytes] = []
+    while len(received) < count:
+        frame = await asyncio.get_running_loop().run_in_executor(None, peer.recv, 4096)
+        if frame[6:12] == SRC:
+            received.append(frame)
+    return received
+
+
+def ns_udp_socket(v: Veth) -> socket.socket:
+    """A UDP socket of the namespace's own stack; 10.231.0.9 resolves without ARP."""
+    from pyroute2.netns import popns, pushns
+
+    _sh("ip", "-n", v.ns, "neigh", "add", "10.231.0.9", "lladdr", "52:54:00:aa:00:09",
+        "dev", v.peer)
+    pushns(v.ns)
+    try:
+        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    finally:
+        popns()
+
+
 async def until(cond: object, what: str) -> None:
     assert callable(cond)
     for _ in range(1000):
@@ -204,9 +244,7 @@ def test_vlan_tags_are_put_back(veth: Veth) -> None:
     got: list[bytes] = []
 
     async def main() -> None:
-        port = PacketPort("test", veth.host, lambda fs: got.extend(d for d, _ in fs))
-        port.open()
-        port.start()
+        port = reading_port(veth, got)
         peer = peer_socket(veth)
         peer.send(dot1q)
         peer.send(qinq)
@@ -225,17 +263,10 @@ def test_sent_frames_reach_the_peer_and_are_not_read_back(veth: Veth) -> None:
     got: list[bytes] = []
 
     async def main() -> None:
-        port = PacketPort("test", veth.host, lambda fs: got.extend(d for d, _ in fs))
-        port.open()
-        port.start()
+        port = reading_port(veth, got)
         peer = peer_socket(veth)
         port.send([(b"\x00" * 4 + f, 4) for f in out])  # offsets are honoured
-        received = []
-        while len(received) < len(out):
-            frame = await asyncio.get_running_loop().run_in_executor(None, peer.recv, 4096)
-            if frame[6:12] != bytes.fromhex("525400aa0001"):
-                continue  # the namespace's own frames, if any
-            received.append(frame)
+        received = await peer_receives(peer, len(out))
         peer.send(ether(b"marker"))
         await until(lambda: ether(b"marker") in got, "marker")
         counters = port.counters()
@@ -253,18 +284,8 @@ def test_offloaded_udp_checksums_are_completed(veth: Veth) -> None:
     got: list[bytes] = []
 
     async def main() -> None:
-        from pyroute2.netns import popns, pushns
-
-        port = PacketPort("test", veth.host, lambda fs: got.extend(d for d, _ in fs))
-        port.open()
-        port.start()
-        _sh("ip", "-n", veth.ns, "neigh", "add", "10.231.0.9", "lladdr", "52:54:00:aa:00:09",
-            "dev", veth.peer)
-        pushns(veth.ns)
-        try:
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        finally:
-            popns()
+        port = reading_port(veth, got)
+        udp = ns_udp_socket(veth)
         udp.sendto(b"checksum me" * 20, ("10.231.0.9", 9))
         udp.close()
         await until(lambda: any(d[23:24] == b"\x11" for d in got), "the UDP frame")
@@ -284,18 +305,8 @@ def test_gso_super_frames_are_dropped_counted_and_logged(
     got: list[bytes] = []
 
     async def main() -> None:
-        from pyroute2.netns import popns, pushns
-
-        port = PacketPort("test", veth.host, lambda fs: got.extend(d for d, _ in fs))
-        port.open()
-        port.start()
-        _sh("ip", "-n", veth.ns, "neigh", "add", "10.231.0.9", "lladdr", "52:54:00:aa:00:09",
-            "dev", veth.peer)
-        pushns(veth.ns)
-        try:
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        finally:
-            popns()
+        port = reading_port(veth, got)
+        udp = ns_udp_socket(veth)
         udp.setsockopt(socket.SOL_UDP, 103, 1000)  # UDP_SEGMENT: 1000-byte segments
         udp.sendto(b"\x01" * 4000, ("10.231.0.9", 9))
         udp.setsockopt(socket.SOL_UDP, 103, 0)
@@ -351,11 +362,7 @@ def test_frames_too_big_for_the_interface_are_refused_and_counted(
         port.open()
         peer = peer_socket(veth)
         port.send([(too_big, 0), (tagged, 0), (b"short", 0)])
-        received = []
-        while len(received) < 1:
-            frame = await asyncio.get_running_loop().run_in_executor(None, peer.recv, 4096)
-            if frame[6:12] == SRC:
-                received.append(frame)
+        received = await peer_receives(peer, 1)
         counters = port.counters()
         port.close()
         peer.close()
