@@ -38,6 +38,10 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="guest IP or MAC, for captures holding both directions")
     p.add_argument("--checkpoint-latency", type=float, default=0.0, metavar="S",
                    help="simulated checkpoint duration in virtual seconds (default 0)")
+    p.add_argument("--batch-window", type=float, default=0.0, metavar="S",
+                   help="feed each side's frames that arrived within S seconds as one batch, "
+                        "as live reads would (faster; times move by up to S; keep S below "
+                        "the capture's checkpoint round trip; default 0: frame by frame)")
     add_config_flags(p)
     p.set_defaults(func=_replay)
 
@@ -51,11 +55,13 @@ def _replay(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.checkpoint_latency < 0:
         raise ColoProxyError("--checkpoint-latency: must not be negative")
+    if not args.batch_window >= 0:
+        raise ColoProxyError("--batch-window: must not be negative")
     guest = parse_guest(args.guest) if args.guest else None
     writer = PcapWriter(args.released) if args.released else None
     try:
         replay = Replay(config, args.checkpoint_latency,
-                        writer.write if writer is not None else None)
+                        writer.write if writer is not None else None, args.batch_window)
         result = replay.run(args.primary, args.secondary, guest)
     finally:
         if writer is not None:

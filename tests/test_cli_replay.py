@@ -144,7 +144,8 @@ def test_truncated_capture_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [["--compare-timeout", "-1"], ["--guest", "nonsense"],
-                                  ["--checkpoint-latency", "-2"]])
+                                  ["--checkpoint-latency", "-2"], ["--batch-window", "-1"],
+                                  ["--batch-window", "nan"]])
 def test_bad_values_are_errors(tmp_path: Path, args: list[str],
                                capsys: pytest.CaptureFixture[str]) -> None:
     p, s = pair(tmp_path)
@@ -152,13 +153,14 @@ def test_bad_values_are_errors(tmp_path: Path, args: list[str],
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("window", ["0", "0.01"])
 def test_checkpoint_latency_holds_output_until_commit(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], window: str
 ) -> None:
     p, s = pair(tmp_path, flip=10)
     out = tmp_path / "rel.pcap"
     rep = replay_json(capsys, str(p), str(s), "--checkpoint-latency", "0.25",
-                      "--released", str(out))
+                      "--released", str(out), "--batch-window", window)
     t_ckpt = rep["checkpoints"][0]["time"]  # type: ignore[index]
     times = [t - 100.0 for t, _ in read_frames(out)]
     # Only the SYN-ACK precedes the divergence; the rest leave when the checkpoint commits.

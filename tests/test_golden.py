@@ -23,12 +23,14 @@ def test_there_are_golden_cases() -> None:
     assert len(CASES) >= 20
 
 
+@pytest.mark.parametrize("window", ["0", "0.05"])
 @pytest.mark.parametrize("case", CASES)
-def test_golden_case(case: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_golden_case(case: str, window: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Frame by frame, and in batches of what arrived within 50 ms (as live reads)."""
     d = PCAPS / case
     expected: dict[str, Any] = json.loads((d / "expected.json").read_text())
     argv = ["replay", str(d / "primary.pcap"), str(d / "secondary.pcap"), "--json",
-            *expected.get("args", [])]
+            "--batch-window", window, *expected.get("args", [])]
     assert main(argv) == 0
     got = json.loads(capsys.readouterr().out)
     assert [(x["kind"], x["offset"]) for x in got["divergences"]] == [
