@@ -40,6 +40,7 @@ import contextlib
 import fcntl
 import logging
 import mmap
+import os
 import socket
 import struct
 from collections import deque
@@ -75,6 +76,9 @@ TP_STATUS_GSO_TCP = 1 << 8
 
 RETRY_DELAY = 0.0005
 """Seconds before retrying output the kernel could not take yet."""
+
+MAX_RETRY_DELAY = 0.5
+"""The retry delay doubles up to this while sends fail (an interface that is down)."""
 
 VLAN_HEADROOM = 8
 """Bytes beyond MTU + 14 a frame may have: two VLAN tags (QinQ)."""
@@ -133,6 +137,7 @@ class PortStats:
     send_errors: int = 0
     send_oversize: int = 0
     send_overflow_dropped: int = 0
+    socket_errors: int = 0
 
 
 def parse_block(
@@ -212,6 +217,7 @@ class PacketPort:
         self._send_limit = 0
         self._reading = False
         self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = RETRY_DELAY
         self._gso_logged = False
         self._overflowing = False
 
@@ -334,12 +340,16 @@ class PacketPort:
         frames: list[Frame] = []
         stats = self.stats
         gso_before = stats.gso_dropped
-        for _ in range(spec.block_count):
+        for taken in range(spec.block_count):  # noqa: B007 - read after the loop
             base = self._block * spec.block_size
             if not parse_block(view, base, self._max_frame, stats, frames):
                 break
             _U32.pack_into(view, base + 8, TP_STATUS_KERNEL)
             self._block = (self._block + 1) % spec.block_count
+        else:
+            taken = spec.block_count
+        if not taken:
+            self._socket_error()
         if stats.gso_dropped != gso_before and not self._gso_logged:
             self._gso_logged = True
             log.error(
@@ -351,6 +361,20 @@ class PacketPort:
         if frames:
             stats.frames_in += len(frames)
             self._on_frames(frames)
+
+    def _socket_error(self) -> None:
+        """Woken with no block ready: read (and so clear) a pending socket error.
+
+        An interface that goes away leaves ``ENETDOWN`` on the socket; until it
+        is read, the socket stays readable and the loop would spin.
+        """
+        if self._sock is None:
+            return
+        code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self.stats.socket_errors += 1
+            log.error("%s: %s: %s (it must come back up for traffic to pass; restart the "
+                      "proxy if it was re-created)", self.name, self.ifname, os.strerror(code))
 
     def _collect_ring_stats(self) -> None:
         """Add the kernel's counters (reading them resets them) to ours."""
@@ -408,8 +432,11 @@ class PacketPort:
 
     def _kick(self, ring: TxRing) -> None:
         err = ring.kick()
-        if err is not None and err.errno not in RETRY_ERRNOS:
+        if err is None:
+            self._retry_delay = RETRY_DELAY
+        elif err.errno not in RETRY_ERRNOS:
             self._send_failed(err)
+            self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_DELAY)
         if self._pending or ring.busy():
             self._arm()
 
@@ -431,7 +458,7 @@ class PacketPort:
     def _arm(self) -> None:
         """Retry shortly: the kernel frees slots as the device takes frames."""
         if self._retry is None and self._tx is not None:
-            self._retry = asyncio.get_running_loop().call_later(RETRY_DELAY, self._drain)
+            self._retry = asyncio.get_running_loop().call_later(self._retry_delay, self._drain)
 
     def _drain(self) -> None:
         self._retry = None

@@ -23,6 +23,7 @@ import pytest
 from colo_proxy.core.checksum import checksum_ok
 from colo_proxy.core.framing import Frame
 from colo_proxy.drivers.afpacket import (
+    RETRY_DELAY,
     TP_STATUS_CSUMNOTREADY,
     TP_STATUS_USER,
     TP_STATUS_VLAN_TPID_VALID,
@@ -371,3 +372,36 @@ def test_frames_too_big_for_the_interface_are_refused_and_counted(
 
     asyncio.run(main())
     assert "does not fit" in caplog.text
+
+
+def test_a_vanished_interface_is_reported_without_spinning(
+    veth: Veth, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+
+    async def main() -> None:
+        port = PacketPort("test", veth.host, None)
+        port.open()
+        readable = port._readable
+        port._on_frames = lambda frames: None
+
+        def counted() -> None:
+            calls.append(1)
+            readable()
+
+        assert port._sock is not None
+        asyncio.get_running_loop().add_reader(port._sock.fileno(), counted)
+        _sh("ip", "link", "del", veth.host)
+        await until(lambda: port.stats.socket_errors == 1, "the error read")
+        port.send([(ether(b"lost"), 0)] * 3)
+        await asyncio.sleep(0.5)
+        stats = port.counters()
+        backed_off = port._retry_delay > RETRY_DELAY
+        asyncio.get_running_loop().remove_reader(port._sock.fileno())
+        port.close()
+        assert len(calls) <= 3  # woken for the error, not spinning on it
+        assert stats["pending_frames"] == 3 and stats["send_errors"] >= 1  # kept, retried
+        assert backed_off
+
+    asyncio.run(main())
+    assert "Network is down" in caplog.text
