@@ -34,6 +34,7 @@ from colo_proxy.drivers.afpacket import (
     parse_block,
 )
 from colo_proxy.errors import ConfigError, TransportError
+from tests.drivers.test_qmp_colo_mode import until
 
 SRC = bytes.fromhex("525400aa0001")
 DST = bytes.fromhex("525400aa0002")
@@ -203,15 +204,6 @@ def ns_udp_socket(v: Veth) -> socket.socket:
         return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     finally:
         popns()
-
-
-async def until(cond: object, what: str) -> None:
-    assert callable(cond)
-    for _ in range(1000):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def test_ring_delivers_every_frame_in_order_in_batches(veth: Veth) -> None:
