@@ -281,13 +281,20 @@ class CoreHost:
                 feed_many(side, frames[done:] if done else frames, now)
                 done = len(frames)
             except CoreFault as fault:  # a core bug must not cost the connection
+                if fault.index < 0:  # every frame was fed; comparing them afterwards failed
+                    self._core_error(side, None)
+                    return
                 done += fault.index
                 self._core_error(side, frames[done])
                 done += 1
 
-    def _core_error(self, side: Side, frame: Frame) -> None:
+    def _core_error(self, side: Side, frame: Frame | None) -> None:
         self.counters["core_errors"] += 1
-        if self.counters["core_errors"] <= DIVERGENCE_LOG_BURST:
+        if self.counters["core_errors"] > DIVERGENCE_LOG_BURST:
+            return
+        if frame is None:
+            log.exception("core failed comparing a batch of %s frames", side.name.lower())
+        else:
             log.exception(
                 "core failed on a %s frame (%d bytes, dropped): %s",
                 side.name.lower(),

@@ -96,3 +96,23 @@ def test_a_core_fault_names_the_frame_of_the_batch(monkeypatch: pytest.MonkeyPat
     with pytest.raises(CoreFault) as info:
         proxy.feed_many(Side.PRIMARY, frames[1:], 0.0)
     assert info.value.index == 0 and isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_a_fault_while_settling_the_batch_is_index_minus_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Comparison runs once per flow after the frames: its failure names no frame."""
+    proxy = Proxy(Config())
+    p, s = TcpServerStream(), TcpServerStream(isn=777)
+    proxy.feed_many(Side.PRIMARY, [(p.synack(), 0)], 0.0)
+    proxy.feed_many(Side.SECONDARY, [(s.synack(), 0)], 0.0)
+    proxy.feed_many(Side.PRIMARY, [(p.data(0, b"x"), 0), (p.data(1, b"y"), 0)], 0.0)
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(TcpFlow, "progress", broken)
+    with pytest.raises(CoreFault) as info:
+        proxy.feed_many(Side.SECONDARY, [(s.data(0, b"xy"), 0)], 0.0)
+    assert info.value.index == -1 and isinstance(info.value.__cause__, RuntimeError)
+    assert proxy.stats()["secondary_frames"] == 2

@@ -203,6 +203,37 @@ def test_core_exception_costs_one_frame_not_the_connection(
     run_loop(main())
 
 
+def test_core_fault_after_the_batch_is_counted_and_reading_goes_on(
+    sockdir: Path, run_loop: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frames = segments(b"z" * 500)
+
+    async def main() -> None:
+        sup = make_supervisor(sockdir, False, ShutdownMode.REPORT)
+        real_feed_many = sup.proxy.feed_many
+
+        def feed_many(side: Side, batch: list[tuple[bytes, int]], now: float) -> None:
+            """Every frame fed, then the per-flow comparison fails (CoreFault(-1))."""
+            real_feed_many(side, batch, now)
+            if side is Side.SECONDARY:
+                raise CoreFault(-1)
+
+        monkeypatch.setattr(sup.proxy, "feed_many", feed_many)
+        await sup.start()
+        peer = Peer(sockdir, False)
+        await peer.connect()
+        peer.pin.write(peer.frames(frames))
+        await until(lambda: sup.primary_in.frames_in == len(frames), "primary read")
+        peer.sin.write(peer.frames(frames))
+        await until(lambda: sup.secondary_in.frames_in == len(frames), "secondary read")
+        await until(lambda: sup.counters["core_errors"] >= 1, "fault counted")
+        assert sup.secondary_in.channel.connected
+        assert sup.proxy.stats()["secondary_frames"] == len(frames)
+        await sup.shutdown()
+
+    run_loop(main())
+
+
 def test_passthrough_after_colo_exit_releases_held_and_later_frames(
     sockdir: Path, run_loop: Runner
 ) -> None:
