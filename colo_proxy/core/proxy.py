@@ -414,13 +414,8 @@ class Proxy:
             self._holding_flows -= 1
         self._held_frames -= 1
         self._held_bytes -= flen
-        if type(rel) is tuple:
-            self._released.append(rel)
-            self._released_frames += 1
-        else:
-            self._released.extend(rel)  # type: ignore[arg-type]
-            self._released_frames += len(rel)
         self._released_payload += payload
+        self.release_unheld(rel)
 
     def release_unheld(self, rel: Rel) -> None:
         """A primary unit that matched on arrival goes out without ever being held."""

@@ -140,9 +140,9 @@ class TcpFlow(HeldCounts):
              side: str, now: float) -> None:
         stream = me.stream
         if off == stream.base + len(stream.buf) and not stream.ooo:
-            stream.buf += memoryview(data)[start:end]
+            stream.buf += data[start:end]
             return
-        stream.add(off, memoryview(data)[start:end])
+        stream.add(off, data[start:end])
         if stream.conflicts != me.conflicts:
             self._report_conflict(host, me, side, now)
 
@@ -175,7 +175,7 @@ class TcpFlow(HeldCounts):
             if stop > me.high:
                 me.high = stop
             if off == near and not stream.ooo:
-                stream.buf += memoryview(data)[start:end]
+                stream.buf += data[start:end]
             else:
                 self._add(host, me, off, data, start, end, "primary", now)
         need = NEED_NONE
@@ -219,7 +219,7 @@ class TcpFlow(HeldCounts):
             if off == near and not stream.ooo:  # in order: _secondary_data inlined
                 if stop > me.high:
                     me.high = stop
-                stream.buf += memoryview(data)[start:end]
+                stream.buf += data[start:end]
                 pst = pri.stream
                 if stop > pst.base + len(pst.buf):
                     self.sec_times.append((stop, now))  # else this batch's progress matches it
@@ -281,7 +281,7 @@ class TcpFlow(HeldCounts):
             if stop > me.high:
                 me.high = stop
             if not self.diverged:
-                me.stream.add(off, memoryview(data)[hdr.payload:end])
+                me.stream.add(off, data[hdr.payload:end])
                 if me.stream.conflicts != me.conflicts:
                     self._report_conflict(host, me, "primary", now)
         if flags & TCP_FIN:
