@@ -57,6 +57,7 @@ from colo_proxy.core.packet import (
     PROTO_TCP,
     PROTO_UDP,
     IpPacket,
+    TcpHeader,
     parse_ip,
     parse_tcp,
     parse_udp,
@@ -213,6 +214,11 @@ class Proxy:
                             if taken == FAST_PROGRESS:
                                 dirty[tflow] = None
                             continue
+                    elif flags & 0x07 == 0x02 and doff >= 0x50 and start <= stop:
+                        # SYN or SYN-ACK (no FIN/RST) with a sane header: skip re-parsing
+                        self._tcp4_syn(primary, data, key, tflow, seq, ack, flags, offset,
+                                       start, stop, frame, flen, now)
+                        continue
                 elif proto == PROTO_UDP:
                     uflow = udp4.get(key)
                     ulen = seq >> 16  # the UDP length field sits where a TCP seq would be
@@ -250,6 +256,27 @@ class Proxy:
         ) and self.state is CheckpointState.IDLE:
             self.counters["hold_limit_hits"] += 1
             self.want_checkpoint(CheckpointReason.HOLD_LIMIT, now)
+
+    def _tcp4_syn(
+        self, primary: bool, data: bytes, raw: bytes, tflow: TcpFlow | None, seq: int, ack: int,
+        flags: int, offset: int, start: int, stop: int, frame: tuple[bytes, int], flen: int,
+        now: float,
+    ) -> None:
+        """An untagged IPv4 SYN or SYN-ACK that feed_many already validated.
+
+        The same as the general path (_feed_general -> _dispatch), minus parsing the
+        frame a second time: every new connection starts here.
+        """
+        if tflow is None:
+            key: FlowKey = (PROTO_TCP, (), raw[:4], raw[4:8], int.from_bytes(raw[8:10], "big"),
+                            int.from_bytes(raw[10:12], "big"))
+            tflow = cast(TcpFlow, self._new_flow(key, now, None))
+        tflow.last_seen = now
+        hdr = TcpHeader(tflow.key[4], tflow.key[5], seq, ack, flags, offset + 54, start)
+        if primary:
+            tflow.on_primary(self, hdr, data, stop, frame, flen, now)
+        else:
+            tflow.on_secondary(self, hdr, data, stop, now)
 
     def _settle(self, dirty: dict[TcpFlow, None], now: float) -> None:
         """Compare and release on every flow the batch touched (diverged ones wait)."""
