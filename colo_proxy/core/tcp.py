@@ -121,21 +121,6 @@ class TcpFlow(HeldCounts):
             me.ack_max = a
         return a
 
-    def _offsets(self, me: TcpSide, seq: int, ack: int) -> tuple[int, int]:
-        """Stream offset of `seq` and client offset of `ack` (ISNs known, ACK set).
-
-        seq.unwrap inlined (hot path).  Both are unwrapped next to stable
-        references, the contiguous end and the highest ACK, so one wild segment
-        from a guest cannot shift the window for the segments after it.
-        """
-        near = me.stream.base + len(me.stream.buf)
-        off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
-        near = me.ack_max if me.ack_max > 0 else 0
-        a = near + ((((ack - me.peer_isn - 1) - near + HALF32) & MASK32) - HALF32)
-        if a > me.ack_max:
-            me.ack_max = a
-        return off, a
-
     def _add(self, host: FlowHost, me: TcpSide, off: int, data: bytes, start: int, end: int,
              side: str, now: float) -> None:
         stream = me.stream
@@ -156,7 +141,11 @@ class TcpFlow(HeldCounts):
         segment was taken, FAST_PROGRESS when it was taken and `progress` must
         run before the caller's batch ends (the caller runs it once per flow
         per batch, so a burst of segments is compared and released together).
-        _offsets and the in-order case of _add are inlined: this runs per frame.
+        seq.unwrap and the in-order case of _add are inlined: this runs per frame.
+        Both numbers are unwrapped next to stable references, the contiguous end
+        and the highest ACK, so one wild segment from a guest cannot shift the
+        window for the segments after it.  fast_secondary repeats the unwrapping
+        on purpose: a shared helper would cost a call per frame.
         """
         me = self.pri
         if self.diverged or me.isn < 0 or me.peer_isn < 0:
