@@ -545,12 +545,9 @@ class TcpFlow(HeldCounts):
                 at = max(0, start) if isinstance(start, int) else 0
                 host.diverge(self, kind, at, b"", b"", now, "primary output unmatched")
                 return True
-        oldest_sec = min(
-            [t for t in (self.sec_times[0][1] if self.sec_times else None,
-                         self.stash[0][3] if self.stash else None) if t is not None],
-            default=None,
-        )
-        if oldest_sec is not None and now - oldest_sec > timeout:
+        if (self.sec_times and now - self.sec_times[0][1] > timeout) or (
+            self.stash and now - self.stash[0][3] > timeout
+        ):
             at = self.pri.stream.base
             host.diverge(self, DivergenceKind.TIMEOUT, at, b"", b"", now,
                          "secondary output unmatched")
