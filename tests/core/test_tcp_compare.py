@@ -134,6 +134,19 @@ def test_secondary_silent_times_out_once() -> None:
     assert 3.0 < r.requests[0].time <= 3.2
 
 
+@pytest.mark.parametrize("primary_synack", [True, False])
+def test_primary_silent_times_out_on_the_secondarys_output(primary_synack: bool) -> None:
+    """Unmatched secondary bytes (buffered, or stashed before the primary's ISN) time out."""
+    p, s = pair(1)
+    events = [(P, p.synack())] if primary_synack else []
+    events += [(S, s.synack()), (S, s.data(0, b"q" * 10))]
+    r = run(events, end_time=5.0)
+    assert [(d.kind.value, d.detail) for d in r.divergences] == [
+        ("timeout", "secondary output unmatched")
+    ]
+    assert 3.0 < r.requests[0].time <= 3.2
+
+
 def test_checkpoint_releases_held_and_rebases_onto_primary() -> None:
     p, s = pair(1000)
     bad = bytearray(PAYLOAD[:4000])
