@@ -26,7 +26,7 @@ share one sequence space, which is exactly the state after a checkpoint.
 
 from __future__ import annotations
 
-from collections import deque
+from typing import Any
 
 from colo_proxy.core.events import CheckpointReason, DivergenceKind
 from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
@@ -48,6 +48,18 @@ FAST_NO, FAST_DONE, FAST_PROGRESS = 0, 1, 2
 SynOptions = tuple[int, int, bool, bool]
 _FAST_FLAGS = TCP_ACK | TCP_SYN | TCP_RST
 """Segments with ACK and neither SYN nor RST take the fast path (FIN is handled there)."""
+
+
+COMPACT_AT = 64
+"""Entries behind a list's head index before it may be compacted."""
+
+
+def _advance(entries: list[Any], k: int) -> int:
+    """Move a list's head to k; compact when most of it is behind. Returns the new head."""
+    if k > COMPACT_AT and 2 * k > len(entries):
+        del entries[:k]
+        return 0
+    return k
 
 
 class TcpSide:
@@ -78,15 +90,22 @@ class TcpFlow(HeldCounts):
     """Comparison state of one TCP flow (one direction of guest output)."""
 
     __slots__ = (
-        "closed", "hs_ok", "pri", "queue", "sec", "sec_times", "space_ok", "stash", "stash_bytes",
+        "closed", "hs_ok", "pri", "qh", "queue", "sec", "sec_times", "space_ok", "stash",
+        "stash_bytes", "th",
     )
 
     def __init__(self, key: FlowKey, now: float) -> None:
         super().__init__(key, now)
         self.pri = TcpSide()
         self.sec = TcpSide()
-        self.queue: deque[list[object]] = deque()
-        self.sec_times: deque[tuple[int, float]] = deque()
+        # Plain lists with a head index, not deques: an empty deque costs 760 bytes,
+        # and two per flow were half of a flow's memory.  Entries before the head
+        # are gone; a list is reset when its head reaches the end and compacted
+        # when more than half of it is behind the head (amortised O(1) per entry).
+        self.queue: list[list[object]] = []
+        self.qh = 0
+        self.sec_times: list[tuple[int, float]] = []
+        self.th = 0
         self.hs_ok = False
         self.closed = False
         self.space_ok = False
@@ -374,7 +393,7 @@ class TcpFlow(HeldCounts):
         host.count("tcp_connections_reused")
         self.pri = TcpSide()
         self.sec = TcpSide()
-        self.sec_times.clear()
+        self.sec_times, self.th = [], 0
         self.hs_ok = False
         self.closed = False
         self.space_ok = False
@@ -415,10 +434,8 @@ class TcpFlow(HeldCounts):
             pst.base += n
             sst.base += n
             times = self.sec_times
-            if times:
-                base = pst.base
-                while times and times[0][0] <= base:
-                    times.popleft()
+            if times and times[self.th][0] <= pst.base:
+                self._trim_times(pst.base)
         if (
             pri.fin is not None or pri.rst is not None or sec.fin is not None
             or sec.rst is not None
@@ -431,30 +448,47 @@ class TcpFlow(HeldCounts):
         """Both sides agreed on the next n bytes."""
         self.pri.stream.consume(n)
         self.sec.stream.consume(n)
+        self._trim_times(self.pri.stream.base)
+
+    def _trim_times(self, base: int) -> None:
+        """Forget the arrival times of secondary bytes now matched (from the head)."""
         times = self.sec_times
-        base = self.pri.stream.base
-        while times and times[0][0] <= base:
-            times.popleft()
+        h = k = self.th
+        n = len(times)
+        while k < n and times[k][0] <= base:
+            k += 1
+        if k == n:
+            self.sec_times, self.th = [], 0
+        elif k > h:
+            self.th = _advance(times, k)
 
     def _release_ready(self, host: FlowHost) -> None:
         """Release queued primary frames, in order, while each is safe to send."""
         q = self.queue
+        h = self.qh
         base = self.pri.stream.base
         fin = self.pri.fin
         if fin is not None and fin == self.sec.fin and base >= fin:
             base = fin + 1  # both FINs agreed; the FIN takes one sequence number
         sec_ack = self.sec.ack_max
-        run = []
-        while q:
-            e = q[0]
+        k, n = h, len(q)
+        while k < n:
+            e = q[k]
             if e[0] > base or e[1] > sec_ack:  # type: ignore[operator]
                 break
             need = e[2]
             if need and not self._need_met(need, base):
                 break
-            run.append(q.popleft())
-        if run:
-            host.release_run(self, run)
+            k += 1
+        if k == h:
+            return
+        if k == n:  # the common case: everything queued goes
+            run = q[h:] if h else q
+            self.queue, self.qh = [], 0
+        else:
+            run = q[h:k]
+            self.qh = _advance(q, k)
+        host.release_run(self, run)
 
     def _need_met(self, need: object, base: int) -> bool:
         if need == NEED_HANDSHAKE:
@@ -520,9 +554,9 @@ class TcpFlow(HeldCounts):
         """Arrival time of the oldest held or unmatched output, if any."""
         times = []
         if self.queue:
-            times.append(self.queue[0][E_TIME])
+            times.append(self.queue[self.qh][E_TIME])
         if self.sec_times:
-            times.append(self.sec_times[0][1])
+            times.append(self.sec_times[self.th][1])
         if self.stash:
             times.append(self.stash[0][3])
         return min(times) if times else None  # type: ignore[type-var,return-value]
@@ -532,7 +566,7 @@ class TcpFlow(HeldCounts):
         if self.diverged:
             return False
         if self.queue:
-            head = self.queue[0]
+            head = self.queue[self.qh]
             if now - head[E_TIME] > timeout:  # type: ignore[operator]
                 base = self.pri.stream.base
                 need = head[E_NEED]
@@ -545,7 +579,7 @@ class TcpFlow(HeldCounts):
                 at = max(0, start) if isinstance(start, int) else 0
                 host.diverge(self, kind, at, b"", b"", now, "primary output unmatched")
                 return True
-        if (self.sec_times and now - self.sec_times[0][1] > timeout) or (
+        if (self.sec_times and now - self.sec_times[self.th][1] > timeout) or (
             self.stash and now - self.stash[0][3] > timeout
         ):
             at = self.pri.stream.base
@@ -557,10 +591,11 @@ class TcpFlow(HeldCounts):
     def rebase(self, host: FlowHost, now: float, grace: float) -> None:
         """After a checkpoint: release everything held, continue as the primary."""
         if self.queue:
-            host.release_run(self, list(self.queue))
-            self.queue.clear()
+            run = self.queue[self.qh:]
+            self.queue, self.qh = [], 0
+            host.release_run(self, run)
         self.diverged = False
-        self.sec_times.clear()
+        self.sec_times, self.th = [], 0
         self.space_ok = True
         self.stash, self.stash_bytes = [], 0
         p = self.pri

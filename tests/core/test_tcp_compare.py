@@ -8,6 +8,8 @@ import pytest
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.packet import TCP_RST
+from colo_proxy.core.proxy import Proxy
+from colo_proxy.core.tcp import TcpFlow
 from colo_proxy.synth import TcpServerStream
 from tests.core.harness import P, S, run
 
@@ -291,3 +293,39 @@ def test_rewritten_space_still_finds_a_flipped_byte() -> None:
     r = run([(S, s_own.synack()), *((S, f) for f in segments(s_rewritten, bytes(bad), 700)),
              (P, p.synack()), *((P, f) for f in segments(p, PAYLOAD[:5000], 1448))])
     assert r.kinds == [("payload", 4321)]
+
+
+@pytest.mark.parametrize("primary_first", [True, False])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_long_queues_release_in_order_across_compactions(primary_first: bool, seed: int) -> None:
+    """Hundreds of held frames (or unmatched secondary segments) leave a run at a time.
+
+    The queue and the secondary's arrival times are lists with a head index
+    that are compacted past 64 entries; whichever side runs ahead, every
+    primary frame comes out once, in order, and the totals return to zero.
+    """
+    rng = random.Random(seed)
+    p, s = pair(seed * 1000)
+    chunk = 7
+    pf = [(P, f) for f in segments(p, PAYLOAD[:700 * chunk], chunk)]
+    sf = [(S, f) for f in segments(s, PAYLOAD[:700 * chunk], chunk)]
+    ahead, behind = (pf, sf) if primary_first else (sf, pf)
+    proxy = Proxy(Config(max_hold_frames=10**6))
+    proxy.feed_many(P, [(p.synack(), 0)], 0.0)
+    proxy.feed_many(S, [(s.synack(), 0)], 0.0)
+    released = [d[o:] for d, o in proxy.take_released()]
+    proxy.feed_many(ahead[0][0], [(f, 0) for _, f in ahead], 0.0)
+    i = 0
+    while i < len(behind):
+        n = rng.choice([1, 1, 2, 3, 50, 120])
+        proxy.feed_many(behind[0][0], [(f, 0) for _, f in behind[i:i + n]], 0.0)
+        released += [d[o:] for d, o in proxy.take_released()]
+        i += n
+        flow = next(iter(proxy._flows.values()))
+        if isinstance(flow, TcpFlow) and flow.sec_times:  # the oldest time kept is unmatched
+            assert flow.sec_times[flow.th][0] > flow.pri.stream.base
+    assert released == [p.synack()] + [f for _, f in pf]
+    assert proxy.take_divergences() == []
+    stats = proxy.stats()
+    assert (stats["held_frames"], stats["held_bytes"], stats["holding_flows"]) == (0, 0, 0)
+    assert not proxy.busy()
