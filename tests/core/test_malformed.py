@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
-from colo_proxy.core.proxy import CoreFault, Proxy
+from colo_proxy.core.proxy import SETTLE_FLOWS, CoreFault, Proxy
 from colo_proxy.core.tcp import TcpFlow
 from colo_proxy.synth import TcpServerStream, ipv4_frame
 from tests.core.harness import P, S, run
@@ -116,3 +116,28 @@ def test_a_fault_while_settling_the_batch_is_index_minus_one(
         proxy.feed_many(Side.SECONDARY, [(s.data(0, b"xy"), 0)], 0.0)
     assert info.value.index == -1 and isinstance(info.value.__cause__, RuntimeError)
     assert proxy.stats()["secondary_frames"] == 2
+
+
+def test_a_settle_fault_mid_batch_loses_none_of_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SETTLE_FLOWS owed flows the batch settles early; one flow's bug there
+    must not stop the frames after it: all are fed, the others released, then -1."""
+    proxy = Proxy(Config())
+    n = SETTLE_FLOWS * 2 + 5
+    pri = [TcpServerStream(dport=30000 + i) for i in range(n)]
+    sec = [TcpServerStream(dport=30000 + i, isn=4242) for i in range(n)]
+    proxy.feed_many(Side.PRIMARY, [(p.synack(), 0) for p in pri], 0.0)
+    proxy.feed_many(Side.SECONDARY, [(s.synack(), 0) for s in sec], 0.0)
+    proxy.feed_many(Side.PRIMARY, [(p.data(0, b"abc"), 0) for p in pri], 0.0)
+    assert len(proxy.take_released()) == n  # the SYN-ACKs
+    real = TcpFlow.progress
+
+    def progress(flow: TcpFlow, host: Proxy, now: float) -> None:
+        if flow.key[5] == 30003:
+            raise RuntimeError("bug")
+        real(flow, host, now)
+
+    monkeypatch.setattr(TcpFlow, "progress", progress)
+    with pytest.raises(CoreFault) as info:
+        proxy.feed_many(Side.SECONDARY, [(s.data(0, b"abc"), 0) for s in sec], 0.0)
+    assert info.value.index == -1 and isinstance(info.value.__cause__, RuntimeError)
+    assert len(proxy.take_released()) == n - 1
