@@ -89,6 +89,7 @@ class DatagramFlow(HeldCounts):
         else:
             entry: list[object] = [self.sec_n, None, now, False, content, 0]
             self.sec_order.append(entry)
+            host.watch(self)
             self.sec_wait.setdefault(content, deque()).append(entry)
             self.sec_bytes += len(content)
             if self.sec_bytes > host.max_sec_buffer:

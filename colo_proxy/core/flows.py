@@ -53,6 +53,8 @@ class FlowHost(Protocol):
 
     def release_unheld(self, rel: Rel) -> None: ...
 
+    def watch(self, flow: HeldCounts) -> None: ...
+
     def diverge(
         self, flow: HeldCounts, kind: DivergenceKind, offset: int | None,
         primary: bytes, secondary: bytes, now: float, detail: str = "",

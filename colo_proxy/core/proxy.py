@@ -113,6 +113,9 @@ class Proxy:
     def __init__(self, config: Config | None = None) -> None:
         self.config = cfg = config or Config()
         self._flows: dict[FlowKey, Flow] = {}
+        self._watch: dict[Flow, None] = {}
+        """Flows that may hold or owe output: the scan checks their timeouts (see _scan)."""
+        self._next_sweep = 0.0
         self._tcp4: dict[bytes, TcpFlow] = {}
         """Untagged IPv4 TCP flows by their raw address/port bytes, for the fast path."""
         self._udp4: dict[bytes, DatagramFlow] = {}
@@ -174,6 +177,7 @@ class Proxy:
         tcp4, udp4, window, general = self._tcp4, self._udp4, self._window, self._feed_general
         dirty: dict[TcpFlow, None] = {}
         """Flows whose `progress` is owed: run once per flow when the batch ends."""
+        watch = self._watch
         max_flow_bytes = self._hold_limits[2]
         held = held_bytes = holding = 0  # hold() inlined: totals added when the batch ends
         flow_over = False
@@ -206,6 +210,7 @@ class Proxy:
                             if taken:
                                 if not tflow.held_frames:
                                     holding += 1
+                                    watch[tflow] = None
                                 tflow.held_frames += 1
                                 tflow.held_bytes += flen
                                 held += 1
@@ -434,6 +439,7 @@ class Proxy:
         """Account one more held primary frame; force a checkpoint past a limit."""
         if not flow.held_frames:
             self._holding_flows += 1
+            self._watch[flow] = None  # type: ignore[index]
         flow.held_frames += 1
         flow.held_bytes += flen
         self._held_frames += 1
@@ -445,6 +451,10 @@ class Proxy:
         ) and self.state is CheckpointState.IDLE:
             self.counters["hold_limit_hits"] += 1
             self.want_checkpoint(CheckpointReason.HOLD_LIMIT, flow.last_seen)
+
+    def watch(self, flow: HeldCounts) -> None:
+        """The flow now owes output (unmatched secondary data): check its timeout."""
+        self._watch[flow] = None  # type: ignore[index]
 
     def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None:
         """A held unit may go to the client."""
@@ -674,7 +684,7 @@ class Proxy:
             self.want_checkpoint(CheckpointReason.FLOW_TABLE, now)
 
     def _forget(self, key: FlowKey) -> None:
-        del self._flows[key]
+        self._watch.pop(self._flows.pop(key), None)
         if not key[1] and len(key[2]) == 4:
             if key[0] == PROTO_TCP:
                 self._tcp4.pop(_fast_key(key), None)
@@ -682,15 +692,42 @@ class Proxy:
                 self._udp4.pop(_fast_key(key), None)
 
     def _scan(self, now: float) -> None:
-        """Timeouts and expiry; runs every scan_interval of (virtual) time."""
+        """Timeouts every scan_interval; idle expiry in a slower sweep of every flow.
+
+        Only watched flows are checked for timeouts: a flow is watched from the
+        moment it holds a primary frame or keeps unmatched secondary output, and
+        dropped once it owes nothing.  The sweep (every tenth of the shorter idle
+        timeout, at least scan_interval) also re-watches any flow found owing
+        output, so a missed hook would delay a timeout, never lose it.  An idle
+        proxy with many flows thus costs O(watched) per scan, not O(flows).
+        """
         cfg = self.config
         self._next_scan = now + cfg.scan_interval
+        if now >= self._next_sweep:
+            self._next_sweep = now + max(
+                cfg.scan_interval, min(cfg.flow_idle_timeout, cfg.closed_flow_timeout) / 10
+            )
+            self._sweep(now)
+        flows, watch = self._flows, self._watch
         timeout = cfg.compare_timeout
+        for flow in list(watch):
+            if (flow.held_frames or flow.pending()) and flows.get(flow.key) is flow:
+                flow.expired(self, now, timeout)
+            else:
+                del watch[flow]
+        for rel in self._frags[0].expire(now):
+            self._pass(rel, "ip_fragments_timed_out")
+        self.counters["secondary_fragments_dropped"] += len(self._frags[1].expire(now))
+
+    def _sweep(self, now: float) -> None:
+        """Forget idle flows that hold nothing; watch any flow that owes output."""
+        cfg = self.config
         idle, closed_idle = cfg.flow_idle_timeout, cfg.closed_flow_timeout
+        watch = self._watch
         stale = []
         for key, flow in self._flows.items():
             if flow.held_frames or flow.pending():
-                flow.expired(self, now, timeout)
+                watch[flow] = None
                 continue
             limit = closed_idle if isinstance(flow, TcpFlow) and flow.closed else idle
             if now - flow.last_seen > limit:
@@ -698,6 +735,3 @@ class Proxy:
         for key in stale:
             self._forget(key)
         self.counters["flows_expired"] += len(stale)
-        for rel in self._frags[0].expire(now):
-            self._pass(rel, "ip_fragments_timed_out")
-        self.counters["secondary_fragments_dropped"] += len(self._frags[1].expire(now))

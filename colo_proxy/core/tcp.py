@@ -229,8 +229,10 @@ class TcpFlow(HeldCounts):
                     me.high = stop
                 stream.buf += data[start:end]
                 pst = pri.stream
-                if stop > pst.base + len(pst.buf):
-                    self.sec_times.append((stop, now))  # else this batch's progress matches it
+                if stop > pst.base + len(pst.buf):  # else this batch's progress matches it
+                    if not self.sec_times:
+                        host.watch(self)
+                    self.sec_times.append((stop, now))
                 if len(stream.buf) > host.max_sec_buffer:
                     self._sec_buffer_full(host, now)
             else:
@@ -251,6 +253,8 @@ class TcpFlow(HeldCounts):
             me.high = stop
         if stop > me.stream.base:
             self._add(host, me, off, data, start, end, "secondary", now)
+            if not self.sec_times:
+                host.watch(self)
             self.sec_times.append((stop, now))
             if len(me.stream.buf) + me.stream.ooo_bytes > host.max_sec_buffer:
                 self._sec_buffer_full(host, now)
@@ -335,6 +339,8 @@ class TcpFlow(HeldCounts):
             me = self.sec
         if not flags & TCP_SYN and not self.space_ok:
             if me.isn >= 0 and self.pri.isn < 0 and self.stash_bytes <= host.max_sec_buffer:
+                if not self.stash:
+                    host.watch(self)
                 self.stash.append((hdr, data, end, now))
                 self.stash_bytes += end - hdr.payload + 1
                 return

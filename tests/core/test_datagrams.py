@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from colo_proxy.core.config import Config
+from colo_proxy.core.events import Side
 from colo_proxy.synth import ipv4_frame
-from tests.core.harness import P, S, run
+from tests.core.harness import C, P, S, run
 
 A, B = bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2))
 
@@ -66,9 +69,15 @@ def test_other_protocol_compared_on_ip_payload() -> None:
     assert r.divergences == [] and len(r.released) == 1
 
 
-def test_datagram_without_partner_times_out() -> None:
-    r = run([(P, udp(b"lonely"))], end_time=4.0)
+@pytest.mark.parametrize("side", [P, S])
+def test_datagram_without_partner_times_out(side: Side) -> None:
+    """On time although the slow sweep is 100 s away and a scan found the flow owing
+    nothing just before: the lonely datagram itself makes the flow watched."""
+    slow_sweep = Config(flow_idle_timeout=1000.0, closed_flow_timeout=1000.0)
+    r = run([(C, udp(b"client")), (P, udp(b"first")), (S, udp(b"first")),
+             (side, udp(b"lonely"))], config=slow_sweep, step=0.25, end_time=5.0)
     assert r.kinds == [("timeout", None)]
+    assert 3.75 < r.requests[0].time <= 4.05
 
 
 def fragments(payload: bytes, size: int, ident: int) -> list[bytes]:

@@ -11,7 +11,7 @@ from colo_proxy.core.packet import TCP_RST
 from colo_proxy.core.proxy import Proxy
 from colo_proxy.core.tcp import TcpFlow
 from colo_proxy.synth import TcpServerStream
-from tests.core.harness import P, S, run
+from tests.core.harness import C, P, S, run
 
 ISNS = [0, 1, 2**32 - 1, 2**32 - 11, 123456789]
 PAYLOAD = random.Random(3).randbytes(30000)
@@ -329,3 +329,56 @@ def test_long_queues_release_in_order_across_compactions(primary_first: bool, se
     stats = proxy.stats()
     assert (stats["held_frames"], stats["held_bytes"], stats["holding_flows"]) == (0, 0, 0)
     assert not proxy.busy()
+
+
+def test_the_scan_watches_only_flows_that_owe_output() -> None:
+    """Timeouts check watched flows; finished flows leave the watch list, and the
+    slower sweep re-watches a flow a hook missed, so its timeout is late, not lost."""
+    flows = [pair(i * 7919) for i in range(20)]
+    proxy = Proxy(Config())
+    for p, s in flows:
+        p.dport = s.dport = 40000 + len(proxy._flows)
+        for side, f in ((P, p.synack()), (S, s.synack()), (P, p.data(0, b"ok")),
+                        (S, s.data(0, b"ok"))):
+            proxy.feed(side, f, 0.0)
+    proxy.tick(0.2)
+    assert proxy._watch == {} and len(proxy._flows) == 20  # nothing owed, nothing watched
+    p, _ = flows[0]
+    proxy.feed(P, p.data(2, b"held"), 0.3)
+    assert list(proxy._watch) == [proxy._flows[next(iter(proxy._flows))]]
+    proxy._watch.clear()  # as if a hook had been missed
+    now = 0.3
+    while not proxy.take_divergences():
+        now += 0.1
+        proxy.tick(now)
+        assert now < 6.0, "the timeout was lost"
+    assert now > 3.3
+
+
+SLOW_SWEEP = Config(flow_idle_timeout=1000.0, closed_flow_timeout=1000.0)
+"""The slow sweep (which would re-watch any flow owing output) runs only every 100 s."""
+
+
+@pytest.mark.parametrize(("case", "detail"), [
+    ("primary SYN-ACK held", "primary output unmatched"),
+    ("primary data held", "primary output unmatched"),
+    ("secondary data buffered", "secondary output unmatched"),
+    ("secondary data stashed", "secondary output unmatched"),
+    ("secondary data out of order", "secondary output unmatched"),
+])
+def test_each_way_of_owing_output_is_watched_at_once(case: str, detail: str) -> None:
+    """Each hook that starts watching a flow, checked alone: the output arrives after a
+    scan found the flow owing nothing, and still times out on time."""
+    p, s = pair(5)
+    events = {
+        "primary SYN-ACK held": [(P, p.synack())],
+        "primary data held": [(P, p.synack()), (S, s.synack()), (P, p.data(0, b"x"))],
+        "secondary data buffered": [(P, p.synack()), (S, s.synack()), (S, s.data(0, b"x"))],
+        "secondary data stashed": [(S, s.synack()), (S, s.data(0, b"x"))],
+        "secondary data out of order": [(P, p.synack()), (S, s.synack()), (S, s.data(5, b"x"))],
+    }[case]
+    step = 0.25  # a scan between any two events; the first one also sweeps
+    r = run([(C, p.synack()), *events], config=SLOW_SWEEP, step=step, end_time=5.0)
+    arrival = step * len(events)
+    assert [(d.kind.value, d.detail) for d in r.divergences] == [("timeout", detail)]
+    assert arrival + 3.0 < r.requests[0].time <= arrival + 3.3
