@@ -20,10 +20,32 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
-from tests.integration.qemu_helpers import needs_qemu, start_qemu, until
+from tests.integration.qemu_helpers import QemuProcess, needs_qemu, start_qemu, until
 
 pytestmark = [pytest.mark.integration, needs_qemu]
 
+
+
+def qemu_with_operator_qmp(workdir: Path) -> tuple[QemuProcess, str, str]:
+    """QEMU with the driver's QMP socket and a second one for the test, the 'operator'."""
+    qmp, op_qmp = f"{workdir}/qmp.sock", f"{workdir}/op.sock"
+    qemu = start_qemu(workdir, [], ["-qmp", f"unix:{op_qmp},server=on,wait=off"], qmp)
+    return qemu, qmp, op_qmp
+
+
+def recording_driver(
+    qmp: str, events: list[str], follow: FollowPolicy = FollowPolicy.COLO,
+    request_timeout: float = 5.0,
+) -> QmpDriver:
+    """A driver that appends "started"/"done" to `events` as it follows STOP/RESUME."""
+    return QmpDriver(
+        "primary",
+        parse_endpoint(f"unix:{qmp}"),
+        on_checkpoint_started=lambda: events.append("started"),
+        on_checkpoint_done=lambda: events.append("done"),
+        follow=follow,
+        request_timeout=request_timeout,
+    )
 
 
 async def other_client(path: str) -> QMPClient:
@@ -34,20 +56,11 @@ async def other_client(path: str) -> QMPClient:
 
 
 def test_negotiation_stop_resume_and_request(workdir: Path) -> None:
-    qmp = f"{workdir}/qmp.sock"
-    op_qmp = f"{workdir}/op.sock"
-    qemu = start_qemu(workdir, [], ["-qmp", f"unix:{op_qmp},server=on,wait=off"], qmp)
+    qemu, qmp, op_qmp = qemu_with_operator_qmp(workdir)
 
     async def main() -> None:
         events: list[str] = []
-        drv = QmpDriver(
-            "primary",
-            parse_endpoint(f"unix:{qmp}"),
-            on_checkpoint_started=lambda: events.append("started"),
-            on_checkpoint_done=lambda: events.append("done"),
-            follow=FollowPolicy.ALWAYS,
-            request_timeout=0.2,
-        )
+        drv = recording_driver(qmp, events, FollowPolicy.ALWAYS, request_timeout=0.2)
         drv.start()
         await until(lambda: drv.connected, "QMP session")
         assert drv.stats.run_status == "running"
@@ -86,18 +99,11 @@ def test_negotiation_stop_resume_and_request(workdir: Path) -> None:
 
 
 def test_default_policy_ignores_pause_outside_colo(workdir: Path) -> None:
-    qmp = f"{workdir}/qmp.sock"
-    op_qmp = f"{workdir}/op.sock"
-    qemu = start_qemu(workdir, [], ["-qmp", f"unix:{op_qmp},server=on,wait=off"], qmp)
+    qemu, qmp, op_qmp = qemu_with_operator_qmp(workdir)
 
     async def main() -> None:
         events: list[str] = []
-        drv = QmpDriver(
-            "primary",
-            parse_endpoint(f"unix:{qmp}"),
-            on_checkpoint_started=lambda: events.append("started"),
-            on_checkpoint_done=lambda: events.append("done"),
-        )
+        drv = recording_driver(qmp, events)
         drv.start()
         await until(lambda: drv.connected, "QMP session")
         op = await other_client(op_qmp)
