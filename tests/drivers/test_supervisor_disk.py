@@ -65,6 +65,20 @@ def diverging(dport: int) -> tuple[list[bytes], list[bytes], int]:
     return segments(payload, dport), segments(bytes(bad), dport), 1 + 5
 
 
+def disk_supervisor(sockdir: Path, disk_socket: str) -> Supervisor:
+    """A supervisor on sockdir's chardevs with QMP (following every STOP) and a disk agent."""
+    settings = RunSettings(
+        primary_in=parse_endpoint(f"unix:{sockdir}/pin,server"),
+        secondary_in=parse_endpoint(f"unix:{sockdir}/sin,server"),
+        outdev=parse_endpoint(f"unix:{sockdir}/out,server"),
+        notify_dev=parse_endpoint(f"unix:{sockdir}/ntf,server"),
+        qmp=parse_endpoint(f"unix:{sockdir}/qmp"),
+        disk_qmp=parse_endpoint(f"unix:{sockdir}/{disk_socket}"),
+        qmp_follow=FollowPolicy.ALWAYS,
+        on_shutdown=ShutdownMode.REPORT,
+    )
+    return Supervisor(Config(compare_timeout=60.0, min_checkpoint_interval=0.0), settings)
+
 def test_release_waits_for_resume_and_disk_ack_in_either_order(sockdir: Path) -> None:
     pri_a, sec_a, before_a = diverging(40000)
     pri_b, sec_b, before_b = diverging(40001)
@@ -75,17 +89,7 @@ def test_release_waits_for_resume_and_disk_ack_in_either_order(sockdir: Path) ->
             await asyncio.start_unix_server(primary.serve, f"{sockdir}/qmp"),
             await asyncio.start_unix_server(disk.serve, f"{sockdir}/disk"),
         ]
-        settings = RunSettings(
-            primary_in=parse_endpoint(f"unix:{sockdir}/pin,server"),
-            secondary_in=parse_endpoint(f"unix:{sockdir}/sin,server"),
-            outdev=parse_endpoint(f"unix:{sockdir}/out,server"),
-            notify_dev=parse_endpoint(f"unix:{sockdir}/ntf,server"),
-            qmp=parse_endpoint(f"unix:{sockdir}/qmp"),
-            disk_qmp=parse_endpoint(f"unix:{sockdir}/disk"),
-            qmp_follow=FollowPolicy.ALWAYS,
-            on_shutdown=ShutdownMode.REPORT,
-        )
-        sup = Supervisor(Config(compare_timeout=60.0, min_checkpoint_interval=0.0), settings)
+        sup = disk_supervisor(sockdir, "disk")
         await sup.start()
         link, qmp = sup.disk_link, sup.qmp
         assert link is not None and qmp is not None
@@ -151,16 +155,7 @@ def test_agent_unreachable_output_waits_until_shutdown_or_failover(
     async def main() -> tuple[dict[str, Any], list[bytes]]:
         primary = FakePrimary()
         server = await asyncio.start_unix_server(primary.serve, f"{sockdir}/qmp")
-        settings = RunSettings(
-            primary_in=parse_endpoint(f"unix:{sockdir}/pin,server"),
-            secondary_in=parse_endpoint(f"unix:{sockdir}/sin,server"),
-            outdev=parse_endpoint(f"unix:{sockdir}/out,server"),
-            notify_dev=parse_endpoint(f"unix:{sockdir}/ntf,server"),
-            qmp=parse_endpoint(f"unix:{sockdir}/qmp"),
-            disk_qmp=parse_endpoint(f"unix:{sockdir}/no-agent"),  # nobody listens
-            qmp_follow=FollowPolicy.ALWAYS,
-        )
-        sup = Supervisor(Config(compare_timeout=60.0, min_checkpoint_interval=0.0), settings)
+        sup = disk_supervisor(sockdir, "no-agent")  # nobody listens there
         await sup.start()
         qmp, link = sup.qmp, sup.disk_link
         assert qmp is not None and link is not None

@@ -13,6 +13,7 @@ request) needs a COLO pair, which hangs under TCG on this QEMU
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,14 @@ def recording_driver(
         follow=follow,
         request_timeout=request_timeout,
     )
+
+
+def run_then_kill(qemu: QemuProcess, test: Coroutine[None, None, None]) -> None:
+    """Run the test's coroutine; QEMU is killed whatever happens."""
+    try:
+        asyncio.run(test)
+    finally:
+        qemu.kill()
 
 
 async def other_client(path: str) -> QMPClient:
@@ -92,10 +101,7 @@ def test_negotiation_stop_resume_and_request(workdir: Path) -> None:
         await op.disconnect()
         await drv.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        qemu.kill()
+    run_then_kill(qemu, main())
 
 
 def test_default_policy_ignores_pause_outside_colo(workdir: Path) -> None:
@@ -116,10 +122,7 @@ def test_default_policy_ignores_pause_outside_colo(workdir: Path) -> None:
         await op.disconnect()
         await drv.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        qemu.kill()
+    run_then_kill(qemu, main())
 
 
 def test_request_error_reported_with_qemu_message(workdir: Path) -> None:
@@ -136,10 +139,7 @@ def test_request_error_reported_with_qemu_message(workdir: Path) -> None:
         assert drv.request_pending and drv.stats.requests_sent == 0
         await drv.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        qemu.kill()
+    run_then_kill(qemu, main())
 
 
 def test_request_survives_qemu_kill_and_restart(workdir: Path) -> None:
