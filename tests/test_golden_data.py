@@ -389,7 +389,7 @@ def test_lab_capture_streams_agree_apart_from_the_seeded_key() -> None:
         assert pri.tcp[key].peer_isn != sec.tcp[key].peer_isn
 
 
-def lab_available() -> str | None:
+def lab_available(*extra: str) -> str | None:
     """Why the real-stack capture cannot run here (None when it can)."""
     import os
     import shutil
@@ -397,7 +397,7 @@ def lab_available() -> str | None:
 
     if os.geteuid() != 0:
         return "needs root"
-    for tool in ("ip", "tcpdump", "redis-server", "redis-cli"):
+    for tool in ("ip", "tcpdump", "redis-server", "redis-cli", *extra):
         if shutil.which(tool) is None:
             return f"{tool} not installed"
     probe = "colo-golden-probe"
@@ -597,21 +597,10 @@ def test_indep_lab_workload_is_deterministic() -> None:
     assert lab.http_response_end(resp[:-3]) is None
 
 
-def indep_lab_available() -> str | None:
-    import shutil
-
-    reason = lab_available()
-    if reason is None:
-        for tool in ("tc", "tshark", "nginx"):
-            if shutil.which(tool) is None:
-                return f"{tool} not installed"
-    return reason
-
-
 @pytest.mark.integration
 def test_indep_lab_capture_reproduces_the_committed_verdicts(tmp_path: Path) -> None:
     """Fresh independent recordings reach the committed verdicts (nginx: up to Date bytes)."""
-    reason = indep_lab_available()
+    reason = lab_available("tc", "tshark", "nginx")
     if reason is not None:
         pytest.skip(reason)
     lab = load_tool("lab_capture_indep")
