@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PCAPS = ROOT / "pcaps"
 LAB_CASES = {"redis-real", "redis-real-diverge"}  # tools/lab_capture.py (root, real stacks)
 # tools/lab_capture_indep.py: independent recordings of real servers (root, real stacks).
-INDEP_LAB_CASES = {"nginx-real", "redis-real-multi", "lossy-real"}
+INDEP_LAB_CASES = {"nginx-real", "nginx-real-swapped", "redis-real-multi", "lossy-real"}
 KINDS = {"payload", "length", "close", "handshake", "udp", "icmp", "other", "timeout", "ack"}
 REASONS = {"divergence", "timeout", "hold_limit", "flow_table", "flush"}
 WRAP = 2**32
@@ -626,3 +626,6 @@ def test_indep_lab_capture_reproduces_the_committed_verdicts(tmp_path: Path) -> 
             assert a.startswith(b"Date: ", line_start) or off == big_flip, (key, off)
     assert sort_divs(found) == sort_divs(
         [(d["kind"], d["offset"]) for d in fresh["divergences"]])
+    swapped = json.loads((tmp_path / "nginx-real-swapped" / "expected.json").read_text())
+    assert swapped["divergences"] == fresh["divergences"]
+    assert swapped["clock_offset"] == -fresh["clock_offset"]

@@ -12,7 +12,8 @@ Variants (guest = server = 10.77.0.1, replay needs ``--guest 10.77.0.1``):
 
 * ``nginx-real``: nginx serving the same static files (private config and prefix) on four
   keep-alive and one-shot connections; the ``Date:`` header is real non-determinism, and the
-  2 MiB ``big.bin`` differs in one byte 1000 bytes before its end.
+  2 MiB ``big.bin`` differs in one byte 1000 bytes before its end.  ``nginx-real-swapped``
+  is the same pair with primary and secondary swapped (clock offset -3 s).
 * ``redis-real-multi``: redis-server, four concurrent connections, per-connection keys,
   nothing time dependent -> identical answers.
 * ``lossy-real``: redis GETs of a 1 MiB value through an htb rate limit with a small bfifo on
@@ -418,6 +419,33 @@ def write_expected(variant: str, out: Path, lag: float, n_conns: int,
             **facts}
 
 
+def write_swapped(src: Path, out: Path) -> dict[str, Any]:
+    """``src`` with primary and secondary swapped (the same blobs), verdicts from tshark."""
+    out.mkdir(parents=True, exist_ok=True)
+    for a, b in (("primary", "secondary"), ("secondary", "primary")):
+        (out / f"{b}.pcap").write_bytes((src / f"{a}.pcap").read_bytes())
+    orig = json.loads((src / "expected.json").read_text())
+    divs, summary = expected_divergences(out / "primary.pcap", out / "secondary.pcap",
+                                         SERVER_IP)
+    pframes, pserver, _ = count_frames(out / "primary.pcap")
+    expected = {
+        "description": f"{src.name} with primary and secondary swapped (the primary's capture "
+                       "started later, so the clock offset is negative) -> the same "
+                       "divergences; expected verdicts from tshark's reassembly",
+        "args": orig["args"],
+        "primary_frames": pframes,
+        "secondary_frames": orig["primary_frames"],
+        "released_frames": pserver,
+        "held_frames": 0,
+        "divergences": divs,
+        "divergence_order": "any",
+        "clock_offset": -orig["clock_offset"],
+        "clock_offset_tolerance": orig["clock_offset_tolerance"],
+    }
+    (out / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+    return {"expected": expected, "connections": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent
@@ -448,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         summary = {k: v for k, v in report.items() if k != "expected"}
         print(variant, json.dumps(summary, indent=2))
+        if variant == "nginx-real":
+            write_swapped(args.out / variant, args.out / f"{variant}-swapped")
     return 0
 
 
