@@ -31,8 +31,8 @@ class DatagramFlow(HeldCounts):
     """Comparison state of one UDP, ICMP or other-protocol flow."""
 
     __slots__ = (
-        "carried", "ghost_until", "ghosts", "kind", "pri_matched", "reported", "pri_n", "pri_order", "pri_wait",
-        "sec_bytes", "sec_matched", "sec_n", "sec_order", "sec_wait",
+        "carried", "ghost_until", "ghosts", "kind", "pri_matched", "pri_n", "pri_order",
+        "pri_wait", "reported", "sec_bytes", "sec_matched", "sec_n", "sec_order", "sec_wait",
     )
 
     def __init__(self, key: FlowKey, now: float, kind: DivergenceKind) -> None:
