@@ -146,6 +146,9 @@ class Proxy:
         self._next_scan: float | None = None
         self._window = cfg.datagram_reorder_window
         self.max_sec_buffer = cfg.max_sec_buffer_bytes
+        self.secondary_vote: str | None = None
+        """The latest answer a flow found to what a checkpoint did to the secondary; kept
+        across checkpoints (a real pair is reset by each, recordings never are)."""
         self._hold_limits = (
             cfg.max_hold_bytes, cfg.max_hold_frames, cfg.max_flow_hold_bytes, cfg.max_hold_flows,
         )
@@ -411,6 +414,12 @@ class Proxy:
         self.counters["secondary_fragments_dropped"] += len(self._frags[1].clear())
         if again is not None:
             self.want_checkpoint(again, now)
+
+    def settle_undecided(self, now: float) -> None:
+        """End of input: flows still undecided take the answer other flows found."""
+        for flow in list(self._flows.values()):
+            if isinstance(flow, TcpFlow):
+                flow.adopt_vote(self, now)
 
     @property
     def released_frames(self) -> int:

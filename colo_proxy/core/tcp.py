@@ -115,8 +115,9 @@ class TcpFlow(HeldCounts):
     """Comparison state of one TCP flow (one direction of guest output)."""
 
     __slots__ = (
-        "ck_ack", "ck_pos", "close_div", "closed", "hs_ok", "midstream", "mode", "pri", "q_ooo",
-        "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash", "stash_bytes", "th",
+        "ck_ack", "ck_fin", "ck_pos", "close_div", "closed", "hs_ok", "midstream", "mode", "pri",
+        "q_ooo", "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash",
+        "stash_bytes", "th",
     )
 
     def __init__(self, key: FlowKey, now: float) -> None:
@@ -149,6 +150,8 @@ class TcpFlow(HeldCounts):
         self.ck_pos = 0
         """The primary's position at the last checkpoint (where a reset secondary resumes)."""
         self.ck_ack = -1
+        self.ck_fin = False
+        """Whether the primary had sent its FIN by the last checkpoint."""
 
     # -- input ---------------------------------------------------------------
 
@@ -442,36 +445,53 @@ class TcpFlow(HeldCounts):
             own = abs(unwrap(hdr.seq - s.isn - 1, own_pos) - own_pos)
         else:
             own = MIDSTREAM_FIT
-        if reset <= own:
+        if reset == own:  # both answers put it at the same place: nothing learnt for others
+            self._reset_to_primary()
+            return
+        self._decided(host, now, "reset" if reset < own else "continues")
+
+    def _decided(self, host: FlowHost, now: float, answer: str) -> None:
+        """Apply the answer for this flow; other undecided flows may adopt it (adopt_vote)."""
+        host.secondary_vote = answer
+        if answer == "reset":
             host.count("tcp_secondary_reset_by_checkpoint")
             self._reset_to_primary()
         else:
             host.count("tcp_secondary_continues_after_checkpoint")
             self._continue(host, now)
 
+    def adopt_vote(self, host: FlowHost, now: float) -> None:
+        """Undecided with no evidence of its own: take the answer other flows found.
+
+        A checkpoint is one event for the whole VM, so what the flows that did
+        hear from the secondary found holds for one that did not (one whose
+        secondary had sent everything before the checkpoint).
+        """
+        if self.mode == MODE_UNDECIDED and host.secondary_vote is not None:
+            host.count("tcp_secondary_answer_adopted")
+            self._decided(host, now, host.secondary_vote)
+
     def _continued_evidently(self, host: FlowHost, now: float) -> bool:
         """Undecided, but the primary's new output equals what the secondary sent on its own.
 
         A secondary that ran ahead may have sent all its output before the
-        checkpoint, so no later segment of its own can decide.  If the
-        primary's bytes since then (past the reported region) equal the
-        secondary's at its own offsets, or both FINs agree, it went on.
+        checkpoint, so no later segment of its own can decide.  If the bytes
+        the primary sent since the checkpoint (past ck_pos) equal the
+        secondary's at its own offsets, or a FIN the primary sent since then
+        sits where the secondary's does, it went on.  Bytes from before the
+        checkpoint prove nothing: a reset secondary sent them too.
         """
         if self.mode != MODE_UNDECIDED:
             return False
         p, s = self.pri, self.sec
         pb, sb = p.stream.buf, s.stream.buf
-        n = min(len(pb), len(sb))
-        i = 0
-        if self.skipping:
-            while i < n and pb[i] != sb[i]:
-                i += 1
-        k = min(n - i, 64)
+        i = max(0, self.ck_pos - p.stream.base)
+        k = min(len(pb), len(sb), i + 64) - i
         agrees = k > 0 and pb[i : i + k] == sb[i : i + k] and (k >= 8 or s.fin is not None)
-        if not agrees and not (n == i and p.fin is not None and p.fin == s.fin):
+        fin = not self.ck_fin and p.fin is not None and p.fin == s.fin
+        if not agrees and not fin:
             return False
-        host.count("tcp_secondary_continues_after_checkpoint")
-        self._continue(host, now)
+        self._decided(host, now, "continues")
         return False  # _continue ran progress
 
     def _decide_space(self, host: FlowHost, seq: int) -> None:
@@ -754,6 +774,8 @@ class TcpFlow(HeldCounts):
 
     def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
         """Report a timeout divergence if output waited too long; True if so."""
+        if self.mode == MODE_UNDECIDED:
+            self.adopt_vote(host, now)
         if self.diverged:
             return False
         if self.queue:
@@ -791,6 +813,7 @@ class TcpFlow(HeldCounts):
         p, s = self.pri, self.sec
         self.ck_pos = max(p.high, p.stream.end, p.stream.base)
         self.ck_ack = p.ack_max
+        self.ck_fin = p.fin is not None
         if self.mode == MODE_PASS:
             return
         if mode == "reset":

@@ -216,6 +216,8 @@ class Replay:
     def finish(self) -> ReplayResult:
         """Run virtual time on until timers fire; flush what is still held."""
         proxy, res = self.proxy, self.result
+        proxy.settle_undecided(self._vt)
+        self._collect(self._vt)
         self._run_timers(float("inf"))
         now = self._vt
         res.overlap_conflicts = list(proxy.overlap_conflicts)
