@@ -532,6 +532,9 @@ class Proxy:
         if offset is not None and offset < 0:  # a core bug: never report one
             self.counters["negative_offsets_clamped"] += 1
             offset = 0
+        if isinstance(flow, TcpFlow) and flow.midstream:
+            detail = "; ".join(filter(None, (detail, "picked up mid-stream: offsets count "
+                                             "from the first byte each side was seen to send")))
         self.divergence_kinds[kind.value] += 1
         if len(self._divergences) < MAX_DIVERGENCES_KEPT:
             self._divergences.append(

@@ -177,7 +177,7 @@ class TcpFlow(HeldCounts):
         (one sequence space, as behind QEMU's rewriter); else the side's own
         first byte seen is offset 0.
         """
-        self.midstream = True
+        self.midstream = True  # reported with every divergence of this flow (Proxy.diverge)
         if other_isn >= 0:
             off = unwrap(number - other_isn - 1, other_pos)
             if abs(off - other_pos) <= MIDSTREAM_FIT and off >= 0:
