@@ -14,13 +14,14 @@ do the summing in C.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
-_VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
-_IPV6_EXT = (0, 43, 60)  # hop-by-hop, routing, destination options
-_TCP = 6
-_UDP = 17
-_CSUM_AT = {_TCP: 16, _UDP: 6}
-_U16 = struct.Struct("!H")
+_VLAN_TPIDS: Final = (0x8100, 0x88A8, 0x9100)
+_IPV6_EXT: Final = (0, 43, 60)  # hop-by-hop, routing, destination options
+_TCP: Final = 6
+_UDP: Final = 17
+_CSUM_AT: Final = {_TCP: 16, _UDP: 6}
+_U16: Final = struct.Struct("!H")
 
 
 def ones_sum(data: bytes | bytearray | memoryview) -> int:

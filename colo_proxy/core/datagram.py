@@ -22,9 +22,7 @@ from collections import deque
 
 from colo_proxy.core.events import CheckpointReason, DivergenceKind
 from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
-
-# Entry fields: [index, rel (None for the secondary), time, matched, content, flen]
-D_INDEX, D_REL, D_TIME, D_MATCHED, D_CONTENT, D_FLEN = range(6)
+from colo_proxy.core.held import HeldDatagram
 
 
 class DatagramFlow(HeldCounts):
@@ -38,10 +36,10 @@ class DatagramFlow(HeldCounts):
     def __init__(self, key: FlowKey, now: float, kind: DivergenceKind) -> None:
         super().__init__(key, now)
         self.kind = kind
-        self.pri_wait: dict[bytes, deque[list[object]]] = {}
-        self.sec_wait: dict[bytes, deque[list[object]]] = {}
-        self.pri_order: deque[list[object]] = deque()
-        self.sec_order: deque[list[object]] = deque()
+        self.pri_wait: dict[bytes, deque[HeldDatagram]] = {}
+        self.sec_wait: dict[bytes, deque[HeldDatagram]] = {}
+        self.pri_order: deque[HeldDatagram] = deque()
+        self.sec_order: deque[HeldDatagram] = deque()
         self.pri_n = 0
         self.sec_n = 0
         self.sec_bytes = 0
@@ -74,15 +72,15 @@ class DatagramFlow(HeldCounts):
                 partner = waiting.popleft()
                 if not waiting:
                     del self.sec_wait[content]
-                partner[D_MATCHED] = True
+                partner.matched = True
                 self.sec_bytes -= len(content)
                 host.release_unheld(rel)
                 self.pri_matched = self.pri_n
-                if partner[D_INDEX] > self.sec_matched:  # type: ignore[operator]
-                    self.sec_matched = partner[D_INDEX]  # type: ignore[assignment]
+                if partner.index > self.sec_matched:
+                    self.sec_matched = partner.index
                 self._check_window(host, now, window)
                 return
-        entry: list[object] = [self.pri_n, rel, now, False, content, flen]
+        entry = HeldDatagram(self.pri_n, rel, now, content, flen)
         self.pri_order.append(entry)
         self.pri_wait.setdefault(content, deque()).append(entry)
         host.hold(self, flen)
@@ -103,13 +101,14 @@ class DatagramFlow(HeldCounts):
             partner = waiting.popleft()
             if not waiting:
                 del self.pri_wait[content]
-            partner[D_MATCHED] = True
-            host.release(self, partner[D_REL], partner[D_FLEN], 0)  # type: ignore[arg-type]
+            partner.matched = True
+            if partner.rel is not None:  # always: the primary's entries carry their frames
+                host.release(self, partner.rel, partner.flen, 0)
             self.sec_matched = self.sec_n
-            if partner[D_INDEX] > self.pri_matched:  # type: ignore[operator]
-                self.pri_matched = partner[D_INDEX]  # type: ignore[assignment]
+            if partner.index > self.pri_matched:
+                self.pri_matched = partner.index
         else:
-            entry: list[object] = [self.sec_n, None, now, False, content, 0]
+            entry = HeldDatagram(self.sec_n, None, now, content, 0)
             self.sec_order.append(entry)
             host.watch(self)
             self.sec_wait.setdefault(content, deque()).append(entry)
@@ -133,13 +132,13 @@ class DatagramFlow(HeldCounts):
             contents[content] = left - 1
         return True
 
-    def _passed_pair(self) -> tuple[list[object], list[object]] | None:
+    def _passed_pair(self) -> tuple[HeldDatagram, HeldDatagram] | None:
         """The oldest unmatched datagram of each side, if the flow matched later ones of both."""
         p = self._oldest(self.pri_order)
         s = self._oldest(self.sec_order)
         if (
             p is not None and s is not None
-            and p[D_INDEX] < self.pri_matched and s[D_INDEX] < self.sec_matched  # type: ignore[operator]
+            and p.index < self.pri_matched and s.index < self.sec_matched
         ):
             return p, s
         return None
@@ -155,9 +154,9 @@ class DatagramFlow(HeldCounts):
         return oldest + timeout
 
     @staticmethod
-    def _pair_due(pair: tuple[list[object], list[object]], timeout: float) -> float:
+    def _pair_due(pair: tuple[HeldDatagram, HeldDatagram], timeout: float) -> float:
         p, s = pair
-        return max(p[D_TIME], s[D_TIME]) + timeout / 10  # type: ignore[call-overload,no-any-return]
+        return max(p.time, s.time) + timeout / 10
 
     def _diverge_pair(self, host: FlowHost, now: float, pc: bytes, sc: bytes) -> None:
         """Report two datagrams that differ, each shown from the first differing byte."""
@@ -171,24 +170,24 @@ class DatagramFlow(HeldCounts):
         host.diverge(self, self.kind, None, pc[lo : lo + 16], sc[lo : lo + 16], now, detail)
 
     @staticmethod
-    def _oldest(order: deque[list[object]]) -> list[object] | None:
-        while order and order[0][D_MATCHED]:
+    def _oldest(order: deque[HeldDatagram]) -> HeldDatagram | None:
+        while order and order[0].matched:
             order.popleft()
         return order[0] if order else None
 
     def _check_window(self, host: FlowHost, now: float, window: int) -> None:
         po, so = self.pri_order, self.sec_order
-        if (not po or self.sec_n - po[0][D_INDEX] < window) and (  # type: ignore[operator]
-            not so or self.pri_n - so[0][D_INDEX] < window  # type: ignore[operator]
+        if (not po or self.sec_n - po[0].index < window) and (
+            not so or self.pri_n - so[0].index < window
         ):
             return  # indexes grow along each queue: if its head is in the window, all are
         p = self._oldest(self.pri_order)
         s = self._oldest(self.sec_order)
-        late_p = p is not None and self.sec_n - p[D_INDEX] >= window  # type: ignore[operator]
-        late_s = s is not None and self.pri_n - s[D_INDEX] >= window  # type: ignore[operator]
+        late_p = p is not None and self.sec_n - p.index >= window
+        late_s = s is not None and self.pri_n - s.index >= window
         if late_p or late_s:
-            pc: bytes = p[D_CONTENT] if p is not None else b""  # type: ignore[assignment]
-            sc: bytes = s[D_CONTENT] if s is not None else b""  # type: ignore[assignment]
+            pc = p.content if p is not None else b""
+            sc = s.content if s is not None else b""
             if p is not None and s is not None:
                 self._diverge_pair(host, now, pc, sc)
             else:
@@ -201,7 +200,7 @@ class DatagramFlow(HeldCounts):
     def oldest_pending(self) -> float | None:
         """Arrival time of the oldest unmatched datagram, if any."""
         heads = [h for h in (self._oldest(self.pri_order), self._oldest(self.sec_order)) if h]
-        return min(h[D_TIME] for h in heads) if heads else None  # type: ignore[type-var,return-value]
+        return min(h.time for h in heads) if heads else None
 
     def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
         """Report a timeout divergence if a datagram waited too long; True if so."""
@@ -210,11 +209,11 @@ class DatagramFlow(HeldCounts):
         pair = self._passed_pair()
         if pair is not None and self._pair_due(pair, timeout) <= now:
             p, s = pair
-            self._diverge_pair(host, now, p[D_CONTENT], s[D_CONTENT])  # type: ignore[arg-type]
+            self._diverge_pair(host, now, p.content, s.content)
             return True
         for order, who in ((self.pri_order, "primary"), (self.sec_order, "secondary")):
             head = self._oldest(order)
-            if head is not None and head[D_TIME] + timeout <= now:  # type: ignore[operator]
+            if head is not None and head.time + timeout <= now:
                 host.diverge(self, DivergenceKind.TIMEOUT, None, b"", b"", now,
                              f"{who} datagram unmatched")
                 return True
@@ -233,16 +232,16 @@ class DatagramFlow(HeldCounts):
         self.carried.clear()
         if mode != "reset":
             for entry in self.sec_order:
-                if not entry[D_MATCHED]:
-                    content_s: bytes = entry[D_CONTENT]  # type: ignore[assignment]
+                if not entry.matched:
+                    content_s = entry.content
                     self.carried[content_s] = self.carried.get(content_s, 0) + 1
             if self.reported is not None and self.reported in self.carried:
                 self._take(self.carried, self.reported, now)
         self.reported = None
         for entry in self.pri_order:
-            if not entry[D_MATCHED]:
-                host.release(self, entry[D_REL], entry[D_FLEN], 0)  # type: ignore[arg-type]
-                content: bytes = entry[D_CONTENT]  # type: ignore[assignment]
+            if not entry.matched and entry.rel is not None:
+                host.release(self, entry.rel, entry.flen, 0)
+                content = entry.content
                 self.ghosts[content] = self.ghosts.get(content, 0) + 1
         self.ghost_until = now + grace
         self.pri_order.clear()

@@ -7,10 +7,13 @@ tuples so a dictionary lookup per frame is all it costs.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from colo_proxy.core.events import CheckpointReason, DivergenceKind
 from colo_proxy.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, format_addr
+
+if TYPE_CHECKING:
+    from colo_proxy.core.held import HeldFrame
 
 FlowKey = tuple[int, tuple[int, ...], bytes, bytes, int, int]
 """(protocol, VLAN tags, source address, destination address, source port, destination port)."""
@@ -51,7 +54,7 @@ class FlowHost(Protocol):
 
     def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None: ...
 
-    def release_run(self, flow: HeldCounts, run: list[list[object]]) -> None: ...
+    def release_run(self, flow: HeldCounts, run: list[HeldFrame]) -> None: ...
 
     def release_unheld(self, rel: Rel) -> None: ...
 

@@ -36,12 +36,13 @@ import enum
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
-NET_BUFSIZE = 4096 + 65536
+NET_BUFSIZE: Final = 4096 + 65536
 """Largest record body QEMU's reader (``net_fill_rstate``) accepts."""
 
-_U32 = struct.Struct(">I")
-_U32X2 = struct.Struct(">II")
+_U32: Final = struct.Struct(">I")
+_U32X2: Final = struct.Struct(">II")
 
 Frame = tuple[bytes, int]
 """A record body and the number of vnet header bytes at its start."""

@@ -9,47 +9,47 @@ caller decides (and documents) what happens to it.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-ETH_IPV4 = 0x0800
-ETH_IPV6 = 0x86DD
-ETH_ARP = 0x0806
-VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))
-MAX_VLAN_TAGS = 3
+ETH_IPV4: Final = 0x0800
+ETH_IPV6: Final = 0x86DD
+ETH_ARP: Final = 0x0806
+VLAN_TPIDS: Final = frozenset((0x8100, 0x88A8, 0x9100))
+MAX_VLAN_TAGS: Final = 3
 
-PROTO_ICMP = 1
-PROTO_IGMP = 2
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_ICMPV6 = 58
-IPV6_EXT_HEADERS = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
-IPV6_FRAGMENT = 44
-IPV6_AH = 51
-IPV6_NO_NEXT = 59
-MAX_IPV6_EXT = 8
+PROTO_ICMP: Final = 1
+PROTO_IGMP: Final = 2
+PROTO_TCP: Final = 6
+PROTO_UDP: Final = 17
+PROTO_ICMPV6: Final = 58
+IPV6_EXT_HEADERS: Final = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
+IPV6_FRAGMENT: Final = 44
+IPV6_AH: Final = 51
+IPV6_NO_NEXT: Final = 59
+MAX_IPV6_EXT: Final = 8
 
 # ICMPv6 types that follow timers and caches, not the application (NDP, MLD):
 # two VMs send them at different moments, so they are passed, not compared.
-ICMPV6_UNCOMPARED = frozenset((130, 131, 132, 133, 134, 135, 136, 137, 143))
+ICMPV6_UNCOMPARED: Final = frozenset((130, 131, 132, 133, 134, 135, 136, 137, 143))
 
-TCP_FIN = 0x01
-TCP_SYN = 0x02
-TCP_RST = 0x04
-TCP_PSH = 0x08
-TCP_ACK = 0x10
+TCP_FIN: Final = 0x01
+TCP_SYN: Final = 0x02
+TCP_RST: Final = 0x04
+TCP_PSH: Final = 0x08
+TCP_ACK: Final = 0x10
 
-_U16 = struct.Struct("!H")
-_IPV4 = struct.Struct("!BBHHHBBH4s4s")
-_IPV6 = struct.Struct("!IHBB16s16s")
-_TCP = struct.Struct("!HHIIBB")
-_UDP = struct.Struct("!HHH")
+_U16: Final = struct.Struct("!H")
+_IPV4: Final = struct.Struct("!BBHHHBBH4s4s")
+_IPV6: Final = struct.Struct("!IHBB16s16s")
+_TCP: Final = struct.Struct("!HHIIBB")
+_UDP: Final = struct.Struct("!HHH")
 
 # Reasons a frame is passed through without comparison (not malformed).
-ARP = "arp"
-NON_IP = "non_ip"
-NDP_MLD = "icmpv6_ndp_mld"
-IGMP = "igmp"
-PASS_REASONS = frozenset((ARP, NON_IP, NDP_MLD, IGMP))
+ARP: Final = "arp"
+NON_IP: Final = "non_ip"
+NDP_MLD: Final = "icmpv6_ndp_mld"
+IGMP: Final = "igmp"
+PASS_REASONS: Final = frozenset((ARP, NON_IP, NDP_MLD, IGMP))
 
 
 class IpPacket(NamedTuple):

@@ -42,6 +42,7 @@ options pass unchanged and are counted.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from colo_proxy.core.checksum import ones_sum
 from colo_proxy.core.events import Side
@@ -60,7 +61,7 @@ from colo_proxy.core.seq import MASK32, seq_diff
 Key = tuple[tuple[int, ...], bytes, int, bytes, int]
 """(VLAN tags, guest address, guest port, client address, client port)."""
 
-COUNTERS = (
+COUNTERS: Final = (
     "client_frames",      # to_secondary calls
     "rewritten_frames",   # client frames changed
     "zero_offset",        # tracked, but both offsets are 0: nothing to change
@@ -82,20 +83,26 @@ COUNTERS = (
     "checkpoint_dropped",  # entries dropped by checkpoint_done
 )
 
-_U16 = struct.Struct("!H")
-_U32 = struct.Struct("!I")
-_CSUM_MOD = 0xFFFF
+_U16: Final = struct.Struct("!H")
+_U32: Final = struct.Struct("!I")
+_CSUM_MOD: Final = 0xFFFF
 """Ones'-complement sums are sums mod 0xFFFF (2**16 == 1 there), so whole
 32-bit fields and addresses can be added without splitting them into words."""
 
-_FIN_CLIENT, _FIN_PRIMARY, _FIN_SECONDARY, _CLIENT_ACKED_FIN = 1, 2, 4, 8
-_CLOSED = 15
-_CONTROL = TCP_SYN | TCP_FIN | TCP_RST
-_CLIENT_INTEREST = TCP_ACK | _CONTROL
-_NOT_TCP = -1
-_LOOK_CLOSER = -2
+_FIN_CLIENT: Final = 1
+_FIN_PRIMARY: Final = 2
+_FIN_SECONDARY: Final = 4
+_CLIENT_ACKED_FIN: Final = 8
+_CLOSED: Final = 15
+_CONTROL: Final = TCP_SYN | TCP_FIN | TCP_RST
+_CLIENT_INTEREST: Final = TCP_ACK | _CONTROL
+_NOT_TCP: Final = -1
+_LOOK_CLOSER: Final = -2
 
-OPT_EOL, OPT_NOP, OPT_SACK, OPT_TS = 0, 1, 5, 8
+OPT_EOL: Final = 0
+OPT_NOP: Final = 1
+OPT_SACK: Final = 5
+OPT_TS: Final = 8
 
 
 class _Conn:

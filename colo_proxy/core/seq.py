@@ -6,9 +6,11 @@ comparisons and dictionary keys never have to think about wraparound.
 
 from __future__ import annotations
 
-MASK32 = 0xFFFFFFFF
-HALF32 = 0x80000000
-SPAN32 = 0x100000000
+from typing import Final
+
+MASK32: Final = 0xFFFFFFFF
+HALF32: Final = 0x80000000
+SPAN32: Final = 0x100000000
 
 
 def seq_diff(a: int, b: int) -> int:

@@ -41,45 +41,43 @@ sides are compared from the first offset both have, never at a negative one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Final, TypeVar
 
 from colo_proxy.core.events import CheckpointReason, DivergenceKind
 from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
+from colo_proxy.core.held import NEED_FIN, NEED_HANDSHAKE, NEED_NONE, NEED_RST, HeldFrame
 from colo_proxy.core.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHeader, tcp_syn_options
 from colo_proxy.core.reassembly import StreamBuffer
 from colo_proxy.core.seq import HALF32, MASK32, unwrap
 
-NEED_NONE = 0
-NEED_HANDSHAKE = 1
-NEED_FIN = 2
-NEED_RST = 3
-
-# Queue entry fields (a list per held frame keeps allocation to one object).
-E_END, E_ACK, E_NEED, E_REL, E_TIME, E_START, E_PLEN, E_FLEN = range(8)
-
 # fast_primary / fast_secondary results.
-FAST_NO, FAST_DONE, FAST_PROGRESS = 0, 1, 2
+FAST_NO: Final = 0
+FAST_DONE: Final = 1
+FAST_PROGRESS: Final = 2
 
 # TcpFlow.mode: what the flow does besides comparing (any non-zero mode leaves the fast path).
-MODE_COMPARE = 0
-MODE_UNDECIDED = 1
+MODE_COMPARE: Final = 0
+MODE_UNDECIDED: Final = 1
 """After a checkpoint in auto mode: waiting for the secondary's next segment."""
-MODE_PASS = 2
+MODE_PASS: Final = 2
 """After a close divergence, the secondary going on: the primary's output passes."""
 
-MIDSTREAM_FIT = 1 << 20
+MIDSTREAM_FIT: Final = 1 << 20
 """A mid-stream side within this many bytes of the other's position shares its space."""
 
 SynOptions = tuple[int, int, bool, bool]
-_FAST_FLAGS = TCP_ACK | TCP_SYN | TCP_RST
+_FAST_FLAGS: Final = TCP_ACK | TCP_SYN | TCP_RST
 """Segments with ACK and neither SYN nor RST take the fast path (FIN is handled there)."""
 
 
-COMPACT_AT = 64
+COMPACT_AT: Final = 64
 """Entries behind a list's head index before it may be compacted."""
 
 
-def _advance(entries: list[Any], k: int) -> int:
+_T = TypeVar("_T")
+
+
+def _advance(entries: list[_T], k: int) -> int:
     """Move a list's head to k; compact when most of it is behind. Returns the new head."""
     if k > COMPACT_AT and 2 * k > len(entries):
         del entries[:k]
@@ -128,7 +126,7 @@ class TcpFlow(HeldCounts):
         # and two per flow were half of a flow's memory.  Entries before the head
         # are gone; a list is reset when its head reaches the end and compacted
         # when more than half of it is behind the head (amortised O(1) per entry).
-        self.queue: list[list[object]] = []
+        self.queue: list[HeldFrame] = []
         self.qh = 0
         self.sec_times: list[tuple[int, float]] = []
         self.th = 0
@@ -245,7 +243,7 @@ class TcpFlow(HeldCounts):
             need = NEED_FIN
             if me.fin is None:
                 me.fin = stop
-        self.queue.append([stop, a, need, rel, now, off, plen, flen])
+        self.queue.append(HeldFrame(stop, a, need, rel, now, off, plen, flen))
         # The caller accounts the held frame (host.hold, or inline in Proxy.feed_many).
         sec = self.sec
         if (
@@ -362,7 +360,8 @@ class TcpFlow(HeldCounts):
             need = NEED_RST
             if me.rst is None:
                 me.rst = stop
-        self.queue.append([stop, self.ack_offset(me, hdr), need, rel, now, off, plen, flen])
+        ack = self.ack_offset(me, hdr)
+        self.queue.append(HeldFrame(stop, ack, need, rel, now, off, plen, flen))
         host.hold(self, flen)
         if self.diverged:
             return
@@ -637,9 +636,9 @@ class TcpFlow(HeldCounts):
         k, n = h, len(q)
         while k < n:
             e = q[k]
-            if e[0] > base or e[1] > sec_ack:  # type: ignore[operator]
+            if e.end > base or e.ack > sec_ack:
                 break
-            need = e[2]
+            need = e.need
             if need and not self._need_met(need, base):
                 break
             k += 1
@@ -667,21 +666,21 @@ class TcpFlow(HeldCounts):
         q = self.queue
         head = self.qh
         run = q[head:k]
-        keep: list[list[object]] = []
+        keep: list[HeldFrame] = []
         last = -1
         ordered = True
         barrier = False
         for e in q[k:]:
-            need = e[2]
+            need = e.need
             if (
-                not barrier and e[0] <= base and e[1] <= sec_ack  # type: ignore[operator]
+                not barrier and e.end <= base and e.ack <= sec_ack
                 and (not need or self._need_met(need, base))
             ):
                 run.append(e)
                 continue
             if need in (NEED_HANDSHAKE, NEED_RST):
                 barrier = True
-            end: int = e[0]  # type: ignore[assignment]
+            end = e.end
             if end < last:
                 ordered = False
             last = end
@@ -692,7 +691,7 @@ class TcpFlow(HeldCounts):
             host.count("tcp_frames_released_out_of_order", len(run) - (k - head))
             host.release_run(self, run)
 
-    def _need_met(self, need: object, base: int) -> bool:
+    def _need_met(self, need: int, base: int) -> bool:
         if need == NEED_HANDSHAKE:
             return self.hs_ok
         p, s = self.pri, self.sec
@@ -756,19 +755,19 @@ class TcpFlow(HeldCounts):
 
     def oldest_pending(self) -> float | None:
         """Arrival time of the oldest held or unmatched output, if any."""
-        times = []
+        times: list[float] = []
         if self.queue:
-            times.append(self.queue[self.qh][E_TIME])
+            times.append(self.queue[self.qh].time)
         if self.sec_times:
             times.append(self.sec_times[self.th][1])
         if self.stash:
             times.append(self.stash[0][3])
-        return min(times) if times else None  # type: ignore[type-var,return-value]
+        return min(times) if times else None
 
     def due(self, timeout: float) -> float | None:
         """When expired() next has something to report, if anything waits."""
         if self.mode == MODE_UNDECIDED:  # the secondary's bytes may be stale: not yet owed
-            return self.queue[self.qh][E_TIME] + timeout if self.queue else None  # type: ignore[operator]
+            return self.queue[self.qh].time + timeout if self.queue else None
         oldest = self.oldest_pending()
         return None if oldest is None else oldest + timeout
 
@@ -780,16 +779,15 @@ class TcpFlow(HeldCounts):
             return False
         if self.queue:
             head = self.queue[self.qh]
-            if head[E_TIME] + timeout <= now:  # type: ignore[operator]  # due: see earliest_timer
+            if head.time + timeout <= now:  # due: see earliest_timer
                 base = self.pri.stream.base
-                need = head[E_NEED]
+                need = head.need
                 gated = (
-                    self.sec.isn >= 0 and head[E_END] <= base  # type: ignore[operator]
+                    self.sec.isn >= 0 and head.end <= base
                     and (not need or self._need_met(need, base))
                 )
                 kind = DivergenceKind.ACK if gated else DivergenceKind.TIMEOUT
-                start = head[E_START]
-                at = max(0, start) if isinstance(start, int) else 0
+                at = max(0, head.start)
                 host.diverge(self, kind, at, b"", b"", now, "primary output unmatched")
                 return True
         if self.mode == MODE_UNDECIDED:

@@ -32,16 +32,17 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Final
 
-MAX_MESSAGE = 256
+MAX_MESSAGE: Final = 256
 """Longest notify message accepted; the real ones are under 30 bytes."""
 
-INIT = "COLO_USERSPACE_PROXY_INIT"
-INIT_REPLY = "COLO_COMPARE_GET_XEN_INIT"
-CHECKPOINT_DONE = "COLO_CHECKPOINT"
-DO_CHECKPOINT = "DO_CHECKPOINT"
+INIT: Final = "COLO_USERSPACE_PROXY_INIT"
+INIT_REPLY: Final = "COLO_COMPARE_GET_XEN_INIT"
+CHECKPOINT_DONE: Final = "COLO_CHECKPOINT"
+DO_CHECKPOINT: Final = "DO_CHECKPOINT"
 
-_U32 = struct.Struct(">I")
+_U32: Final = struct.Struct(">I")
 
 
 class NotifyKind(enum.Enum):
@@ -60,7 +61,7 @@ class NotifyMessage:
     text: str
 
 
-_KINDS = {INIT: NotifyKind.INIT, CHECKPOINT_DONE: NotifyKind.CHECKPOINT_DONE}
+_KINDS: Final = {INIT: NotifyKind.INIT, CHECKPOINT_DONE: NotifyKind.CHECKPOINT_DONE}
 
 
 class NotifyDecoder:
