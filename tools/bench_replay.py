@@ -70,7 +70,10 @@ def batches(frames: list[tuple[Side, bytes]]) -> list[tuple[Side, list[tuple[byt
 def run_core(frames: list[tuple[Side, bytes]], trace: bool,
              batched: bool = False) -> tuple[float, int, int]:
     proxy = Proxy(Config())
-    take = proxy.take_released
+
+    def take() -> list[tuple[bytes, int]]:
+        return proxy.take_output().released
+
     runs = batches(frames)
     released = 0
     gc.collect()

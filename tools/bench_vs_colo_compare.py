@@ -285,7 +285,7 @@ def flows_memory(flows: int, payload_len: int = 1448, window: int = 32) -> dict[
                     batch.append((frame, 0))
                 proxy.feed_many(side, batch, now)
                 del batch
-                released += len(proxy.take_released())
+                released += len(proxy.take_output().released)
                 now += 1e-5
     gc.collect()
     current, peak = tracemalloc.get_traced_memory()

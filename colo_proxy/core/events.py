@@ -76,3 +76,19 @@ class OverlapConflict:
     flow: str
     side: str
     offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CoreOutput:
+    """Everything the core produced since the last drain (Proxy.take_output).
+
+    The driver acts on it in this order: send `released` to the client, carry
+    out `requests`, report `divergences`.
+    """
+
+    released: list[tuple[bytes, int]]
+    """Primary frames safe to send to the client, as (data, offset), in order."""
+    requests: list[CheckpointRequest]
+    """Checkpoint requests the driver must carry out."""
+    divergences: list[Divergence]
+    """Divergences seen since the last drain."""

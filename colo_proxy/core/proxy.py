@@ -38,6 +38,7 @@ from colo_proxy.core.datagram import DatagramFlow
 from colo_proxy.core.events import (
     CheckpointReason,
     CheckpointRequest,
+    CoreOutput,
     Divergence,
     DivergenceKind,
     OverlapConflict,
@@ -418,19 +419,13 @@ class Proxy:
                 times.append(t + cfg.fragment_timeout)
         return min(times) if times else None
 
-    def take_released(self) -> list[tuple[bytes, int]]:
-        """Primary frames safe to send to the client, as (data, offset), in order."""
-        out, self._released = self._released, []
-        return out
+    def take_output(self) -> CoreOutput:
+        """Drain what the core produced: released frames, checkpoint requests, divergences.
 
-    def take_requests(self) -> list[CheckpointRequest]:
-        """Checkpoint requests the driver must carry out."""
-        out, self._requests = self._requests, []
-        return out
-
-    def take_divergences(self) -> list[Divergence]:
-        """Divergences seen since the last call."""
-        out, self._divergences = self._divergences, []
+        The one way drivers (live host, replay, test harness) collect output.
+        """
+        out = CoreOutput(self._released, self._requests, self._divergences)
+        self._released, self._requests, self._divergences = [], [], []
         return out
 
     def checkpoint_started(self, now: float) -> None:

@@ -239,13 +239,15 @@ class Replay:
 
     def _collect(self, now: float) -> None:
         proxy = self.proxy
-        released = proxy.take_released()
-        if released and self.on_release is not None:
+        out = proxy.take_output()
+        if out.released and self.on_release is not None:
             sink = self.on_release
             stamp = now + (self._epoch or 0.0)
-            for data, offset in released:
+            for data, offset in out.released:
                 sink(stamp, data[offset:] if offset else data)
-        for req in proxy.take_requests():
+        if out.divergences:  # before the requests: a checkpoint they complete may add more
+            self.result.divergences.extend(out.divergences)
+        for req in out.requests:
             self.result.checkpoints.append((req.time, req.reason.value))
             proxy.checkpoint_started(req.time)
             if self.latency <= 0:
@@ -253,6 +255,3 @@ class Replay:
                 self._collect(now)
             else:
                 self._done_at = req.time + self.latency
-        divs = proxy.take_divergences()
-        if divs:
-            self.result.divergences.extend(divs)

@@ -305,14 +305,13 @@ class CoreHost:
     def _after(self, now: float) -> None:
         """Carry out everything the core produced; re-arm the timer."""
         proxy = self.proxy
-        released = proxy.take_released()
-        if released:
-            self._send_released(released)
-        for request in proxy.take_requests():
+        out = proxy.take_output()
+        if out.released:
+            self._send_released(out.released)
+        for request in out.requests:
             self._request(request)
-        divergences = proxy.take_divergences()
-        if divergences:
-            self._log_divergences(divergences, now)
+        if out.divergences:
+            self._log_divergences(out.divergences, now)
         deadline = proxy.next_deadline()
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
             if self._timer is not None:

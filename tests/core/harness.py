@@ -22,9 +22,10 @@ class Run:
     divergences: list[Divergence] = field(default_factory=list)
 
     def collect(self) -> None:
-        self.released += [d[o:] for d, o in self.proxy.take_released()]
-        self.requests += self.proxy.take_requests()
-        self.divergences += self.proxy.take_divergences()
+        out = self.proxy.take_output()
+        self.released += [d[o:] for d, o in out.released]
+        self.requests += out.requests
+        self.divergences += out.divergences
 
     @property
     def kinds(self) -> list[tuple[str, int | None]]:

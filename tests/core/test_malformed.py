@@ -57,7 +57,7 @@ def test_vnet_offset_is_skipped() -> None:
     vnet = bytes(12)
     proxy.feed(Side.PRIMARY, vnet + GOOD, 0.0, 12)
     proxy.feed(Side.SECONDARY, vnet + GOOD, 0.0, 12)
-    assert proxy.take_released() == [(vnet + GOOD, 12)]
+    assert proxy.take_output().released == [(vnet + GOOD, 12)]
 
 
 @settings(max_examples=400, deadline=None)
@@ -69,7 +69,7 @@ def test_garbage_never_raises_and_primary_is_never_lost(frames: list[tuple[bool,
         primaries += is_primary
         proxy.feed(Side.PRIMARY if is_primary else Side.SECONDARY, junk, i * 0.01)
     proxy.checkpoint_done(10.0)
-    assert len(proxy.take_released()) == primaries
+    assert len(proxy.take_output().released) == primaries
 
 
 @settings(max_examples=300, deadline=None)
@@ -80,7 +80,7 @@ def test_garbage_behind_valid_headers_never_raises(tail: bytes, proto: int) -> N
     proxy.feed(Side.PRIMARY, frame, 0.0)
     proxy.feed(Side.SECONDARY, frame, 0.0)
     proxy.checkpoint_done(1.0)
-    assert len(proxy.take_released()) == 1
+    assert len(proxy.take_output().released) == 1
 
 
 def test_a_core_fault_names_the_frame_of_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,7 +128,7 @@ def test_a_settle_fault_mid_batch_loses_none_of_the_rest(monkeypatch: pytest.Mon
     proxy.feed_many(Side.PRIMARY, [(p.synack(), 0) for p in pri], 0.0)
     proxy.feed_many(Side.SECONDARY, [(s.synack(), 0) for s in sec], 0.0)
     proxy.feed_many(Side.PRIMARY, [(p.data(0, b"abc"), 0) for p in pri], 0.0)
-    assert len(proxy.take_released()) == n  # the SYN-ACKs
+    assert len(proxy.take_output().released) == n  # the SYN-ACKs
     real = TcpFlow.progress
 
     def progress(flow: TcpFlow, host: Proxy, now: float) -> None:
@@ -140,4 +140,4 @@ def test_a_settle_fault_mid_batch_loses_none_of_the_rest(monkeypatch: pytest.Mon
     with pytest.raises(CoreFault) as info:
         proxy.feed_many(Side.SECONDARY, [(s.data(0, b"abc"), 0) for s in sec], 0.0)
     assert info.value.index == -1 and isinstance(info.value.__cause__, RuntimeError)
-    assert len(proxy.take_released()) == n - 1
+    assert len(proxy.take_output().released) == n - 1

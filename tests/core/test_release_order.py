@@ -102,17 +102,21 @@ def test_lossy_senders_deliver_everything_without_timeouts(
     proxy.feed(P, pri.stream.synack(), 0.0)
     proxy.feed(S, sec.stream.synack(), 0.0)
     now = 0.0
+    divergences, requests = [], []
     while client.nxt < len(DATA) and now < 60:
         now += TICK
         proxy.feed_many(P, [(f, 0) for f in pri.output(now)], now)
         proxy.feed_many(S, [(f, 0) for f in sec.output(now)], now)
         proxy.tick(now)
-        for data, offset in proxy.take_released():
+        out = proxy.take_output()
+        for data, offset in out.released:
             client.receive(data[offset:])
+        divergences += out.divergences
+        requests += out.requests
         pri.on_ack(client.nxt, now)
         sec.on_ack(client.nxt, now)
-    assert proxy.take_divergences() == []
-    assert proxy.take_requests() == []
+    assert divergences == []
+    assert requests == []
     assert client.nxt == len(DATA), f"stalled at {client.nxt} of {len(DATA)} after {now:.1f} s"
     assert b"".join(client.got[o] for o in sorted(client.got)) == DATA
 
@@ -127,11 +131,16 @@ def test_a_retransmission_behind_matched_segments_goes_out() -> None:
         proxy.feed(S, s.data(i * MSS, DATA[i * MSS:(i + 1) * MSS]), 0.01)
     for i in (0, 1, 2, 6, 7, 8, 9):
         proxy.feed(P, p.data(i * MSS, DATA[i * MSS:(i + 1) * MSS]), 0.02)
-    first = proxy.take_released()
-    assert len(first) == 4  # the SYN-ACK and segments 0-2
+    out = proxy.take_output()
+    assert len(out.released) == 4  # the SYN-ACK and segments 0-2
+    divergences = out.divergences
     proxy.feed(P, p.data(3 * MSS, DATA[3 * MSS:4 * MSS]), 0.5)
-    (retx,) = proxy.take_released()
+    out = proxy.take_output()
+    (retx,) = out.released
+    divergences += out.divergences
     assert int.from_bytes(retx[0][38:42], "big") == (100 + 1 + 3 * MSS) % 2**32
     proxy.feed(P, p.data(4 * MSS, DATA[4 * MSS:6 * MSS]), 0.6)
-    assert len(proxy.take_released()) == 5  # 4-5, then 6-9 that waited for them
-    assert proxy.held_frames() == 0 and proxy.take_divergences() == []
+    out = proxy.take_output()
+    assert len(out.released) == 5  # 4-5, then 6-9 that waited for them
+    divergences += out.divergences
+    assert proxy.held_frames() == 0 and divergences == []
