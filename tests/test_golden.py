@@ -14,15 +14,18 @@ secondary is reset by each checkpoint: they must hold with
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from colo_proxy.cli import main
+from colo_proxy.drivers import replay as replay_driver
 
 PCAPS = Path(__file__).resolve().parents[1] / "pcaps"
 CASES = sorted(p.parent.name for p in PCAPS.glob("*/expected.json"))
@@ -30,6 +33,15 @@ INDEPENDENT = [c for c in CASES if "clock_offset" in json.loads(
     (PCAPS / c / "expected.json").read_text())]
 COLO_PAIR = [c for c in CASES if c not in INDEPENDENT]
 SHIFTS = ["-60", "-5", "-2.5", "2.5", "5", "60"]
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "general"])
+def both_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
+    """Run a case with the core's fast paths, then with every frame on the general path."""
+    if not request.param:
+        monkeypatch.setattr(replay_driver, "Replay",
+                            functools.partial(replay_driver.Replay, fast_path=False))
+    yield request.param
 
 
 def expected_of(case: str) -> dict[str, Any]:
@@ -67,6 +79,7 @@ def test_there_are_golden_cases() -> None:
 
 @pytest.mark.parametrize("window", ["0", "0.05"])
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.usefixtures(both_paths.__name__)
 def test_golden_case(case: str, window: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Frame by frame, and in batches of what arrived within 50 ms (as live reads)."""
     d = PCAPS / case
@@ -77,6 +90,7 @@ def test_golden_case(case: str, window: str, capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.parametrize("case", COLO_PAIR)
+@pytest.mark.usefixtures(both_paths.__name__)
 def test_colo_pair_cases_hold_with_reset(case: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Captures of a real pair: forcing the reset after each checkpoint changes nothing."""
     d = PCAPS / case

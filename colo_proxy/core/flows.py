@@ -49,6 +49,8 @@ class FlowHost(Protocol):
     """Secondary bytes (or datagram bytes) one flow may buffer unmatched."""
     secondary_vote: str | None
     """What a checkpoint did to the secondary, as the latest flow to tell found it."""
+    fast_path: bool
+    """Whether segments may take fast_primary/fast_secondary (off: the general path only)."""
 
     def hold(self, flow: HeldCounts, flen: int) -> None: ...
 

@@ -104,6 +104,8 @@ IPV4_NO_OPTIONS: Final = 0x45
 ETH_IPV4: Final = 0x0800
 MIN_FAST_FRAME: Final = 54
 """Ethernet, IPv4 and TCP headers without options."""
+NEVER_FAST: Final = 1 << 62
+"""A frame length no frame reaches: with fast_path off every frame goes general."""
 
 
 def _fast_key(key: FlowKey) -> bytes:
@@ -143,8 +145,12 @@ class CheckpointState(enum.Enum):
 class Proxy:
     """The sans-IO comparison core.  One instance per primary/secondary pair."""
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, fast_path: bool = True) -> None:
         self.config = cfg = config or Config()
+        self.fast_path = fast_path
+        """False: every frame takes the general path (parse, dispatch, on_primary/
+        on_secondary), never feed_many's inline parse nor fast_primary/fast_secondary;
+        the tests run both ways so the two paths cannot drift apart."""
         self._flows: dict[FlowKey, Flow] = {}
         self._watch: dict[HeldCounts, None] = {}
         """Flows that may hold or owe output: the scan checks their timeouts (see _scan)."""
@@ -215,6 +221,7 @@ class Proxy:
         """Flows whose `progress` is owed: run once per flow when the batch ends."""
         watch = self._watch
         max_flow_bytes = self._hold_limits[2]
+        min_fast = MIN_FAST_FRAME if self.fast_path else NEVER_FAST
         held = held_bytes = holding = 0  # hold() inlined: totals added when the batch ends
         flow_over = False
         fault: Exception | None = None
@@ -233,7 +240,7 @@ class Proxy:
             for index, frame in enumerate(frames):  # noqa: B007 - read by the except clause
                 data, offset = frame
                 flen = len(data) - offset
-                if flen < MIN_FAST_FRAME:
+                if flen < min_fast:
                     general(primary, data, offset, frame, flen, now)
                     continue
                 etype, vihl, total, frag, proto, key, seq, ack, doff, flags = unpack(data, offset)

@@ -323,7 +323,7 @@ class TcpFlow(HeldCounts):
         """A segment from the primary: hold it, then release whatever became safe."""
         me = self.pri
         flags = hdr.flags
-        if flags & _FAST_FLAGS == TCP_ACK:
+        if flags & _FAST_FLAGS == TCP_ACK and host.fast_path:
             taken = self.fast_primary(
                 host, data, hdr.seq, hdr.ack, hdr.payload, end, rel, flen, now, flags & TCP_FIN
             )
@@ -387,7 +387,7 @@ class TcpFlow(HeldCounts):
         if self.mode == MODE_PASS:
             host.count("secondary_frames_dropped_after_close_divergence")
             return
-        if flags & _FAST_FLAGS == TCP_ACK:
+        if flags & _FAST_FLAGS == TCP_ACK and host.fast_path:
             taken = self.fast_secondary(
                 host, data, hdr.seq, hdr.ack, hdr.payload, end, now, flags & TCP_FIN
             )

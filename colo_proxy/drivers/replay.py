@@ -80,8 +80,9 @@ class Replay:
         on_release: ReleaseSink | None = None,
         batch_window: float = 0.0,
         align_setting: str = "auto",
+        fast_path: bool = True,
     ) -> None:
-        self.proxy = Proxy(config)
+        self.proxy = Proxy(config, fast_path=fast_path)
         self.config = config
         self.latency = checkpoint_latency
         self.on_release = on_release

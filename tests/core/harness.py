@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+import pytest
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import CheckpointRequest, Divergence, Side
 from colo_proxy.core.proxy import Proxy
 
 P, S, C = Side.PRIMARY, Side.SECONDARY, Side.CLIENT
+
+FAST_PATH = True
+"""Whether make_proxy's proxies use the fast path (set by the both_paths fixture)."""
+
+
+def make_proxy(config: Config | None = None) -> Proxy:
+    """A Proxy on the path the current test runs (see both_paths)."""
+    return Proxy(config or Config(), fast_path=FAST_PATH)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["fast", "general"])
+def both_paths(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Run a module's tests with the fast paths on, then with every frame general.
+
+    Module-scoped (hypothesis refuses function-scoped fixtures); use with
+    `pytestmark = pytest.mark.usefixtures("both_paths")` and make_proxy/run.
+    """
+    global FAST_PATH
+    FAST_PATH = request.param
+    yield request.param
+    FAST_PATH = True
 
 
 @dataclass
@@ -35,7 +58,7 @@ class Run:
 def run(events: Iterable[tuple[Side, bytes]], config: Config | None = None,
         step: float = 0.001, auto_checkpoint: bool = False, end_time: float | None = None) -> Run:
     """Feed (side, frame) events `step` seconds apart; optionally complete checkpoints."""
-    r = Run(Proxy(config or Config()))
+    r = Run(make_proxy(config))
     now = 0.0
     for side, frame in events:
         r.proxy.feed(side, frame, now)

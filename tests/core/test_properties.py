@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,7 +12,9 @@ from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
 from colo_proxy.core.proxy import Proxy
 from colo_proxy.synth import TcpServerStream
-from tests.core.harness import P, Run, S, run
+from tests.core.harness import P, Run, S, both_paths, make_proxy, run
+
+pytestmark = pytest.mark.usefixtures(both_paths.__name__)
 
 
 def cut(st_: TcpServerStream, data: bytes, rng: random.Random, reorder: bool) -> list[bytes]:
@@ -86,24 +89,34 @@ def test_single_flipped_byte_is_found_at_its_offset(
 def test_fast_path_and_general_path_agree(
     case: tuple[bytes, int, int, int, bool, bool], flip: int | None,
 ) -> None:
-    """Untagged IPv4 takes the fast path; a VLAN tag forces the general one."""
+    """Proxy(fast_path=False) sends every frame down the general path; a VLAN tag
+    also forces it.  Verdicts, released frames and what stays held are equal."""
     data, isn_p, isn_s, seed, reorder_p, reorder_s = case
     bad = bytearray(data)
     if flip is not None and flip < len(data):
         bad[flip] ^= 0xFF
     outcomes = []
-    for vlan in ((), (7,)):
+    for fast, vlan in ((True, ()), (False, ()), (True, (7,))):
         rng = random.Random(seed)
         p = TcpServerStream(isn=isn_p, vlan=vlan)
         s = TcpServerStream(isn=isn_s, vlan=vlan)
         pri = [*cut(p, data, rng, reorder_p), p.fin(len(data))]
         sec = [*cut(s, bytes(bad), rng, reorder_s), s.fin(len(data))]
-        r = run([(P, p.synack()), (S, s.synack())] + [(P, f) for f in pri]
-                + [(S, f) for f in sec], end_time=4.0)
+        r = Run(Proxy(Config(), fast_path=fast))
+        now = 0.0
+        for side, frame in ([(P, p.synack()), (S, s.synack())] + [(P, f) for f in pri]
+                            + [(S, f) for f in sec]):
+            r.proxy.feed(side, frame, now)
+            r.collect()
+            now += 0.001
+        while now <= 4.0:
+            r.proxy.tick(now)
+            r.collect()
+            now += 0.05
         outcomes.append(
             (r.kinds, [len(f) - 4 * len(vlan) for f in r.released], r.proxy.held_frames())
         )
-    assert outcomes[0] == outcomes[1]
+    assert outcomes[0] == outcomes[1] == outcomes[2]
 
 
 @settings(max_examples=100, deadline=None)
@@ -134,7 +147,7 @@ def test_batches_give_the_same_outcome_as_single_frames(
             events.insert(at, (side, frame))
             at += 1
     single = run(events)
-    batched = Run(Proxy(Config()))
+    batched = Run(make_proxy(Config()))
     i = 0
     while i < len(events):
         side = events[i][0]

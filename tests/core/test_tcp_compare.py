@@ -8,10 +8,11 @@ import pytest
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.packet import TCP_RST
-from colo_proxy.core.proxy import Proxy
 from colo_proxy.core.tcp import TcpFlow
 from colo_proxy.synth import TcpServerStream
-from tests.core.harness import C, P, S, run
+from tests.core.harness import C, P, S, both_paths, make_proxy, run
+
+pytestmark = pytest.mark.usefixtures(both_paths.__name__)
 
 ISNS = [0, 1, 2**32 - 1, 2**32 - 11, 123456789]
 PAYLOAD = random.Random(3).randbytes(30000)
@@ -310,7 +311,7 @@ def test_long_queues_release_in_order_across_compactions(primary_first: bool, se
     pf = [(P, f) for f in segments(p, PAYLOAD[:700 * chunk], chunk)]
     sf = [(S, f) for f in segments(s, PAYLOAD[:700 * chunk], chunk)]
     ahead, behind = (pf, sf) if primary_first else (sf, pf)
-    proxy = Proxy(Config(max_hold_frames=10**6))
+    proxy = make_proxy(Config(max_hold_frames=10**6))
     proxy.feed_many(P, [(p.synack(), 0)], 0.0)
     proxy.feed_many(S, [(s.synack(), 0)], 0.0)
     out = proxy.take_output()
@@ -339,7 +340,7 @@ def test_the_scan_watches_only_flows_that_owe_output() -> None:
     """Timeouts check watched flows; finished flows leave the watch list, and the
     slower sweep re-watches a flow a hook missed, so its timeout is late, not lost."""
     flows = [pair(i * 7919) for i in range(20)]
-    proxy = Proxy(Config())
+    proxy = make_proxy(Config())
     for p, s in flows:
         p.dport = s.dport = 40000 + len(proxy._flows)
         for side, f in ((P, p.synack()), (S, s.synack()), (P, p.data(0, b"ok")),

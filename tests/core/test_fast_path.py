@@ -1,0 +1,75 @@
+"""The fast paths' inlined pieces stay equal to the code they copy."""
+
+from __future__ import annotations
+
+import struct
+from itertools import product
+
+import pytest
+
+from colo_proxy.core.config import Config
+from colo_proxy.core.flows import FlowKey
+from colo_proxy.core.proxy import _FAST, FAST_FIELDS, Proxy
+from colo_proxy.core.reassembly import StreamBuffer
+from colo_proxy.core.seq import MASK32, unwrap
+from colo_proxy.core.tcp import TcpFlow
+
+KEY: FlowKey = (6, (), b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 80, 5555)
+ISNS = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 123456789]
+NEARS = [0, 1, 1448, 2**31 - 5, 2**32 + 7, 5 * 2**32 + 3]
+DELTAS = [-(2**31), -(2**31) + 1, -1449, -1, 0, 1, 1447, 2**31 - 2, 2**31 - 1]
+PAYLOAD = b"x" * 8
+
+
+def flow_at(isn: int, peer_isn: int, near: int, ack_near: int, secondary: bool) -> TcpFlow:
+    flow = TcpFlow(KEY, 0.0)
+    for side in (flow.pri, flow.sec):
+        side.isn, side.peer_isn = isn, peer_isn
+        side.stream = StreamBuffer(near)
+        side.ack_max = ack_near
+    flow.space_ok = secondary
+    return flow
+
+
+@pytest.mark.parametrize(("isn", "near"), list(product(ISNS, NEARS)))
+def test_inlined_unwrap_in_fast_primary_is_seq_unwrap(isn: int, near: int) -> None:
+    host = Proxy(Config())
+    peer_isn = (isn * 7 + 3) & MASK32
+    for delta in DELTAS:
+        seq = (isn + 1 + near + delta) & MASK32
+        ack = (peer_isn + 1 + near + delta) & MASK32
+        flow = flow_at(isn, peer_isn, near, near, secondary=False)
+        flow.fast_primary(host, PAYLOAD, seq, ack, 0, len(PAYLOAD), (PAYLOAD, 0), 8, 0.0)
+        entry = flow.queue[-1]
+        assert entry.start == unwrap(seq - isn - 1, near)
+        assert entry.ack == unwrap(ack - peer_isn - 1, near)
+
+
+@pytest.mark.parametrize(("isn", "near"), list(product(ISNS, NEARS)))
+def test_inlined_unwrap_in_fast_secondary_is_seq_unwrap(isn: int, near: int) -> None:
+    host = Proxy(Config())
+    peer_isn = (isn * 7 + 3) & MASK32
+    for delta in DELTAS:
+        seq = (isn + 1 + near + delta) & MASK32
+        ack = (peer_isn + 1 + near + delta) & MASK32
+        flow = flow_at(isn, peer_isn, near, near, secondary=True)
+        flow.sec.high = 0
+        flow.fast_secondary(host, PAYLOAD, seq, ack, 0, len(PAYLOAD), 0.0)
+        off = unwrap(seq - isn - 1, near)
+        assert flow.sec.high == max(0, off + len(PAYLOAD))
+        assert flow.sec.ack_max == max(near, unwrap(ack - peer_isn - 1, near))
+
+
+def test_the_fast_parse_is_the_named_field_table() -> None:
+    """feed_many's unpack yields the table's named fields, in order, at their offsets."""
+    names = [name for _, name in FAST_FIELDS if name]
+    assert names == ["etype", "vihl", "total", "frag", "proto", "key", "seq", "ack", "doff",
+                     "flags"]
+    assert _FAST.size == 14 + 20 + 14
+    frame = bytes(range(_FAST.size))
+    values = dict(zip(names, _FAST.unpack(frame), strict=True))
+    assert values["etype"] == struct.unpack_from("!H", frame, 12)[0]
+    assert values["proto"] == frame[14 + 9]
+    assert values["key"] == frame[14 + 12 : 14 + 24]
+    assert values["seq"] == struct.unpack_from("!I", frame, 38)[0]
+    assert values["flags"] == frame[47]
