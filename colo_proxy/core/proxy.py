@@ -8,15 +8,12 @@ Released primary frames accumulate until the driver takes them; so do
 checkpoint requests and divergences.  Nothing here does I/O or reads a
 clock: every method takes `now`.
 
-Checkpoint states (rate limited, requests coalesced):
-
-    IDLE --want--> REQUESTED --checkpoint_started--> RUNNING
-      ^  \\--want, too soon--> DEFERRED --tick at due--> REQUESTED
-      \\------------------ checkpoint_done (from any state) --------/
-
+The proxy owns the parse and the dispatch; one object owns each other
+concern: the FlowTable (flowtable.py) the flows and their indexes, the
+HoldLedger (ledger.py) held and released output and its counters, the
+CheckpointPolicy (checkpoint.py) the checkpoint cycle, a transition table.
 A checkpoint_done releases every held primary frame, drops secondary
-output, and rebases every flow.  A divergence seen while RUNNING asks for
-another checkpoint once this one is done (the snapshot predates it).
+output, and rebases every flow.
 
 Frames that cannot be compared (not IP, malformed, ARP, NDP/MLD, IGMP, IP
 datagrams whose fragments never complete) follow one rule: the primary's
@@ -27,17 +24,16 @@ nothing the client would have received from an unprotected VM.
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections import Counter
 from collections.abc import Sequence
-from typing import Final, cast
+from typing import Final
 
+from colo_proxy.core.checkpoint import CheckpointPolicy, CheckpointState
 from colo_proxy.core.config import Config
 from colo_proxy.core.datagram import DatagramFlow
 from colo_proxy.core.events import (
     CheckpointReason,
-    CheckpointRequest,
     CoreOutput,
     Divergence,
     DivergenceKind,
@@ -45,8 +41,10 @@ from colo_proxy.core.events import (
     Side,
 )
 from colo_proxy.core.flows import FlowKey, HeldCounts, Rel, flow_label
+from colo_proxy.core.flowtable import FlowTable
 from colo_proxy.core.fragments import FragKey, FragmentTable
 from colo_proxy.core.held import HeldFrame
+from colo_proxy.core.ledger import HoldLedger
 from colo_proxy.core.packet import (
     ICMPV6_UNCOMPARED,
     IGMP,
@@ -69,7 +67,7 @@ from colo_proxy.core.packet import (
 )
 from colo_proxy.core.tcp import FAST_PROGRESS, TcpFlow
 
-Flow = TcpFlow | DatagramFlow
+__all__ = ["CheckpointState", "CoreFault", "Proxy"]
 
 _TIMEOUT_KINDS: Final = (DivergenceKind.TIMEOUT, DivergenceKind.ACK)
 
@@ -108,9 +106,6 @@ NEVER_FAST: Final = 1 << 62
 """A frame length no frame reaches: with fast_path off every frame goes general."""
 
 
-def _fast_key(key: FlowKey) -> bytes:
-    """The raw IPv4 src/dst/sport/dport bytes of a flow, as the fast path sees them."""
-    return key[2] + key[3] + key[4].to_bytes(2, "big") + key[5].to_bytes(2, "big")
 MAX_DIVERGENCES_KEPT: Final = 10000
 
 SETTLE_FLOWS: Final = 128
@@ -133,15 +128,6 @@ class CoreFault(Exception):
         self.index = index
 
 
-class CheckpointState(enum.Enum):
-    """Where the proxy is in its checkpoint cycle."""
-
-    IDLE = "idle"
-    DEFERRED = "deferred"
-    REQUESTED = "requested"
-    RUNNING = "running"
-
-
 class Proxy:
     """The sans-IO comparison core.  One instance per primary/secondary pair."""
 
@@ -151,46 +137,31 @@ class Proxy:
         """False: every frame takes the general path (parse, dispatch, on_primary/
         on_secondary), never feed_many's inline parse nor fast_primary/fast_secondary;
         the tests run both ways so the two paths cannot drift apart."""
-        self._flows: dict[FlowKey, Flow] = {}
-        self._watch: dict[HeldCounts, None] = {}
-        """Flows that may hold or owe output: the scan checks their timeouts (see _scan)."""
-        self._next_sweep = 0.0
-        self._tcp4: dict[bytes, TcpFlow] = {}
-        """Untagged IPv4 TCP flows by their raw address/port bytes, for the fast path."""
-        self._udp4: dict[bytes, DatagramFlow] = {}
-        """The same for UDP flows."""
+        self.counters: Counter[str] = Counter()
+        self.table = FlowTable(cfg, self.counters)
+        self.ledger = HoldLedger(cfg, self.table.watch)
+        self.checkpoints = CheckpointPolicy(cfg.min_checkpoint_interval, self.counters)
         self._side_frames = [0, 0, 0]
         self._frags: tuple[FragmentTable[tuple[bytes, int]], FragmentTable[tuple[bytes, int]]] = (
             FragmentTable(cfg.max_fragments, cfg.max_fragment_bytes, cfg.fragment_timeout),
             FragmentTable(cfg.max_fragments, cfg.max_fragment_bytes, cfg.fragment_timeout),
         )
-        self._released: list[tuple[bytes, int]] = []
-        self._requests: list[CheckpointRequest] = []
         self._divergences: list[Divergence] = []
         self.overlap_conflicts: list[OverlapConflict] = []
-        self.counters: Counter[str] = Counter()
         self.malformed: Counter[str] = Counter()
         self.uncompared: Counter[str] = Counter()
         self.divergence_kinds: Counter[str] = Counter()
-        self.checkpoint_reasons: Counter[str] = Counter()
-        self._held_frames = 0
-        self._held_bytes = 0
-        self._holding_flows = 0
-        self._released_frames = 0
-        self._released_payload = 0
-        self.state = CheckpointState.IDLE
-        self._deferred: tuple[CheckpointReason, float] | None = None
-        self._again: CheckpointReason | None = None
-        self._last_end = float("-inf")
         self._next_scan: float | None = None
         self._window = cfg.datagram_reorder_window
         self.max_sec_buffer = cfg.max_sec_buffer_bytes
         self.secondary_vote: str | None = None
         """The latest answer a flow found to what a checkpoint did to the secondary; kept
         across checkpoints (a real pair is reset by each, recordings never are)."""
-        self._hold_limits = (
-            cfg.max_hold_bytes, cfg.max_hold_frames, cfg.max_flow_hold_bytes, cfg.max_hold_flows,
-        )
+
+    @property
+    def state(self) -> CheckpointState:
+        """Where the checkpoint cycle is (see checkpoint.py)."""
+        return self.checkpoints.state
 
     # -- driver interface ----------------------------------------------------
 
@@ -208,7 +179,7 @@ class Proxy:
         """
         if self._next_scan is None:
             self._next_scan = now + self.config.scan_interval
-        elif now >= self._next_scan or self._deferred is not None:
+        elif now >= self._next_scan or self.checkpoints.deferred is not None:
             self.tick(now)
         if side is Side.CLIENT:
             self._side_frames[2] += len(frames)
@@ -216,11 +187,12 @@ class Proxy:
         primary = side is Side.PRIMARY
         self._side_frames[side] += len(frames)
         unpack = _FAST.unpack_from
-        tcp4, udp4, window, general = self._tcp4, self._udp4, self._window, self._feed_general
+        table = self.table
+        tcp4, udp4, window, general = table.tcp4, table.udp4, self._window, self._feed_general
         dirty: dict[TcpFlow, None] = {}
         """Flows whose `progress` is owed: run once per flow when the batch ends."""
-        watch = self._watch
-        max_flow_bytes = self._hold_limits[2]
+        watch = table.watch
+        max_flow_bytes = self.ledger.max_flow_bytes
         min_fast = MIN_FAST_FRAME if self.fast_path else NEVER_FAST
         held = held_bytes = holding = 0  # hold() inlined: totals added when the batch ends
         flow_over = False
@@ -317,14 +289,10 @@ class Proxy:
         self, frames: int, nbytes: int, flows: int, flow_over: bool, now: float
     ) -> None:
         """hold() for a batch's fast-path frames at once: totals, then the limits."""
-        self._held_frames += frames
-        self._held_bytes += nbytes
-        self._holding_flows += flows
-        max_bytes, max_frames, _, max_flows = self._hold_limits
         if (
-            self._held_bytes > max_bytes or self._held_frames > max_frames or flow_over
-            or self._holding_flows > max_flows
-        ) and self.state is CheckpointState.IDLE:
+            self.ledger.held_batch(frames, nbytes, flows, flow_over)
+            and self.checkpoints.state is CheckpointState.IDLE
+        ):
             self.counters["hold_limit_hits"] += 1
             self.want_checkpoint(CheckpointReason.HOLD_LIMIT, now)
 
@@ -341,7 +309,8 @@ class Proxy:
         if tflow is None:
             key: FlowKey = (PROTO_TCP, (), raw[:4], raw[4:8], int.from_bytes(raw[8:10], "big"),
                             int.from_bytes(raw[10:12], "big"))
-            tflow = cast(TcpFlow, self._new_flow(key, now, None))
+            self._make_room(now)
+            tflow = self.table.new_tcp(key, now)
         tflow.last_seen = now
         hdr = TcpHeader(tflow.key[4], tflow.key[5], seq, ack, flags, offset + 54, start)
         if primary:
@@ -384,26 +353,24 @@ class Proxy:
 
     def tick(self, now: float) -> None:
         """Advance timers: rate-limited checkpoint requests, timeouts, expiry."""
-        if self._deferred is not None and now >= self._deferred[1]:
-            reason = self._deferred[0]
-            self._deferred = None
-            self.state = CheckpointState.IDLE
-            self._emit(reason, now)
+        self.checkpoints.tick(now)
         if self._next_scan is not None and now >= self._next_scan:
             self._scan(now)
 
     def next_deadline(self) -> float | None:
         """When tick() next has work to do, or None when nothing is tracked."""
         times = []
-        if self._deferred is not None:
-            times.append(self._deferred[1])
-        if self._next_scan is not None and (self._flows or any(len(t) for t in self._frags)):
+        deferred = self.checkpoints.deferred
+        if deferred is not None:
+            times.append(deferred[1])
+        if self._next_scan is not None and (len(self.table) or any(len(t) for t in self._frags)):
             times.append(self._next_scan)
         return min(times) if times else None
 
     def deferred_due(self) -> float | None:
         """When a rate-limited checkpoint request falls due, if one waits."""
-        return self._deferred[1] if self._deferred is not None else None
+        deferred = self.checkpoints.deferred
+        return deferred[1] if deferred is not None else None
 
     def earliest_timer(self) -> float | None:
         """The earliest time a timeout or deferred request can fire (an O(flows) scan).
@@ -411,11 +378,12 @@ class Proxy:
         Lets an offline driver skip idle stretches of virtual time instead of
         ticking through every scan interval; None when nothing is waiting.
         """
-        if self._deferred is not None:
-            return self._deferred[1]
+        deferred = self.checkpoints.deferred
+        if deferred is not None:
+            return deferred[1]
         cfg = self.config
         times = []
-        for flow in self._flows.values():
+        for flow in self.table.flows.values():
             if not flow.diverged:
                 t = flow.due(cfg.compare_timeout)
                 if t is not None:
@@ -431,14 +399,13 @@ class Proxy:
 
         The one way drivers (live host, replay, test harness) collect output.
         """
-        out = CoreOutput(self._released, self._requests, self._divergences)
-        self._released, self._requests, self._divergences = [], [], []
+        out = CoreOutput(self.ledger.take(), self.checkpoints.take(), self._divergences)
+        self._divergences = []
         return out
 
     def checkpoint_started(self, now: float) -> None:
         """The VMs stopped for a checkpoint (QMP STOP)."""
-        self.state = CheckpointState.RUNNING
-        self._deferred = None
+        self.checkpoints.started()
 
     def checkpoint_done(self, now: float) -> None:
         """The checkpoint committed: release everything held, resynchronise flows.
@@ -447,15 +414,10 @@ class Proxy:
         once (a secondary that goes on in its own state) asks for the next
         checkpoint under the rate limit.
         """
-        again = self._again if self.state is CheckpointState.RUNNING else None
-        self._again = None
-        self._deferred = None
-        self.counters["checkpoints_completed"] += 1
-        self.state = CheckpointState.IDLE
-        self._last_end = now
+        again = self.checkpoints.done(now)
         grace = self.config.compare_timeout
         mode = self.config.secondary_after_checkpoint
-        for flow in list(self._flows.values()):
+        for flow in list(self.table.flows.values()):
             flow.after_checkpoint(self, now, grace, mode)
         for rel in self._frags[0].clear():
             self._pass(rel, "ip_fragment_incomplete_at_checkpoint")
@@ -465,111 +427,69 @@ class Proxy:
 
     def settle_undecided(self, now: float) -> None:
         """End of input: flows still undecided take the answer other flows found."""
-        for flow in list(self._flows.values()):
+        for flow in list(self.table.flows.values()):
             if isinstance(flow, TcpFlow):
                 flow.adopt_vote(self, now)
 
     @property
     def released_frames(self) -> int:
         """Primary frames released so far (compared, passed through or flushed)."""
-        return self._released_frames
+        return self.ledger.released_frames
 
     def held_frames(self) -> int:
         """Primary frames currently held back."""
-        return self._held_frames
+        return self.ledger.held_frames
 
     def busy(self) -> bool:
         """Whether anything still waits: held output, unmatched input, a checkpoint."""
-        if self._held_frames or self.state is not CheckpointState.IDLE:
+        if self.ledger.held_frames or self.checkpoints.state is not CheckpointState.IDLE:
             return True
-        return any(flow.pending() for flow in self._flows.values())
+        return any(flow.pending() for flow in self.table.flows.values())
 
     def stats(self) -> dict[str, object]:
         """Counters for reports and metrics."""
+        ledger = self.ledger
         return {
             "primary_frames": self._side_frames[0],
             "secondary_frames": self._side_frames[1],
             "client_frames": self._side_frames[2],
             **self.counters,
-            "released_frames": self._released_frames,
-            "released_payload_bytes": self._released_payload,
-            "held_frames": self._held_frames,
-            "held_bytes": self._held_bytes,
-            "holding_flows": self._holding_flows,
-            "flows": len(self._flows),
+            "released_frames": ledger.released_frames,
+            "released_payload_bytes": ledger.released_payload,
+            "held_frames": ledger.held_frames,
+            "held_bytes": ledger.held_bytes,
+            "holding_flows": ledger.holding_flows,
+            "flows": len(self.table),
             "malformed": dict(self.malformed),
             "uncompared": dict(self.uncompared),
             "divergences_by_kind": dict(self.divergence_kinds),
-            "checkpoints_requested_by_reason": dict(self.checkpoint_reasons),
-            "checkpoint_state": self.state.value,
+            "checkpoints_requested_by_reason": dict(self.checkpoints.reasons),
+            "checkpoint_state": self.checkpoints.state.value,
         }
 
     # -- FlowHost: called back by the flows ----------------------------------
 
     def hold(self, flow: HeldCounts, flen: int) -> None:
         """Account one more held primary frame; force a checkpoint past a limit."""
-        if not flow.held_frames:
-            self._holding_flows += 1
-            self._watch[flow] = None
-        flow.held_frames += 1
-        flow.held_bytes += flen
-        self._held_frames += 1
-        self._held_bytes += flen
-        max_bytes, max_frames, max_flow_bytes, max_flows = self._hold_limits
-        if (
-            self._held_bytes > max_bytes or self._held_frames > max_frames
-            or flow.held_bytes > max_flow_bytes or self._holding_flows > max_flows
-        ) and self.state is CheckpointState.IDLE:
+        if self.ledger.hold(flow, flen) and self.checkpoints.state is CheckpointState.IDLE:
             self.counters["hold_limit_hits"] += 1
             self.want_checkpoint(CheckpointReason.HOLD_LIMIT, flow.last_seen)
 
     def watch(self, flow: HeldCounts) -> None:
         """The flow now owes output (unmatched secondary data): check its timeout."""
-        self._watch[flow] = None
+        self.table.watch[flow] = None
 
     def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None:
         """A held unit may go to the client."""
-        flow.held_frames -= 1
-        flow.held_bytes -= flen
-        if not flow.held_frames:
-            self._holding_flows -= 1
-        self._held_frames -= 1
-        self._held_bytes -= flen
-        self._released_payload += payload
-        self.release_unheld(rel)
+        self.ledger.release(flow, rel, flen, payload)
 
     def release_unheld(self, rel: Rel) -> None:
         """A primary unit that matched on arrival goes out without ever being held."""
-        if isinstance(rel, tuple):
-            self._released.append(rel)
-            self._released_frames += 1
-        else:
-            self._released.extend(rel)
-            self._released_frames += len(rel)
+        self.ledger.release_unheld(rel)
 
     def release_run(self, flow: HeldCounts, run: list[HeldFrame]) -> None:
         """Held TCP queue entries that may go to the client, in order (one call per run)."""
-        released = self._released
-        frames = flen = payload = 0
-        for e in run:
-            rel = e.rel
-            if isinstance(rel, tuple):
-                released.append(rel)
-                frames += 1
-            else:
-                released.extend(rel)
-                frames += len(rel)
-            flen += e.flen
-            payload += e.plen
-        n = len(run)
-        flow.held_frames -= n
-        flow.held_bytes -= flen
-        if not flow.held_frames:
-            self._holding_flows -= 1
-        self._held_frames -= n
-        self._held_bytes -= flen
-        self._released_frames += frames
-        self._released_payload += payload
+        self.ledger.release_run(flow, run)
 
     def diverge(
         self, flow: HeldCounts, kind: DivergenceKind, offset: int | None,
@@ -595,21 +515,7 @@ class Proxy:
 
     def want_checkpoint(self, reason: CheckpointReason, now: float) -> None:
         """Ask for a checkpoint, honouring the rate limit and coalescing."""
-        state = self.state
-        if state is CheckpointState.RUNNING:
-            if self._again is None:
-                self._again = reason
-            return
-        if state is not CheckpointState.IDLE:
-            self.counters["checkpoint_requests_coalesced"] += 1
-            return
-        due = self._last_end + self.config.min_checkpoint_interval
-        if now >= due:
-            self._emit(reason, now)
-        else:
-            self.counters["checkpoint_requests_rate_limited"] += 1
-            self._deferred = (reason, due)
-            self.state = CheckpointState.DEFERRED
+        self.checkpoints.want(reason, now)
 
     def overlap_conflict(
         self, flow: HeldCounts, side: str, offset: int | None, now: float
@@ -625,15 +531,9 @@ class Proxy:
 
     # -- internals -----------------------------------------------------------
 
-    def _emit(self, reason: CheckpointReason, now: float) -> None:
-        self.state = CheckpointState.REQUESTED
-        self.checkpoint_reasons[reason.value] += 1
-        self._requests.append(CheckpointRequest(now, reason))
-
     def _pass(self, rel: tuple[bytes, int], reason: str) -> None:
         self.uncompared[reason] += 1
-        self._released.append(rel)
-        self._released_frames += 1
+        self.ledger.release_unheld(rel)
 
     def _uncompared(self, primary: bool, rel: tuple[bytes, int], flen: int, reason: str) -> None:
         if reason not in PASS_REASONS:
@@ -676,7 +576,11 @@ class Proxy:
                 self._bad_l4(primary, rel, hdr)
                 return
             key: FlowKey = (proto, ip.vlan, ip.src, ip.dst, hdr.sport, hdr.dport)
-            tflow = cast(TcpFlow, self._flow(key, now, None))
+            tflow = self.table.flows.get(key)
+            if not isinstance(tflow, TcpFlow):
+                self._make_room(now)
+                tflow = self.table.new_tcp(key, now)
+            tflow.last_seen = now
             if primary:
                 tflow.on_primary(self, hdr, buf, end, rel, flen, now)
             else:
@@ -708,7 +612,11 @@ class Proxy:
             key = (proto, ip.vlan, ip.src, ip.dst, 0, 0)
             content = buf[l4:end]
             kind = DivergenceKind.OTHER
-        gflow = cast(DatagramFlow, self._flow(key, now, kind))
+        gflow = self.table.flows.get(key)
+        if not isinstance(gflow, DatagramFlow):
+            self._make_room(now)
+            gflow = self.table.new_datagram(key, now, kind)
+        gflow.last_seen = now
         if primary:
             gflow.on_primary(self, content, rel, flen, now, self._window)
         else:
@@ -719,54 +627,10 @@ class Proxy:
         for one in rels:
             self._uncompared(primary, one, len(one[0]) - one[1], reason)
 
-    def _flow(self, key: FlowKey, now: float, kind: DivergenceKind | None) -> Flow:
-        """The flow for `key` (TCP when kind is None), created on first sight."""
-        flow = self._flows.get(key)
-        if flow is None:
-            flow = self._new_flow(key, now, kind)
-        flow.last_seen = now
-        return flow
-
-    def _new_flow(self, key: FlowKey, now: float, kind: DivergenceKind | None) -> Flow:
-        if len(self._flows) >= self.config.max_flows:
-            self._evict(now)
-        flow: Flow
-        fast = not key[1] and len(key[2]) == 4
-        if kind is None:
-            flow = TcpFlow(key, now)
-            if fast:
-                self._tcp4[_fast_key(key)] = flow
-        else:
-            flow = DatagramFlow(key, now, kind)
-            if fast and key[0] == PROTO_UDP:
-                self._udp4[_fast_key(key)] = flow
-        self._flows[key] = flow
-        self.counters["flows_created"] += 1
-        return flow
-
-    def _evict(self, now: float) -> None:
-        """Make room by forgetting flows that hold nothing, oldest first."""
-        want = max(1, self.config.max_flows // 16)
-        victims = []
-        for key, flow in self._flows.items():
-            if not flow.held_frames and not flow.pending():
-                victims.append(key)
-                if len(victims) >= want:
-                    break
-        for key in victims:
-            self._forget(key)
-        self.counters["flows_evicted"] += len(victims)
-        if not victims:
-            self.counters["flow_table_full"] += 1
+    def _make_room(self, now: float) -> None:
+        """Before a new flow: evict idle ones if the table is full, else ask for a checkpoint."""
+        if self.table.full() and not self.table.evict():
             self.want_checkpoint(CheckpointReason.FLOW_TABLE, now)
-
-    def _forget(self, key: FlowKey) -> None:
-        self._watch.pop(self._flows.pop(key), None)
-        if not key[1] and len(key[2]) == 4:
-            if key[0] == PROTO_TCP:
-                self._tcp4.pop(_fast_key(key), None)
-            elif key[0] == PROTO_UDP:
-                self._udp4.pop(_fast_key(key), None)
 
     def _scan(self, now: float) -> None:
         """Timeouts every scan_interval; idle expiry in a slower sweep of every flow.
@@ -780,36 +644,12 @@ class Proxy:
         """
         cfg = self.config
         self._next_scan = now + cfg.scan_interval
-        if now >= self._next_sweep:
-            self._next_sweep = now + max(
-                cfg.scan_interval, min(cfg.flow_idle_timeout, cfg.closed_flow_timeout) / 10
-            )
-            self._sweep(now)
-        flows, watch = self._flows, self._watch
+        table = self.table
+        if table.sweep_due(now):
+            table.sweep(now)
         timeout = cfg.compare_timeout
-        for flow in list(watch):
-            live = flows.get(flow.key)
-            if live is flow and (live.held_frames or live.pending()):
-                live.expired(self, now, timeout)
-            else:
-                del watch[flow]
+        for flow in table.owing():
+            flow.expired(self, now, timeout)
         for rel in self._frags[0].expire(now):
             self._pass(rel, "ip_fragments_timed_out")
         self.counters["secondary_fragments_dropped"] += len(self._frags[1].expire(now))
-
-    def _sweep(self, now: float) -> None:
-        """Forget idle flows that hold nothing; watch any flow that owes output."""
-        cfg = self.config
-        idle, closed_idle = cfg.flow_idle_timeout, cfg.closed_flow_timeout
-        watch = self._watch
-        stale = []
-        for key, flow in self._flows.items():
-            if flow.held_frames or flow.pending():
-                watch[flow] = None
-                continue
-            limit = closed_idle if isinstance(flow, TcpFlow) and flow.closed else idle
-            if now - flow.last_seen > limit:
-                stale.append(key)
-        for key in stale:
-            self._forget(key)
-        self.counters["flows_expired"] += len(stale)

@@ -168,7 +168,7 @@ def test_batches_give_the_same_outcome_as_single_frames(
     assert per_flow(single.released) == per_flow(batched.released)
     assert single.proxy.held_frames() == batched.proxy.held_frames()
     for proxy in (single.proxy, batched.proxy):  # the totals agree with the flows
-        flows = proxy._flows.values()
+        flows = proxy.table.flows.values()
         stats = proxy.stats()
         assert stats["holding_flows"] == sum(1 for f in flows if f.held_frames)
         assert stats["held_frames"] == sum(f.held_frames for f in flows)

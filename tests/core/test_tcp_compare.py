@@ -326,7 +326,7 @@ def test_long_queues_release_in_order_across_compactions(primary_first: bool, se
         released += [d[o:] for d, o in out.released]
         divergences += out.divergences
         i += n
-        flow = next(iter(proxy._flows.values()))
+        flow = next(iter(proxy.table.flows.values()))
         if isinstance(flow, TcpFlow) and flow.sec_times:  # the oldest time kept is unmatched
             assert flow.sec_times[flow.th][0] > flow.pri.stream.base
     assert released == [p.synack()] + [f for _, f in pf]
@@ -342,16 +342,16 @@ def test_the_scan_watches_only_flows_that_owe_output() -> None:
     flows = [pair(i * 7919) for i in range(20)]
     proxy = make_proxy(Config())
     for p, s in flows:
-        p.dport = s.dport = 40000 + len(proxy._flows)
+        p.dport = s.dport = 40000 + len(proxy.table.flows)
         for side, f in ((P, p.synack()), (S, s.synack()), (P, p.data(0, b"ok")),
                         (S, s.data(0, b"ok"))):
             proxy.feed(side, f, 0.0)
     proxy.tick(0.2)
-    assert proxy._watch == {} and len(proxy._flows) == 20  # nothing owed, nothing watched
+    assert proxy.table.watch == {} and len(proxy.table.flows) == 20  # nothing owed, nothing watched
     p, _ = flows[0]
     proxy.feed(P, p.data(2, b"held"), 0.3)
-    assert list(proxy._watch) == [proxy._flows[next(iter(proxy._flows))]]
-    proxy._watch.clear()  # as if a hook had been missed
+    assert list(proxy.table.watch) == [proxy.table.flows[next(iter(proxy.table.flows))]]
+    proxy.table.watch.clear()  # as if a hook had been missed
     now = 0.3
     while not proxy.take_output().divergences:
         now += 0.1

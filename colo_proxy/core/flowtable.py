@@ -1,0 +1,131 @@
+"""The flow table: every flow by key, the fast path's indexes, the watch list, expiry.
+
+Untagged IPv4 TCP and UDP flows are also indexed by their raw address/port
+bytes, so feed_many finds them with one dictionary lookup on bytes it
+unpacked anyway.  The watch list holds the flows that may hold or owe
+output: the proxy's scan checks only those for timeouts (see owing).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import final
+
+from colo_proxy.core.config import Config
+from colo_proxy.core.datagram import DatagramFlow
+from colo_proxy.core.events import DivergenceKind
+from colo_proxy.core.flows import FlowKey, HeldCounts
+from colo_proxy.core.packet import PROTO_TCP, PROTO_UDP
+from colo_proxy.core.tcp import TcpFlow
+
+Flow = TcpFlow | DatagramFlow
+
+
+def fast_key(key: FlowKey) -> bytes:
+    """The raw IPv4 src/dst/sport/dport bytes of a flow, as the fast path sees them."""
+    return key[2] + key[3] + key[4].to_bytes(2, "big") + key[5].to_bytes(2, "big")
+
+
+@final
+class FlowTable:
+    """Flows by key, fast indexes, the watch list; eviction and idle expiry."""
+
+    __slots__ = ("config", "counters", "flows", "next_sweep", "tcp4", "udp4", "watch")
+
+    def __init__(self, config: Config, counters: Counter[str]) -> None:
+        self.config = config
+        self.counters = counters
+        self.flows: dict[FlowKey, Flow] = {}
+        self.tcp4: dict[bytes, TcpFlow] = {}
+        """Untagged IPv4 TCP flows by their raw address/port bytes, for the fast path."""
+        self.udp4: dict[bytes, DatagramFlow] = {}
+        """The same for UDP flows."""
+        self.watch: dict[HeldCounts, None] = {}
+        """Flows that may hold or owe output: the scan checks their timeouts."""
+        self.next_sweep = 0.0
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def full(self) -> bool:
+        return len(self.flows) >= self.config.max_flows
+
+    def new_tcp(self, key: FlowKey, now: float) -> TcpFlow:
+        """A new TCP flow (the caller made room first: see full and evict)."""
+        flow = TcpFlow(key, now)
+        if not key[1] and len(key[2]) == 4:
+            self.tcp4[fast_key(key)] = flow
+        self.flows[key] = flow
+        self.counters["flows_created"] += 1
+        return flow
+
+    def new_datagram(self, key: FlowKey, now: float, kind: DivergenceKind) -> DatagramFlow:
+        """A new UDP, ICMP or other-protocol flow (room made as for new_tcp)."""
+        flow = DatagramFlow(key, now, kind)
+        if not key[1] and len(key[2]) == 4 and key[0] == PROTO_UDP:
+            self.udp4[fast_key(key)] = flow
+        self.flows[key] = flow
+        self.counters["flows_created"] += 1
+        return flow
+
+    def evict(self) -> bool:
+        """Make room by forgetting flows that hold nothing, oldest first; False if none can go."""
+        want = max(1, self.config.max_flows // 16)
+        victims = []
+        for key, flow in self.flows.items():
+            if not flow.held_frames and not flow.pending():
+                victims.append(key)
+                if len(victims) >= want:
+                    break
+        for key in victims:
+            self.forget(key)
+        self.counters["flows_evicted"] += len(victims)
+        if not victims:
+            self.counters["flow_table_full"] += 1
+        return bool(victims)
+
+    def forget(self, key: FlowKey) -> None:
+        self.watch.pop(self.flows.pop(key), None)
+        if not key[1] and len(key[2]) == 4:
+            if key[0] == PROTO_TCP:
+                self.tcp4.pop(fast_key(key), None)
+            elif key[0] == PROTO_UDP:
+                self.udp4.pop(fast_key(key), None)
+
+    def owing(self) -> Iterator[Flow]:
+        """Watched flows that still hold or owe output; the others leave the watch list."""
+        flows, watch = self.flows, self.watch
+        for flow in list(watch):
+            live = flows.get(flow.key)
+            if live is flow and (live.held_frames or live.pending()):
+                yield live
+            else:
+                del watch[flow]
+
+    def sweep_due(self, now: float) -> bool:
+        """Whether the slower idle sweep is due (every tenth of the shorter idle timeout)."""
+        if now < self.next_sweep:
+            return False
+        cfg = self.config
+        self.next_sweep = now + max(
+            cfg.scan_interval, min(cfg.flow_idle_timeout, cfg.closed_flow_timeout) / 10
+        )
+        return True
+
+    def sweep(self, now: float) -> None:
+        """Forget idle flows that hold nothing; watch any flow that owes output."""
+        cfg = self.config
+        idle, closed_idle = cfg.flow_idle_timeout, cfg.closed_flow_timeout
+        watch = self.watch
+        stale = []
+        for key, flow in self.flows.items():
+            if flow.held_frames or flow.pending():
+                watch[flow] = None
+                continue
+            limit = closed_idle if isinstance(flow, TcpFlow) and flow.closed else idle
+            if now - flow.last_seen > limit:
+                stale.append(key)
+        for key in stale:
+            self.forget(key)
+        self.counters["flows_expired"] += len(stale)

@@ -1,0 +1,110 @@
+"""The hold ledger: the one owner of held and released primary output and its counters.
+
+Flows keep their own frames; the ledger counts what is held (totals and per
+flow), says when a hold limit is crossed, and collects released frames, in
+order, until the driver takes them.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+from colo_proxy.core.config import Config
+from colo_proxy.core.flows import HeldCounts, Rel
+from colo_proxy.core.held import HeldFrame
+
+
+@final
+class HoldLedger:
+    """Held and released primary frames, totals and limits."""
+
+    __slots__ = ("held_bytes", "held_frames", "holding_flows", "max_bytes", "max_flow_bytes",
+                 "max_flows", "max_frames", "released", "released_frames", "released_payload",
+                 "watch")
+
+    def __init__(self, cfg: Config, watch: dict[HeldCounts, None]) -> None:
+        self.watch = watch
+        """The flow table's watch list: a flow that starts holding is watched for timeouts."""
+        self.released: list[tuple[bytes, int]] = []
+        """Released frames the driver has not taken yet, as (data, offset)."""
+        self.held_frames = 0
+        self.held_bytes = 0
+        self.holding_flows = 0
+        self.released_frames = 0
+        self.released_payload = 0
+        self.max_bytes = cfg.max_hold_bytes
+        self.max_frames = cfg.max_hold_frames
+        self.max_flow_bytes = cfg.max_flow_hold_bytes
+        self.max_flows = cfg.max_hold_flows
+
+    def hold(self, flow: HeldCounts, flen: int) -> bool:
+        """One more held primary frame; True when a hold limit is now exceeded."""
+        if not flow.held_frames:
+            self.holding_flows += 1
+            self.watch[flow] = None
+        flow.held_frames += 1
+        flow.held_bytes += flen
+        self.held_frames += 1
+        self.held_bytes += flen
+        return (
+            self.held_bytes > self.max_bytes or self.held_frames > self.max_frames
+            or flow.held_bytes > self.max_flow_bytes or self.holding_flows > self.max_flows
+        )
+
+    def held_batch(self, frames: int, nbytes: int, flows: int, flow_over: bool) -> bool:
+        """hold() for a batch's fast-path frames, whose per-flow counts feed_many kept."""
+        self.held_frames += frames
+        self.held_bytes += nbytes
+        self.holding_flows += flows
+        return (
+            self.held_bytes > self.max_bytes or self.held_frames > self.max_frames or flow_over
+            or self.holding_flows > self.max_flows
+        )
+
+    def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None:
+        """A held unit may go to the client."""
+        flow.held_frames -= 1
+        flow.held_bytes -= flen
+        if not flow.held_frames:
+            self.holding_flows -= 1
+        self.held_frames -= 1
+        self.held_bytes -= flen
+        self.released_payload += payload
+        self.release_unheld(rel)
+
+    def release_unheld(self, rel: Rel) -> None:
+        """A primary unit that goes out without ever being held (matched or passed)."""
+        if isinstance(rel, tuple):
+            self.released.append(rel)
+            self.released_frames += 1
+        else:
+            self.released.extend(rel)
+            self.released_frames += len(rel)
+
+    def release_run(self, flow: HeldCounts, run: list[HeldFrame]) -> None:
+        """Held TCP queue entries that may go to the client, in order (one call per run)."""
+        released = self.released
+        frames = flen = payload = 0
+        for e in run:
+            rel = e.rel
+            if isinstance(rel, tuple):
+                released.append(rel)
+                frames += 1
+            else:
+                released.extend(rel)
+                frames += len(rel)
+            flen += e.flen
+            payload += e.plen
+        n = len(run)
+        flow.held_frames -= n
+        flow.held_bytes -= flen
+        if not flow.held_frames:
+            self.holding_flows -= 1
+        self.held_frames -= n
+        self.held_bytes -= flen
+        self.released_frames += frames
+        self.released_payload += payload
+
+    def take(self) -> list[tuple[bytes, int]]:
+        out, self.released = self.released, []
+        return out
