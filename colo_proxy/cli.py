@@ -57,8 +57,8 @@ def _replay(args: argparse.Namespace) -> int:
     from colo_proxy.drivers.guest import parse_guest
     from colo_proxy.drivers.output import atomic_output
     from colo_proxy.drivers.pcap import PcapWriter
-    from colo_proxy.drivers.replay import Replay
     from colo_proxy.report import report_dict, summary_text, to_json
+    from colo_proxy.runtime.replay import Replay
 
     config = config_from_args(args)
     if args.checkpoint_latency < 0:

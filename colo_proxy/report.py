@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from colo_proxy.core.events import Divergence
-from colo_proxy.drivers.replay import ReplayResult
+from colo_proxy.runtime.replay import ReplayResult
 
 
 def _guest_text(guest: bytes | None) -> str | None:

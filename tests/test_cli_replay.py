@@ -11,7 +11,7 @@ import pytest
 
 from colo_proxy.cli import main
 from colo_proxy.drivers.pcap import PcapWriter, read_frames
-from colo_proxy.synth import CLIENT_MAC, GUEST_MAC, TcpServerStream, ipv4_frame, tcp_segment
+from colo_proxy.testing.synth import CLIENT_MAC, GUEST_MAC, TcpServerStream, ipv4_frame, tcp_segment
 
 DATA = bytes(range(256)) * 20
 

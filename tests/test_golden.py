@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from colo_proxy.cli import main
-from colo_proxy.drivers import replay as replay_driver
+from colo_proxy.runtime import replay as replay_driver
 
 PCAPS = Path(__file__).resolve().parents[1] / "pcaps"
 CASES = sorted(p.parent.name for p in PCAPS.glob("*/expected.json"))

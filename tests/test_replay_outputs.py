@@ -10,7 +10,7 @@ import pytest
 from colo_proxy.cli import main
 from colo_proxy.drivers import align
 from colo_proxy.drivers.pcap import SNAPLEN, read_frames
-from colo_proxy.synth import TcpServerStream
+from colo_proxy.testing.synth import TcpServerStream
 from tests.test_cli_replay import DATA, pair, replay_json, write
 
 

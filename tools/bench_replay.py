@@ -27,7 +27,7 @@ from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
 from colo_proxy.core.proxy import Proxy
 from colo_proxy.drivers.pcap import PcapWriter, read_frames
-from colo_proxy.synth import TcpServerStream
+from colo_proxy.testing.synth import TcpServerStream
 
 
 def build(frames: int, seg: int, conns: int, window: int, sec_isn_delta: int,

@@ -262,7 +262,7 @@ def flows_memory(flows: int, payload_len: int = 1448, window: int = 32) -> dict[
     from colo_proxy.core.config import Config
     from colo_proxy.core.events import Side
     from colo_proxy.core.proxy import Proxy
-    from colo_proxy.synth import TcpServerStream
+    from colo_proxy.testing.synth import TcpServerStream
 
     payload = bytes(i & 0xFF for i in range(payload_len))
     proxy = Proxy(Config())

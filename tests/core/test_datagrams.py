@@ -8,7 +8,7 @@ import pytest
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
-from colo_proxy.synth import ipv4_frame
+from colo_proxy.testing.synth import ipv4_frame
 from tests.core.harness import C, P, S, run
 
 A, B = bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2))

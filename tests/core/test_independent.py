@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from colo_proxy.core.config import Config
 from colo_proxy.drivers.pcap import PcapWriter
-from colo_proxy.drivers.replay import Replay, ReplayResult
-from colo_proxy.synth import TcpServerStream
+from colo_proxy.runtime.replay import Replay, ReplayResult
+from colo_proxy.testing.synth import TcpServerStream
 
 GUEST, CLIENT = bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2))
 REQUEST = b"GET /file HTTP/1.1\r\nHost: guest\r\n\r\n"

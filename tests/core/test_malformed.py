@@ -12,7 +12,7 @@ from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
 from colo_proxy.core.proxy import SETTLE_FLOWS, CoreFault, Proxy
 from colo_proxy.core.tcp import TcpFlow
-from colo_proxy.synth import TcpServerStream, ipv4_frame
+from colo_proxy.testing.synth import TcpServerStream, ipv4_frame
 from tests.core.harness import P, S, run
 
 GOOD = TcpServerStream().data(0, b"hello")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
 from colo_proxy.core.proxy import Proxy
-from colo_proxy.synth import TcpServerStream
+from colo_proxy.testing.synth import TcpServerStream
 from tests.core.harness import P, Run, S, both_paths, make_proxy, run
 
 pytestmark = pytest.mark.usefixtures(both_paths.__name__)

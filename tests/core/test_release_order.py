@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.proxy import Proxy
-from colo_proxy.synth import TcpServerStream
+from colo_proxy.testing.synth import TcpServerStream
 from tests.core.harness import P, S
 
 MSS = 100

@@ -9,7 +9,7 @@ import pytest
 from colo_proxy.core.config import Config
 from colo_proxy.core.packet import TCP_RST
 from colo_proxy.core.tcp import TcpFlow
-from colo_proxy.synth import TcpServerStream
+from colo_proxy.testing.synth import TcpServerStream
 from tests.core.harness import C, P, S, both_paths, make_proxy, run
 
 pytestmark = pytest.mark.usefixtures(both_paths.__name__)
@@ -226,7 +226,7 @@ def test_divergence_during_checkpoint_asks_again_afterwards() -> None:
 
 
 def test_vlan_separates_flows() -> None:
-    from colo_proxy.synth import ipv4_frame, tcp_segment
+    from colo_proxy.testing.synth import ipv4_frame, tcp_segment
 
     def frame(vlan: tuple[int, ...], payload: bytes) -> bytes:
         seg = tcp_segment(80, 1000, 11, 21, 0x18, payload)
