@@ -14,25 +14,15 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from colo_proxy.core.config import CHOICES, Config
+from colo_proxy.core.config import CHOICES, FIELD_DOCS, Config, type_name
 from colo_proxy.errors import ConfigError
 
 _DEST_PREFIX = "cfg_"
 
 
 def _field_doc(name: str) -> str:
-    """The attribute docstring of a Config field, for --help."""
-    import inspect
-
-    source = inspect.getsource(Config)
-    marker = f"    {name}:"
-    at = source.find(marker)
-    if at < 0:
-        return ""
-    rest = source[at:].split("\n", 2)
-    if len(rest) > 1 and rest[1].strip().startswith('"""'):
-        return rest[1].strip().strip('"')
-    return ""
+    """The description of a Config field, for --help."""
+    return FIELD_DOCS.get(name, "")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +38,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 choices=CHOICES[f.name], help=f"{_field_doc(f.name)} (default {default})",
             )
             continue
-        kind = float if f.type == "float" else int
+        kind = float if type_name(f.type) == "float" else int
         group.add_argument(
             "--" + f.name.replace("_", "-"), dest=_DEST_PREFIX + f.name, type=kind,
             default=None, metavar="N", help=f"{_field_doc(f.name)} (default {default})",

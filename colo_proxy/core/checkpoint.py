@@ -54,7 +54,7 @@ TRANSITIONS: Final[dict[tuple[CheckpointState, Move], CheckpointState]] = {
 """Every legal move; anything else raises IllegalTransition."""
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(Exception):
     """A move the checkpoint cycle does not allow in its current state (a core bug)."""
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Final
 
 from colo_proxy.errors import ConfigError
 
@@ -17,42 +17,67 @@ CHOICES: dict[str, tuple[str, ...]] = {"secondary_after_checkpoint": AFTER_CHECK
 """Settings that take one of a few words instead of a number."""
 
 
+def type_name(annotation: object) -> str:
+    """A dataclass field's type as a name: "float" both pure (a string, as
+    `from __future__ import annotations` leaves it) and compiled (the class)."""
+    if isinstance(annotation, str):
+        return annotation
+    return getattr(annotation, "__name__", str(annotation))
+
+
+FIELD_DOCS: Final[dict[str, str]] = {
+    "compare_timeout": "Unmatched output older than this forces a checkpoint (QEMU's default).",
+    "scan_interval": "How often held output is checked against the timeout (virtual time).",
+    "max_hold_bytes": "Primary bytes held across all flows before a checkpoint is forced.",
+    "max_flow_hold_bytes": "Primary bytes held in one flow before a checkpoint is forced.",
+    "max_hold_frames": "Primary frames held across all flows before a checkpoint is forced.",
+    "max_hold_flows": "Flows holding primary output before a checkpoint is forced.",
+    "max_flows": "Soft cap on tracked flows; idle, empty flows are evicted first.",
+    "flow_idle_timeout": "An idle flow that holds nothing is forgotten after this long.",
+    "closed_flow_timeout": "A closed TCP flow that holds nothing is forgotten after this long.",
+    "min_checkpoint_interval": (
+        "Rate limit: at least this long between the end of one checkpoint and a request."
+    ),
+    "datagram_reorder_window": (
+        "UDP/ICMP/other: how far apart a datagram and its partner may arrive."
+    ),
+    "max_fragments": "Fragments kept for one IP datagram before it is given up.",
+    "max_fragment_bytes": "Bytes held in incomplete IP datagrams, per side.",
+    "fragment_timeout": "An incomplete IP datagram is given up after this long.",
+    "max_sec_buffer_bytes": (
+        "Secondary bytes buffered in one flow ahead of the primary before a checkpoint."
+    ),
+    "secondary_after_checkpoint": (
+        "After a checkpoint the secondary: reset (copies the primary), continues, auto (per flow)."
+    ),
+}
+"""What each Config field means, for --help and readers (one entry per field)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
-    """Thresholds and limits.  Times are seconds, sizes are bytes."""
+    """Thresholds and limits.  Times are seconds, sizes are bytes.
+
+    What each field means is in FIELD_DOCS (also --help): a table rather than
+    attribute docstrings, so it reads the same when this class is compiled.
+    """
 
     compare_timeout: float = 3.0
-    """Unmatched output older than this forces a checkpoint (QEMU's default)."""
     scan_interval: float = 0.1
-    """How often held output is checked against the timeout (virtual time)."""
     max_hold_bytes: int = 64 * 1024 * 1024
-    """Primary bytes held across all flows before a checkpoint is forced."""
     max_flow_hold_bytes: int = 16 * 1024 * 1024
-    """Primary bytes held in one flow before a checkpoint is forced."""
     max_hold_frames: int = 262144
-    """Primary frames held across all flows before a checkpoint is forced."""
     max_hold_flows: int = 16384
-    """Flows holding primary output before a checkpoint is forced."""
     max_flows: int = 65536
-    """Soft cap on tracked flows; idle, empty flows are evicted first."""
     flow_idle_timeout: float = 300.0
-    """An idle flow that holds nothing is forgotten after this long."""
     closed_flow_timeout: float = 10.0
-    """A closed TCP flow that holds nothing is forgotten after this long."""
     min_checkpoint_interval: float = 0.1
-    """Rate limit: at least this long between the end of one checkpoint and a request."""
     datagram_reorder_window: int = 16
-    """UDP/ICMP/other: how far apart a datagram and its partner may arrive."""
     max_fragments: int = 64
-    """Fragments kept for one IP datagram before it is given up."""
     max_fragment_bytes: int = 4 * 1024 * 1024
-    """Bytes held in incomplete IP datagrams, per side."""
     fragment_timeout: float = 30.0
-    """An incomplete IP datagram is given up after this long."""
     max_sec_buffer_bytes: int = 16 * 1024 * 1024
-    """Secondary bytes buffered in one flow ahead of the primary before a checkpoint."""
     secondary_after_checkpoint: str = "auto"
-    """After a checkpoint the secondary: reset (copies the primary), continues, auto (per flow)."""
     # reset: it continues from the primary's state, as on a real COLO pair; continues: it
     # goes on in its own sequence space (independent recordings, a failed checkpoint);
     # auto: each flow decides from the secondary's next segment (see tcp.py).
@@ -69,7 +94,7 @@ class Config:
                 raise ConfigError(f"{f.name}: expected a number, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name}: must be finite, got {value!r}")
-            if f.type == "int" and not isinstance(value, int):
+            if type_name(f.type) == "int" and not isinstance(value, int):
                 raise ConfigError(f"{f.name}: expected an integer, got {value!r}")
             if value < 0:
                 raise ConfigError(f"{f.name}: must not be negative, got {value!r}")
@@ -81,7 +106,7 @@ class Config:
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> Config:
         """Build from a TOML table or flag dict; unknown keys are an error."""
-        known = {f.name: f.type for f in fields(cls)}
+        known = {f.name: type_name(f.type) for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
