@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="colo-proxy",
         description="COLO-style packet comparison proxy for VM fault tolerance.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _add_replay(sub)
     _add_streams(sub)
@@ -125,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         getattr(mod, attr)(sub)
     return parser
+
+
+def _version() -> str:
+    """The version and which core is in use (compiled by mypyc, or pure Python)."""
+    from colo_proxy import __version__
+    from colo_proxy.core import build_kind
+
+    return f"colo-proxy {__version__} ({build_kind()} core)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,31 @@
+"""The sans-IO comparison core (compiled with mypyc when the build could; see setup.py)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+
+COMPILED_MODULES = (
+    "checkpoint", "checksum", "config", "datagram", "events", "flows", "flowtable", "fragments",
+    "framing", "held", "ledger", "packet", "proxy", "reassembly", "rewrite", "seq", "tcp",
+    "xen_notify",
+)
+"""The core modules setup.py compiles (keep in step with its COMPILED list)."""
+
+
+def compiled_modules() -> dict[str, bool]:
+    """For each compiled-build module: whether the loaded copy is a compiled extension."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    out = {}
+    for name in COMPILED_MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        out[name] = str(getattr(module, "__file__", "")).endswith(suffixes)
+    return out
+
+
+def build_kind() -> str:
+    """"compiled" (every listed module is an extension), "pure", or "mixed"."""
+    loaded = set(compiled_modules().values())
+    if loaded == {True}:
+        return "compiled"
+    return "pure" if loaded == {False} else "mixed"

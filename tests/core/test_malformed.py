@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import struct
+from collections import deque
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from colo_proxy.core.config import Config
+from colo_proxy.core.datagram import DatagramFlow
 from colo_proxy.core.events import Side
 from colo_proxy.core.proxy import SETTLE_FLOWS, CoreFault, Proxy
 from colo_proxy.core.tcp import TcpFlow
@@ -83,42 +85,49 @@ def test_garbage_behind_valid_headers_never_raises(tail: bytes, proto: int) -> N
     assert len(proxy.take_output().released) == 1
 
 
-def test_a_core_fault_names_the_frame_of_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+def udp(payload: bytes) -> bytes:
+    return struct.pack("!HHHH", 7000, 9, 8 + len(payload), 0) + payload
+
+
+def poison(flow: TcpFlow) -> None:
+    """Plant a bug in a flow that fails the same way pure and compiled (a TypeError
+    when progress reads it), where monkeypatching a compiled class cannot."""
+    flow.sec_times.append(("bug", 0.0))  # type: ignore[arg-type]
+
+
+def test_a_core_fault_names_the_frame_of_the_batch() -> None:
     proxy = Proxy(Config())
-    p = TcpServerStream()
-    frames = [(p.synack(), 0), (p.data(0, b"x"), 0), (p.data(1, b"y"), 0)]
-    proxy.feed_many(Side.PRIMARY, frames[:1], 0.0)
-
-    def broken(*_: object) -> bool:
-        raise RuntimeError("bug")
-
-    monkeypatch.setattr(TcpFlow, "fast_primary", broken)
+    key = b"\x0a\x00\x00\x01\x0a\x00\x00\x02"
+    frames = [(ipv4_frame(key[:4], key[4:], 17, udp(b"x")), 0),
+              (ipv4_frame(key[:4], key[4:], 17, udp(b"bad")), 0),
+              (ipv4_frame(key[:4], key[4:], 17, udp(b"y")), 0)]
+    proxy.feed_many(Side.PRIMARY, [frames[0], frames[2]], 0.0)
+    (flow,) = proxy.table.flows.values()
+    assert isinstance(flow, DatagramFlow)
+    flow.pri_wait[b"bad"] = deque([object()])  # type: ignore[list-item]
     with pytest.raises(CoreFault) as info:
-        proxy.feed_many(Side.PRIMARY, frames[1:], 0.0)
-    assert info.value.index == 0 and isinstance(info.value.__cause__, RuntimeError)
+        proxy.feed_many(Side.SECONDARY, frames, 0.0)
+    assert info.value.index == 1
+    assert isinstance(info.value.__cause__, TypeError | AttributeError)
 
 
-def test_a_fault_while_settling_the_batch_is_index_minus_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_fault_while_settling_the_batch_is_index_minus_one() -> None:
     """Comparison runs once per flow after the frames: its failure names no frame."""
     proxy = Proxy(Config())
     p, s = TcpServerStream(), TcpServerStream(isn=777)
     proxy.feed_many(Side.PRIMARY, [(p.synack(), 0)], 0.0)
     proxy.feed_many(Side.SECONDARY, [(s.synack(), 0)], 0.0)
     proxy.feed_many(Side.PRIMARY, [(p.data(0, b"x"), 0), (p.data(1, b"y"), 0)], 0.0)
-
-    def broken(*_: object) -> None:
-        raise RuntimeError("bug")
-
-    monkeypatch.setattr(TcpFlow, "progress", broken)
+    (flow,) = proxy.table.flows.values()
+    assert isinstance(flow, TcpFlow)
+    poison(flow)
     with pytest.raises(CoreFault) as info:
         proxy.feed_many(Side.SECONDARY, [(s.data(0, b"xy"), 0)], 0.0)
-    assert info.value.index == -1 and isinstance(info.value.__cause__, RuntimeError)
+    assert info.value.index == -1 and isinstance(info.value.__cause__, TypeError)
     assert proxy.stats()["secondary_frames"] == 2
 
 
-def test_a_settle_fault_mid_batch_loses_none_of_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_settle_fault_mid_batch_loses_none_of_the_rest() -> None:
     """Past SETTLE_FLOWS owed flows the batch settles early; one flow's bug there
     must not stop the frames after it: all are fed, the others released, then -1."""
     proxy = Proxy(Config())
@@ -129,15 +138,10 @@ def test_a_settle_fault_mid_batch_loses_none_of_the_rest(monkeypatch: pytest.Mon
     proxy.feed_many(Side.SECONDARY, [(s.synack(), 0) for s in sec], 0.0)
     proxy.feed_many(Side.PRIMARY, [(p.data(0, b"abc"), 0) for p in pri], 0.0)
     assert len(proxy.take_output().released) == n  # the SYN-ACKs
-    real = TcpFlow.progress
-
-    def progress(flow: TcpFlow, host: Proxy, now: float) -> None:
-        if flow.key[5] == 30003:
-            raise RuntimeError("bug")
-        real(flow, host, now)
-
-    monkeypatch.setattr(TcpFlow, "progress", progress)
+    (bad,) = [f for f in proxy.table.flows.values() if f.key[5] == 30003]
+    assert isinstance(bad, TcpFlow)
+    poison(bad)
     with pytest.raises(CoreFault) as info:
         proxy.feed_many(Side.SECONDARY, [(s.data(0, b"abc"), 0) for s in sec], 0.0)
-    assert info.value.index == -1 and isinstance(info.value.__cause__, RuntimeError)
+    assert info.value.index == -1 and isinstance(info.value.__cause__, TypeError)
     assert len(proxy.take_output().released) == n - 1
