@@ -123,9 +123,13 @@ class CoreFault(Exception):
     came when the batch's flows were compared afterwards.
     """
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, cause: BaseException | None = None) -> None:
         super().__init__(f"core failed on frame {index} of the batch")
         self.index = index
+        self.cause = cause
+        """The exception the core raised (also __cause__: `raise ... from` is not
+        kept by mypyc-compiled code, so it is set here for both builds)."""
+        self.__cause__ = cause
 
 
 class Proxy:
@@ -277,13 +281,13 @@ class Proxy:
             if held:
                 self._held_fast(held, held_bytes, holding, flow_over, now)
             self._settle(dirty, now)  # the frame's fault is the one to report
-            raise CoreFault(index) from err
+            raise CoreFault(index, err) from err
         if held:
             self._held_fast(held, held_bytes, holding, flow_over, now)
         if dirty:
             fault = self._settle(dirty, now) or fault
         if fault is not None:
-            raise CoreFault(-1) from fault
+            raise CoreFault(-1, fault) from fault
 
     def _held_fast(
         self, frames: int, nbytes: int, flows: int, flow_over: bool, now: float
