@@ -1,0 +1,159 @@
+"""Instructions per frame in the core (valgrind), pure and compiled: the CPU regression guard.
+
+Deterministic, unlike wall time: each case runs twice under callgrind in a
+child process, once building its frames only and once building and feeding
+them (Proxy.feed_many per same-side run, as `colo-proxy run` does); the
+difference divided by the frames fed is the core's instructions per frame.
+`--pure` loads the pure-Python core even where the compiled one is built
+(colo_proxy.testing.purecore), so both are measured from one checkout.
+
+    tools/bench_instructions.py                 # every case, pure and compiled
+    tools/bench_instructions.py --case tcp64 --builds pure
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CASES = {
+    "tcp1448": "TCP 1448 B, 50 flows",
+    "tcp64": "TCP 64 B, 50 flows",
+    "udp1448": "UDP 1448 B, 50 flows",
+    "mix10k": "TCP mix, 10k flows (4000 B each)",
+}
+
+
+def build(case: str, frames: int) -> list[tuple[int, list[tuple[bytes, int]]]]:
+    """Same-side runs of (frame, 0) for a case: 32 frames per side per burst."""
+    import random
+
+    from colo_proxy.testing.synth import TcpServerStream, ipv4_frame
+
+    rng = random.Random(7)
+    pri: list[bytes] = []
+    sec: list[bytes] = []
+    if case == "udp1448":
+        block = bytes(rng.randrange(256) for _ in range(1448 * 8))
+        for i in range(frames // 2):
+            c = i % 50
+            l4 = (20000 + c).to_bytes(2, "big") + (9).to_bytes(2, "big")
+            payload = block[(i % 8) * 1448:(i % 8 + 1) * 1448]
+            l4 += (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
+            frame = ipv4_frame(b"\x0a\0\0\x01", b"\x0a\0\0\x02", 17, l4, ident=i)
+            pri.append(frame)
+            sec.append(frame)
+    else:
+        seg, conns, per_conn = {"tcp1448": (1448, 50, 0), "tcp64": (64, 50, 0),
+                                "mix10k": (1448, 10000, 3)}[case]
+        per_conn = per_conn or max(1, frames // 2 // conns)
+        block = bytes(rng.randrange(256) for _ in range(seg * 64))
+        streams = []
+        for c in range(conns):
+            dst = bytes((10, 1 + (c >> 16), (c >> 8) & 0xFF, c & 0xFF))
+            p = TcpServerStream(dst=dst, dport=20000 + c % 25000, isn=rng.randrange(2**32))
+            s = TcpServerStream(dst=dst, dport=20000 + c % 25000,
+                                isn=(p.isn + 100000) % 2**32)
+            streams.append((p, s))
+        pri = [p.synack() for p, _ in streams]
+        sec = [s.synack() for _, s in streams]
+        for i in range(per_conn):
+            for p, s in streams:
+                chunk = block[(i % 64) * seg:(i % 64 + 1) * seg]
+                pri.append(p.data(i * seg, chunk))
+                sec.append(s.data(i * seg, chunk))
+    runs: list[tuple[int, list[tuple[bytes, int]]]] = []
+    for i in range(0, len(pri), 32):
+        runs.append((0, [(f, 0) for f in pri[i:i + 32]]))
+        runs.append((1, [(f, 0) for f in sec[i:i + 32]]))
+    return runs
+
+
+def child(case: str, frames: int, feed: bool, pure: bool) -> None:
+    if pure:
+        from colo_proxy.testing.purecore import force_pure_core
+
+        force_pure_core()
+    from colo_proxy.core import build_kind
+    from colo_proxy.core.config import Config
+    from colo_proxy.core.events import Side
+    from colo_proxy.core.proxy import Proxy
+
+    runs = build(case, frames)
+    proxy = Proxy(Config())
+    sides = (Side.PRIMARY, Side.SECONDARY)
+    released = 0
+    if feed:
+        now = 0.0
+        for side, run in runs:
+            proxy.feed_many(sides[side], run, now)
+            released += len(proxy.take_output().released)
+            now += 1e-5
+    fed = sum(len(run) for _, run in runs)
+    print(f"{build_kind()} {fed} {released}")
+
+
+def callgrind(args: list[str]) -> tuple[int, str]:
+    """Total instructions of a child run, and what it printed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        proc = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+             sys.executable, __file__, *args],
+            capture_output=True, text=True, check=True,
+        )
+        m = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
+        if m is None:
+            raise RuntimeError("no totals in the callgrind output")
+        return int(m.group(1)), proc.stdout.strip()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--builds", nargs="+", choices=["pure", "compiled"],
+                    default=["pure", "compiled"])
+    ap.add_argument("--frames", type=int, default=20000, help="frames per case (both sides)")
+    ap.add_argument("--child", nargs=4, metavar=("CASE", "FRAMES", "FEED", "PURE"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        case, frames, feed, pure = args.child
+        child(case, int(frames), feed == "1", pure == "1")
+        return 0
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed", file=sys.stderr)
+        return 2
+    print(f"python {sys.version.split()[0]}; instructions per frame fed (callgrind, "
+          f"feed minus build-only)")
+    results: dict[tuple[str, str], float] = {}
+    for case in args.case:
+        for kind in args.builds:
+            pure = "1" if kind == "pure" else "0"
+            base, _ = callgrind(["--child", case, str(args.frames), "0", pure])
+            total, said = callgrind(["--child", case, str(args.frames), "1", pure])
+            loaded, fed, released = said.split()
+            if loaded != kind:
+                print(f"{case}: asked for the {kind} core, got {loaded} (build it first)",
+                      file=sys.stderr)
+                return 1
+            per = (total - base) / int(fed)
+            results[(case, kind)] = per
+            print(f"{case:8} {kind:8} {per:10,.0f} instr/frame  ({fed} frames, "
+                  f"{released} released)", flush=True)
+    if set(args.builds) == {"pure", "compiled"}:
+        for case in args.case:
+            ratio = results[(case, "pure")] / results[(case, "compiled")]
+            print(f"{case:8} pure/compiled {ratio:5.2f}x  {CASES[case]}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
