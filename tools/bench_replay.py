@@ -8,6 +8,11 @@ separately (file reading, not the core).  Memory: peak traced
 allocation during the run, which should follow bytes held, not bytes seen.
 
     python3 tools/bench_replay.py [--frames 200000] [--seg 1448] [--conns 50]
+    python3 tools/bench_replay.py --builds pure compiled   # both cores, alternating runs
+
+--pure loads the pure-Python core where the compiled one is built
+(colo_proxy.testing.purecore); --builds runs this script once per build and
+round, alternating, and prints each build's best and the ratio.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ import tracemalloc
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+if __name__ == "__main__" and "--pure" in sys.argv:
+    from colo_proxy.testing.purecore import force_pure_core
+
+    force_pure_core()
+
+from colo_proxy.core import build_kind
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
 from colo_proxy.core.proxy import Proxy
@@ -103,6 +114,45 @@ def run_core(frames: list[tuple[Side, bytes]], trace: bool,
     return elapsed, released, peak
 
 
+def compare_builds(args: argparse.Namespace) -> int:
+    """Alternate child runs of each build (one repeat each); best of args.repeat rounds."""
+    import re
+    import subprocess
+
+    best: dict[tuple[str, int], tuple[float, float]] = {}
+    for rnd in range(args.repeat):
+        for kind in args.builds:
+            cmd = [sys.executable, __file__, "--frames", str(args.frames), "--conns",
+                   str(args.conns), "--window", str(args.window), "--sec-isn-delta",
+                   str(args.sec_isn_delta), "--repeat", "1", "--seg", *map(str, args.seg)]
+            if kind == "pure":
+                cmd.append("--pure")
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            if f", {kind} core," not in out:
+                print(f"asked for the {kind} core, got: {out.splitlines()[0]}", file=sys.stderr)
+                return 1
+            for m in re.finditer(r"TCP +(\d+)-byte segments: core +([\d,]+) frames/s "
+                                 r"\(batched as live: ([\d,]+)\)", out):
+                seg = int(m.group(1))
+                single = float(m.group(2).replace(",", ""))
+                batched = float(m.group(3).replace(",", ""))
+                old = best.get((kind, seg), (0.0, 0.0))
+                best[(kind, seg)] = (max(old[0], single), max(old[1], batched))
+            print(f"round {rnd + 1} {kind}: " + "; ".join(
+                line.split(":", 1)[1].split("|")[0].strip()
+                for line in out.splitlines() if line.startswith("TCP")), flush=True)
+    print(f"best of {args.repeat} alternating rounds, frames/s (frame by frame | batched):")
+    for seg in args.seg:
+        cells = [f"{kind} {best[(kind, seg)][0]:>10,.0f} | {best[(kind, seg)][1]:>10,.0f}"
+                 for kind in args.builds]
+        line = f"TCP {seg:>5} B: " + "   ".join(cells)
+        if set(args.builds) == {"pure", "compiled"}:
+            p, c = best[("pure", seg)], best[("compiled", seg)]
+            line += f"   compiled/pure {c[0] / p[0]:.2f}x | {c[1] / p[1]:.2f}x"
+        print(line)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=200_000, help="primary + secondary frames")
@@ -111,9 +161,14 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=32, help="frames per side per burst")
     ap.add_argument("--sec-isn-delta", type=int, default=100000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--pure", action="store_true", help="load the pure-Python core")
+    ap.add_argument("--builds", nargs="+", choices=["pure", "compiled"],
+                    help="run once per build and round, alternating, and compare")
     args = ap.parse_args()
-    print(f"python {sys.version.split()[0]}, {args.frames} frames per case, {args.conns} conns, "
-          f"window {args.window}, best of {args.repeat}")
+    if args.builds:
+        return compare_builds(args)
+    print(f"python {sys.version.split()[0]}, {build_kind()} core, {args.frames} frames per "
+          f"case, {args.conns} conns, window {args.window}, best of {args.repeat}")
     for seg in args.seg:
         frames = build(args.frames, seg, args.conns, args.window, args.sec_isn_delta)
         payload = sum(len(f) - 54 for _, f in frames)
