@@ -25,6 +25,7 @@ COMPILED = [
     "colo_proxy/core/flows.py",
     "colo_proxy/core/flowtable.py",
     "colo_proxy/core/fragments.py",
+    "colo_proxy/core/general.py",
     "colo_proxy/core/framing.py",
     "colo_proxy/core/held.py",
     "colo_proxy/core/ledger.py",

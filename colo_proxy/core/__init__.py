@@ -7,8 +7,8 @@ import importlib.machinery
 
 COMPILED_MODULES = (
     "checkpoint", "checksum", "config", "datagram", "events", "flows", "flowtable", "fragments",
-    "framing", "held", "ledger", "packet", "proxy", "reassembly", "rewrite", "seq", "tcp",
-    "xen_notify",
+    "framing", "general", "held", "ledger", "packet", "proxy", "reassembly", "rewrite", "seq",
+    "tcp", "xen_notify",
 )
 """The core modules setup.py compiles (keep in step with its COMPILED list)."""
 

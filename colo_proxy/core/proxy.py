@@ -8,18 +8,15 @@ Released primary frames accumulate until the driver takes them; so do
 checkpoint requests and divergences.  Nothing here does I/O or reads a
 clock: every method takes `now`.
 
-The proxy owns the parse and the dispatch; one object owns each other
+The proxy owns the inline fast path and the timers; one object owns each other
 concern: the FlowTable (flowtable.py) the flows and their indexes, the
 HoldLedger (ledger.py) held and released output and its counters, the
 CheckpointPolicy (checkpoint.py) the checkpoint cycle, a transition table.
 A checkpoint_done releases every held primary frame, drops secondary
 output, and rebases every flow.
 
-Frames that cannot be compared (not IP, malformed, ARP, NDP/MLD, IGMP, IP
-datagrams whose fragments never complete) follow one rule: the primary's
-are passed through at once, uncompared, and counted by reason; the
-secondary's are dropped and counted.  That is QEMU's rule too; it loses
-nothing the client would have received from an unprotected VM.
+Frames the inline fast path does not take go down the general path
+(general.py), which also owns the rule for frames that cannot be compared.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ from typing import Final
 
 from colo_proxy.core.checkpoint import CheckpointPolicy, CheckpointState
 from colo_proxy.core.config import Config
-from colo_proxy.core.datagram import DatagramFlow
 from colo_proxy.core.events import (
     CheckpointReason,
     CoreOutput,
@@ -40,30 +36,18 @@ from colo_proxy.core.events import (
     OverlapConflict,
     Side,
 )
-from colo_proxy.core.flows import FlowKey, HeldCounts, Rel, flow_label
+from colo_proxy.core.flows import HeldCounts, Rel, flow_label
 from colo_proxy.core.flowtable import FlowTable
-from colo_proxy.core.fragments import FragKey, FragmentTable
+from colo_proxy.core.general import GeneralPath
 from colo_proxy.core.held import HeldFrame
 from colo_proxy.core.ledger import HoldLedger
 from colo_proxy.core.packet import (
-    ICMPV6_UNCOMPARED,
-    IGMP,
-    NDP_MLD,
-    PASS_REASONS,
-    PROTO_ICMP,
-    PROTO_ICMPV6,
-    PROTO_IGMP,
     PROTO_TCP,
     PROTO_UDP,
     TCP_ACK,
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
-    IpPacket,
-    TcpHeader,
-    parse_ip,
-    parse_tcp,
-    parse_udp,
 )
 from colo_proxy.core.tcp import FAST_PROGRESS, TcpFlow
 
@@ -146,14 +130,11 @@ class Proxy:
         self.ledger = HoldLedger(cfg, self.table.watch)
         self.checkpoints = CheckpointPolicy(cfg.min_checkpoint_interval, self.counters)
         self._side_frames = [0, 0, 0]
-        self._frags: tuple[FragmentTable[tuple[bytes, int]], FragmentTable[tuple[bytes, int]]] = (
-            FragmentTable(cfg.max_fragments, cfg.max_fragment_bytes, cfg.fragment_timeout),
-            FragmentTable(cfg.max_fragments, cfg.max_fragment_bytes, cfg.fragment_timeout),
-        )
+        self.general = GeneralPath(self, cfg, self.table, self.ledger, self.counters)
         self._divergences: list[Divergence] = []
         self.overlap_conflicts: list[OverlapConflict] = []
-        self.malformed: Counter[str] = Counter()
-        self.uncompared: Counter[str] = Counter()
+        self.malformed = self.general.malformed
+        self.uncompared = self.general.uncompared
         self.divergence_kinds: Counter[str] = Counter()
         self._next_scan: float | None = None
         self._window = cfg.datagram_reorder_window
@@ -192,7 +173,7 @@ class Proxy:
         self._side_frames[side] += len(frames)
         unpack = _FAST.unpack_from
         table = self.table
-        tcp4, udp4, window, general = table.tcp4, table.udp4, self._window, self._feed_general
+        tcp4, udp4, window, general = table.tcp4, table.udp4, self._window, self.general.feed
         dirty: dict[TcpFlow, None] = {}
         """Flows whose `progress` is owed: run once per flow when the batch ends."""
         watch = table.watch
@@ -262,7 +243,7 @@ class Proxy:
                             continue
                     elif flags & SYN_MASK == TCP_SYN and doff >= 0x50 and start <= stop:
                         # SYN or SYN-ACK (no FIN/RST) with a sane header: skip re-parsing
-                        self._tcp4_syn(primary, data, key, tflow, seq, ack, flags, offset,
+                        self.general.tcp4_syn(primary, data, key, tflow, seq, ack, flags, offset,
                                        start, stop, frame, flen, now)
                         continue
                 elif proto == PROTO_UDP:
@@ -300,28 +281,6 @@ class Proxy:
             self.counters["hold_limit_hits"] += 1
             self.want_checkpoint(CheckpointReason.HOLD_LIMIT, now)
 
-    def _tcp4_syn(
-        self, primary: bool, data: bytes, raw: bytes, tflow: TcpFlow | None, seq: int, ack: int,
-        flags: int, offset: int, start: int, stop: int, frame: tuple[bytes, int], flen: int,
-        now: float,
-    ) -> None:
-        """An untagged IPv4 SYN or SYN-ACK that feed_many already validated.
-
-        The same as the general path (_feed_general -> _dispatch), minus parsing the
-        frame a second time: every new connection starts here.
-        """
-        if tflow is None:
-            key: FlowKey = (PROTO_TCP, (), raw[:4], raw[4:8], int.from_bytes(raw[8:10], "big"),
-                            int.from_bytes(raw[10:12], "big"))
-            self._make_room(now)
-            tflow = self.table.new_tcp(key, now)
-        tflow.last_seen = now
-        hdr = TcpHeader(tflow.key[4], tflow.key[5], seq, ack, flags, offset + 54, start)
-        if primary:
-            tflow.on_primary(self, hdr, data, stop, frame, flen, now)
-        else:
-            tflow.on_secondary(self, hdr, data, stop, now)
-
     def _settle(self, dirty: dict[TcpFlow, None], now: float) -> Exception | None:
         """Compare and release on every flow the batch touched (diverged ones wait).
 
@@ -337,19 +296,6 @@ class Proxy:
                     fault = fault or err
         dirty.clear()
         return fault
-
-    def _feed_general(
-        self, primary: bool, data: bytes, offset: int, frame: tuple[bytes, int], flen: int,
-        now: float,
-    ) -> None:
-        ip = parse_ip(data, offset)
-        if isinstance(ip, str):
-            self._uncompared(primary, frame, flen, ip)
-            return
-        if ip.frag_id >= 0:
-            self._fragment(primary, ip, data, offset, flen, now)
-            return
-        self._dispatch(primary, ip, data, ip.l4, ip.l4_end, frame, flen, now)
 
     def expire(self, now: float) -> None:
         """Check timeouts now, off the scan schedule (an offline driver at a timer's due time)."""
@@ -367,7 +313,7 @@ class Proxy:
         deferred = self.checkpoints.deferred
         if deferred is not None:
             times.append(deferred[1])
-        if self._next_scan is not None and (len(self.table) or any(len(t) for t in self._frags)):
+        if self._next_scan is not None and (len(self.table) or self.general.fragments_waiting()):
             times.append(self._next_scan)
         return min(times) if times else None
 
@@ -392,10 +338,9 @@ class Proxy:
                 t = flow.due(cfg.compare_timeout)
                 if t is not None:
                     times.append(t)
-        for table in self._frags:
-            t = table.oldest()
-            if t is not None:
-                times.append(t + cfg.fragment_timeout)
+        oldest = self.general.oldest_fragment()
+        if oldest is not None:
+            times.append(oldest + cfg.fragment_timeout)
         return min(times) if times else None
 
     def take_output(self) -> CoreOutput:
@@ -423,9 +368,7 @@ class Proxy:
         mode = self.config.secondary_after_checkpoint
         for flow in list(self.table.flows.values()):
             flow.after_checkpoint(self, now, grace, mode)
-        for rel in self._frags[0].clear():
-            self._pass(rel, "ip_fragment_incomplete_at_checkpoint")
-        self.counters["secondary_fragments_dropped"] += len(self._frags[1].clear())
+        self.general.clear_fragments()
         if again is not None:
             self.want_checkpoint(again, now)
 
@@ -535,107 +478,6 @@ class Proxy:
 
     # -- internals -----------------------------------------------------------
 
-    def _pass(self, rel: tuple[bytes, int], reason: str) -> None:
-        self.uncompared[reason] += 1
-        self.ledger.release_unheld(rel)
-
-    def _uncompared(self, primary: bool, rel: tuple[bytes, int], flen: int, reason: str) -> None:
-        if reason not in PASS_REASONS:
-            self.malformed[reason] += 1
-        if primary:
-            self._pass(rel, reason)
-        else:
-            self.counters["secondary_frames_dropped_uncompared"] += 1
-            if reason in PASS_REASONS:
-                self.uncompared[reason] += 1
-
-    def _fragment(
-        self, primary: bool, ip: IpPacket, data: bytes, offset: int, flen: int, now: float
-    ) -> None:
-        key: FragKey = (ip.vlan, ip.version, ip.src, ip.dst, ip.proto, ip.frag_id)
-        table = self._frags[0 if primary else 1]
-        result = table.add(key, ip.frag_off, ip.more_frags, data[ip.l4 : ip.l4_end],
-                           (data, offset), now)
-        if result is None:
-            return
-        what, rels = result
-        if isinstance(what, str):
-            if what != "ip_fragment_of_given_up_datagram":
-                self.malformed[what] += 1
-            for rel in rels:
-                self._uncompared(primary, rel, len(rel[0]) - rel[1], "ip_fragments_given_up")
-            return
-        self.counters["ip_datagrams_reassembled"] += 1
-        total = sum(len(d) - o for d, o in rels)
-        self._dispatch(primary, ip, what, 0, len(what), rels, total, now)
-
-    def _dispatch(
-        self, primary: bool, ip: IpPacket, buf: bytes, l4: int, end: int, rel: Rel, flen: int,
-        now: float,
-    ) -> None:
-        proto = ip.proto
-        if proto == PROTO_TCP:
-            hdr = parse_tcp(buf, l4, end)
-            if isinstance(hdr, str):
-                self._bad_l4(primary, rel, hdr)
-                return
-            key: FlowKey = (proto, ip.vlan, ip.src, ip.dst, hdr.sport, hdr.dport)
-            tflow = self.table.flows.get(key)
-            if not isinstance(tflow, TcpFlow):
-                self._make_room(now)
-                tflow = self.table.new_tcp(key, now)
-            tflow.last_seen = now
-            if primary:
-                tflow.on_primary(self, hdr, buf, end, rel, flen, now)
-            else:
-                tflow.on_secondary(self, hdr, buf, end, now)
-            return
-        if proto == PROTO_UDP:
-            udp = parse_udp(buf, l4, end)
-            if isinstance(udp, str):
-                self._bad_l4(primary, rel, udp)
-                return
-            sport, dport, start, stop = udp
-            key = (proto, ip.vlan, ip.src, ip.dst, sport, dport)
-            content = buf[start:stop]
-            kind = DivergenceKind.UDP
-        elif proto in (PROTO_ICMP, PROTO_ICMPV6):
-            if end - l4 < 4:
-                self._bad_l4(primary, rel, "icmp_truncated")
-                return
-            if proto == PROTO_ICMPV6 and buf[l4] in ICMPV6_UNCOMPARED:
-                self._bad_l4(primary, rel, NDP_MLD)
-                return
-            key = (proto, ip.vlan, ip.src, ip.dst, 0, 0)
-            content = buf[l4 : l4 + 2] + buf[l4 + 4 : end]
-            kind = DivergenceKind.ICMP
-        elif proto == PROTO_IGMP:
-            self._bad_l4(primary, rel, IGMP)
-            return
-        else:
-            key = (proto, ip.vlan, ip.src, ip.dst, 0, 0)
-            content = buf[l4:end]
-            kind = DivergenceKind.OTHER
-        gflow = self.table.flows.get(key)
-        if not isinstance(gflow, DatagramFlow):
-            self._make_room(now)
-            gflow = self.table.new_datagram(key, now, kind)
-        gflow.last_seen = now
-        if primary:
-            gflow.on_primary(self, content, rel, flen, now, self._window)
-        else:
-            gflow.on_secondary(self, content, now, self._window)
-
-    def _bad_l4(self, primary: bool, rel: Rel, reason: str) -> None:
-        rels = rel if isinstance(rel, list) else [rel]
-        for one in rels:
-            self._uncompared(primary, one, len(one[0]) - one[1], reason)
-
-    def _make_room(self, now: float) -> None:
-        """Before a new flow: evict idle ones if the table is full, else ask for a checkpoint."""
-        if self.table.full() and not self.table.evict():
-            self.want_checkpoint(CheckpointReason.FLOW_TABLE, now)
-
     def _scan(self, now: float) -> None:
         """Timeouts every scan_interval; idle expiry in a slower sweep of every flow.
 
@@ -654,6 +496,4 @@ class Proxy:
         timeout = cfg.compare_timeout
         for flow in table.owing():
             flow.expired(self, now, timeout)
-        for rel in self._frags[0].expire(now):
-            self._pass(rel, "ip_fragments_timed_out")
-        self.counters["secondary_fragments_dropped"] += len(self._frags[1].expire(now))
+        self.general.expire_fragments(now)
