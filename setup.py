@@ -53,6 +53,9 @@ def _why_pure() -> str | None:
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
     if shutil.which(shlex.split(cc)[0]) is None:
         return f"no C compiler ({cc})"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        return f"no Python headers ({headers}: install python3-dev)"
     try:
         import mypyc.build  # noqa: F401
     except ImportError:
