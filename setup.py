@@ -22,6 +22,7 @@ COMPILED = [
     "colo_proxy/core/config.py",
     "colo_proxy/core/datagram.py",
     "colo_proxy/core/events.py",
+    "colo_proxy/core/fastparse.py",
     "colo_proxy/core/flows.py",
     "colo_proxy/core/flowtable.py",
     "colo_proxy/core/fragments.py",
@@ -35,6 +36,7 @@ COMPILED = [
     "colo_proxy/core/rewrite.py",
     "colo_proxy/core/seq.py",
     "colo_proxy/core/tcp.py",
+    "colo_proxy/core/verdicts.py",
     "colo_proxy/core/xen_notify.py",
 ]
 """The modules mypyc compiles (listed, so a new module is a decision, not an accident;

@@ -6,9 +6,9 @@ import importlib
 import importlib.machinery
 
 COMPILED_MODULES = (
-    "checkpoint", "checksum", "config", "datagram", "events", "flows", "flowtable", "fragments",
-    "framing", "general", "held", "ledger", "packet", "proxy", "reassembly", "rewrite", "seq",
-    "tcp", "xen_notify",
+    "checkpoint", "checksum", "config", "datagram", "events", "fastparse", "flows", "flowtable",
+    "fragments", "framing", "general", "held", "ledger", "packet", "proxy", "reassembly",
+    "rewrite", "seq", "tcp", "verdicts", "xen_notify",
 )
 """The core modules setup.py compiles (keep in step with its COMPILED list)."""
 

@@ -21,7 +21,6 @@ Frames the inline fast path does not take go down the general path
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
 from collections.abc import Sequence
 from typing import Final
@@ -31,12 +30,20 @@ from colo_proxy.core.config import Config
 from colo_proxy.core.events import (
     CheckpointReason,
     CoreOutput,
-    Divergence,
     DivergenceKind,
-    OverlapConflict,
     Side,
 )
-from colo_proxy.core.flows import HeldCounts, Rel, flow_label
+from colo_proxy.core.fastparse import (
+    _FAST,
+    ETH_IPV4,
+    FAST_TCP_MASK,
+    IP_FRAGMENT_MASK,
+    IPV4_NO_OPTIONS,
+    MIN_FAST_FRAME,
+    NEVER_FAST,
+    SYN_MASK,
+)
+from colo_proxy.core.flows import HeldCounts, Rel
 from colo_proxy.core.flowtable import FlowTable
 from colo_proxy.core.general import GeneralPath
 from colo_proxy.core.held import HeldFrame
@@ -46,51 +53,12 @@ from colo_proxy.core.packet import (
     PROTO_UDP,
     TCP_ACK,
     TCP_FIN,
-    TCP_RST,
     TCP_SYN,
 )
 from colo_proxy.core.tcp import FAST_PROGRESS, TcpFlow
+from colo_proxy.core.verdicts import DivergenceLog
 
 __all__ = ["CheckpointState", "CoreFault", "Proxy"]
-
-_TIMEOUT_KINDS: Final = (DivergenceKind.TIMEOUT, DivergenceKind.ACK)
-
-FAST_FIELDS: Final = (
-    ("12x", ""),  # destination and source MAC
-    ("H", "etype"),
-    ("B", "vihl"),  # IPv4 version and header length: 0x45 on the fast path
-    ("x", ""),  # DSCP/ECN
-    ("H", "total"),  # IP total length
-    ("xx", ""),  # identification
-    ("H", "frag"),  # flags and fragment offset
-    ("x", ""),  # TTL
-    ("B", "proto"),
-    ("xx", ""),  # header checksum
-    ("12s", "key"),  # addresses and ports: the fast-path flow key
-    ("I", "seq"),  # TCP sequence number; for UDP its high half is the UDP length
-    ("I", "ack"),
-    ("B", "doff"),  # TCP data offset (high nibble)
-    ("B", "flags"),
-)
-"""What feed_many unpacks from an untagged IPv4 frame in one call, field by field;
-the named fields are unpacked in this order."""
-_FAST: Final = struct.Struct("!" + "".join(code for code, _ in FAST_FIELDS))
-
-FAST_TCP_MASK: Final = TCP_ACK | TCP_SYN | TCP_RST
-"""Segments whose flags under this mask are just ACK take the fast path (FIN allowed)."""
-SYN_MASK: Final = TCP_FIN | TCP_SYN | TCP_RST
-"""Under this mask, a plain SYN (or SYN-ACK) skips re-parsing (_tcp4_syn)."""
-IP_FRAGMENT_MASK: Final = 0x3FFF
-"""The IPv4 more-fragments flag and fragment offset: zero for a whole datagram."""
-IPV4_NO_OPTIONS: Final = 0x45
-ETH_IPV4: Final = 0x0800
-MIN_FAST_FRAME: Final = 54
-"""Ethernet, IPv4 and TCP headers without options."""
-NEVER_FAST: Final = 1 << 62
-"""A frame length no frame reaches: with fast_path off every frame goes general."""
-
-
-MAX_DIVERGENCES_KEPT: Final = 10000
 
 SETTLE_FLOWS: Final = 128
 """feed_many settles early once this many flows owe progress: a batch spread over
@@ -131,11 +99,11 @@ class Proxy:
         self.checkpoints = CheckpointPolicy(cfg.min_checkpoint_interval, self.counters)
         self._side_frames = [0, 0, 0]
         self.general = GeneralPath(self, cfg, self.table, self.ledger, self.counters)
-        self._divergences: list[Divergence] = []
-        self.overlap_conflicts: list[OverlapConflict] = []
+        self.verdicts = DivergenceLog(self.counters)
+        self.overlap_conflicts = self.verdicts.overlap_conflicts
         self.malformed = self.general.malformed
         self.uncompared = self.general.uncompared
-        self.divergence_kinds: Counter[str] = Counter()
+        self.divergence_kinds = self.verdicts.kinds
         self._next_scan: float | None = None
         self._window = cfg.datagram_reorder_window
         self.max_sec_buffer = cfg.max_sec_buffer_bytes
@@ -348,9 +316,7 @@ class Proxy:
 
         The one way drivers (live host, replay, test harness) collect output.
         """
-        out = CoreOutput(self.ledger.take(), self.checkpoints.take(), self._divergences)
-        self._divergences = []
-        return out
+        return CoreOutput(self.ledger.take(), self.checkpoints.take(), self.verdicts.take())
 
     def checkpoint_started(self, now: float) -> None:
         """The VMs stopped for a checkpoint (QMP STOP)."""
@@ -444,20 +410,9 @@ class Proxy:
     ) -> None:
         """Freeze the flow, record what differed, and ask for a checkpoint."""
         flow.diverged = True
-        if offset is not None and offset < 0:  # a core bug: never report one
-            self.counters["negative_offsets_clamped"] += 1
-            offset = 0
-        if isinstance(flow, TcpFlow) and flow.midstream:
-            detail = "; ".join(filter(None, (detail, "picked up mid-stream: offsets count "
-                                             "from the first byte each side was seen to send")))
-        self.divergence_kinds[kind.value] += 1
-        if len(self._divergences) < MAX_DIVERGENCES_KEPT:
-            self._divergences.append(
-                Divergence(now, flow_label(flow.key), kind, offset, primary, secondary, detail)
-            )
-        else:
-            self.counters["divergences_not_kept"] += 1
-        reason = CheckpointReason.TIMEOUT if kind in _TIMEOUT_KINDS else CheckpointReason.DIVERGENCE
+        midstream = isinstance(flow, TcpFlow) and flow.midstream
+        reason = self.verdicts.divergence(flow.key, kind, offset, primary, secondary, now, detail,
+                                          midstream)
         self.want_checkpoint(reason, now)
 
     def want_checkpoint(self, reason: CheckpointReason, now: float) -> None:
@@ -468,9 +423,7 @@ class Proxy:
         self, flow: HeldCounts, side: str, offset: int | None, now: float
     ) -> None:
         """Record a within-side overlap whose bytes differ (kept: the first MAX)."""
-        self.counters[f"tcp_overlap_conflicts_{side}"] += 1
-        if len(self.overlap_conflicts) < MAX_DIVERGENCES_KEPT:
-            self.overlap_conflicts.append(OverlapConflict(now, flow_label(flow.key), side, offset))
+        self.verdicts.overlap_conflict(flow.key, side, offset, now)
 
     def count(self, name: str, n: int = 1) -> None:
         """Bump a named counter (reported in stats)."""

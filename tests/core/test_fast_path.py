@@ -8,8 +8,9 @@ from itertools import product
 import pytest
 
 from colo_proxy.core.config import Config
+from colo_proxy.core.fastparse import _FAST, FAST_FIELDS
 from colo_proxy.core.flows import FlowKey
-from colo_proxy.core.proxy import _FAST, FAST_FIELDS, Proxy
+from colo_proxy.core.proxy import Proxy
 from colo_proxy.core.reassembly import StreamBuffer
 from colo_proxy.core.seq import MASK32, unwrap
 from colo_proxy.core.tcp import TcpFlow
