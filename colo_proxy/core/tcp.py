@@ -116,7 +116,7 @@ class TcpFlow(HeldCounts):
 
     __slots__ = (
         "ck_ack", "ck_fin", "ck_pos", "close_div", "closed", "hs_ok", "midstream", "mode", "pri",
-        "q_ooo", "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash",
+        "q_ooo", "q_scanned", "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash",
         "stash_bytes", "th",
     )
 
@@ -142,6 +142,8 @@ class TcpFlow(HeldCounts):
         self.mode = MODE_COMPARE
         self.q_ooo = False
         """Whether the queue may hold an entry ending before an earlier one's end."""
+        self.q_scanned: tuple[object, ...] = ()
+        """What an out-of-order scan depends on, as of the last one: rescan only on news."""
         self.skipping = False
         """A reported differing region: skip it up to the first agreeing byte (continues)."""
         self.close_div = False
@@ -644,7 +646,10 @@ class TcpFlow(HeldCounts):
                 break
             k += 1
         if k < n and self.q_ooo:
-            self._release_out_of_order(host, k, base, sec_ack)
+            news = (base, sec_ack, self.hs_ok, self.sec.fin, self.sec.rst, self.pri.rst)
+            if self.q_scanned != news or k > h:
+                self.q_scanned = news
+                self._release_out_of_order(host, k, base, sec_ack)
             return
         if k == h:
             return
