@@ -734,6 +734,11 @@ class TcpFlow(HeldCounts):
             return self._close_div(host, now, DivergenceKind.CLOSE, p.fin, "FIN offsets differ")
         if p.rst is not None and s.rst is not None and p.rst != s.rst:
             return self._close_div(host, now, DivergenceKind.CLOSE, p.rst, "RST offsets differ")
+        for a, b, what in ((p, s, "secondary"), (s, p, "primary")):
+            if b.rst is not None and a.rst is None and a.syn_opts is not None and b.syn_opts is None:
+                return self._close_div(  # refused at once: no need to wait for a timeout
+                    host, now, DivergenceKind.CLOSE, 0, f"{what} answered the SYN with RST"
+                )
         if p.fin is not None and s.rst is not None and s.fin is None:
             return self._close_div(
                 host, now, DivergenceKind.CLOSE, p.fin, "primary FIN, secondary RST"
