@@ -397,3 +397,20 @@ def test_rst_answering_a_syn_is_a_divergence_at_once(refused_by: str) -> None:
     assert [(d.kind.value, d.offset) for d in r.divergences] == [("close", 0)]
     assert f"{refused_by} answered the SYN with RST" in r.divergences[0].detail
     assert r.requests and r.requests[0].time < 0.01
+
+
+def test_primary_bytes_for_a_silent_secondary_stay_bounded_across_checkpoints() -> None:
+    """A secondary that never sends its copy: the primary's bytes are not kept for ever."""
+    cfg = Config(max_sec_buffer_bytes=10_000, secondary_after_checkpoint="continues")
+    proxy = Proxy(cfg)
+    p, s = pair(3)
+    proxy.feed(P, p.synack(), 0.0)
+    proxy.feed(S, s.synack(), 0.0)
+    for i in range(50):
+        proxy.feed(P, p.data(i * 1000, bytes(1000)), 0.01 * i)
+        if i % 10 == 9:
+            proxy.checkpoint_started(0.01 * i)
+            proxy.checkpoint_done(0.01 * i)
+    flow = next(iter(proxy._flows.values()))
+    assert isinstance(flow, TcpFlow) and flow.pri.stream.buffered <= 10_000
+    assert proxy.stats()["tcp_bytes_left_uncompared_over_limit"] == 40_000
