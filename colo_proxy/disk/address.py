@@ -59,8 +59,12 @@ async def listen(address: Address,
                  factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.Server:
     """Start a server; a stale unix socket file from a dead agent is replaced."""
     loop = asyncio.get_running_loop()
-    if address.path is not None:
-        _remove_stale_socket(address.path)
-        return await loop.create_unix_server(factory, address.path)
-    assert address.port is not None
-    return await loop.create_server(factory, address.host, address.port, reuse_address=True)
+    try:
+        if address.path is not None:
+            _remove_stale_socket(address.path)
+            return await loop.create_unix_server(factory, address.path)
+        assert address.port is not None
+        return await loop.create_server(factory, address.host, address.port,
+                                        reuse_address=True)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {address}: {err.strerror or err}") from err

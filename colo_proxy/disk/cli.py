@@ -10,22 +10,13 @@ import signal
 import sys
 from pathlib import Path
 
+from colo_proxy.config_args import parse_size
 from colo_proxy.disk.address import parse_address
 from colo_proxy.disk.agent import AgentConfig, DiskAgent
 from colo_proxy.disk.engine import DEFAULT_MEMORY_CAP, DiskEngine
 from colo_proxy.errors import ColoProxyError, ConfigError
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``1048576``, ``512K``, ``256M``, ``2G``."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
-    num = t[:-1] if unit else t
-    if not num.isdigit():
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    return int(num) * _UNITS[unit]
+__all__ = ["add_parser", "configure", "main", "parse_size", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -59,7 +50,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "a crash may lose the last epochs)")
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="event loop implementation (auto: uvloop when installed)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", type=str.lower, default="info",
+                   choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run)
 
 

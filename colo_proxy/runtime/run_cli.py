@@ -18,7 +18,14 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from colo_proxy.config_args import add_config_flags, config_from_args, read_toml
+from colo_proxy.config_args import (
+    add_config_flags,
+    config_from_args,
+    is_size_key,
+    parse_size,
+    read_toml,
+    size_value,
+)
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
@@ -98,7 +105,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     io.add_argument(
         "--outdev-buffer",
-        type=int,
+        type=parse_size,
         default=None,
         metavar="BYTES",
         help="bound on output waiting for outdev; beyond it output is dropped and counted (64 MiB)",
@@ -180,6 +187,11 @@ def _toml_table(path: str, name: str, keys: Keys) -> dict[str, Any]:
             value = float(value)
         if kind is bool and isinstance(value, str) and value.lower() in _ON_OFF:
             value = _ON_OFF[value.lower()]
+        if kind is int and is_size_key(key) and isinstance(value, str):
+            try:
+                value = size_value(value)
+            except ValueError as err:
+                raise ConfigError(f"{path}: {key}: {err}") from None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: {key}: expected {kind.__name__}, got {value!r}")
         out[key] = value
