@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ class AgentConfig:
     secondary_name: str | None = "secondary"
     default_export: str | None = "replication"
     ack_sealed: bool = False  # acknowledge before the journal is durable (Remus-fast)
+    qmp_remote_control: bool = False  # quit/failover also on TCP QMP connections
 
 
 class DiskAgent:
@@ -70,19 +72,20 @@ class DiskAgent:
     def _register(self) -> None:
         q = self.qmp
         q.command("colo-disk-checkpoint", CommandSpec({"epoch": Param("int")}), self._checkpoint)
-        q.command("colo-disk-failover", CommandSpec(), self._failover)
+        q.command("colo-disk-failover", CommandSpec(), self._failover, restricted=True)
         q.command("query-colo-disk", CommandSpec(), self._query)
         q.command("query-status", CommandSpec(), self._run_status)
         q.command("query-version", CommandSpec(), self._version)
         q.command("query-commands", CommandSpec(), self._commands)
-        q.command("quit", CommandSpec(), self._quit)
+        q.command("quit", CommandSpec(), self._quit, restricted=True)
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         for addr in self.config.nbd:
             self._servers.append(await listen(addr, lambda: NbdProtocol(self.nbd)))
         for addr in self.config.qmp:
-            self._servers.append(await listen(addr, self.qmp.protocol))
+            trusted = addr.path is not None or self.config.qmp_remote_control
+            self._servers.append(await listen(addr, partial(self.qmp.protocol, trusted)))
         self._handle([])
 
     async def wait_stopped(self) -> None:
@@ -195,6 +198,7 @@ class DiskAgent:
             "memory-cap": eng.budget.cap,
             "nbd-connections": self.nbd.connections,
             "nbd-protocol-errors": self.nbd.protocol_errors,
+            "qmp-refused": self.qmp.refused,
         }
         if st.applying_epoch is not None:
             out["apply-progress"] = {"epoch": st.applying_epoch,

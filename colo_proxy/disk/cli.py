@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from colo_proxy.config_args import parse_size
-from colo_proxy.disk.address import parse_address
+from colo_proxy.disk.address import check_local, parse_address
 from colo_proxy.disk.agent import AgentConfig, DiskAgent
 from colo_proxy.disk.engine import DEFAULT_MEMORY_CAP, DiskEngine
 from colo_proxy.errors import ColoProxyError, ConfigError
@@ -33,6 +33,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="NBD listen address: unix:PATH or tcp:HOST:PORT (repeatable)")
     p.add_argument("--qmp", action="append", required=True, metavar="ADDR",
                    help="QMP listen address: unix:PATH or tcp:HOST:PORT (repeatable)")
+    p.add_argument("--listen-remote", action="store_true",
+                   help="allow NBD/QMP on non-loopback TCP addresses (default: unix "
+                        "sockets, created 0600, and 127.0.0.1/::1 only)")
+    p.add_argument("--qmp-remote-control", action="store_true",
+                   help="allow quit and colo-disk-failover on TCP QMP connections "
+                        "(default: only on unix sockets)")
     p.add_argument("--state-dir", type=Path,
                    help="journals and spill files (default: IMAGE.colo-state)")
     p.add_argument("--memory-cap", type=parse_size, default=DEFAULT_MEMORY_CAP,
@@ -65,7 +71,9 @@ async def _serve(args: argparse.Namespace) -> int:
         secondary_name=None if args.no_secondary_export else args.secondary_export,
         default_export=args.export_name,
         ack_sealed=args.ack == "sealed",
+        qmp_remote_control=args.qmp_remote_control,
     )
+    check_local(config.nbd + config.qmp, args.listen_remote)
     if config.secondary_name == config.export_name:
         raise ConfigError("--secondary-export must differ from --export-name")
     engine = DiskEngine(image, state_dir, args.memory_cap)

@@ -59,6 +59,7 @@ RUN_KEYS: Keys = {
     "secondary_qmp": (str, None),
     "disk_qmp": (str, None),
     "outdev_buffer": (int, 64 * 1024 * 1024),
+    "listen_remote": (bool, False),
     **HOST_KEYS,
 }
 
@@ -109,6 +110,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=None,
         metavar="BYTES",
         help="bound on output waiting for outdev; beyond it output is dropped and counted (64 MiB)",
+    )
+    io.add_argument(
+        "--listen-remote",
+        action="store_true",
+        default=None,
+        help="allow ,server endpoints on a non-loopback TCP address (other hosts can "
+        "connect; without it only 127.0.0.1/::1 and unix sockets, created 0600)",
     )
     add_host_flags(p, "outdev")
     add_config_flags(p)
@@ -211,6 +219,13 @@ def settings_from_values(values: dict[str, Any]) -> RunSettings:
 
     if values["outdev_buffer"] < 65536:
         raise ConfigError("outdev_buffer: must be at least 65536 bytes")
+    if not values["listen_remote"]:
+        for key in ("primary_in", "secondary_in", "outdev", "notify_dev"):
+            ep = endpoint(key)
+            if ep is not None and ep.remote_listener():
+                raise ConfigError(
+                    f"{key}: {ep.describe()} listens on a non-loopback address; "
+                    "give --listen-remote (listen_remote = true) to allow other hosts")
     return RunSettings(
         primary_in=endpoint("primary_in"),
         secondary_in=endpoint("secondary_in"),
