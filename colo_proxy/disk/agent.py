@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from colo_proxy.disk.address import Address, listen
