@@ -20,7 +20,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from colo_proxy.core.config import Config
+from colo_proxy.core.config import CHOICES, Config
 from colo_proxy.errors import ConfigError
 
 _DEST_PREFIX = "cfg_"
@@ -80,6 +80,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("thresholds and limits (seconds, bytes)")
     for f in fields(Config):
         default = f.default if f.default is not MISSING else None
+        if f.name in CHOICES:
+            group.add_argument(
+                "--" + f.name.replace("_", "-"), dest=_DEST_PREFIX + f.name, default=None,
+                choices=CHOICES[f.name], help=f"{_field_doc(f.name)} (default {default})",
+            )
+            continue
         kind: Any = float if f.type == "float" else int
         if is_size_key(f.name):
             kind = parse_size
