@@ -25,7 +25,7 @@ from colo_proxy.disk.buffers import (
     Seal,
 )
 from colo_proxy.disk.engine import DiskEngine
-from colo_proxy.disk.nbd import NbdExports, NbdProtocol
+from colo_proxy.disk.nbd import DEFAULT_MAX_CONNECTIONS, NbdExports, NbdProtocol
 from colo_proxy.disk.qmp_proto import CommandSpec, Param, version_info
 from colo_proxy.disk.qmp_server import QmpCommandError, QmpServer
 
@@ -44,6 +44,7 @@ class AgentConfig:
     default_export: str | None = "replication"
     ack_sealed: bool = False  # acknowledge before the journal is durable (Remus-fast)
     qmp_remote_control: bool = False  # quit/failover also on TCP QMP connections
+    nbd_max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 class DiskAgent:
@@ -53,7 +54,8 @@ class DiskAgent:
         names = {config.export_name: Export.REPLICATION}
         if config.secondary_name:
             names[config.secondary_name] = Export.SECONDARY
-        self.nbd = NbdExports(engine, names, config.default_export)
+        self.nbd = NbdExports(engine, names, config.default_export,
+                              config.nbd_max_connections)
         self.qmp = QmpServer()
         self._servers: list[asyncio.Server] = []
         self._ckpt_lock = asyncio.Lock()
@@ -198,6 +200,12 @@ class DiskAgent:
             "memory-cap": eng.budget.cap,
             "nbd-connections": self.nbd.connections,
             "nbd-protocol-errors": self.nbd.protocol_errors,
+            "nbd-refused-connections": self.nbd.refused_connections,
+            "nbd-buffered-bytes": self.nbd.buffered,
+            "nbd-buffered-peak": self.nbd.buffered_peak,
+            "nbd-pauses": self.nbd.pauses,
+            "max-epoch-bytes": eng.max_log_bytes,
+            "limit-refusals": eng.limit_refusals,
             "qmp-refused": self.qmp.refused,
         }
         if st.applying_epoch is not None:

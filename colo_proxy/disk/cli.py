@@ -14,6 +14,7 @@ from colo_proxy.config_args import parse_size
 from colo_proxy.disk.address import check_local, parse_address
 from colo_proxy.disk.agent import AgentConfig, DiskAgent
 from colo_proxy.disk.engine import DEFAULT_MEMORY_CAP, DiskEngine
+from colo_proxy.disk.nbd import DEFAULT_MAX_CONNECTIONS
 from colo_proxy.errors import ColoProxyError, ConfigError
 
 __all__ = ["add_parser", "configure", "main", "parse_size", "run"]
@@ -44,6 +45,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-cap", type=parse_size, default=DEFAULT_MEMORY_CAP,
                    metavar="SIZE", help="buffer bytes kept in memory before spilling "
                                         "to files (default 256M)")
+    p.add_argument("--max-epoch-bytes", type=parse_size, default=None, metavar="SIZE",
+                   help="bytes one epoch may log (memory plus spill files); beyond it "
+                        "writes fail with ENOSPC until the next checkpoint "
+                        "(default: twice the image plus 64M)")
+    p.add_argument("--nbd-max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   metavar="N", help="NBD clients served at once; more are refused "
+                                     f"(default {DEFAULT_MAX_CONNECTIONS}; incomplete "
+                                     "writes of all of them are bounded to 64M plus one)")
     p.add_argument("--export-name", default="replication",
                    help="NBD export the primary mirrors into (also the default export)")
     p.add_argument("--secondary-export", default="secondary", metavar="NAME",
@@ -72,11 +81,14 @@ async def _serve(args: argparse.Namespace) -> int:
         default_export=args.export_name,
         ack_sealed=args.ack == "sealed",
         qmp_remote_control=args.qmp_remote_control,
+        nbd_max_connections=args.nbd_max_connections,
     )
+    if args.nbd_max_connections < 1:
+        raise ConfigError("--nbd-max-connections must be at least 1")
     check_local(config.nbd + config.qmp, args.listen_remote)
     if config.secondary_name == config.export_name:
         raise ConfigError("--secondary-export must differ from --export-name")
-    engine = DiskEngine(image, state_dir, args.memory_cap)
+    engine = DiskEngine(image, state_dir, args.memory_cap, args.max_epoch_bytes)
     agent = DiskAgent(engine, config)
     try:
         await agent.start()

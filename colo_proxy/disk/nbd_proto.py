@@ -142,6 +142,11 @@ class NbdServerConnection:
         return head + data if data and not error else head
 
     # -- input ----------------------------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        """Bytes received and kept until a request (or option) is complete."""
+        return len(self._buf) + sum(len(c) for c in self._chunks)
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed received bytes; returns the events they complete."""
         events: list[Event] = []
