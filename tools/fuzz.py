@@ -219,15 +219,19 @@ _EXPORTS = {"replication": nbd_proto.ExportInfo("replication", 1 << 20)}
 
 def target_nbd(data: bytes) -> None:
     """The NBD server protocol, fed in pieces: events or a close, bounded buffers."""
-    conn = nbd_proto.NbdServerConnection(_EXPORTS, "replication")
     limit = nbd_proto.MAX_REQUEST + nbd_proto.MAX_OPTION + 64
-    for part in chunks(data):
-        for ev in conn.receive_data(part):
-            if isinstance(ev, nbd_proto.Request):
-                conn.data_to_send()
-                assert ev.offset + ev.length <= 1 << 20 or ev.command is not None
-        conn.data_to_send()
-        assert conn.buffered <= limit
+    for tls in (False, True):
+        conn = nbd_proto.NbdServerConnection(_EXPORTS, "replication", tls=tls)
+        for part in chunks(data):
+            for ev in conn.receive_data(part):
+                if isinstance(ev, nbd_proto.Request):
+                    assert ev.offset + ev.length <= 1 << 20
+                    assert conn.export is not None and (conn.tls_active or not tls)
+                elif isinstance(ev, nbd_proto.StartTls):
+                    assert tls
+                    conn.tls_started()
+            conn.data_to_send()
+            assert conn.buffered <= limit
 
 
 _SPECS = {"colo-disk-checkpoint": CommandSpec({"epoch": Param("int")}),

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,8 +70,8 @@ def _remove_stale_socket(path: str) -> None:
     raise ConfigError(f"unix:{path} is in use by a running server")
 
 
-async def listen(address: Address,
-                 factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.Server:
+async def listen(address: Address, factory: Callable[[], asyncio.BaseProtocol],
+                 tls: ssl.SSLContext | None = None) -> asyncio.Server:
     """Start a server; a stale unix socket file from a dead agent is replaced.
 
     Unix sockets are created 0600 whatever the umask.
@@ -79,9 +80,10 @@ async def listen(address: Address,
     try:
         if address.path is not None:
             _remove_stale_socket(address.path)
-            return await loop.create_unix_server(factory, sock=unix_listener(address.path))
+            return await loop.create_unix_server(factory, sock=unix_listener(address.path),
+                                                 ssl=tls)
         assert address.port is not None
         return await loop.create_server(factory, address.host, address.port,
-                                        reuse_address=True)
+                                        reuse_address=True, ssl=tls)
     except OSError as err:
         raise ConfigError(f"cannot listen on {address}: {err.strerror or err}") from err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -45,6 +46,7 @@ class AgentConfig:
     ack_sealed: bool = False  # acknowledge before the journal is durable (Remus-fast)
     qmp_remote_control: bool = False  # quit/failover also on TCP QMP connections
     nbd_max_connections: int = DEFAULT_MAX_CONNECTIONS
+    tls: ssl.SSLContext | None = None  # NBD (STARTTLS) and QMP on TCP listeners
 
 
 class DiskAgent:
@@ -83,11 +85,15 @@ class DiskAgent:
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
+        tls = self.config.tls
         for addr in self.config.nbd:
-            self._servers.append(await listen(addr, lambda: NbdProtocol(self.nbd)))
+            nbd_tls = tls if addr.path is None else None
+            self._servers.append(await listen(addr, partial(NbdProtocol, self.nbd, nbd_tls)))
         for addr in self.config.qmp:
             trusted = addr.path is not None or self.config.qmp_remote_control
-            self._servers.append(await listen(addr, partial(self.qmp.protocol, trusted)))
+            qmp_tls = tls if addr.path is None else None
+            self._servers.append(
+                await listen(addr, partial(self.qmp.protocol, trusted), qmp_tls))
         self._handle([])
 
     async def wait_stopped(self) -> None:
@@ -204,6 +210,7 @@ class DiskAgent:
             "nbd-buffered-bytes": self.nbd.buffered,
             "nbd-buffered-peak": self.nbd.buffered_peak,
             "nbd-pauses": self.nbd.pauses,
+            "nbd-tls-failures": self.nbd.tls_failures,
             "max-epoch-bytes": eng.max_log_bytes,
             "limit-refusals": eng.limit_refusals,
             "qmp-refused": self.qmp.refused,

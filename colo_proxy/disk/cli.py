@@ -15,6 +15,7 @@ from colo_proxy.disk.address import check_local, parse_address
 from colo_proxy.disk.agent import AgentConfig, DiskAgent
 from colo_proxy.disk.engine import DEFAULT_MEMORY_CAP, DiskEngine
 from colo_proxy.disk.nbd import DEFAULT_MAX_CONNECTIONS
+from colo_proxy.disk.tls import server_context
 from colo_proxy.errors import ColoProxyError, ConfigError
 
 __all__ = ["add_parser", "configure", "main", "parse_size", "run"]
@@ -40,6 +41,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qmp-remote-control", action="store_true",
                    help="allow quit and colo-disk-failover on TCP QMP connections "
                         "(default: only on unix sockets)")
+    p.add_argument("--tls-creds", type=Path, metavar="DIR",
+                   help="TLS on TCP listeners (NBD by STARTTLS, QMP from connect), QEMU "
+                        "tls-creds-x509 layout: ca-cert.pem, server-cert.pem, server-key.pem")
+    p.add_argument("--tls-verify-peer", choices=("on", "off"), default="on",
+                   help="require a client certificate signed by the CA (default on)")
     p.add_argument("--state-dir", type=Path,
                    help="journals and spill files (default: IMAGE.colo-state)")
     p.add_argument("--memory-cap", type=parse_size, default=DEFAULT_MEMORY_CAP,
@@ -82,6 +88,8 @@ async def _serve(args: argparse.Namespace) -> int:
         ack_sealed=args.ack == "sealed",
         qmp_remote_control=args.qmp_remote_control,
         nbd_max_connections=args.nbd_max_connections,
+        tls=(server_context(args.tls_creds, args.tls_verify_peer == "on")
+             if args.tls_creds else None),
     )
     if args.nbd_max_connections < 1:
         raise ConfigError("--nbd-max-connections must be at least 1")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import cast
 
 from colo_proxy.disk.buffers import Export, Refusal
@@ -31,6 +32,7 @@ from colo_proxy.disk.nbd_proto import (
     ExportInfo,
     NbdServerConnection,
     Request,
+    StartTls,
 )
 
 reply = NbdServerConnection.reply
@@ -65,6 +67,7 @@ class NbdExports:
         self.connections = 0
         self.refused_connections = 0
         self.protocol_errors = 0
+        self.tls_failures = 0
         self._limit_logged = False
 
     def account(self, proto: NbdProtocol, nbytes: int) -> None:
@@ -131,9 +134,10 @@ class NbdExports:
 class NbdProtocol(asyncio.Protocol):
     """One NBD client connection."""
 
-    def __init__(self, exports: NbdExports) -> None:
+    def __init__(self, exports: NbdExports, tls: ssl.SSLContext | None = None) -> None:
         self._exports = exports
-        self._conn = NbdServerConnection(exports.infos(), exports.default)
+        self._tls = tls
+        self._conn = NbdServerConnection(exports.infos(), exports.default, tls is not None)
         self._export: Export | None = None
         self._transport: asyncio.Transport | None = None
         self._refused = False
@@ -158,6 +162,23 @@ class NbdProtocol(asyncio.Protocol):
             self._exports.connections -= 1
             self._exports.forget(self)
         self._transport = None
+
+    async def _start_tls(self, transport: asyncio.Transport) -> None:
+        """STARTTLS: the rest of the connection runs inside TLS (client certificate
+        checked against the CA when the context requires one)."""
+        assert self._tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            tls_transport = await loop.start_tls(transport, self, self._tls, server_side=True)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as err:
+            self._exports.tls_failures += 1
+            log.warning("NBD TLS handshake failed: %s", err)
+            transport.abort()
+            return
+        if tls_transport is None:  # pragma: no cover - closed meanwhile
+            return
+        self._transport = tls_transport
+        self._conn.tls_started()
 
     def pause_input(self) -> None:
         if self._transport is not None:
@@ -188,6 +209,12 @@ class NbdProtocol(asyncio.Protocol):
                 out.append(self._exports.serve(self._export, ev))
             elif isinstance(ev, ExportChosen):
                 self._export = self._exports.names[ev.export.name]
+            elif isinstance(ev, StartTls):
+                out.append(self._conn.data_to_send())
+                transport.write(b"".join(out))
+                out = []
+                transport.pause_reading()  # the ClientHello is for the TLS layer
+                asyncio.get_running_loop().create_task(self._start_tls(transport))
             else:
                 closed = ev
         out.append(self._conn.data_to_send())
