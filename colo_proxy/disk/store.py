@@ -333,8 +333,12 @@ class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.replayed = 0
-        path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise StoreError(f"cannot use state directory {path}: "
+                             f"{err.strerror or err}") from err
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

@@ -62,6 +62,11 @@ def test_disk_agent_unresolvable_address(image: Path, tmp_path: Path) -> None:
     assert "no-such-host.invalid" in line
 
 
+def test_disk_agent_unusable_state_dir(image: Path, tmp_path: Path) -> None:
+    line = one_line_error(cli(*agent(image, tmp_path, "--state-dir", "/proc/hd13-no")))
+    assert "/proc/hd13-no" in line
+
+
 def test_disk_agent_refuses_qcow2(tmp_path: Path) -> None:
     img = tmp_path / "disk.qcow2"
     # A qcow2 header: magic, version 3, then zeros (what qemu-img writes first).
