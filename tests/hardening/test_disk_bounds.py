@@ -1,40 +1,31 @@
-"""The disk agent under attack: one epoch's log and the NBD connections are bounded."""
+"""The disk agent under attack: one epoch's log and the NBD connections are bounded.
+
+(`sockdir`, a short directory under /tmp, comes from this package's conftest.)
+"""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from colo_proxy.disk import nbd_proto
 from colo_proxy.disk.address import Address
 from colo_proxy.disk.agent import AgentConfig, DiskAgent
 from colo_proxy.disk.buffers import Export, Refusal
 from colo_proxy.disk.engine import DiskEngine
-from tests.disk.agent_helpers import short_tmpdir
 
 SIZE = 1 << 20
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def engine(workdir: Path, **kw: int) -> DiskEngine:
-    img = workdir / "img"
+def engine(sockdir: Path, **kw: int) -> DiskEngine:
+    img = sockdir / "img"
     img.write_bytes(bytes(SIZE))
-    return DiskEngine(img, workdir / "state", **kw)
+    return DiskEngine(img, sockdir / "state", **kw)
 
 
-def test_one_epoch_log_is_bounded_and_refusals_counted(workdir: Path) -> None:
-    eng = engine(workdir, memory_cap=64 << 10, max_log_bytes=256 << 10)
+def test_one_epoch_log_is_bounded_and_refusals_counted(sockdir: Path) -> None:
+    eng = engine(sockdir, memory_cap=64 << 10, max_log_bytes=256 << 10)
     block = b"\xab" * (32 << 10)
     results = [eng.write(Export.REPLICATION, 0, block) for _ in range(20)]
     assert results[:8] == [None] * 8  # 8 x 32 KiB fill the 256 KiB exactly
@@ -48,28 +39,28 @@ def test_one_epoch_log_is_bounded_and_refusals_counted(workdir: Path) -> None:
     eng.close()
 
 
-def test_log_limit_has_a_default(workdir: Path) -> None:
-    eng = engine(workdir)
+def test_log_limit_has_a_default(sockdir: Path) -> None:
+    eng = engine(sockdir)
     assert 0 < eng.max_log_bytes < 1 << 40
     eng.close()
 
 
-def test_nbd_connection_limit_and_enospc(workdir: Path) -> None:
+def test_nbd_connection_limit_and_enospc(sockdir: Path) -> None:
     async def main() -> None:
-        eng = engine(workdir, max_log_bytes=64 << 10)
+        eng = engine(sockdir, max_log_bytes=64 << 10)
         agent = DiskAgent(eng, AgentConfig(
-            nbd=(Address(path=str(workdir / "nbd")),), qmp=(Address(path=str(workdir / "q")),),
+            nbd=(Address(path=str(sockdir / "nbd")),), qmp=(Address(path=str(sockdir / "q")),),
             nbd_max_connections=2))
         await agent.start()
         conns = []
         try:
             for _ in range(2):
-                r, w = await asyncio.open_unix_connection(str(workdir / "nbd"))
+                r, w = await asyncio.open_unix_connection(str(sockdir / "nbd"))
                 greeting = await asyncio.wait_for(r.readexactly(18), 10)
                 assert struct.unpack(">QQ", greeting[:16]) == (nbd_proto.NBDMAGIC,
                                                                  nbd_proto.IHAVEOPT)
                 conns.append((r, w))
-            r3, w3 = await asyncio.open_unix_connection(str(workdir / "nbd"))
+            r3, w3 = await asyncio.open_unix_connection(str(sockdir / "nbd"))
             assert await asyncio.wait_for(r3.read(), 10) == b""  # refused: closed at once
             w3.close()
             status = await agent._query({})
@@ -87,7 +78,7 @@ def test_nbd_connection_limit_and_enospc(workdir: Path) -> None:
     asyncio.run(main())
 
 
-def test_incomplete_writes_of_many_connections_are_bounded(workdir: Path) -> None:
+def test_incomplete_writes_of_many_connections_are_bounded(sockdir: Path) -> None:
     """8 clients each send a 1 MiB WRITE slowly (half, then the rest): with a 256 KiB
     cap, all but one pause; every write still completes."""
     from tests.disk.nbdwire import go_payload, option, request
@@ -96,17 +87,17 @@ def test_incomplete_writes_of_many_connections_are_bounded(workdir: Path) -> Non
     big = 1 << 20
 
     async def main() -> None:
-        img = workdir / "img"
+        img = sockdir / "img"
         img.write_bytes(bytes(16 * big))
-        eng = DiskEngine(img, workdir / "state")
+        eng = DiskEngine(img, sockdir / "state")
         agent = DiskAgent(eng, AgentConfig(
-            nbd=(Address(path=str(workdir / "nbd")),), qmp=(Address(path=str(workdir / "q")),)))
+            nbd=(Address(path=str(sockdir / "nbd")),), qmp=(Address(path=str(sockdir / "q")),)))
         agent.nbd.buffer_cap = 256 << 10
         await agent.start()
         clients = []
         try:
             for i in range(8):
-                r, w = await asyncio.open_unix_connection(str(workdir / "nbd"))
+                r, w = await asyncio.open_unix_connection(str(sockdir / "nbd"))
                 wire = handshake + request(nbd_proto.Command.WRITE, i * big, big, handle=i,
                                            data=bytes([i + 1]) * big)
                 w.write(wire[:len(wire) // 2])
