@@ -361,7 +361,7 @@ class TcpFlow(HeldCounts):
                 me.rst = stop
         self.queue.append([stop, self.ack_offset(me, hdr), need, rel, now, off, plen, flen])
         host.hold(self, flen)
-        if self.diverged or self.mode:
+        if self.diverged:
             return
         if self.stash:
             self._replay_stash(host)
@@ -449,6 +449,31 @@ class TcpFlow(HeldCounts):
             host.count("tcp_secondary_continues_after_checkpoint")
             self._continue(host, now)
 
+    def _continued_evidently(self, host: FlowHost, now: float) -> bool:
+        """Undecided, but the primary's new output equals what the secondary sent on its own.
+
+        A secondary that ran ahead may have sent all its output before the
+        checkpoint, so no later segment of its own can decide.  If the
+        primary's bytes since then (past the reported region) equal the
+        secondary's at its own offsets, or both FINs agree, it went on.
+        """
+        if self.mode != MODE_UNDECIDED:
+            return False
+        p, s = self.pri, self.sec
+        pb, sb = p.stream.buf, s.stream.buf
+        n = min(len(pb), len(sb))
+        i = 0
+        if self.skipping:
+            while i < n and pb[i] != sb[i]:
+                i += 1
+        k = min(n - i, 64)
+        agrees = k > 0 and pb[i : i + k] == sb[i : i + k] and (k >= 8 or s.fin is not None)
+        if not agrees and not (n == i and p.fin is not None and p.fin == s.fin):
+            return False
+        host.count("tcp_secondary_continues_after_checkpoint")
+        self._continue(host, now)
+        return False  # _continue ran progress
+
     def _decide_space(self, host: FlowHost, seq: int) -> None:
         """Settle which ISN the secondary's data is numbered from.
 
@@ -516,8 +541,8 @@ class TcpFlow(HeldCounts):
 
         _consume is inlined: this runs once per flow per batch.
         """
-        if self.mode:
-            return  # undecided: nothing is compared until the secondary's next segment
+        if self.mode and not self._continued_evidently(host, now):
+            return  # undecided: nothing is compared until the secondary shows its state
         pri, sec = self.pri, self.sec
         pst, sst = pri.stream, sec.stream
         pb, sb = pst.buf, sst.buf
@@ -722,6 +747,8 @@ class TcpFlow(HeldCounts):
 
     def due(self, timeout: float) -> float | None:
         """When expired() next has something to report, if anything waits."""
+        if self.mode == MODE_UNDECIDED:  # the secondary's bytes may be stale: not yet owed
+            return self.queue[self.qh][E_TIME] + timeout if self.queue else None  # type: ignore[operator]
         oldest = self.oldest_pending()
         return None if oldest is None else oldest + timeout
 
@@ -743,6 +770,8 @@ class TcpFlow(HeldCounts):
                 at = max(0, start) if isinstance(start, int) else 0
                 host.diverge(self, kind, at, b"", b"", now, "primary output unmatched")
                 return True
+        if self.mode == MODE_UNDECIDED:
+            return False
         if (self.sec_times and self.sec_times[self.th][1] + timeout <= now) or (
             self.stash and self.stash[0][3] + timeout <= now
         ):
@@ -775,6 +804,8 @@ class TcpFlow(HeldCounts):
             self._reset_to_primary()  # in step: both answers are the same
         else:
             self.mode = MODE_UNDECIDED
+            self.diverged = False  # frozen by the mode now, not by the divergence
+            self.progress(host, now)  # what both sides sent already may show it went on
 
     def _reset_to_primary(self) -> None:
         """The checkpoint made the secondary a copy of the primary (at ck_pos)."""
@@ -805,6 +836,10 @@ class TcpFlow(HeldCounts):
         if self.close_div:
             self.mode = MODE_PASS  # the two connections closed differently: nothing to compare
             host.count("tcp_flows_passed_after_close_divergence")
+            if self.queue:
+                run = self.queue[self.qh:]
+                self.queue, self.qh = [], 0
+                host.release_run(self, run)
             return
         self.mode = MODE_COMPARE
         if self.pri.syn_opts is not None and self.sec.syn_opts is not None:
