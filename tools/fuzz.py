@@ -44,6 +44,7 @@ from colo_proxy.core.fragments import FRAGMENT_OVERHEAD, FragmentTable  # noqa: 
 from colo_proxy.core.framing import NET_BUFSIZE, FrameDecoder, encode_frames  # noqa: E402
 from colo_proxy.core.packet import IpPacket, parse_ip, parse_tcp, parse_udp  # noqa: E402
 from colo_proxy.core.proxy import Proxy  # noqa: E402
+from colo_proxy.core.reassembly import StreamBuffer  # noqa: E402
 from colo_proxy.disk import nbd_proto  # noqa: E402
 from colo_proxy.disk.qmp_proto import MAX_MESSAGE, CommandSpec, Param, QmpSession  # noqa: E402
 from colo_proxy.drivers.pcap import PcapWriter, read_frames  # noqa: E402
@@ -185,6 +186,44 @@ def target_fragments(data: bytes) -> None:
     assert back == Counter(range(n))
 
 
+def target_reassembly(data: bytes) -> None:
+    """One TCP direction rebuilt from segments at arbitrary offsets, checked against a
+    model where the first copy of each byte wins: the contiguous bytes, what is
+    buffered out of order, and which conflict is reported first."""
+    buf = StreamBuffer(0)
+    model: dict[int, int] = {}
+    first_conflict: int | None = None
+    cur = Cursor(data)
+    while not cur.done:
+        op = cur.byte()
+        if op & 0xC0 == 0xC0:
+            n = min(op & 0x3F, len(buf.buf))
+            buf.consume(n)
+            for off in range(buf.base - n, buf.base):
+                model.pop(off, None)
+            continue
+        start = max(0, buf.base + (op & 0x3F) * 4 - 16)
+        seg = cur.take(cur.byte() % 40)
+        diff = [start + i for i, b in enumerate(seg)
+                if start + i >= buf.base and model.get(start + i, b) != b]
+        if diff and first_conflict is None:
+            first_conflict = min(diff)
+        for i, b in enumerate(seg):
+            if start + i >= buf.base:
+                model.setdefault(start + i, b)
+        buf.add(start, seg)
+        end = buf.base
+        while end in model:
+            end += 1
+        assert bytes(buf.buf) == bytes(model[o] for o in range(buf.base, end))
+        assert buf.ooo_bytes == sum(1 for o in model if o > end)
+        starts = [s for s, _ in buf.ooo]
+        assert starts == sorted(starts) == buf.ooo_starts
+        assert all(a + len(d) <= b for (a, d), (b, _) in zip(buf.ooo, buf.ooo[1:],
+                                                               strict=False))
+        assert buf.first_conflict == first_conflict
+
+
 def target_framing(data: bytes) -> None:
     """QEMU's record framing: any split gives the same frames; errors are reported,
     the pending buffer stays within one record."""
@@ -309,6 +348,8 @@ def seeds() -> dict[str, list[bytes]]:
         "core": core,
         "fragments": [bytes([8, 0, 3, 0, 3, 2]), bytes([8, 0, 1, 9, 1, 1, 0x70, 8, 1, 0, 0xF0]),
                       bytes([8, 0, 5, 8, 1, 5, 8, 2, 5, 8, 3, 5, 8, 4, 5, 1, 4, 5])],
+        "reassembly": [bytes([4, 8]) + b"abcdefgh" + bytes([0, 4]) + b"abcd" + bytes([8, 4])
+                       + b"wxyz" + bytes([0xC3, 6, 8]) + b"ABCDEFGH"],
         "framing": [records, encode_frames([(f, 0) for f in tcp], True)],
         "pcap": [_capture(tcp), _capture(tcp, ng=True), b"\x1f\x00" + _capture(tcp)],
         "nbd": [nbd_go + nbd_req, nbd_go],
@@ -319,7 +360,8 @@ def seeds() -> dict[str, list[bytes]]:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "packet": target_packet, "core": target_core, "fragments": target_fragments,
-    "framing": target_framing, "pcap": target_pcap, "nbd": target_nbd, "qmp": target_qmp,
+    "reassembly": target_reassembly, "framing": target_framing, "pcap": target_pcap,
+    "nbd": target_nbd, "qmp": target_qmp,
 }
 
 
