@@ -417,7 +417,10 @@ def http_get(host: str, path: str, rate: int, timeout: float) -> dict[str, Any]:
             time.sleep(len(data) / rate)
     sock.close()
     raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
+    # busybox httpd passes CGI output as it is: its header block may end in a bare "\n\n"
+    ends = [(i, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (i := raw.find(sep)) >= 0]
+    cut, sep_len = min(ends) if ends else (len(raw), 0)
+    head, body = raw[:cut], raw[cut + sep_len:]
     return {
         "t_start": t0, "t_first_byte": first, "t_end": time.time(),
         "status": head.split(b"\r\n", 1)[0].decode(errors="replace"),
