@@ -28,7 +28,7 @@ CONFIGURE_FLAGS=(
     --disable-docs --disable-install-blobs --disable-werror
 )
 BUILD_DEPS=(libglib2.0-dev libslirp-dev libpixman-1-dev libfdt-dev ninja-build flex bison
-            pkg-config gcc make python3-venv python3-pip xz-utils dpkg-dev)
+            pkg-config gcc make python3-venv xz-utils dpkg-dev patch)
 
 log() { echo "build_colo_qemu: $*" >&2; }
 
@@ -91,7 +91,8 @@ build() {
     done
     # The +ds tarball has no bundled Python wheels; configure's venv wants these exact ones.
     mkdir -p "$tree/python/wheels"
-    python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    python3 -m venv "$work/pip"  # a pip of our own: the system's may be missing or managed
+    "$work/pip/bin/pip" download -q --disable-pip-version-check --no-deps --only-binary=:all: \
         -d "$tree/python/wheels" meson==1.5.0 pycotap==1.3.1 >&2
     mkdir -p "$tree/build"
     (cd "$tree/build" && ../configure --prefix="$PREFIX" "${CONFIGURE_FLAGS[@]}" >&2)

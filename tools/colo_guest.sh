@@ -28,16 +28,13 @@ if [[ -f "$OUT/stamp" && "$(cat "$OUT/stamp")" == "$SELF_HASH" && -f "$OUT/vmlin
     exit 0
 fi
 
-BUSYBOX="$(command -v busybox || true)"
-if [[ -z "$BUSYBOX" ]] || ! file -L "$BUSYBOX" 2>/dev/null | grep -q "statically linked"; then
-    [[ -x /bin/busybox ]] && file -L /bin/busybox | grep -q "statically linked" \
-        && BUSYBOX=/bin/busybox
-fi
-if [[ -z "$BUSYBOX" ]] || ! file -L "$BUSYBOX" | grep -q "statically linked"; then
+# busybox-static's binary (no shared libraries: it runs as the initramfs's only program)
+BUSYBOX=/bin/busybox
+if ! dpkg -s busybox-static >/dev/null 2>&1; then
     [[ $EUID -eq 0 ]] || { log "need busybox-static (apt-get install busybox-static)"; exit 1; }
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >&2
-    BUSYBOX=/bin/busybox
 fi
+if ldd "$BUSYBOX" >/dev/null 2>&1; then log "$BUSYBOX is not statically linked"; exit 1; fi
 
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
