@@ -333,6 +333,8 @@ class ColoPair:
                 "--failover-mirror-job", "colo-disk"]
 
     def _netns(self) -> None:
+        # a namespace of this name left by a crashed run of this pid is stale
+        subprocess.run(["ip", "netns", "del", self.ns], check=False, stderr=subprocess.DEVNULL)
         sh("ip", "netns", "add", self.ns)
         self._ns_made = True
         ex = ["ip", "netns", "exec", self.ns]
