@@ -55,6 +55,26 @@ def start_transfer(pair: Any) -> Any:
     return proc
 
 
+def transfer_across_kill(pair: Any, role: str) -> dict[str, Any]:
+    """kill -9 ``role`` in the middle of a slow /data download; it must complete intact."""
+    assert pair.get("/same", timeout=60)["body"] == SAME
+    transfer = start_transfer(pair)
+    pair.kill(role)
+    got: dict[str, Any] = cp.client_result(transfer, 180)
+    assert got["bytes"] == len(cp.expected_data())
+    assert got["sha256"] == expected_sha()
+    return got
+
+
+def failover_state(pair: Any, phase: str, lost: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The proxy's stats and their failover entry, checked: ``lost`` alone, now ``phase``."""
+    st: dict[str, Any] = pair.proxy_stats()
+    fo: dict[str, Any] = st["failover"]
+    assert fo["phase"] == phase
+    assert [loss["peer"] for loss in fo["losses"]] == [lost]
+    return st, fo
+
+
 def test_colo_loop_checkpoint_on_divergence() -> None:
     # a long periodic interval: the checkpoints seen around the diverging request are ours
     with running_pair(failover=True, checkpoint_delay_ms=20000) as pair:
@@ -91,24 +111,16 @@ def test_colo_loop_checkpoint_on_divergence() -> None:
         print(f"\nCOLO pair: {pair.timings}; checkpoints {figures}; "
               f"request->STOP {1000 * (stops[0]['t'] - t_req):.0f} ms; "
               f"/same median {1000 * statistics.median(d for _, d in same):.0f} ms; "
-              f"/cgi-bin/diverge (one forced checkpoint) {1000 * div_s:.0f} ms; "
+              f"/cgi-bin/diverge (two diverging lines) {1000 * div_s:.0f} ms; "
               f"requests sent {after['primary-qmp']['requests_sent']}, "
               f"disk epochs acked {after['disk_link']['disk_epoch_acked']}")
 
 
 def test_kill_primary_secondary_takes_over() -> None:
     with running_pair(failover=True, checkpoint_delay_ms=2000) as pair:
-        assert pair.get("/same", timeout=60)["body"] == SAME
-        transfer = start_transfer(pair)
-        pair.kill("primary")
-        got = cp.client_result(transfer, 180)
-        assert got["bytes"] == len(cp.expected_data())
-        assert got["sha256"] == expected_sha()
+        got = transfer_across_kill(pair, "primary")
 
-        st = pair.proxy_stats()
-        fo = st["failover"]
-        assert fo["phase"] == "promoted"
-        assert [loss["peer"] for loss in fo["losses"]] == ["primary"]
+        st, fo = failover_state(pair, "promoted", "primary")
         steps = {step["step"]: step for step in fo["steps"]}
         for name in ("disk agent: colo-disk-failover", "secondary: x-colo-lost-heartbeat",
                      "secondary: object-del f2", "secondary: object-del f1",
@@ -133,16 +145,9 @@ def test_kill_primary_secondary_takes_over() -> None:
 
 def test_kill_secondary_primary_goes_on() -> None:
     with running_pair(failover=True, checkpoint_delay_ms=2000) as pair:
-        assert pair.get("/same", timeout=60)["body"] == SAME
-        transfer = start_transfer(pair)
-        pair.kill("secondary")
-        got = cp.client_result(transfer, 180)
-        assert got["sha256"] == expected_sha()
+        got = transfer_across_kill(pair, "secondary")
 
-        st = pair.proxy_stats()
-        fo = st["failover"]
-        assert fo["phase"] == "primary_alone"
-        assert [loss["peer"] for loss in fo["losses"]] == ["secondary"]
+        st, fo = failover_state(pair, "primary_alone", "secondary")
         assert all(step["ok"] for step in fo["steps"]), fo["steps"]
         assert st["supervisor"]["passthrough_frames"] > 0
         p = pair.mons["primary"]
