@@ -89,13 +89,22 @@ def checkpoint_figures(events: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def image_records(path: str) -> list[int]:
-    """Record numbers the guest's disk writer left in sectors 1.. of a raw image."""
-    out = []
+def image_records(path: str) -> dict[int, int]:
+    """Sector -> record number, for every sector 1.. the guest's disk writer filled."""
+    out = {}
     with open(path, "rb") as f:
         f.seek(512)
-        while True:
-            sector = f.read(512)
-            if len(sector) < 512 or not sector.startswith(b"record "):
-                return out
-            out.append(int(sector[7:15]))
+        sector = 1
+        while data := f.read(512):
+            if data.startswith(b"record "):
+                out[sector] = int(data[7:15])
+            sector += 1
+    return out
+
+
+def record_holes(records: dict[int, int]) -> list[int]:
+    """Records missing below the newest: writes the guest made that the disk lost."""
+    if not records:
+        return []
+    assert all(sector == n for sector, n in records.items()), "records in the wrong sectors"
+    return sorted(set(range(1, max(records.values()) + 1)) - set(records.values()))
