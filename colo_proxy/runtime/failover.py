@@ -45,7 +45,7 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from colo_proxy.core.config import Config
-from colo_proxy.core.events import Side
+from colo_proxy.core.events import CheckpointRequest, Side
 from colo_proxy.core.framing import Frame
 from colo_proxy.core.heartbeat import Action, Heartbeats, Lost, Peer, Phase, decide
 from colo_proxy.drivers.qmp import QmpDriver
@@ -85,7 +85,10 @@ class FailoverSupervisor(Supervisor):
         self.phase = Phase.PROTECTED
         self.steps: list[dict[str, object]] = []
         self.losses: list[dict[str, object]] = []
-        self.counters.update({"failover_primary_dropped": 0, "failover_secondary_dropped": 0})
+        self.counters.update({
+            "failover_primary_dropped": 0, "failover_secondary_dropped": 0,
+            "failover_requests_ignored": 0,
+        })  # fmt: skip
         self._hb_task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
         self._sequence: asyncio.Task[None] | None = None
@@ -139,6 +142,17 @@ class FailoverSupervisor(Supervisor):
         if self.phase in (Phase.TAKEOVER, Phase.PROMOTED):
             return  # never release what the secondary did not produce
         super()._checkpoint_done()
+
+    def _disk_released(self) -> None:
+        if self.phase in (Phase.TAKEOVER, Phase.PROMOTED):
+            return  # the outdev belonged to the dead primary: nothing may go out there now
+        super()._disk_released()
+
+    def _request(self, request: CheckpointRequest) -> None:
+        if self.phase in (Phase.TAKEOVER, Phase.PROMOTED):
+            self.counters["failover_requests_ignored"] += 1
+            return  # a timer of the old epoch: there is no primary to checkpoint any more
+        super()._request(request)
 
     def _colo_exit(self, data: Mapping[str, object]) -> None:
         if self.phase in (Phase.TAKEOVER, Phase.PROMOTED):
