@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -108,3 +109,29 @@ def record_holes(records: dict[int, int]) -> list[int]:
         return []
     assert all(sector == n for sector, n in records.items()), "records in the wrong sectors"
     return sorted(set(range(1, max(records.values()) + 1)) - set(records.values()))
+
+
+def stuck_nic(pair: Any, role: str = "secondary") -> str | None:
+    """Evidence that QEMU stopped serving the VM's virtio-net queues, or None.
+
+    Seen on this pair about one takeover in five (and in the reference's probes):
+    the guest keeps queueing TX buffers (its avail index moves) while QEMU's
+    last-avail index stays put, and nothing received reaches the guest.
+    """
+    mon = pair.mons[role]
+    nets = [d["path"] for d in mon.cmd("x-query-virtio") if d["name"] == "virtio-net"]
+    if not nets:
+        return None
+
+    def tx() -> dict[str, Any]:
+        st: dict[str, Any] = mon.cmd("x-query-virtio-queue-status", path=nets[0], queue=1)
+        return st
+
+    first = tx()
+    time.sleep(3)
+    later = tx()
+    if (later["last-avail-idx"] == first["last-avail-idx"]
+            and later["shadow-avail-idx"] > later["last-avail-idx"]):
+        return (f"{role} virtio-net TX queue not served: QEMU last-avail-idx "
+                f"{later['last-avail-idx']}, guest avail-idx {later['shadow-avail-idx']}")
+    return None
