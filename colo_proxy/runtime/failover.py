@@ -19,7 +19,8 @@ says what to do:
   through its own netdev.
 * **secondary lost** -> the primary goes on alone: ``x-colo-lost-heartbeat``
   on the primary, everything held is released and primary output passes
-  through (``enter_passthrough``), and the primary's mirror into the disk
+  through (``enter_passthrough``; its redirectors stay, colo-proxy stays in the
+  path), its ``filter-mirror`` is deleted, and the primary's mirror into the disk
   agent is cancelled (``block-job-cancel``, with ``--failover-mirror-job``):
   replication has stopped, and the report says so.
 * **disk agent lost** -> reported; output stays held until it is back (the
@@ -65,6 +66,7 @@ class FailoverSettings:
     misses: int = 3
     secondary_objects: tuple[str, ...] = ("f2", "f1")
     secondary_chardevs: tuple[str, ...] = ("red1", "red0")
+    primary_objects: tuple[str, ...] = ("m0",)
     mirror_job: str | None = None
 
 
@@ -238,6 +240,9 @@ class FailoverSupervisor(Supervisor):
         if self.qmp is not None:
             await self._step("primary: x-colo-lost-heartbeat", self.qmp, "x-colo-lost-heartbeat")
         self.enter_passthrough("secondary lost (heartbeat)")
+        if self.qmp is not None:
+            for obj in self.failover.primary_objects:  # the mirror to a secondary that is gone
+                await self._step(f"primary: object-del {obj}", self.qmp, "object-del", {"id": obj})
         if self.qmp is not None and self.failover.mirror_job:
             await self._step(f"primary: block-job-cancel {self.failover.mirror_job}", self.qmp,
                              "block-job-cancel",

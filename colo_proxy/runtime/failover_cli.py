@@ -14,6 +14,7 @@ FAILOVER_KEYS: dict[str, tuple[type, Any]] = {
     "heartbeat_misses": (int, 3),
     "failover_secondary_objects": (str, "f2,f1"),
     "failover_secondary_chardevs": (str, "red1,red0"),
+    "failover_primary_objects": (str, "m0"),
     "failover_mirror_job": (str, None),
 }
 """key -> (type, default), merged into `run`'s keys ([run] table in TOML)."""
@@ -37,6 +38,8 @@ def add_failover_flags(p: argparse.ArgumentParser) -> None:
                    help="the secondary's redirectors to object-del at takeover (f2,f1)")
     g.add_argument("--failover-secondary-chardevs", default=None, metavar="IDS",
                    help="their chardevs to chardev-remove at takeover (red1,red0)")
+    g.add_argument("--failover-primary-objects", default=None, metavar="IDS",
+                   help="the primary's filter-mirror to object-del when the secondary is lost (m0)")
     g.add_argument("--failover-mirror-job", default=None, metavar="JOB",
                    help="the primary's mirror into the disk agent, cancelled when the "
                         "secondary is lost")
@@ -60,5 +63,6 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
         misses=int(misses),
         secondary_objects=ids("failover_secondary_objects"),
         secondary_chardevs=ids("failover_secondary_chardevs"),
+        primary_objects=ids("failover_primary_objects"),
         mirror_job=values.get("failover_mirror_job") or None,
     )

@@ -28,18 +28,19 @@ def test_off_by_default() -> None:
 def test_flags_and_toml_agree(tmp_path: Path) -> None:
     flags = settings([*BASE, *QMPS, "--failover", "--heartbeat-period", "0.2",
                       "--heartbeat-misses", "5", "--failover-secondary-objects", "a,b",
-                      "--failover-secondary-chardevs", "c", "--failover-mirror-job", "m"])
-    assert flags == FailoverSettings(0.2, 5, ("a", "b"), ("c",), "m")
+                      "--failover-secondary-chardevs", "c", "--failover-mirror-job", "m",
+                      "--failover-primary-objects", "x,y"])
+    assert flags == FailoverSettings(0.2, 5, ("a", "b"), ("c",), ("x", "y"), "m")
     toml = tmp_path / "run.toml"
     toml.write_text('[run]\nfailover = true\nheartbeat_period = 0.2\nheartbeat_misses = 5\n'
                     'failover_secondary_objects = "a,b"\nfailover_secondary_chardevs = "c"\n'
-                    'failover_mirror_job = "m"\n')
+                    'failover_mirror_job = "m"\nfailover_primary_objects = "x,y"\n')
     assert settings([*BASE, *QMPS, "--config", str(toml)]) == flags
 
 
 def test_defaults_follow_colo_ft() -> None:
     assert settings([*BASE, *QMPS, "--failover"]) == FailoverSettings(
-        0.5, 3, ("f2", "f1"), ("red1", "red0"), None)
+        0.5, 3, ("f2", "f1"), ("red1", "red0"), ("m0",), None)
 
 
 @pytest.mark.parametrize(

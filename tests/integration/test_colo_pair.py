@@ -171,6 +171,9 @@ def test_kill_secondary_primary_goes_on() -> None:
 
         st, fo = failover_state(pair, "primary_alone", "secondary")
         assert all(step["ok"] for step in fo["steps"]), fo["steps"]
+        assert [step["step"] for step in fo["steps"]] == [
+            "primary: x-colo-lost-heartbeat", "primary: object-del m0",
+            "primary: block-job-cancel colo-disk"]
         assert st["supervisor"]["passthrough_frames"] > 0
         p = pair.mons["primary"]
         assert p.cmd("query-colo-status")["mode"] == "none"
