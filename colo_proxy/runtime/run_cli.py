@@ -29,6 +29,8 @@ from colo_proxy.config_args import (
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
+from colo_proxy.runtime.failover import FailoverSupervisor
+from colo_proxy.runtime.failover_cli import FAILOVER_KEYS, add_failover_flags, failover_settings
 from colo_proxy.runtime.host import CoreHost, ShutdownMode, print_report
 from colo_proxy.runtime.supervisor import RunSettings, Supervisor
 
@@ -61,6 +63,7 @@ RUN_KEYS: Keys = {
     "outdev_buffer": (int, 64 * 1024 * 1024),
     "listen_remote": (bool, False),
     **HOST_KEYS,
+    **FAILOVER_KEYS,
 }
 
 
@@ -119,6 +122,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "connect; without it only 127.0.0.1/::1 and unix sockets, created 0600)",
     )
     add_host_flags(p, "outdev")
+    add_failover_flags(p)
     add_config_flags(p)
     p.set_defaults(func=run)
 
@@ -267,6 +271,9 @@ def run(args: argparse.Namespace) -> int:
     values = run_values(args)
     config = config_from_args(args, extra_keys=frozenset(RUN_KEYS) | {"run"})
     settings = settings_from_values(values)
+    failover = failover_settings(values)
+    if failover is not None:
+        return serve_and_report(lambda: FailoverSupervisor(config, settings, failover), values)
     return serve_and_report(lambda: Supervisor(config, settings), values)
 
 
