@@ -40,7 +40,7 @@ from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
 from colo_proxy.core.framing import Frame
 from colo_proxy.core.rewrite import SecondaryRewriter
-from colo_proxy.drivers.afpacket import PacketPort, RingSpec
+from colo_proxy.drivers.afpacket import PacketPort, RingSpec, busy_poll
 from colo_proxy.drivers.endpoints import Endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 DRAIN_LIMIT = 2.0
 """Seconds shutdown waits for queued output to leave."""
+
+BUSY_POLL_LIMIT = 0.002
+"""The longest one busy poll keeps the loop from timers and QMP (seconds)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,8 @@ class BridgeSettings:
     output_buffer: int = 64 * 1024 * 1024
     secondary_qmp: Endpoint | None = None
     disk_qmp: Endpoint | None = None
+    busy_poll_us: int = 100
+    """After a frame, look at the rings this long without sleeping (0: never)."""
 
     def validate(self) -> None:
         """Three distinct interfaces and a sane ring; ConfigError otherwise."""
@@ -79,6 +84,8 @@ class BridgeSettings:
             )
         if self.output_buffer < 65536:
             raise ConfigError("output_buffer: must be at least 65536 bytes")
+        if not 0 <= self.busy_poll_us <= 10_000:
+            raise ConfigError(f"busy_poll_us {self.busy_poll_us}: must be 0..10000")
         self.ring.validate()
 
 
@@ -94,10 +101,16 @@ class Bridge(CoreHost):
         self.rewriter = SecondaryRewriter(config.max_flows, config.flow_idle_timeout)
         self.counters["rewriter_errors"] = 0
         ring, buf = settings.ring, settings.output_buffer
-        self.client = PacketPort("client-if", settings.client_if, self._from_client, ring, buf)
-        self.primary = PacketPort("primary-if", settings.primary_if, self._from_primary, ring, buf)
+        self._busy_poll = settings.busy_poll_us / 1e6
+        self._polling = False
+        self.client = PacketPort(
+            "client-if", settings.client_if, self._woken(self._from_client), ring, buf
+        )
+        self.primary = PacketPort(
+            "primary-if", settings.primary_if, self._woken(self._from_primary), ring, buf
+        )
         self.secondary = PacketPort(
-            "secondary-if", settings.secondary_if, self._from_secondary, ring, buf
+            "secondary-if", settings.secondary_if, self._woken(self._from_secondary), ring, buf
         )
         self.ports = (self.client, self.primary, self.secondary)
         self._expiry: asyncio.TimerHandle | None = None
@@ -153,6 +166,20 @@ class Bridge(CoreHost):
         self.rewriter.checkpoint_done()
 
     # ---- frame paths --------------------------------------------------------------------
+
+    def _woken(self, handler: Callable[[list[Frame]], None]) -> Callable[[list[Frame]], None]:
+        """``handler``, followed by a short busy poll of every ring when woken by the loop."""
+
+        def on_frames(frames: list[Frame]) -> None:
+            handler(frames)
+            if self._busy_poll and not self._polling:
+                self._polling = True
+                try:
+                    busy_poll(self.ports, self._busy_poll, BUSY_POLL_LIMIT)
+                finally:
+                    self._polling = False
+
+        return on_frames
 
     def _from_client(self, frames: list[Frame]) -> None:
         now = self._clock()

@@ -142,7 +142,7 @@ def test_tcp_fetch_through_the_bridge(lab: Any, bridge: Any) -> None:
         assert server["sent"] == SIZE and server["eof"] and server["unacked"] == 0, server
     core = report["core"]
     assert core["divergences_by_kind"] == {}, proxy.log
-    assert core["released_payload_bytes"] == SIZE
+    assert core["released_payload_bytes"] >= SIZE  # a tail-loss probe is released again
     assert core["released_frames"] > 0 and core["held_frames"] == 0
     assert core["secondary_frames"] > 0 and core["client_frames"] > 0
     assert report["rewriter"]["rewritten_frames"] > 0
