@@ -80,7 +80,7 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def offloads_off(ifname: str) -> None:
+def offloads_off(ifname: str, on: bool = False) -> None:
     """ethtool -K IF tso off gso off gro off tx off (what bridge mode needs on every end)."""
     from pyroute2.ethtool import Ethtool
 
@@ -89,7 +89,7 @@ def offloads_off(ifname: str) -> None:
         features = ethtool.get_features(ifname)
         for name, feature in features.features.items():
             if name.startswith(OFFLOADS) and feature.available:
-                feature.enable = False
+                feature.enable = on
         ethtool.set_features(ifname, features)
     finally:
         ethtool.close()
@@ -133,22 +133,32 @@ class BridgeLab:
 
     def _create(self) -> None:
         for role in ROLES:
-            ns, host, guest = self.ns[role], self.ifs[role], self.ifs[role] + "g"
+            ns = self.ns[role]
             _sh("ip", "netns", "add", ns)
             _sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
                 "net.ipv6.conf.default.disable_ipv6=1")
-            _sh("ip", "link", "add", host, "type", "veth", "peer", "name", guest)
-            _sh("sysctl", "-qw", f"net.ipv6.conf.{host}.disable_ipv6=1", check=False)
-            offloads_off(host)
-            offloads_off(guest)
-            _sh("ip", "link", "set", guest, "netns", ns)
-            mac = CLIENT_MAC if role == "client" else GUEST_MAC
-            ip = self.client_ip if role == "client" else self.guest_ip
-            _sh("ip", "-n", ns, "link", "set", guest, "name", "eth0", "address", mac)
-            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            _sh("ip", "link", "set", host, "up")
+            self.wire(role)
+
+    def recreate(self, role: str) -> None:
+        """Delete ``role``'s veth pair and make it again (as QEMU re-creates a tap)."""
+        _sh("ip", "link", "del", self.ifs[role])
+        self.wire(role)
+
+    def wire(self, role: str) -> None:
+        """``role``'s veth pair: host end here, ``eth0`` in its namespace, both up."""
+        ns, host, guest = self.ns[role], self.ifs[role], self.ifs[role] + "g"
+        _sh("ip", "link", "add", host, "type", "veth", "peer", "name", guest)
+        _sh("sysctl", "-qw", f"net.ipv6.conf.{host}.disable_ipv6=1", check=False)
+        offloads_off(host)
+        offloads_off(guest)
+        _sh("ip", "link", "set", guest, "netns", ns)
+        mac = CLIENT_MAC if role == "client" else GUEST_MAC
+        ip = self.client_ip if role == "client" else self.guest_ip
+        _sh("ip", "-n", ns, "link", "set", guest, "name", "eth0", "address", mac)
+        _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "link", "set", host, "up")
 
     def destroy(self) -> None:
         """Remove every interface and namespace of this lab (errors ignored)."""
@@ -174,6 +184,13 @@ class BridgeLab:
     def plain_down(self) -> None:
         """Remove the plain bridge (its ports stay, up, ready for the proxy)."""
         _sh("ip", "link", "del", self.plain_bridge, check=False)
+
+    def guest_offloads(self, role: str, on: bool) -> None:
+        """Turn the offloads of ``role``'s ``eth0`` (the veth peer of its host end) on or off."""
+        proc = self.tool(role, "offloads", "eth0", "--on" if on else "--off")
+        _, err = proc.communicate(timeout=30)
+        if proc.returncode:
+            raise RuntimeError(f"offloads in {role}: {err}")
 
     def flush_neighbours(self, role: str) -> None:
         """Forget ``role``'s neighbour entries (its next packet ARPs again)."""
@@ -423,6 +440,11 @@ def _inet_checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
+def _offloads_cmd(args: argparse.Namespace) -> int:
+    offloads_off(args.ifname, args.on)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -445,6 +467,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.choices["tcp-client"].add_argument(
         "--idle", type=float, default=60.0, help="give up after S seconds of silence"
     )
+    p = sub.add_parser("offloads", help="turn an interface's offloads on or off")
+    p.add_argument("ifname")
+    p.add_argument("--on", dest="on", action="store_true")
+    p.add_argument("--off", dest="on", action="store_false")
+    p.set_defaults(func=_offloads_cmd)
     p = sub.add_parser("up", help="build a lab and keep it until Enter is pressed")
     p.set_defaults(func=None)
     args = parser.parse_args(argv)

@@ -161,6 +161,7 @@ class PortStats:
     send_oversize: int = 0
     send_overflow_dropped: int = 0
     socket_errors: int = 0
+    reopens: int = 0
 
 
 def _take(
@@ -345,6 +346,7 @@ class PacketPort:
                  self.mtu, layout)
 
     def _setup(self, sock: socket.socket, ifindex: int, spec: RingSpec) -> None:
+        self._block = 0
         if spec.version == 2:
             self._slot = rx_slot_size(self.mtu)
             if spec.block_size % self._slot:
@@ -373,6 +375,23 @@ class PacketPort:
         self._max_frame = self.mtu + 14 + VLAN_HEADROOM
         self._send_limit = self.mtu + 14
         self._tx = TxRing(self.ifname, self.mtu)
+
+    def reopen(self) -> None:
+        """Close and open again (the interface came back, was re-created or changed MTU).
+
+        Counters carry on; output still queued for the old socket is counted
+        as dropped, as at close.  Raises like :meth:`open`.
+        """
+        reading = self._reading
+        self.close()
+        self.open()
+        self.stats.reopens += 1
+        if reading:
+            self.start()
+
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
 
     def start(self) -> None:
         """Start reading (needs the running loop); an output-only port reads nothing."""
@@ -484,8 +503,8 @@ class PacketPort:
         code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self.stats.socket_errors += 1
-            log.error("%s: %s: %s (it must come back up for traffic to pass; restart the "
-                      "proxy if it was re-created)", self.name, self.ifname, os.strerror(code))
+            log.error("%s: %s: %s (traffic passes again once it is back up; a re-created "
+                      "interface is re-opened)", self.name, self.ifname, os.strerror(code))
 
     def _collect_ring_stats(self) -> None:
         """Add the kernel's counters (reading them resets them) to ours."""

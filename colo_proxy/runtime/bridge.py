@@ -42,6 +42,7 @@ from colo_proxy.core.framing import Frame
 from colo_proxy.core.rewrite import SecondaryRewriter
 from colo_proxy.drivers.afpacket import PacketPort, RingSpec, busy_poll
 from colo_proxy.drivers.endpoints import Endpoint
+from colo_proxy.drivers.port_links import LinkFollower
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime.host import DIVERGENCE_LOG_BURST, CoreHost, ShutdownMode
@@ -72,6 +73,8 @@ class BridgeSettings:
     secondary_qmp: Endpoint | None = None
     disk_qmp: Endpoint | None = None
     busy_poll_us: int = 100
+    fix_offloads: bool = False
+    """Turn off offloads that make super-frames instead of refusing to start."""
     """After a frame, look at the rings this long without sleeping (0: never)."""
 
     def validate(self) -> None:
@@ -113,12 +116,14 @@ class Bridge(CoreHost):
             "secondary-if", settings.secondary_if, self._woken(self._from_secondary), ring, buf
         )
         self.ports = (self.client, self.primary, self.secondary)
+        self.links = LinkFollower(self.ports, settings.fix_offloads)
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_every = max(1.0, min(30.0, config.flow_idle_timeout / 4))
 
     # ---- ports --------------------------------------------------------------------------
 
     async def _open_ports(self) -> None:
+        self.links.check_offloads()
         opened: list[PacketPort] = []
         try:
             for port in self.ports:
@@ -134,11 +139,13 @@ class Bridge(CoreHost):
                         ", ".join(f"{k} {v}" for k, v in mtus.items()))
         for port in self.ports:
             port.start()
+        self.links.start()
         self._schedule_expiry()
         log.info("bridge up: client %s, primary %s, secondary %s",
                  self.client.ifname, self.primary.ifname, self.secondary.ifname)
 
     async def _close_inputs(self) -> None:
+        self.links.close()
         for port in self.ports:
             port.stop_reading()
         if self._expiry is not None:
@@ -160,6 +167,7 @@ class Bridge(CoreHost):
     def _port_stats(self) -> dict[str, object]:
         out: dict[str, object] = {port.name: port.counters() for port in self.ports}
         out["rewriter"] = self.rewriter.stats()
+        out["links"] = dict(self.links.counters)
         return out
 
     def _vm_checkpoint_done(self) -> None:

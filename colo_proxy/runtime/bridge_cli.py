@@ -35,6 +35,7 @@ BRIDGE_KEYS: Keys = {
     "ring_version": (int, _RING.version),
     "output_buffer": (int, 64 * 1024 * 1024),
     "busy_poll_us": (int, 100),
+    "fix_offloads": (bool, False),
     **HOST_KEYS,
 }
 
@@ -48,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "Sit between the client side and two guests' taps/veths: client frames go to both "
             "guests (translated for the secondary), the primary's output is released to the "
             "client once the secondary produced the same; checkpoints through QMP. Needs root "
-            "or CAP_NET_RAW, and segmentation/checksum offloads off on the three interfaces."
+            "or CAP_NET_RAW, and segmentation offloads off where the frames come from "
+            "(checked at start; --fix-offloads turns them off)."
         ),
     )
     io = p.add_argument_group("interfaces")
@@ -68,6 +70,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     io.add_argument("--busy-poll-us", type=int, default=None, metavar="US",
                     help="after a frame, look at the rings US microseconds more without "
                          "sleeping: saves a wake-up per hop (100; 0 never)")
+    io.add_argument("--fix-offloads", action="store_true", default=None,
+                    help="turn off GRO/LRO on the three interfaces and segmentation offloads "
+                         "on their veth peers (logged) instead of refusing to start")
     io.add_argument("--output-buffer", type=int, default=None, metavar="BYTES",
                     help="bound on output waiting for an interface; beyond it output is "
                          "dropped and counted (64 MiB)")
@@ -95,6 +100,7 @@ def settings_from_values(values: dict[str, Any]) -> BridgeSettings:
         ring=ring,
         output_buffer=int(values["output_buffer"]),
         busy_poll_us=int(values["busy_poll_us"]),
+        fix_offloads=bool(values["fix_offloads"]),
         **host_settings(values, "bridge"),
     )
     settings.validate()

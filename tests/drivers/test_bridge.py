@@ -82,7 +82,23 @@ def make_bridge(sockdir: Path) -> tuple[Bridge, dict[str, FakePort]]:
         ports["client"], ports["primary"], ports["secondary"]
     )
     bridge.ports = tuple(ports.values())  # type: ignore[assignment]
+    bridge.links = NoLinks()  # type: ignore[assignment]
     return bridge, ports
+
+
+class NoLinks:
+    """Stands in for the LinkFollower: fake ports have no interfaces to check or watch."""
+
+    counters: dict[str, int] = {}
+
+    def check_offloads(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def test_frames_take_their_paths_and_a_checkpoint_resets_the_rewriter(sockdir: Path) -> None:

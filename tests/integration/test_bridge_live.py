@@ -55,19 +55,20 @@ class BridgeProcess:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self._wait_for("bridge up")
+        self.wait_for("bridge up")
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line.rstrip("\n"))
 
-    def _wait_for(self, text: str) -> None:
+    def wait_for(self, text: str, count: int = 1) -> None:
+        """Until ``count`` log lines contain ``text`` (the wait is bounded, not asserted on)."""
         deadline = time.monotonic() + 30
-        while not any(text in line for line in self.lines):
+        while sum(text in line for line in self.lines) < count:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise AssertionError("bridge did not come up:\n" + "\n".join(self.lines))
+                raise AssertionError(f"no {text!r} in the bridge's log:\n" + self.log)
             time.sleep(0.02)
 
     @property
@@ -126,6 +127,16 @@ def stop_all(procs: list[Any]) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def fetch(lab: Any, port: int, size: int = SIZE, idle: float = 10.0) -> dict[str, Any]:
+    """One TCP fetch of ``size`` bytes from both guests through the bridge; the client's result."""
+    servers = start_servers(lab, "tcp-server", "--size", str(size), "--port", str(port),
+                            "--timeout", "30")
+    client = result(lab.tool("client", "tcp-client", "--host", lab.guest_ip, "--size",
+                             str(size), "--port", str(port), "--idle", str(idle)))
+    stop_all(servers)
+    return client
 
 
 def test_tcp_fetch_through_the_bridge(lab: Any, bridge: Any) -> None:
