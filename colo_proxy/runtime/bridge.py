@@ -17,7 +17,12 @@ the frame paths differ:
 * primary-if -> rewriter learns from it -> core (``Side.PRIMARY``); what the
   core releases goes out on client-if;
 * secondary-if -> rewriter learns from it -> core (``Side.SECONDARY``); never
-  sent anywhere.
+  sent anywhere, with one exception: its ARP requests and IPv6 neighbour and
+  router solicitations also go out on client-if.  A secondary must resolve
+  its neighbours as the primary does (it has the same MAC and IP, so the
+  answers, sent to that MAC, reach both guests through the client path);
+  the core drops the secondary's uncompared frames, so without this a
+  secondary whose neighbour cache is cold never answers a new connection.
 
 A completed VM checkpoint (QMP ``RESUME``) also tells the rewriter: the
 secondary now runs with the primary's TCP state, so every offset is zero.
@@ -92,6 +97,23 @@ class BridgeSettings:
         self.ring.validate()
 
 
+IPV4 = b"\x08\x00"
+
+
+def neighbour_request(data: bytes) -> bool:
+    """Whether a frame is an ARP request or an IPv6 neighbour/router solicitation."""
+    at, size = 12, len(data)
+    while size >= at + 4 and (data[at], data[at + 1]) in ((0x81, 0x00), (0x88, 0xA8)):
+        at += 4  # 802.1Q / 802.1ad tags
+    if size < at + 10:
+        return False
+    if data[at] == 0x08 and data[at + 1] == 0x06:
+        return data[at + 8] == 0 and data[at + 9] == 1  # ARP operation 1: request
+    if data[at] == 0x86 and data[at + 1] == 0xDD and size > at + 42:
+        return data[at + 8] == 58 and data[at + 42] in (133, 135)  # ICMPv6 RS, NS
+    return False
+
+
 class Bridge(CoreHost):
     """The core between three interfaces (``colo-proxy bridge``)."""
 
@@ -103,6 +125,7 @@ class Bridge(CoreHost):
         self.settings = settings
         self.rewriter = SecondaryRewriter(config.max_flows, config.flow_idle_timeout)
         self.counters["rewriter_errors"] = 0
+        self.counters["secondary_neighbour_requests"] = 0
         ring, buf = settings.ring, settings.output_buffer
         self._busy_poll = settings.busy_poll_us / 1e6
         self._polling = False
@@ -213,6 +236,11 @@ class Bridge(CoreHost):
 
     def _from_secondary(self, frames: list[Frame]) -> None:
         self._observe(self.rewriter.observe_secondary, frames)
+        if self.passthrough_reason is None:
+            asks = [f for f in frames if f[0][12:14] != IPV4 and neighbour_request(f[0])]
+            if asks:  # the secondary must resolve its neighbours too (see the module's doc)
+                self.counters["secondary_neighbour_requests"] += len(asks)
+                self.client.send(asks)
         self._feed(Side.SECONDARY, frames)
 
     def _observe(self, observe: Callable[[bytes, float], None], frames: list[Frame]) -> None:

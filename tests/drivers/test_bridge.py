@@ -21,7 +21,7 @@ from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime import bridge_cli
-from colo_proxy.runtime.bridge import Bridge, BridgeSettings
+from colo_proxy.runtime.bridge import Bridge, BridgeSettings, neighbour_request
 from colo_proxy.runtime.host import ShutdownMode
 from tests.drivers.test_qmp_colo_mode import FakePrimary, until
 
@@ -238,3 +238,17 @@ def test_bridge_subcommand_is_registered(capsys: Any) -> None:
 
     assert main(["bridge", "--client-if", "a"]) == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_neighbour_requests_are_recognised() -> None:
+    s = scapy_all
+    eth = s.Ether(src="52:54:00:00:00:02", dst="ff:ff:ff:ff:ff:ff")
+    ns_ = s.IPv6(src="fe80::2", dst="ff02::1:ff00:9") / s.ICMPv6ND_NS(tgt="fe80::9")
+    na = s.IPv6(src="fe80::9", dst="fe80::2") / s.ICMPv6ND_NA(tgt="fe80::9")
+    yes = [eth / s.ARP(op=1, pdst=CLIENT), eth / s.Dot1Q(vlan=5) / s.ARP(op=1, pdst=CLIENT),
+           eth / ns_, eth / s.IPv6(dst="ff02::2") / s.ICMPv6ND_RS()]
+    no = [eth / s.ARP(op=2, psrc=CLIENT), eth / na, eth / s.IP(dst=CLIENT) / s.UDP(),
+          eth / s.IPv6(dst="ff02::1") / s.UDP()]
+    assert [neighbour_request(bytes(f)) for f in yes] == [True] * 4
+    assert [neighbour_request(bytes(f)) for f in no] == [False] * 4
+    assert not neighbour_request(bytes(eth)[:13])

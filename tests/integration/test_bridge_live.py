@@ -218,3 +218,22 @@ def test_arp_resolves_through_the_bridge(lab: Any, bridge: Any, lab_tool: Module
     core = report["core"]
     assert core["uncompared"].get("arp", 0) >= 1  # the primary's reply, passed on
     assert core["divergences_by_kind"] == {}
+
+
+def test_a_fresh_secondary_resolves_its_neighbours(
+    lab: Any, bridge: Any, lab_tool: ModuleType
+) -> None:
+    """The client knows the guests' MAC; the secondary forgot the client's: it must ARP."""
+    proxy = bridge()
+    assert fetch(lab, 8080)["complete"]
+    subprocess.run(["ip", "-n", lab.ns["client"], "neigh", "replace", lab.guest_ip, "lladdr",
+                    lab_tool.GUEST_MAC, "dev", "eth0", "nud", "permanent"], check=True)
+    subprocess.run(["ip", "-n", lab.ns["secondary"], "neigh", "flush", "all"], check=True)
+    client = fetch(lab, 8081)
+    neigh = subprocess.run(["ip", "-n", lab.ns["secondary"], "neigh", "show", lab.client_ip],
+                           capture_output=True, text=True, check=True).stdout
+    report = proxy.stop()
+    assert client["complete"], (client, proxy.log)
+    assert lab_tool.CLIENT_MAC in neigh.lower(), neigh  # learnt by ARP through the bridge
+    assert report["supervisor"]["secondary_neighbour_requests"] >= 1
+    assert report["core"]["divergences_by_kind"] == {}, proxy.log
