@@ -44,6 +44,8 @@ from bridge_lab import BridgeLab, available
 
 ROOT = Path(__file__).resolve().parents[1]
 BULK_PORT, ECHO_PORT, REDIS_PORT = 8080, 7070, 6379
+CC = ""
+"""The bulk servers' TCP congestion control ("": the namespace's default)."""
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -149,10 +151,12 @@ def pingpong(lab: BridgeLab, count: int) -> dict[str, float]:
     return {"pp_p50_ms": r["p50_ms"], "pp_p99_ms": r["p99_ms"], "pp_rate": r["rate"]}
 
 
-def bulk(lab: BridgeLab, size: int, idle: float, proxy: Proxy | None) -> dict[str, float]:
+def bulk(lab: BridgeLab, size: int, idle: float, proxy: Proxy | None,
+         both: bool = False) -> dict[str, float]:
     """One fetch; a stall (silence for ``idle`` s) is printed at once with the counters."""
-    roles = ("primary", "secondary") if proxy else ("primary",)
-    args = ["tcp-server", "--size", str(size), "--port", str(BULK_PORT), "--timeout", "60"]
+    roles = ("primary", "secondary") if proxy or both else ("primary",)
+    args = ["tcp-server", "--size", str(size), "--port", str(BULK_PORT), "--timeout", "60",
+            "--cc", CC]
     servers = [lab.tool(role, *args) for role in roles]
     for server in servers:
         assert server.stdout is not None
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of silence that make a transfer a stall")
     parser.add_argument("--redis", action="store_true", help="also redis-benchmark SET/GET")
     parser.add_argument("--redis-requests", type=int, default=20000)
+    parser.add_argument("--cc", default="", help="bulk servers' TCP congestion control")
     parser.add_argument("--hog", action="store_true", help="a busy process beside the proxy")
     parser.add_argument("--stall-test", type=int, default=0, metavar="N",
                         help="N consecutive bulk transfers through one proxy, nothing else")
@@ -341,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.size, args.repeat, args.pings, args.pingpongs = 20, 1, 100, 200
     extra = args.proxy_args.split()
+    global CC
+    CC = args.cc
     with BridgeLab() as lab, guest_servers(lab, args.redis), cpu_hog(args.hog):
         print(f"plain Linux bridge vs colo-proxy bridge {' '.join(extra)}; MTU 1500, offloads "
               f"off; {args.size} MB fetches{', CPU hog' if args.hog else ''}", flush=True)

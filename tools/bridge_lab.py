@@ -240,6 +240,8 @@ def tcp_server(args: argparse.Namespace) -> int:
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", args.port))
+    if args.cc:
+        srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, args.cc.encode())
     srv.listen(1)
     srv.settimeout(args.timeout)
     _emit({"listening": args.port})
@@ -463,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--host", required=True)
         p.set_defaults(func=func)
     sub.choices["tcp-server"].add_argument("--diverge-at", type=int, default=-1)
+    sub.choices["tcp-server"].add_argument(
+        "--cc", default="", help="TCP congestion control (the namespace's default otherwise)"
+    )
     sub.choices["icmp-ping"].add_argument("--interval", type=float, default=0.01)
     sub.choices["tcp-client"].add_argument(
         "--idle", type=float, default=60.0, help="give up after S seconds of silence"

@@ -227,24 +227,33 @@ def parse_block(
 
 def parse_slots(
     ring: memoryview, head: int, slots: int, slot: int, max_frame: int, stats: PortStats,
-    out: list[Frame],
+    out: list[Frame], raw: mmap.mmap | None = None,
 ) -> int:
     """Copy every frame of the V2 slots the user owns from ``head`` on; the new head.
 
     Each slot is handed back (``TP_STATUS_KERNEL``) as soon as its frame is
     copied; at most ``slots`` frames per call, so one call never loops forever
-    behind a fast sender.
+    behind a fast sender.  ``raw`` is the ring's mmap, if any: slicing it
+    copies a frame into a ``bytes`` in one step.  The common frame (whole, no
+    tag, checksum done) is taken inline: this loop runs for every frame.
     """
-    unpack, give_back = _FRAME2.unpack_from, _U32.pack_into
+    unpack, give_back, append = _FRAME2.unpack_from, _U32.pack_into, out.append
+    taken = 0
     for _ in range(slots):
         at = head * slot
         tp_status, length, snaplen, mac, _net, _sec, _nsec, tci, tpid = unpack(ring, at)
         if not tp_status & TP_STATUS_USER:
             break
-        if _usable(snaplen, length, tp_status, max_frame, stats):
+        if tp_status == TP_STATUS_USER and snaplen == length and length <= max_frame:
+            start = at + mac
+            append((raw[start : start + length] if raw is not None
+                    else bytes(ring[start : start + length]), 0))
+            taken += length
+        elif _usable(snaplen, length, tp_status, max_frame, stats):
             _take(ring, at + mac, length, tp_status, tci, tpid, stats, out)
         give_back(ring, at, TP_STATUS_KERNEL)
         head = head + 1 if head + 1 < slots else 0
+    stats.bytes_in += taken
     return head
 
 
@@ -448,7 +457,7 @@ class PacketPort:
         if spec.version == 2:
             head = self._block
             self._block = parse_slots(view, head, self._slots, self._slot, self._max_frame,
-                                      stats, frames)
+                                      stats, frames, self._map)
             if self._block == head and not frames:
                 self._socket_error()
             else:
