@@ -16,6 +16,7 @@ and :func:`turn_off` switches them off (``--fix-offloads``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
@@ -299,3 +300,51 @@ class LinkWatch:
                 self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+
+
+INGRESS = 0xFFFF0000
+ETH_P_ALL = 0x0003
+
+
+def redirect_ingress(src: str, dst: str) -> None:
+    """Every frame arriving on ``src`` leaves on ``dst`` in the kernel (tc ingress + mirred).
+
+    Packet sockets on ``src`` still see each frame: the kernel hands it to
+    them before tc's ingress hook runs.  An ingress qdisc already there is
+    replaced (a proxy that crashed left it).
+    """
+    off_loop(lambda: _redirect_ingress(src, dst))
+
+
+def _redirect_ingress(src: str, dst: str) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        src_index, dst_index = ipr.link_lookup(ifname=src)[0], ipr.link_lookup(ifname=dst)[0]
+        _del_ingress(ipr, src_index)
+        ipr.tc("add", "ingress", src_index, "ffff:")
+        ipr.tc("add-filter", "u32", src_index, parent=INGRESS, prio=1, protocol=ETH_P_ALL,
+               target=0x10001, keys=["0x0/0x0+0"],
+               action={"kind": "mirred", "direction": "egress", "action": "redirect",
+                       "ifindex": dst_index})
+
+
+def remove_ingress(ifname: str) -> None:
+    """Remove ``ifname``'s ingress qdisc and its filters (nothing if there is none)."""
+    off_loop(lambda: _remove_ingress(ifname))
+
+
+def _remove_ingress(ifname: str) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if found:
+            _del_ingress(ipr, found[0])
+
+
+def _del_ingress(ipr: object, index: int) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with contextlib.suppress(NetlinkError):  # there was none
+        ipr.tc("del", "ingress", index, "ffff:")  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from colo_proxy.drivers.afpacket import PacketPort
 from colo_proxy.drivers.links import LinkEvent, LinkWatch, Offload, link_info, offloads_on, turn_off
@@ -31,8 +31,12 @@ SETTLE = 0.05
 class LinkFollower:
     """Offload checks and link events for a set of packet ports."""
 
-    def __init__(self, ports: Sequence[PacketPort], fix_offloads: bool) -> None:
+    def __init__(
+        self, ports: Sequence[PacketPort], fix_offloads: bool,
+        on_reopen: Callable[[PacketPort], None] | None = None,
+    ) -> None:
         self.ports = tuple(ports)
+        self._on_reopen = on_reopen
         self.fix_offloads = fix_offloads
         self.counters = {"link_events": 0, "reopens": 0, "reopen_failures": 0,
                          "offloads_fixed": 0, "offloads_left_on": 0}
@@ -117,6 +121,8 @@ class LinkFollower:
                           "(counted as gso_dropped); turn them off or run with --fix-offloads",
                           port.name, port.ifname, _describe(found))
             port.reopen()
+            if self._on_reopen is not None:
+                self._on_reopen(port)
         except Exception as err:  # keep bridging the other ports; the next event retries
             self.counters["reopen_failures"] += 1
             log.error("%s: re-opening %s failed: %s", port.name, port.ifname, err)

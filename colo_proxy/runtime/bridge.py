@@ -9,8 +9,10 @@ core, QMP, timers, divergence log and shutdown are
 :class:`~colo_proxy.runtime.host.CoreHost`'s, exactly as for ``run``; only
 the frame paths differ:
 
-* client-if -> core (``Side.CLIENT``), then out on primary-if unchanged and
-  on secondary-if translated by the
+* client-if -> core (``Side.CLIENT``), then out on primary-if unchanged (by
+  the kernel: a tc ingress redirect, as nothing needs deciding; the frame
+  still reaches our ring first, and a guest's answer is read only after the
+  client frames before it) and on secondary-if translated by the
   :class:`~colo_proxy.core.rewrite.SecondaryRewriter` (the client
   acknowledges the primary's sequence numbers and timestamps; the secondary's
   kernel needs its own);
@@ -47,6 +49,7 @@ from colo_proxy.core.framing import Frame
 from colo_proxy.core.rewrite import SecondaryRewriter
 from colo_proxy.drivers.afpacket import PacketPort, RingSpec, busy_poll
 from colo_proxy.drivers.endpoints import Endpoint
+from colo_proxy.drivers.links import redirect_ingress, remove_ingress
 from colo_proxy.drivers.port_links import LinkFollower
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
@@ -80,6 +83,8 @@ class BridgeSettings:
     busy_poll_us: int = 100
     fix_offloads: bool = False
     """Turn off offloads that make super-frames instead of refusing to start."""
+    kernel_forward: bool = True
+    """Client frames reach the primary in the kernel (tc mirred), not through us."""
     """After a frame, look at the rings this long without sleeping (0: never)."""
 
     def validate(self) -> None:
@@ -139,7 +144,10 @@ class Bridge(CoreHost):
             "secondary-if", settings.secondary_if, self._woken(self._from_secondary), ring, buf
         )
         self.ports = (self.client, self.primary, self.secondary)
-        self.links = LinkFollower(self.ports, settings.fix_offloads)
+        self.links = LinkFollower(self.ports, settings.fix_offloads, self._reopened)
+        self._kernel_forward = settings.kernel_forward and settings.ring.version == 2
+        self._forwarding = False
+        self.counters["kernel_forward_installed"] = 0
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_every = max(1.0, min(30.0, config.flow_idle_timeout / 4))
 
@@ -162,6 +170,8 @@ class Bridge(CoreHost):
                         ", ".join(f"{k} {v}" for k, v in mtus.items()))
         for port in self.ports:
             port.start()
+        if self._kernel_forward:
+            self._forward_in_kernel()
         self.links.start()
         self._schedule_expiry()
         log.info("bridge up: client %s, primary %s, secondary %s",
@@ -169,6 +179,12 @@ class Bridge(CoreHost):
 
     async def _close_inputs(self) -> None:
         self.links.close()
+        if self._forwarding:
+            self._forwarding = False
+            try:
+                remove_ingress(self.client.ifname)
+            except Exception as err:  # the interface may be gone: so is its qdisc
+                log.warning("removing the tc redirect from %s: %s", self.client.ifname, err)
         for port in self.ports:
             port.stop_reading()
         if self._expiry is not None:
@@ -183,6 +199,24 @@ class Bridge(CoreHost):
         for port in self.ports:
             port.close()
         return {"output_frames_pending_at_close": pending}
+
+    def _forward_in_kernel(self) -> None:
+        """Client frames go to the primary by tc mirred: no decision, so no Python."""
+        try:
+            redirect_ingress(self.client.ifname, self.primary.ifname)
+        except Exception as err:  # then this process forwards them, as before
+            self._forwarding = False
+            log.warning("cannot redirect %s to %s in the kernel (%s): forwarding client frames "
+                        "here", self.client.ifname, self.primary.ifname, err)
+            return
+        self._forwarding = True
+        self.counters["kernel_forward_installed"] += 1
+        log.info("client frames reach %s by tc ingress mirred on %s", self.primary.ifname,
+                 self.client.ifname)
+
+    def _reopened(self, port: PacketPort) -> None:
+        if self._kernel_forward and port in (self.client, self.primary):
+            self._forward_in_kernel()  # a re-created interface lost its filter (or target)
 
     def _send_released(self, frames: list[Frame]) -> None:
         self.client.send(frames)
@@ -215,7 +249,8 @@ class Bridge(CoreHost):
     def _from_client(self, frames: list[Frame]) -> None:
         now = self._clock()
         self._feed(Side.CLIENT, frames)
-        self.primary.send(frames)
+        if not self._forwarding:
+            self.primary.send(frames)
         to_secondary = self.rewriter.to_secondary
         try:
             translated = [(to_secondary(data, now), 0) for data, _ in frames]
@@ -230,11 +265,27 @@ class Bridge(CoreHost):
             self._rewriter_error("to_secondary", data)
             return data
 
+    def _client_first(self) -> None:
+        """Feed client frames already in the ring before a guest's answer to them.
+
+        With kernel forwarding a guest can answer a client frame before we
+        read it; the frame is in the client ring by then (packet sockets see
+        it before tc forwards it), so reading that ring first keeps the order.
+        """
+        if self._forwarding and self.client.ready():
+            polling, self._polling = self._polling, True
+            try:
+                self.client.read()
+            finally:
+                self._polling = polling
+
     def _from_primary(self, frames: list[Frame]) -> None:
+        self._client_first()
         self._observe(self.rewriter.observe_primary, frames)
         self._feed(Side.PRIMARY, frames)
 
     def _from_secondary(self, frames: list[Frame]) -> None:
+        self._client_first()
         self._observe(self.rewriter.observe_secondary, frames)
         if self.passthrough_reason is None:
             asks = [f for f in frames if f[0][12:14] != IPV4 and neighbour_request(f[0])]

@@ -36,6 +36,7 @@ BRIDGE_KEYS: Keys = {
     "output_buffer": (int, 64 * 1024 * 1024),
     "busy_poll_us": (int, 100),
     "fix_offloads": (bool, False),
+    "kernel_forward": (bool, True),
     **HOST_KEYS,
 }
 
@@ -73,6 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     io.add_argument("--fix-offloads", action="store_true", default=None,
                     help="turn off GRO/LRO on the three interfaces and segmentation offloads "
                          "on their veth peers (logged) instead of refusing to start")
+    io.add_argument("--kernel-forward", action=argparse.BooleanOptionalAction, default=None,
+                    help="client frames reach the primary by a tc ingress redirect in the "
+                         "kernel (default on; ring version 2 only)")
     io.add_argument("--output-buffer", type=int, default=None, metavar="BYTES",
                     help="bound on output waiting for an interface; beyond it output is "
                          "dropped and counted (64 MiB)")
@@ -101,6 +105,7 @@ def settings_from_values(values: dict[str, Any]) -> BridgeSettings:
         output_buffer=int(values["output_buffer"]),
         busy_poll_us=int(values["busy_poll_us"]),
         fix_offloads=bool(values["fix_offloads"]),
+        kernel_forward=bool(values["kernel_forward"]),
         **host_settings(values, "bridge"),
     )
     settings.validate()

@@ -74,6 +74,7 @@ def make_bridge(sockdir: Path) -> tuple[Bridge, dict[str, FakePort]]:
     settings = BridgeSettings(
         client_if="c0", primary_if="p0", secondary_if="s0",
         qmp=parse_endpoint(f"unix:{sockdir}/qmp"), qmp_follow=FollowPolicy.ALWAYS,
+        kernel_forward=False,
     )
     bridge = Bridge(Config(compare_timeout=60.0, min_checkpoint_interval=0.0), settings)
     ports = {"client": FakePort("client-if", "c0"), "primary": FakePort("primary-if", "p0"),

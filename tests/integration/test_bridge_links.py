@@ -59,6 +59,7 @@ def test_link_down_up_and_a_recreated_interface_are_reopened(lab: Any, bridge: A
     report = proxy.stop()
     assert client["complete"], (client, proxy.log)
     assert report["links"]["reopens"] >= 2 and report["primary-if"]["reopens"] >= 2
+    assert report["supervisor"]["kernel_forward_installed"] >= 2  # again for the new primary
     assert report["core"]["divergences_by_kind"] == {}, proxy.log
 
 

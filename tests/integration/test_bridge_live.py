@@ -159,6 +159,9 @@ def test_tcp_fetch_through_the_bridge(lab: Any, bridge: Any) -> None:
     assert report["rewriter"]["rewritten_frames"] > 0
     assert report["rewriter"]["ended_rst"] == 0
     assert report["client-if"]["frames_out"] == core["released_frames"]
+    # the client's frames reached the primary in the kernel (tc mirred), not through us
+    assert report["supervisor"]["kernel_forward_installed"] == 1
+    assert report["primary-if"]["frames_out"] == 0
     assert report["supervisor"]["checkpoint_requests"] == 0
     assert report["shutdown"]["held_frames_at_stop"] == 0
 
