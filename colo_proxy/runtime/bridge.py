@@ -63,6 +63,10 @@ DRAIN_LIMIT = 2.0
 BUSY_POLL_LIMIT = 0.002
 """The longest one busy poll keeps the loop from timers and QMP (seconds)."""
 
+BUSY_POLL_BATCH = 8
+"""Busy poll only after a wake-up this small: under load the next wake-up comes by itself,
+and spinning would take the CPU the guests need to send."""
+
 
 @dataclass(frozen=True, slots=True)
 class BridgeSettings:
@@ -233,11 +237,11 @@ class Bridge(CoreHost):
     # ---- frame paths --------------------------------------------------------------------
 
     def _woken(self, handler: Callable[[list[Frame]], None]) -> Callable[[list[Frame]], None]:
-        """``handler``, followed by a short busy poll of every ring when woken by the loop."""
+        """``handler``, then a short busy poll of every ring after a small wake-up."""
 
         def on_frames(frames: list[Frame]) -> None:
             handler(frames)
-            if self._busy_poll and not self._polling:
+            if self._busy_poll and not self._polling and len(frames) <= BUSY_POLL_BATCH:
                 self._polling = True
                 try:
                     busy_poll(self.ports, self._busy_poll, BUSY_POLL_LIMIT)
