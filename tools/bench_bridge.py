@@ -68,11 +68,12 @@ def _json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
 class Proxy:
     """`colo-proxy bridge` on the lab; its log read on a thread, its stats on demand."""
 
-    def __init__(self, lab: BridgeLab, extra: list[str]) -> None:
+    def __init__(self, lab: BridgeLab, extra: list[str], root: Path = ROOT) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "colo_proxy.cli", "bridge", *lab.bridge_args(),
              "--log-level", "info", *extra],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(root)},
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -253,53 +254,73 @@ ROWS = [
 ]
 
 
-def table(plain: list[dict[str, float]], proxy: list[dict[str, float]]) -> None:
-    print("\n| metric | plain bridge | colo-proxy bridge | ratio | added |")
-    print("|---|---|---|---|---|")
+def table(runs: dict[str, list[dict[str, float]]]) -> None:
+    """Medians per mode; each proxy mode's ratio to the plain bridge and the time it adds."""
+    plain = runs["plain"]
+    proxies = [m for m in runs if m != "plain"]
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
+    head = " | ".join(f"{m} | {m}/plain | {m} added" for m in proxies)
+    print(f"\n| metric | plain bridge | {head} |")
+    print("|---|---|" + "---|---|---|" * len(proxies))
     for label, key, kind in ROWS:
         if key not in plain[0]:
             continue
-        a = statistics.median(r[key] for r in plain)
-        b = statistics.median(r[key] for r in proxy)
-        ratio = f"{b / a:.3f}" if a else "-"
-        added = f"{b - a:+.3f} ms" if kind == "lat" else ""
-        print(f"| {label} | {a:,.3f} | {b:,.3f} | {ratio} | {added} |")
-    stalls = sum(r["bulk_stalls"] for r in proxy)
-    print(f"| bulk stalls (proxy) | {sum(r['bulk_stalls'] for r in plain):.0f} | {stalls:.0f} "
-          f"| | |")
-    for key in ("ring_drops", "divergences", "proxy_cpu_s", "bulk_cpu_pct"):
-        print(f"| {key} (proxy, median per round) | | "
-              f"{statistics.median(r[key] for r in proxy):,.2f} | | |")
+        a = med["plain"][key]
+        cells = []
+        for m in proxies:
+            b = med[m][key]
+            cells.append(f"{b:,.3f} | {b / a:.3f}" if a else f"{b:,.3f} | -")
+            cells.append(f"{b - a:+.3f} ms" if kind == "lat" else "")
+        print(f"| {label} | {a:,.3f} | {' | '.join(cells)} |")
+    for key in ("bulk_stalls", "ring_drops", "divergences", "proxy_cpu_s", "bulk_cpu_pct"):
+        total = key in ("bulk_stalls", "ring_drops", "divergences")
+        cells = []
+        for m in proxies:
+            values = [r.get(key, 0.0) for r in runs[m]]
+            cells.append(f"{sum(values) if total else statistics.median(values):,.2f} | | ")
+        what = "sum over rounds" if total else "median per round"
+        print(f"| {key} ({what}) | {sum(r.get(key, 0.0) for r in plain) if total else '':} | "
+              f"{' | '.join(cells)}|")
 
 
 def series(lab: BridgeLab, args: argparse.Namespace, extra: list[str]) -> None:
-    plain_runs: list[dict[str, float]] = []
-    proxy_runs: list[dict[str, float]] = []
+    modes: dict[str, tuple[Path, list[str]] | None] = {"plain": None}
+    if args.before_root:
+        modes["before"] = (Path(args.before_root).resolve(), [])
+    modes["proxy"] = (ROOT, extra)
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     for i in range(args.repeat):
-        lab.plain_up()
-        try:
-            time.sleep(0.3)
-            r = workloads(lab, args, None)
-        finally:
-            lab.plain_down()
-        plain_runs.append(r)
-        print(f"round {i + 1} plain: {json.dumps({k: round(v, 4) for k, v in r.items()})}",
-              flush=True)
-        proxy = Proxy(lab, extra)
-        try:
-            cpu0 = proxy.cpu()
-            r = workloads(lab, args, proxy)
-            r["proxy_cpu_s"] = proxy.cpu() - cpu0
-            report = proxy.stop()
-        finally:
-            proxy.kill()
-        r["ring_drops"] = sum(report[p]["ring_drops"]
-                              for p in ("client-if", "primary-if", "secondary-if"))
-        r["divergences"] = sum(report["core"]["divergences_by_kind"].values())
-        proxy_runs.append(r)
-        print(f"round {i + 1} proxy: {json.dumps({k: round(v, 4) for k, v in r.items()})}",
-              flush=True)
-    table(plain_runs, proxy_runs)
+        for mode, how in modes.items():
+            r = plain_round(lab, args) if how is None else proxy_round(lab, args, *how)
+            runs[mode].append(r)
+            print(f"round {i + 1} {mode}: {json.dumps({k: round(v, 4) for k, v in r.items()})}",
+                  flush=True)
+    table(runs)
+
+
+def plain_round(lab: BridgeLab, args: argparse.Namespace) -> dict[str, float]:
+    lab.plain_up()
+    try:
+        time.sleep(0.3)
+        return workloads(lab, args, None)
+    finally:
+        lab.plain_down()
+
+
+def proxy_round(lab: BridgeLab, args: argparse.Namespace, root: Path,
+                extra: list[str]) -> dict[str, float]:
+    proxy = Proxy(lab, extra, root)
+    try:
+        cpu0 = proxy.cpu()
+        r = workloads(lab, args, proxy)
+        r["proxy_cpu_s"] = proxy.cpu() - cpu0
+        report = proxy.stop()
+    finally:
+        proxy.kill()
+    r["ring_drops"] = sum(report[p]["ring_drops"]
+                          for p in ("client-if", "primary-if", "secondary-if"))
+    r["divergences"] = sum(report["core"]["divergences_by_kind"].values())
+    return r
 
 
 def stall_test(lab: BridgeLab, args: argparse.Namespace, extra: list[str]) -> None:
@@ -338,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="N consecutive bulk transfers through one proxy, nothing else")
     parser.add_argument("--quick", action="store_true", help="20 MB, one round, few pings")
     parser.add_argument("--proxy-args", default="", help="extra `colo-proxy bridge` flags")
+    parser.add_argument("--before-root", default="", metavar="DIR",
+                        help="also run the colo-proxy in DIR (e.g. an export of main) each round")
     args = parser.parse_args(argv)
     reason = available()
     if reason is not None:

@@ -47,6 +47,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from colo_proxy.core.checksum import ones_sum
+
 GUEST_MAC = "52:54:00:c0:10:02"
 CLIENT_MAC = "52:54:00:c0:10:01"
 SIOCOUTQ = 0x5411
@@ -409,7 +412,7 @@ def icmp_ping(args: argparse.Namespace) -> int:
     for seq in range(args.count):
         body = struct.pack("!HH", ident, seq) + bytes(56)
         header = struct.pack("!BBH", 8, 0, 0)
-        csum = _inet_checksum(header + body)
+        csum = ~ones_sum(header + body) & 0xFFFF
         packet = struct.pack("!BBH", 8, 0, csum) + body
         t0 = time.perf_counter()
         sock.sendto(packet, (args.host, 0))
@@ -431,15 +434,6 @@ def icmp_ping(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
     _emit({"count": len(rtts), "lost": lost, **_percentiles(rtts)})
     return 0
-
-
-def _inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def _offloads_cmd(args: argparse.Namespace) -> int:
