@@ -7,6 +7,7 @@ with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -38,6 +39,11 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="guest IP or MAC, for captures holding both directions")
     p.add_argument("--checkpoint-latency", type=float, default=0.0, metavar="S",
                    help="simulated checkpoint duration in virtual seconds (default 0)")
+    p.add_argument("--align", default="auto", metavar="auto|none|SECONDS",
+                   help="line the secondary capture's clock up with the primary's: auto "
+                        "estimates the offset from client requests seen in both captures "
+                        "(else the first guest frame of each), none trusts the timestamps, "
+                        "SECONDS is the secondary's offset (its clock minus the primary's)")
     p.add_argument("--batch-window", type=float, default=0.0, metavar="S",
                    help="feed each side's frames that arrived within S seconds as one batch, "
                         "as live reads would (faster; times move by up to S; keep S below "
@@ -47,7 +53,9 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from colo_proxy.drivers.align import parse_align
     from colo_proxy.drivers.guest import parse_guest
+    from colo_proxy.drivers.output import atomic_output
     from colo_proxy.drivers.pcap import PcapWriter
     from colo_proxy.drivers.replay import Replay
     from colo_proxy.report import report_dict, summary_text, to_json
@@ -57,17 +65,27 @@ def _replay(args: argparse.Namespace) -> int:
         raise ColoProxyError("--checkpoint-latency: must not be negative")
     if not args.batch_window >= 0:
         raise ColoProxyError("--batch-window: must not be negative")
-    guest = parse_guest(args.guest) if args.guest else None
-    writer = PcapWriter(args.released) if args.released else None
     try:
+        align_setting = parse_align(args.align)
+    except ValueError as err:
+        raise ColoProxyError(str(err)) from err
+    guest = parse_guest(args.guest) if args.guest else None
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if args.released:
+            tmp = stack.enter_context(
+                atomic_output(args.released, inputs=(args.primary, args.secondary))
+            )
+            writer = PcapWriter(tmp)
+            stack.callback(writer.close)
         replay = Replay(config, args.checkpoint_latency,
-                        writer.write if writer is not None else None, args.batch_window)
+                        writer.write if writer is not None else None, args.batch_window,
+                        align_setting)
         result = replay.run(args.primary, args.secondary, guest)
-    finally:
-        if writer is not None:
-            writer.close()
     report = report_dict(result, args.primary, args.secondary)
     print(to_json(report) if args.json else summary_text(report))
+    for warning in report["warnings"]:
+        print(f"colo-proxy: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -82,9 +100,11 @@ def _add_streams(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _streams(args: argparse.Namespace) -> int:
+    from colo_proxy.drivers.output import atomic_output_dir
     from colo_proxy.streams import write_streams
 
-    index = write_streams(args.pcap, args.out)
+    with atomic_output_dir(args.out, inputs=(args.pcap,)) as tmp:
+        index = write_streams(args.pcap, str(tmp))
     print(f"{len(index)} TCP directions written to {args.out} (index.json)")
     return 0
 

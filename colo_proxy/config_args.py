@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from colo_proxy.core.config import Config
+from colo_proxy.core.config import CHOICES, Config
 from colo_proxy.errors import ConfigError
 
 _DEST_PREFIX = "cfg_"
@@ -42,6 +42,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("thresholds and limits (seconds, bytes)")
     for f in fields(Config):
         default = f.default if f.default is not MISSING else None
+        if f.name in CHOICES:
+            group.add_argument(
+                "--" + f.name.replace("_", "-"), dest=_DEST_PREFIX + f.name, default=None,
+                choices=CHOICES[f.name], help=f"{_field_doc(f.name)} (default {default})",
+            )
+            continue
         kind = float if f.type == "float" else int
         group.add_argument(
             "--" + f.name.replace("_", "-"), dest=_DEST_PREFIX + f.name, type=kind,

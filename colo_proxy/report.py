@@ -33,6 +33,22 @@ def _div_json(div: Divergence, start: float) -> dict[str, Any]:
     }
 
 
+def _alignment_json(res: ReplayResult) -> dict[str, Any]:
+    """clock_offset applied to the secondary capture, how it was estimated, warnings."""
+    al = res.alignment
+    if al is None:
+        return {"clock_offset": 0.0, "clock_offset_estimate": None, "warnings": []}
+    est = al.estimate
+    return {
+        "clock_offset": round(al.applied, 6),
+        "clock_offset_estimate": {
+            "offset": None if est.offset is None else round(est.offset, 6),
+            "method": est.method, "matches": est.matches, "spread": round(est.spread, 6),
+        },
+        "warnings": list(al.warnings),
+    }
+
+
 def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, Any]:
     """The replay report as a JSON-ready dict (times in seconds from the first frame)."""
     stats = dict(res.stats)
@@ -63,6 +79,7 @@ def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, An
         "malformed": stats.pop("malformed"),
         "uncompared": stats.pop("uncompared"),
         "flows": stats.pop("flows_created", 0),
+        **_alignment_json(res),
         "counters": {k: v for k, v in sorted(stats.items()) if k not in ("released_frames",)},
     }
 
@@ -86,6 +103,9 @@ def summary_text(report: dict[str, Any]) -> str:
         lines.append(f"guest {report['guest']}; client frames (input, not compared): "
                      f"{report['client_frames']}")
     lines.append(f"flows: {report['flows']}")
+    est = report["clock_offset_estimate"]
+    how = f" (estimated from {est['method']})" if est and est["offset"] is not None else ""
+    lines.append(f"secondary clock offset applied: {report['clock_offset']:+.6f} s{how}")
     lines.append(
         f"released: {report['released_frames']} frames "
         f"({report['released_payload_bytes']} TCP payload bytes); "

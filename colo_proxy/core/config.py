@@ -11,6 +11,11 @@ from typing import Any
 
 from colo_proxy.errors import ConfigError
 
+AFTER_CHECKPOINT_MODES: tuple[str, ...] = ("auto", "reset", "continues")
+
+CHOICES: dict[str, tuple[str, ...]] = {"secondary_after_checkpoint": AFTER_CHECKPOINT_MODES}
+"""Settings that take one of a few words instead of a number."""
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -46,10 +51,20 @@ class Config:
     """An incomplete IP datagram is given up after this long."""
     max_sec_buffer_bytes: int = 16 * 1024 * 1024
     """Secondary bytes buffered in one flow ahead of the primary before a checkpoint."""
+    secondary_after_checkpoint: str = "auto"
+    """After a checkpoint the secondary: reset (copies the primary), continues, auto (per flow)."""
+    # reset: it continues from the primary's state, as on a real COLO pair; continues: it
+    # goes on in its own sequence space (independent recordings, a failed checkpoint);
+    # auto: each flow decides from the secondary's next segment (see tcp.py).
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in CHOICES:
+                if value not in CHOICES[f.name]:
+                    allowed = ", ".join(CHOICES[f.name])
+                    raise ConfigError(f"{f.name}: expected one of {allowed}, got {value!r}")
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{f.name}: expected a number, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):

@@ -8,8 +8,12 @@ for other protocols); header noise never enters it.  A primary datagram is
 released the moment the secondary produced the same content, in whatever
 order they arrive.  Datagrams are numbered per side; when a datagram is
 still unmatched after the other side sent `window` more, its partner is
-not coming: that is a divergence.  Unmatched output older than the compare
-timeout is one too.
+not coming: that is a divergence.  So is an unmatched pair, one on each
+side, when a later datagram of each side has matched (the flow moved on past
+both) and the pair is still unmatched a tenth of the compare timeout later
+(reordering resolves in far less): a `udp`/`icmp`/`other` divergence with
+both contents from their first differing byte, not a timeout.  Other
+unmatched output older than the compare timeout is a timeout divergence.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ class DatagramFlow(HeldCounts):
     """Comparison state of one UDP, ICMP or other-protocol flow."""
 
     __slots__ = (
-        "ghost_until", "ghosts", "kind", "pri_n", "pri_order", "pri_wait", "sec_bytes", "sec_n",
-        "sec_order", "sec_wait",
+        "ghost_until", "ghosts", "kind", "pri_matched", "pri_n", "pri_order", "pri_wait",
+        "sec_bytes", "sec_matched", "sec_n", "sec_order", "sec_wait",
     )
 
     def __init__(self, key: FlowKey, now: float, kind: DivergenceKind) -> None:
@@ -46,6 +50,9 @@ class DatagramFlow(HeldCounts):
         """Contents the primary sent before the last checkpoint with no partner yet:
         the secondary's copies may still be in flight and are absorbed, not compared."""
         self.ghost_until = 0.0
+        self.pri_matched = 0
+        self.sec_matched = 0
+        """Index of the latest matched datagram of each side."""
 
     def on_primary(
         self, host: FlowHost, content: bytes, rel: Rel, flen: int, now: float, window: int
@@ -61,6 +68,9 @@ class DatagramFlow(HeldCounts):
                 partner[D_MATCHED] = True
                 self.sec_bytes -= len(content)
                 host.release_unheld(rel)
+                self.pri_matched = self.pri_n
+                if partner[D_INDEX] > self.sec_matched:  # type: ignore[operator]
+                    self.sec_matched = partner[D_INDEX]  # type: ignore[assignment]
                 self._check_window(host, now, window)
                 return
         entry: list[object] = [self.pri_n, rel, now, False, content, flen]
@@ -86,6 +96,9 @@ class DatagramFlow(HeldCounts):
                 del self.pri_wait[content]
             partner[D_MATCHED] = True
             host.release(self, partner[D_REL], partner[D_FLEN], 0)  # type: ignore[arg-type]
+            self.sec_matched = self.sec_n
+            if partner[D_INDEX] > self.pri_matched:  # type: ignore[operator]
+                self.pri_matched = partner[D_INDEX]  # type: ignore[assignment]
         else:
             entry: list[object] = [self.sec_n, None, now, False, content, 0]
             self.sec_order.append(entry)
@@ -111,6 +124,42 @@ class DatagramFlow(HeldCounts):
             self.ghosts[content] = left - 1
         return True
 
+    def _passed_pair(self) -> tuple[list[object], list[object]] | None:
+        """The oldest unmatched datagram of each side, if the flow matched later ones of both."""
+        p = self._oldest(self.pri_order)
+        s = self._oldest(self.sec_order)
+        if (
+            p is not None and s is not None
+            and p[D_INDEX] < self.pri_matched and s[D_INDEX] < self.sec_matched  # type: ignore[operator]
+        ):
+            return p, s
+        return None
+
+    def due(self, timeout: float) -> float | None:
+        """When expired() next has something to report, if anything is unmatched."""
+        oldest = self.oldest_pending()
+        if oldest is None:
+            return None
+        pair = self._passed_pair()
+        if pair is not None:
+            return min(oldest + timeout, self._pair_due(pair, timeout))
+        return oldest + timeout
+
+    @staticmethod
+    def _pair_due(pair: tuple[list[object], list[object]], timeout: float) -> float:
+        p, s = pair
+        return max(p[D_TIME], s[D_TIME]) + timeout / 10  # type: ignore[call-overload,no-any-return]
+
+    def _diverge_pair(self, host: FlowHost, now: float, pc: bytes, sc: bytes) -> None:
+        """Report two datagrams that differ, each shown from the first differing byte."""
+        n = min(len(pc), len(sc))
+        lo = next((i for i in range(n) if pc[i] != sc[i]), n)
+        if len(pc) != len(sc):
+            detail = f"lengths differ ({len(pc)} vs {len(sc)} bytes), from byte {lo}"
+        else:
+            detail = f"contents differ from byte {lo}"
+        host.diverge(self, self.kind, None, pc[lo : lo + 16], sc[lo : lo + 16], now, detail)
+
     @staticmethod
     def _oldest(order: deque[list[object]]) -> list[object] | None:
         while order and order[0][D_MATCHED]:
@@ -130,9 +179,10 @@ class DatagramFlow(HeldCounts):
         if late_p or late_s:
             pc: bytes = p[D_CONTENT] if p is not None else b""  # type: ignore[assignment]
             sc: bytes = s[D_CONTENT] if s is not None else b""  # type: ignore[assignment]
-            both = p is not None and s is not None
-            detail = "lengths differ" if both and len(pc) != len(sc) else "no partner datagram"
-            host.diverge(self, self.kind, None, pc[:16], sc[:16], now, detail)
+            if p is not None and s is not None:
+                self._diverge_pair(host, now, pc, sc)
+            else:
+                host.diverge(self, self.kind, None, pc[:16], sc[:16], now, "no partner datagram")
 
     def pending(self) -> bool:
         """Whether any datagram of either side is still unmatched."""
@@ -147,16 +197,23 @@ class DatagramFlow(HeldCounts):
         """Report a timeout divergence if a datagram waited too long; True if so."""
         if self.diverged:
             return False
+        pair = self._passed_pair()
+        if pair is not None and self._pair_due(pair, timeout) <= now:
+            p, s = pair
+            self._diverge_pair(host, now, p[D_CONTENT], s[D_CONTENT])  # type: ignore[arg-type]
+            return True
         for order, who in ((self.pri_order, "primary"), (self.sec_order, "secondary")):
             head = self._oldest(order)
-            if head is not None and now - head[D_TIME] > timeout:  # type: ignore[operator]
+            if head is not None and head[D_TIME] + timeout <= now:  # type: ignore[operator]
                 host.diverge(self, DivergenceKind.TIMEOUT, None, b"", b"", now,
                              f"{who} datagram unmatched")
                 return True
         return False
 
-    def rebase(self, host: FlowHost, now: float, grace: float) -> None:
+    def after_checkpoint(self, host: FlowHost, now: float, grace: float, mode: str) -> None:
         """After a checkpoint: release held primary datagrams in arrival order.
+
+        Datagrams carry no sequence space, so `mode` changes nothing here.
 
         Their secondary copies may still arrive for `grace` seconds; they are
         absorbed rather than left unmatched (TCP gets the same effect from
@@ -175,4 +232,5 @@ class DatagramFlow(HeldCounts):
         self.pri_wait.clear()
         self.sec_wait.clear()
         self.pri_n = self.sec_n = 0
+        self.pri_matched = self.sec_matched = 0
         self.diverged = False

@@ -321,6 +321,10 @@ class Proxy:
             return
         self._dispatch(primary, ip, data, ip.l4, ip.l4_end, frame, flen, now)
 
+    def expire(self, now: float) -> None:
+        """Check timeouts now, off the scan schedule (an offline driver at a timer's due time)."""
+        self._scan(now)
+
     def tick(self, now: float) -> None:
         """Advance timers: rate-limited checkpoint requests, timeouts, expiry."""
         if self._deferred is not None and now >= self._deferred[1]:
@@ -340,6 +344,10 @@ class Proxy:
             times.append(self._next_scan)
         return min(times) if times else None
 
+    def deferred_due(self) -> float | None:
+        """When a rate-limited checkpoint request falls due, if one waits."""
+        return self._deferred[1] if self._deferred is not None else None
+
     def earliest_timer(self) -> float | None:
         """The earliest time a timeout or deferred request can fire (an O(flows) scan).
 
@@ -352,9 +360,9 @@ class Proxy:
         times = []
         for flow in self._flows.values():
             if not flow.diverged:
-                t = flow.oldest_pending()
+                t = flow.due(cfg.compare_timeout)
                 if t is not None:
-                    times.append(t + cfg.compare_timeout)
+                    times.append(t)
         for table in self._frags:
             t = table.oldest()
             if t is not None:
@@ -382,19 +390,25 @@ class Proxy:
         self._deferred = None
 
     def checkpoint_done(self, now: float) -> None:
-        """The checkpoint committed: release everything held, resynchronise flows."""
+        """The checkpoint committed: release everything held, resynchronise flows.
+
+        The state is IDLE before the flows go on, so a divergence they find at
+        once (a secondary that goes on in its own state) asks for the next
+        checkpoint under the rate limit.
+        """
         again = self._again if self.state is CheckpointState.RUNNING else None
         self._again = None
         self._deferred = None
         self.counters["checkpoints_completed"] += 1
+        self.state = CheckpointState.IDLE
+        self._last_end = now
         grace = self.config.compare_timeout
-        for flow in self._flows.values():
-            flow.rebase(self, now, grace)
+        mode = self.config.secondary_after_checkpoint
+        for flow in list(self._flows.values()):
+            flow.after_checkpoint(self, now, grace, mode)
         for rel in self._frags[0].clear():
             self._pass(rel, "ip_fragment_incomplete_at_checkpoint")
         self.counters["secondary_fragments_dropped"] += len(self._frags[1].clear())
-        self.state = CheckpointState.IDLE
-        self._last_end = now
         if again is not None:
             self.want_checkpoint(again, now)
 
@@ -506,6 +520,9 @@ class Proxy:
     ) -> None:
         """Freeze the flow, record what differed, and ask for a checkpoint."""
         flow.diverged = True
+        if offset is not None and offset < 0:  # a core bug: never report one
+            self.counters["negative_offsets_clamped"] += 1
+            offset = 0
         self.divergence_kinds[kind.value] += 1
         if len(self._divergences) < MAX_DIVERGENCES_KEPT:
             self._divergences.append(

@@ -50,6 +50,22 @@ class StreamBuffer:
         self.ooo_starts.clear()
         self.ooo_bytes = 0
 
+    def skip_to(self, pos: int) -> None:
+        """Forget every byte before offset `pos`; keep what lies beyond it."""
+        if pos <= self.base:
+            return
+        drop = min(pos - self.base, len(self.buf))
+        del self.buf[:drop]
+        self.base += drop
+        if self.base < pos:  # past the contiguous bytes: restart at pos with what is beyond
+            self.base = pos
+            pieces = [(start, data) for start, data in self.ooo if start + len(data) > pos]
+            self.ooo.clear()
+            self.ooo_starts.clear()
+            self.ooo_bytes = 0
+            for start, data in pieces:
+                self.add(start, data)
+
     def consume(self, n: int) -> None:
         """Drop the first n contiguous bytes (they were compared or written)."""
         del self.buf[:n]

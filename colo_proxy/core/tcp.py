@@ -8,20 +8,35 @@ ISN), so segmentation, ISNs and options never matter.  `pri.stream` and
 agreed.  Whenever both have contiguous bytes past it, they are compared and
 consumed together.
 
-Primary frames wait in `queue` (in arrival order) and leave it in order, each
-once (a) its payload lies below the agreed offset, (b) its ACK, as an offset
-from the client's ISN, is not ahead of the highest ACK the secondary sent
-(otherwise a failover could lose client data the client believes delivered),
-and (c) a SYN waits for the secondary's SYN with equal options, a FIN or RST
-for the secondary's at the same offset.
+Primary frames wait in `queue` (in arrival order) and leave it once (a) its
+payload lies below the agreed offset, (b) its ACK, as an offset from the
+client's ISN, is not ahead of the highest ACK the secondary sent (otherwise
+a failover could lose client data the client believes delivered), and (c) a
+SYN waits for the secondary's SYN with equal options, a FIN or RST for the
+secondary's at the same offset.  Release follows stream offsets, not arrival
+order: a retransmission that fills a gap goes out as soon as its bytes match,
+even when later segments wait in the queue before it (a sender whose
+congestion window fell to one would otherwise never send the next segment).
 
 Divergence (different bytes, close or handshake) freezes the flow: nothing
-more is released or compared until a checkpoint makes the secondary a copy
-of the primary again, after which `rebase` continues from the primary's
-current offsets with the primary's sequence space.
+more is released or compared until a checkpoint; both sides' bytes are still
+buffered.  What the checkpoint did to the secondary is decided per flow
+(`after_checkpoint`):
 
-Mid-stream pick-up (no SYN seen, e.g. after a restart) assumes both sides
-share one sequence space, which is exactly the state after a checkpoint.
+    reset      the secondary is now a copy of the primary (a real COLO pair):
+               it continues from the primary's offsets, in its sequence space;
+    continues  it goes on as before (independent recordings, or a checkpoint
+               that failed): comparison goes on at both sides' own offsets,
+               the differing region that was reported is skipped up to its
+               first agreeing byte, and a close divergence ends comparison;
+    auto       undecided until the secondary's next segment: whichever of the
+               two positions its sequence number fits decides (_decide_space).
+               Until then nothing of the flow is compared or released.
+
+Mid-stream pick-up (no SYN seen): a side whose first segment fits the other
+side's sequence space near its position shares it (a real pair behind a
+rewriter); otherwise its offsets count from its own first byte seen, so both
+sides are compared from the first offset both have, never at a negative one.
 """
 
 from __future__ import annotations
@@ -44,6 +59,16 @@ E_END, E_ACK, E_NEED, E_REL, E_TIME, E_START, E_PLEN, E_FLEN = range(8)
 
 # fast_primary / fast_secondary results.
 FAST_NO, FAST_DONE, FAST_PROGRESS = 0, 1, 2
+
+# TcpFlow.mode: what the flow does besides comparing (any non-zero mode leaves the fast path).
+MODE_COMPARE = 0
+MODE_UNDECIDED = 1
+"""After a checkpoint in auto mode: waiting for the secondary's next segment."""
+MODE_PASS = 2
+"""After a close divergence, the secondary going on: the primary's output passes."""
+
+MIDSTREAM_FIT = 1 << 20
+"""A mid-stream side within this many bytes of the other's position shares its space."""
 
 SynOptions = tuple[int, int, bool, bool]
 _FAST_FLAGS = TCP_ACK | TCP_SYN | TCP_RST
@@ -90,8 +115,8 @@ class TcpFlow(HeldCounts):
     """Comparison state of one TCP flow (one direction of guest output)."""
 
     __slots__ = (
-        "closed", "hs_ok", "pri", "qh", "queue", "sec", "sec_times", "space_ok", "stash",
-        "stash_bytes", "th",
+        "ck_ack", "ck_pos", "close_div", "closed", "hs_ok", "midstream", "mode", "pri", "q_ooo",
+        "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash", "stash_bytes", "th",
     )
 
     def __init__(self, key: FlowKey, now: float) -> None:
@@ -113,6 +138,17 @@ class TcpFlow(HeldCounts):
         self.stash: list[tuple[TcpHeader, bytes, int, float]] = []
         """Secondary segments waiting for the primary's ISN to settle the space."""
         self.stash_bytes = 0
+        self.mode = MODE_COMPARE
+        self.q_ooo = False
+        """Whether the queue may hold an entry ending before an earlier one's end."""
+        self.skipping = False
+        """A reported differing region: skip it up to the first agreeing byte (continues)."""
+        self.close_div = False
+        """The divergence was about closes (length/close): nothing more to compare."""
+        self.midstream = False
+        self.ck_pos = 0
+        """The primary's position at the last checkpoint (where a reset secondary resumes)."""
+        self.ck_ack = -1
 
     # -- input ---------------------------------------------------------------
 
@@ -126,10 +162,24 @@ class TcpFlow(HeldCounts):
                 me.peer_isn = (hdr.ack - 1) & MASK32
             seq = (seq + 1) & MASK32
         elif me.isn < 0:
-            me.isn = other.isn if other.isn >= 0 else (seq - 1) & MASK32
+            me.isn = self._pickup(other.isn, seq, max(other.high, other.stream.end))
         if me.peer_isn < 0 and hdr.flags & TCP_ACK:
-            me.peer_isn = other.peer_isn if other.peer_isn >= 0 else (hdr.ack - 1) & MASK32
+            me.peer_isn = self._pickup(other.peer_isn, hdr.ack, max(other.ack_max, 0))
         return unwrap(seq - me.isn - 1, me.stream.base + len(me.stream.buf))
+
+    def _pickup(self, other_isn: int, number: int, other_pos: int) -> int:
+        """The ISN for a side first seen mid-stream, given the other side's.
+
+        Shared when `number` lies near the other side's position in its space
+        (one sequence space, as behind QEMU's rewriter); else the side's own
+        first byte seen is offset 0.
+        """
+        self.midstream = True
+        if other_isn >= 0:
+            off = unwrap(number - other_isn - 1, other_pos)
+            if abs(off - other_pos) <= MIDSTREAM_FIT and off >= 0:
+                return other_isn
+        return (number - 1) & MASK32
 
     def ack_offset(self, me: TcpSide, hdr: TcpHeader) -> int:
         """The segment's ACK as an offset from the client's ISN (-1 without ACK)."""
@@ -167,7 +217,7 @@ class TcpFlow(HeldCounts):
         on purpose: a shared helper would cost a call per frame.
         """
         me = self.pri
-        if self.diverged or me.isn < 0 or me.peer_isn < 0:
+        if self.diverged or self.mode or me.isn < 0 or me.peer_isn < 0:
             return FAST_NO
         stream = me.stream
         near = stream.base + len(stream.buf)
@@ -185,6 +235,7 @@ class TcpFlow(HeldCounts):
             if off == near and not stream.ooo:
                 stream.buf += data[start:end]
             else:
+                self.q_ooo = True
                 self._add(host, me, off, data, start, end, "primary", now)
         need = NEED_NONE
         if fin:
@@ -208,7 +259,7 @@ class TcpFlow(HeldCounts):
         """The secondary's counterpart of fast_primary (same return values)."""
         me = self.sec
         pri = self.pri
-        if self.diverged or me.isn < 0 or me.peer_isn < 0:
+        if self.diverged or self.mode or me.isn < 0 or me.peer_isn < 0:
             return FAST_NO
         if not self.space_ok:
             if pri.isn < 0:
@@ -289,13 +340,17 @@ class TcpFlow(HeldCounts):
         need = NEED_NONE
         if flags & TCP_SYN:
             need = NEED_HANDSHAKE
+        if self.mode == MODE_PASS:
+            self._pass_primary(host, rel)
+            return
         if plen:
             if stop > me.high:
                 me.high = stop
-            if not self.diverged:
-                me.stream.add(off, data[hdr.payload:end])
-                if me.stream.conflicts != me.conflicts:
-                    self._report_conflict(host, me, "primary", now)
+            if off != me.stream.end or me.stream.ooo:
+                self.q_ooo = True
+            me.stream.add(off, data[hdr.payload:end])
+            if me.stream.conflicts != me.conflicts:
+                self._report_conflict(host, me, "primary", now)
         if flags & TCP_FIN:
             need = NEED_FIN
             if me.fin is None:
@@ -306,7 +361,7 @@ class TcpFlow(HeldCounts):
                 me.rst = stop
         self.queue.append([stop, self.ack_offset(me, hdr), need, rel, now, off, plen, flen])
         host.hold(self, flen)
-        if self.diverged:
+        if self.diverged or self.mode:
             return
         if self.stash:
             self._replay_stash(host)
@@ -320,12 +375,16 @@ class TcpFlow(HeldCounts):
     def on_secondary(
         self, host: FlowHost, hdr: TcpHeader, data: bytes, end: int, now: float
     ) -> None:
-        """A segment from the secondary: it is never released, only compared."""
-        if self.diverged:
-            host.count("secondary_frames_dropped_diverged")
-            return
+        """A segment from the secondary: it is never released, only compared.
+
+        While the flow is diverged its bytes are still buffered: if the secondary
+        goes on after the checkpoint (continues), comparison resumes from them.
+        """
         me = self.sec
         flags = hdr.flags
+        if self.mode == MODE_PASS:
+            host.count("secondary_frames_dropped_after_close_divergence")
+            return
         if flags & _FAST_FLAGS == TCP_ACK:
             taken = self.fast_secondary(
                 host, data, hdr.seq, hdr.ack, hdr.payload, end, now, flags & TCP_FIN
@@ -334,6 +393,9 @@ class TcpFlow(HeldCounts):
                 if taken == FAST_PROGRESS:
                     self.progress(host, now)
                 return
+        if self.mode == MODE_UNDECIDED:
+            self._decide_after_checkpoint(host, hdr, now)
+            me = self.sec
         if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
             self._new_incarnation(host)
             me = self.sec
@@ -354,12 +416,38 @@ class TcpFlow(HeldCounts):
             me.fin = stop
         if flags & TCP_RST and me.rst is None:
             me.rst = stop
+        if self.diverged:
+            return
         if (
             flags & TCP_SYN and not self.hs_ok and self.pri.syn_opts is not None
             and not self._check_handshake(host, now)
         ):
             return
         self.progress(host, now)
+
+    def _decide_after_checkpoint(self, host: FlowHost, hdr: TcpHeader, now: float) -> None:
+        """The secondary's first segment since the checkpoint: did the checkpoint reset it?
+
+        Reset: it resumed at the primary's position, in the primary's sequence
+        space.  Continues: it goes on at its own position in its own space, or
+        sends its own SYN.  Whichever position the sequence number lies nearer
+        decides (ties: reset, as on a real COLO pair, where both coincide).
+        """
+        s, p = self.sec, self.pri
+        reset = abs(unwrap(hdr.seq - p.isn - 1, self.ck_pos) - self.ck_pos)
+        if hdr.flags & TCP_SYN:
+            own = -1
+        elif s.isn >= 0:
+            own_pos = max(s.high, s.stream.end)
+            own = abs(unwrap(hdr.seq - s.isn - 1, own_pos) - own_pos)
+        else:
+            own = MIDSTREAM_FIT
+        if reset <= own:
+            host.count("tcp_secondary_reset_by_checkpoint")
+            self._reset_to_primary()
+        else:
+            host.count("tcp_secondary_continues_after_checkpoint")
+            self._continue(host, now)
 
     def _decide_space(self, host: FlowHost, seq: int) -> None:
         """Settle which ISN the secondary's data is numbered from.
@@ -404,6 +492,8 @@ class TcpFlow(HeldCounts):
         self.closed = False
         self.space_ok = False
         self.stash, self.stash_bytes = [], 0
+        self.mode = MODE_COMPARE
+        self.skipping = self.close_div = self.midstream = False
 
     # -- comparison ----------------------------------------------------------
 
@@ -426,11 +516,16 @@ class TcpFlow(HeldCounts):
 
         _consume is inlined: this runs once per flow per batch.
         """
+        if self.mode:
+            return  # undecided: nothing is compared until the secondary's next segment
         pri, sec = self.pri, self.sec
         pst, sst = pri.stream, sec.stream
         pb, sb = pst.buf, sst.buf
         lp, ls = len(pb), len(sb)
         n = lp if lp < ls else ls
+        if n and self.skipping:
+            n = self._skip_region(host, n)
+            lp, ls = len(pb), len(sb)
         if n:
             if not (pb == sb if lp == ls else pb[:n] == sb[:n]):
                 self._payload_divergence(host, now, n)
@@ -449,6 +544,23 @@ class TcpFlow(HeldCounts):
             return
         if self.queue:
             self._release_ready(host)
+
+    def _skip_region(self, host: FlowHost, n: int) -> int:
+        """Pass over the rest of a reported differing region (up to n bytes).
+
+        Returns how many of the n comparable bytes are left after it.  Its
+        primary bytes were covered by the checkpoint of its divergence.
+        """
+        pb, sb = self.pri.stream.buf, self.sec.stream.buf
+        i = 0
+        while i < n and pb[i] != sb[i]:
+            i += 1
+        if i < n:
+            self.skipping = False
+        if i:
+            host.count("tcp_bytes_skipped_in_reported_region", i)
+            self._consume(i)
+        return n - i
 
     def _consume(self, n: int) -> None:
         """Both sides agreed on the next n bytes."""
@@ -486,15 +598,54 @@ class TcpFlow(HeldCounts):
             if need and not self._need_met(need, base):
                 break
             k += 1
+        if k < n and self.q_ooo:
+            self._release_out_of_order(host, k, base, sec_ack)
+            return
         if k == h:
             return
         if k == n:  # the common case: everything queued goes
             run = q[h:] if h else q
             self.queue, self.qh = [], 0
+            self.q_ooo = False
         else:
             run = q[h:k]
             self.qh = _advance(q, k)
         host.release_run(self, run)
+
+    def _release_out_of_order(self, host: FlowHost, k: int, base: int, sec_ack: int) -> None:
+        """Release every safe entry, also those queued behind one that must wait.
+
+        A retransmission that fills a gap arrives behind the segments past the
+        gap; it does not depend on them.  A SYN or RST still waiting is a
+        barrier: nothing queued after it may overtake it.
+        """
+        q = self.queue
+        head = self.qh
+        run = q[head:k]
+        keep: list[list[object]] = []
+        last = -1
+        ordered = True
+        barrier = False
+        for e in q[k:]:
+            need = e[2]
+            if (
+                not barrier and e[0] <= base and e[1] <= sec_ack  # type: ignore[operator]
+                and (not need or self._need_met(need, base))
+            ):
+                run.append(e)
+                continue
+            if need in (NEED_HANDSHAKE, NEED_RST):
+                barrier = True
+            end: int = e[0]  # type: ignore[assignment]
+            if end < last:
+                ordered = False
+            last = end
+            keep.append(e)
+        self.queue, self.qh = keep, 0
+        self.q_ooo = not ordered
+        if run:
+            host.count("tcp_frames_released_out_of_order", len(run) - (k - head))
+            host.release_run(self, run)
 
     def _need_met(self, need: object, base: int) -> bool:
         if need == NEED_HANDSHAKE:
@@ -518,6 +669,7 @@ class TcpFlow(HeldCounts):
         if lo:
             self._consume(lo)  # the agreeing prefix may still go out
             self._release_ready(host)
+        self.skipping = True  # if the secondary goes on, this region is reported once
         host.diverge(self, DivergenceKind.PAYLOAD, at, primary, secondary, now)
 
     def _check_close(self, host: FlowHost, now: float) -> bool:
@@ -547,7 +699,8 @@ class TcpFlow(HeldCounts):
     def _close_div(
         self, host: FlowHost, now: float, kind: DivergenceKind, at: int, detail: str
     ) -> bool:
-        host.diverge(self, kind, at, b"", b"", now, detail)
+        self.close_div = True
+        host.diverge(self, kind, max(at, 0), b"", b"", now, detail)
         return False
 
     # -- timers and checkpoints ---------------------------------------------
@@ -567,13 +720,18 @@ class TcpFlow(HeldCounts):
             times.append(self.stash[0][3])
         return min(times) if times else None  # type: ignore[type-var,return-value]
 
+    def due(self, timeout: float) -> float | None:
+        """When expired() next has something to report, if anything waits."""
+        oldest = self.oldest_pending()
+        return None if oldest is None else oldest + timeout
+
     def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
         """Report a timeout divergence if output waited too long; True if so."""
         if self.diverged:
             return False
         if self.queue:
             head = self.queue[self.qh]
-            if now - head[E_TIME] > timeout:  # type: ignore[operator]
+            if head[E_TIME] + timeout <= now:  # type: ignore[operator]  # due: see earliest_timer
                 base = self.pri.stream.base
                 need = head[E_NEED]
                 gated = (
@@ -585,8 +743,8 @@ class TcpFlow(HeldCounts):
                 at = max(0, start) if isinstance(start, int) else 0
                 host.diverge(self, kind, at, b"", b"", now, "primary output unmatched")
                 return True
-        if (self.sec_times and now - self.sec_times[self.th][1] > timeout) or (
-            self.stash and now - self.stash[0][3] > timeout
+        if (self.sec_times and self.sec_times[self.th][1] + timeout <= now) or (
+            self.stash and self.stash[0][3] + timeout <= now
         ):
             at = self.pri.stream.base
             host.diverge(self, DivergenceKind.TIMEOUT, at, b"", b"", now,
@@ -594,13 +752,34 @@ class TcpFlow(HeldCounts):
             return True
         return False
 
-    def rebase(self, host: FlowHost, now: float, grace: float) -> None:
-        """After a checkpoint: release everything held, continue as the primary."""
+    def after_checkpoint(self, host: FlowHost, now: float, grace: float, mode: str) -> None:
+        """After a checkpoint: release everything held, then reset, continue or decide later."""
         if self.queue:
             run = self.queue[self.qh:]
             self.queue, self.qh = [], 0
             host.release_run(self, run)
-        self.diverged = False
+        self.q_ooo = False
+        p, s = self.pri, self.sec
+        self.ck_pos = max(p.high, p.stream.end, p.stream.base)
+        self.ck_ack = p.ack_max
+        if self.mode == MODE_PASS:
+            return
+        if mode == "reset":
+            self._reset_to_primary()
+        elif mode == "continues" or p.isn < 0:
+            self._continue(host, now)
+        elif (
+            not self.diverged and s.isn == p.isn and s.stream.end == self.ck_pos
+            and not s.stream.ooo and not self.sec_times
+        ):
+            self._reset_to_primary()  # in step: both answers are the same
+        else:
+            self.mode = MODE_UNDECIDED
+
+    def _reset_to_primary(self) -> None:
+        """The checkpoint made the secondary a copy of the primary (at ck_pos)."""
+        self.mode = MODE_COMPARE
+        self.diverged = self.skipping = self.close_div = False
         self.sec_times, self.th = [], 0
         self.space_ok = True
         self.stash, self.stash_bytes = [], 0
@@ -608,12 +787,31 @@ class TcpFlow(HeldCounts):
         if p.isn < 0:
             self.sec = TcpSide()
             return
-        pos = max(p.high, p.stream.end, p.stream.base)
-        p.stream.reset(pos)
+        pos = self.ck_pos
+        p.stream.skip_to(pos)  # bytes since the checkpoint stay, to compare
         s = self.sec
         s.isn, s.peer_isn = p.isn, p.peer_isn
-        s.ack_max, s.high = p.ack_max, p.high
-        s.fin, s.rst, s.syn_opts = p.fin, p.rst, p.syn_opts
+        s.ack_max, s.high = self.ck_ack, pos
+        s.fin = p.fin if p.fin is not None and p.fin <= pos else None
+        s.rst = p.rst if p.rst is not None and p.rst <= pos else None
+        s.syn_opts = p.syn_opts
         s.stream.reset(pos)
         if p.syn_opts is not None:
             self.hs_ok = True
+
+    def _continue(self, host: FlowHost, now: float) -> None:
+        """The secondary went on in its own state: compare on from where both are."""
+        self.diverged = False
+        if self.close_div:
+            self.mode = MODE_PASS  # the two connections closed differently: nothing to compare
+            host.count("tcp_flows_passed_after_close_divergence")
+            return
+        self.mode = MODE_COMPARE
+        if self.pri.syn_opts is not None and self.sec.syn_opts is not None:
+            self.hs_ok = True  # a handshake difference was reported once
+        self.progress(host, now)
+
+    def _pass_primary(self, host: FlowHost, rel: Rel) -> None:
+        """Release a primary frame of a flow whose comparison ended (MODE_PASS)."""
+        host.count("tcp_frames_passed_after_close_divergence")
+        host.release_unheld(rel)

@@ -167,6 +167,10 @@ def read_frames(path: str | Path) -> Iterator[tuple[float, bytes]]:
             raise InputError(f"{path}: not a pcap or pcapng capture")
 
 
+SNAPLEN = 262144
+"""Written captures' snaplen: covers any frame, GSO super-frames included."""
+
+
 class PcapWriter:
     """Writes Ethernet frames with nanosecond timestamps to a classic pcap file."""
 
@@ -175,7 +179,9 @@ class PcapWriter:
             self._file = Path(path).open("wb")  # noqa: SIM115 - closed by close()
         except OSError as err:
             raise InputError(f"{path}: cannot write: {err.strerror or err}") from err
-        self._writer = dpkt.pcap.Writer(self._file, linktype=LINKTYPE_ETHERNET, nano=True)
+        self._writer = dpkt.pcap.Writer(
+            self._file, snaplen=SNAPLEN, linktype=LINKTYPE_ETHERNET, nano=True
+        )
 
     def write(self, ts: float, frame: bytes) -> None:
         """Append one frame stamped with `ts` (seconds)."""

@@ -1,11 +1,17 @@
 """Offline replay: two captures through the core in virtual time.
 
 The captures are merged in timestamp order (primary first on ties) and fed
-with their own timestamps as `now`, so a replay never sleeps and always
-gives the same verdicts.  Checkpoints are simulated: a request starts one at
-once and it completes `checkpoint_latency` seconds later in virtual time.
-After the last frame, virtual time runs on until every pending timer fired;
-whatever is still held then is released by a final "flush" checkpoint.
+with their own timestamps, relative to the first frame, as `now`, so a
+replay never sleeps and always gives the same verdicts.  The secondary's
+clock is first lined up with the primary's (drivers/align.py): two tcpdumps
+started by hand seconds apart would otherwise look like a secondary seconds
+late.  Checkpoints are simulated: a request starts one at once and it
+completes `checkpoint_latency` seconds later in virtual time.  Between two
+frames, virtual time stops at every timer that falls due in the gap, so a
+timeout is reported (and a checkpoint released) when it was due, not when
+the next frame happens to arrive.  After the last frame, virtual time runs
+on until every pending timer fired; whatever is still held then is released
+by a final "flush" checkpoint.
 
 With a batch window (``--batch-window``), the frames that arrived within
 that window are fed as one batch per side, stamped with the last one's time,
@@ -28,11 +34,14 @@ from dataclasses import dataclass, field
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import CheckpointReason, Divergence, OverlapConflict, Side
 from colo_proxy.core.proxy import Proxy
+from colo_proxy.drivers import align
 from colo_proxy.drivers.guest import GuestFilter, infer_guest
 from colo_proxy.drivers.pcap import read_frames
 
 ReleaseSink = Callable[[float, bytes], None]
 MAX_DRAIN_STEPS = 10_000_000
+ALIGN_SCAN_FRAMES = 200_000
+"""Frames of each capture looked at to estimate the clock offset."""
 
 
 @dataclass
@@ -56,6 +65,9 @@ class ReplayResult:
     overlap_conflicts: list[OverlapConflict] = field(default_factory=list)
     guest: bytes | None = None
     stats: dict[str, object] = field(default_factory=dict)
+    epoch: float = 0.0
+    """Capture time of the first frame (times above are relative to it)."""
+    alignment: align.Alignment | None = None
 
 
 class Replay:
@@ -67,13 +79,19 @@ class Replay:
         checkpoint_latency: float = 0.0,
         on_release: ReleaseSink | None = None,
         batch_window: float = 0.0,
+        align_setting: str = "auto",
     ) -> None:
         self.proxy = Proxy(config)
+        self.config = config
         self.latency = checkpoint_latency
         self.on_release = on_release
         self.batch_window = batch_window
+        self.align_setting = align_setting
         self.result = ReplayResult()
         self._done_at: float | None = None
+        self._epoch: float | None = None
+        self._vt = 0.0
+        """Virtual time reached (seconds from the first frame)."""
 
     def run(
         self, primary: str, secondary: str, guest: bytes | None = None, infer: bool = True
@@ -84,20 +102,35 @@ class Replay:
         if guest is None and infer:
             guest = infer_guest(frame for _, frame in head)
         self.result.guest = guest
+        alignment = self.align(primary, secondary, GuestFilter(guest))
         merged = heapq.merge(
             self._tagged(itertools.chain(head, pri_iter), Side.PRIMARY, GuestFilter(guest)),
-            self._tagged(read_frames(secondary), Side.SECONDARY, GuestFilter(guest)),
+            self._tagged(read_frames(secondary), Side.SECONDARY, GuestFilter(guest),
+                         alignment.applied),
         )
         self.feed_all(merged)
         return self.finish()
 
+    def align(self, primary: str, secondary: str, guest: GuestFilter) -> align.Alignment:
+        """Estimate the secondary capture's clock offset and decide what to apply."""
+        scans = [
+            align.scan(((ts, f, guest.is_guest(f)) for ts, f in read_frames(path)),
+                       ALIGN_SCAN_FRAMES)
+            for path in (primary, secondary)
+        ]
+        alignment = align.choose(self.align_setting, align.estimate(*scans),
+                                 self.config.compare_timeout)
+        self.result.alignment = alignment
+        return alignment
+
     @staticmethod
     def _tagged(
-        frames: Iterator[tuple[float, bytes]], side: Side, guest: GuestFilter
+        frames: Iterator[tuple[float, bytes]], side: Side, guest: GuestFilter,
+        shift: float = 0.0,
     ) -> Iterator[tuple[float, int, int, Side, bytes]]:
         for n, (ts, frame) in enumerate(frames):
             who = side if guest.is_guest(frame) else Side.CLIENT
-            yield ts, int(side), n, who, frame
+            yield ts - shift, int(side), n, who, frame
 
     def feed_all(self, merged: Iterator[tuple[float, int, int, Side, bytes]]) -> None:
         """Feed merged (time, _, _, side, frame) tuples, simulating checkpoints."""
@@ -105,17 +138,16 @@ class Replay:
         window = self.batch_window
         batches: dict[Side, list[tuple[bytes, int]]] = {}
         batch_start = batch_end = 0.0
-        first = True
-        for ts, source, _, side, frame in merged:
-            if first:
-                res.start_time = ts
-                first = False
+        epoch: float | None = None
+        for stamp, source, _, side, frame in merged:
+            if epoch is None:
+                epoch = self._epoch = res.epoch = stamp
+            ts = stamp - epoch  # virtual time: relative, whatever the capture's clock says
             done_at = self._done_at
             if batches and (ts - batch_start > window or (done_at is not None and ts >= done_at)):
                 self._feed_batches(batches, batch_end)
-                done_at = self._done_at
-            if done_at is not None and ts >= done_at:
-                self._complete(done_at)
+            self._run_timers(ts)
+            self._vt = max(self._vt, ts)
             if source == Side.PRIMARY:
                 res.primary_frames += 1
                 res.primary_bytes += len(frame)
@@ -144,26 +176,45 @@ class Replay:
             self._collect(now)
         batches.clear()
 
+    def _run_timers(self, until: float) -> None:
+        """Advance virtual time through every timer due before `until`.
+
+        Each step fires the earliest of: the simulated checkpoint completing
+        (also when due exactly at `until`, before that frame), a rate-limited
+        request falling due, or a flow's timeout, found with the O(flows)
+        earliest_timer, which is asked only when a scan is due before `until`.
+        """
+        proxy = self.proxy
+        last = None
+        for _ in range(MAX_DRAIN_STEPS):
+            due = proxy.next_deadline()
+            if due is not None and due < until:
+                timer = proxy.earliest_timer()
+                if timer is None:
+                    due = proxy.deferred_due()
+                elif timer != last:
+                    due = max(timer, self._vt)  # the exact due time, not the next scan
+                # else: that timer did not fire at its time; go on to the scheduled scan
+            if due is not None and due >= until:
+                due = None
+            done_at = self._done_at
+            if done_at is not None and done_at <= until and (due is None or done_at <= due):
+                self._vt = max(self._vt, done_at)
+                self._complete(done_at)
+                continue
+            if due is None:
+                return
+            last = due
+            self._vt = now = max(self._vt, due)
+            proxy.tick(now)
+            proxy.expire(now)
+            self._collect(now)
+
     def finish(self) -> ReplayResult:
         """Run virtual time on until timers fire; flush what is still held."""
         proxy, res = self.proxy, self.result
-        now = res.start_time
-        for _ in range(MAX_DRAIN_STEPS):
-            if not proxy.busy() and self._done_at is None:
-                break
-            deadline = proxy.next_deadline()
-            timer = proxy.earliest_timer()
-            if deadline is not None and timer is not None and timer > deadline:
-                deadline = timer  # nothing can happen before then: skip idle scans
-            candidates = [t for t in (deadline, self._done_at) if t is not None]
-            if not candidates:
-                break
-            now = max(now, min(candidates))
-            if self._done_at is not None and now >= self._done_at:
-                self._complete(self._done_at)
-            else:
-                proxy.tick(now)
-            self._collect(now)
+        self._run_timers(float("inf"))
+        now = self._vt
         res.overlap_conflicts = list(proxy.overlap_conflicts)
         res.held_frames = proxy.held_frames()
         res.stats = proxy.stats()
@@ -186,8 +237,9 @@ class Replay:
         released = proxy.take_released()
         if released and self.on_release is not None:
             sink = self.on_release
+            stamp = now + (self._epoch or 0.0)
             for data, offset in released:
-                sink(now, data[offset:] if offset else data)
+                sink(stamp, data[offset:] if offset else data)
         for req in proxy.take_requests():
             self.result.checkpoints.append((req.time, req.reason.value))
             proxy.checkpoint_started(req.time)
