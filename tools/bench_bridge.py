@@ -319,7 +319,11 @@ def proxy_round(lab: BridgeLab, args: argparse.Namespace, root: Path,
         proxy.kill()
     r["ring_drops"] = sum(report[p]["ring_drops"]
                           for p in ("client-if", "primary-if", "secondary-if"))
-    r["divergences"] = sum(report["core"]["divergences_by_kind"].values())
+    kinds = report["core"]["divergences_by_kind"]
+    r["divergences"] = sum(kinds.values())
+    if kinds:
+        lines = [line for line in proxy.lines if " divergence " in line]
+        print(f"  divergences {json.dumps(kinds)}: {' / '.join(lines[:3])}", flush=True)
     return r
 
 
