@@ -178,6 +178,8 @@ def bulk(lab: BridgeLab, size: int, idle: float, proxy: Proxy | None,
         if server.poll() is None:
             server.kill()
         server.communicate()
+    if stalled:
+        lab.kill_tcp(BULK_PORT)
     seconds = float(client.get("seconds") or wall)
     return {"bulk_gbit_s": 0.0 if stalled else client["received"] * 8 / seconds / 1e9,
             "bulk_stalls": float(stalled), "bulk_cpu_pct": 100 * cpu / wall if wall else 0.0}

@@ -195,6 +195,16 @@ class BridgeLab:
         if proc.returncode:
             raise RuntimeError(f"offloads in {role}: {err}")
 
+    def kill_tcp(self, port: int) -> None:
+        """Abort every TCP socket on ``port`` in every namespace (``ss -K``).
+
+        After a stalled transfer the guests' orphaned sockets keep resending
+        for minutes; the next proxy would see them as streams without a start.
+        """
+        for ns in self.ns.values():
+            _sh("ip", "netns", "exec", ns, "ss", "-K", f"sport = :{port} or dport = :{port}",
+                check=False)
+
     def flush_neighbours(self, role: str) -> None:
         """Forget ``role``'s neighbour entries (its next packet ARPs again)."""
         _sh("ip", "-n", self.ns[role], "neigh", "flush", "all")
