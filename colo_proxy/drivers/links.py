@@ -133,6 +133,10 @@ def _offloads_on(info: LinkInfo) -> list[Offload]:
         netns = None if info.peer_netnsid is None else _netns_name(info.peer_netnsid)
         if info.peer_netnsid is None or netns is not None:
             found += off_loop(lambda: _peer_offloads(info.peer_index, netns))
+        else:
+            log.info("%s: its veth peer is in a namespace without a name under %s: its "
+                     "offloads cannot be checked (super-frames are still counted)",
+                     info.name, NETNS_DIR)
     return found
 
 
