@@ -200,7 +200,10 @@ def redis(lab: BridgeLab, clients: int, requests: int) -> dict[str, float]:
 
 
 def workloads(lab: BridgeLab, args: argparse.Namespace, proxy: Proxy | None) -> dict[str, float]:
-    # the client's first contact: its broadcast ARP request reaches every guest on the path
+    # no connection of the previous mode lives on (a proxy stopped holding a FIN leaves the
+    # guests resending it into the next one), and the client's first contact ARPs again
+    for port in (BULK_PORT, ECHO_PORT, REDIS_PORT):
+        lab.kill_tcp(port)
     lab.flush_neighbours("client")
     out = ping(lab, args.pings)
     out.update(pingpong(lab, args.pingpongs))
