@@ -53,6 +53,9 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tshark_follow import stream_divergences  # the contract's rule, shared
+
 EPOCH_S = 1_767_225_600  # 2026-01-01T00:00:00Z: fixed capture start
 MS = 1000  # microseconds per millisecond
 SEC = 1_000_000
@@ -368,10 +371,13 @@ class Case:
     divergences: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_reasons: list[str] = field(default_factory=list)
     args: list[str] = field(default_factory=list)
+    # Independent recordings: each file's timestamps move by (primary, secondary) us, so the
+    # true clock offset (secondary minus primary) is the difference.
+    shift_us: tuple[int, int] | None = None
 
     def expected(self) -> dict[str, Any]:
         released = sum(1 for f in self.tl.primary if f.output)
-        return {
+        exp = {
             "description": self.description,
             "args": list(self.args),
             "primary_frames": len(self.tl.primary),
@@ -381,6 +387,10 @@ class Case:
             "divergences": self.divergences,
             "checkpoint_reasons": self.checkpoint_reasons,
         }
+        if self.shift_us is not None:
+            exp["clock_offset"] = (self.shift_us[1] - self.shift_us[0]) / SEC
+            exp["clock_offset_tolerance"] = 0.05
+        return exp
 
 
 def div(kind: str, offset: int | None) -> dict[str, Any]:
@@ -402,8 +412,15 @@ def serve_pairwise(tl: Timeline, pri: TcpGuest, sec: TcpGuest, t_us: int, pdata:
 def serve_split(tl: Timeline, pri: TcpGuest, sec: TcpGuest, t_us: int, data: bytes,
                 start: int, ack_off: int, pmss: int, smss: int, step_us: int = MS) -> int:
     """Both guests send the same bytes, segmented differently; returns the next free time."""
-    pseg = chunks(data, pmss, start)
-    sseg = chunks(data, smss, start)
+    return serve_own(tl, pri, sec, t_us, data, data, start, ack_off, pmss, smss, step_us)
+
+
+def serve_own(tl: Timeline, pri: TcpGuest, sec: TcpGuest, t_us: int, pdata: bytes,
+              sdata: bytes, start: int, ack_off: int, pmss: int, smss: int,
+              step_us: int = MS) -> int:
+    """Each guest sends its own bytes (same length) at ``start``, segmented differently."""
+    pseg = chunks(pdata, pmss, start)
+    sseg = chunks(sdata, smss, start)
     for i, (off, c) in enumerate(pseg):
         tl.p(t_us + i * step_us, pri.data(t_us + i * step_us, off, c, ack_off))
     for i, (off, c) in enumerate(sseg):
@@ -1048,6 +1065,168 @@ def case_sample() -> Case:
                 divergences, ["divergence"])
 
 
+# --------------------------------------------------------------------------- independent recordings
+#
+# Two recordings made independently (issue 9): each side keeps its own ISNs for the whole
+# capture (the secondary is never rebased), the secondary's file starts SHIFT_US later, and
+# the expected divergences are the contract's rule (tshark_follow.stream_divergences) applied
+# to the two byte streams generated for each connection.  Real divergences are >= 0.5 s apart.
+
+SHIFT_US = 3_200_000  # the secondary's recording (and workload) started 3.2 s later
+ALPHABET = b"abcdefghijklmnopqrstuvwxyz0123456789 \n"
+_PRINTABLE = bytes(ALPHABET[b % len(ALPHABET)] for b in range(256))
+
+
+def long_body(seed: int, n: int) -> bytes:
+    """Fast deterministic printable bytes behind an HTTP header (for megabyte streams)."""
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n".encode()
+    return (head + random.Random(seed).randbytes(n).translate(_PRINTABLE))[:n]
+
+
+def indep_pair(rng: random.Random, port: int) -> tuple[TcpGuest, TcpGuest]:
+    """One connection's two guests: the same client, each side its own ISN."""
+    path = Path4(client_port=port)
+    cisn = rng.getrandbits(32)
+    return (TcpGuest(path, rng.getrandbits(32), cisn),
+            TcpGuest(path, rng.getrandbits(32), cisn,
+                     Noise(ts_base=6_000_000 + port, ip_id=(0x6000 + port) & 0xFFFF)))
+
+
+def altered(data: bytes, at: int, n: int) -> bytes:
+    """``data`` with ``n`` bytes from ``at`` changed (same length; uppercase never occurs)."""
+    out = bytearray(data)
+    out[at : at + n] = bytes(x ^ 0x20 if x >= 0x60 else ord("X") for x in out[at : at + n])
+    return bytes(out)
+
+
+def indep_case(name: str, description: str, exercises: str, tl: Timeline,
+               streams: list[tuple[bytes, bytes]], swap: bool = False) -> Case:
+    """A Case whose divergences come from the generated streams, in the order given."""
+    divs = [d for p, s in streams for d in stream_divergences(p, s)]
+    if swap:
+        tl = Timeline(tl.secondary, tl.primary)
+    return Case(name, description, exercises, tl, divs, ["divergence"] * len(divs),
+                shift_us=(SHIFT_US, 0) if swap else (0, SHIFT_US))
+
+
+def case_flip_long_stream() -> Case:
+    tl = Timeline()
+    pri, sec = indep_pair(random.Random(901), 44001)
+    synack_pair(tl, pri, sec, 0)
+    pdata = long_body(902, 1 << 20)
+    sdata = altered(pdata, 1_000_003, 1)
+    t = serve_own(tl, pri, sec, 20 * MS, pdata, sdata, 0, 78, pmss=1448, smss=1000)
+    fin_pair(tl, pri, sec, t + 20 * MS, len(pdata), 78)
+    return indep_case("flip-long-stream", "one 1 MiB response, one byte differs at offset "
+                      "1000003 (primary 1448-byte, secondary 1000-byte segments, own ISNs)",
+                      "independent recordings: a late one-byte difference deep in a long "
+                      "stream; secondary clock +3.2 s", tl, [(pdata, sdata)])
+
+
+def case_one_of_300() -> Case:
+    tl = Timeline()
+    rng = random.Random(300)
+    bad = 217
+    streams = []
+    for i in range(300):
+        pri, sec = indep_pair(rng, 42000 + i)
+        t = i * 4 * MS
+        synack_pair(tl, pri, sec, t)
+        pdata = http_body(3000 + i, 3000)
+        sdata = altered(pdata, 1700, 6) if i == bad else pdata
+        end = serve_own(tl, pri, sec, t + 2 * MS, pdata, sdata, 0, 60, pmss=1448, smss=1000,
+                        step_us=300)
+        fin_pair(tl, pri, sec, end + MS, len(pdata), 60)
+        streams.append((pdata, sdata))
+    return indep_case("one-of-300", "300 overlapping connections (ports 42000-42299, own ISNs "
+                      f"per side), bytes 1700-1705 of connection {bad} (port {42000 + bad}) "
+                      "differ -> one payload divergence",
+                      "independent recordings: exactly one of 300 connections differs in a "
+                      "short same-length region; secondary clock +3.2 s", tl, streams)
+
+
+def post_checkpoint_timeline() -> tuple[Timeline, list[tuple[bytes, bytes]]]:
+    """A diverges at 0.3 s; C's SYN-ACKs straddle that checkpoint; B and D open after it."""
+    tl = Timeline()
+    rng = random.Random(4300)
+    a, b, c, d = (indep_pair(rng, port) for port in (43001, 43002, 43003, 43004))
+    adata = http_body(4301, 3000) + body(4302, 4000, b"second response ")
+    asec = altered(adata, 1000, 4)
+    bdata, cdata = http_body(4303, 4000), http_body(4304, 2500)
+    ddata = http_body(4305, 6000)
+    dsec = altered(ddata, 4500, 5)
+    synack_pair(tl, *a, 0)
+    # A's first response: its secondary byte 1000 (segment 2 of 1000 bytes) arrives at
+    # 299.2 ms, the divergence and its checkpoint.
+    serve_own(tl, *a, 298 * MS, adata[:3000], asec[:3000], 0, 40, pmss=1448, smss=1000)
+    tl.p(298 * MS + 500, c[0].syn_ack(298 * MS + 500))  # before the checkpoint
+    tl.s(300 * MS + 500, c[1].syn_ack(300 * MS + 500))  # after it
+    t = serve_split(tl, *c, 350 * MS, cdata, 0, 50, pmss=1448, smss=1000)
+    fin_pair(tl, *c, t + 10 * MS, len(cdata), 50)
+    synack_pair(tl, *b, 500 * MS)
+    t = serve_split(tl, *b, 520 * MS, bdata, 0, 45, pmss=1000, smss=1448)
+    fin_pair(tl, *b, t + 10 * MS, len(bdata), 45)
+    synack_pair(tl, *d, 550 * MS)
+    serve_split(tl, *d, 600 * MS, ddata[:3000], 0, 70, pmss=1448, smss=1000)
+    t = serve_own(tl, *a, 650 * MS, adata[3000:], asec[3000:], 3000, 80, pmss=1448, smss=1000)
+    fin_pair(tl, *a, t + 10 * MS, len(adata), 80)
+    # D's own divergence at offset 4500, 0.6 s after A's.
+    t = serve_own(tl, *d, 900 * MS, ddata[3000:], dsec[3000:], 3000, 90, pmss=1448,
+                  smss=1000)
+    fin_pair(tl, *d, t + 10 * MS, len(ddata), 90)
+    return tl, [(adata, asec), (ddata, dsec)]
+
+
+def case_post_checkpoint(swap: bool) -> Case:
+    tl, streams = post_checkpoint_timeline()
+    if swap:
+        streams = [(s, p) for p, s in streams]
+        return indep_case("swapped", "post-checkpoint-connections with primary and secondary "
+                          "swapped (the primary's file starts 3.2 s later, clock offset -3.2 "
+                          "s) -> the same two payload divergences",
+                          "swapped primary/secondary of a diverging independent pair: "
+                          "offsets do not depend on which side is the primary", tl, streams,
+                          swap=True)
+    return indep_case("post-checkpoint-connections", "connection 43001 differs at offset 1000 "
+                      "(0.3 s); 43003's primary SYN-ACK precedes that checkpoint, its "
+                      "secondary SYN-ACK follows it; 43002 and 43004 open after it and 43004 "
+                      "differs at offset 4500 (0.9 s); every secondary flow keeps its own ISN",
+                      "independent recordings: the secondary goes on in its own sequence "
+                      "space after a checkpoint; connections opened after it are new", tl,
+                      streams)
+
+
+def case_midstream_both() -> Case:
+    tl = Timeline()
+    rng = random.Random(4400)
+    for k, (port, start) in enumerate(((44101, 123_456), (44102, 77_777))):
+        pri, sec = indep_pair(rng, port)
+        data = body(4401 + k, 8000, b"...middle of a long response ")
+        t = serve_split(tl, pri, sec, k * 5 * MS, data, start, 5000, pmss=1448, smss=1000)
+        fin_pair(tl, pri, sec, t + 10 * MS, start + len(data), 5000)
+    return Case("midstream-both", "both captures start mid-connection (no handshake in either) "
+                "on 2 connections, at the same stream position with different sequence "
+                "numbers; identical bytes -> no divergence (offset 0 = first byte seen)",
+                "mid-stream pickup on both sides; secondary clock +3.2 s", tl,
+                shift_us=(0, SHIFT_US))
+
+
+def case_udp_quiet() -> Case:
+    tl = Timeline()
+    path = Path4(guest_port=5353, client_port=40060)
+    pri, sec = DgramGuest(path), DgramGuest(path, Noise(ip_id=0x9400, ttl=63))
+    for i in range(10):
+        payload = body(4501 + i, 80, b"quiet answer ")
+        spayload = payload[:20] + b"!!!!" + payload[24:] if i == 3 else payload
+        tl.ps(i * 100 * MS, pri.udp(payload), sec.udp(spayload))
+    return Case("udp-quiet-diverge", "a quiet UDP flow (10 datagrams 100 ms apart); the 4th "
+                "differs in bytes 20-23 (same length), the 6 after it match -> one udp "
+                "divergence", "datagram verdict in a quiet flow (fewer agreeing datagrams "
+                "than the reorder window follow); secondary clock +3.2 s", tl,
+                [div("udp", None)], ["divergence"], shift_us=(0, SHIFT_US))
+
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "segmentation": case_segmentation,
     "secondary-first": case_secondary_first,
@@ -1086,17 +1265,23 @@ CASES: dict[str, Callable[[], Case]] = {
     "active-open": case_active_open,
     "bidir": case_bidir,
     "sample": case_sample,
+    "flip-long-stream": case_flip_long_stream,
+    "one-of-300": case_one_of_300,
+    "post-checkpoint-connections": lambda: case_post_checkpoint(swap=False),
+    "swapped": lambda: case_post_checkpoint(swap=True),
+    "midstream-both": case_midstream_both,
+    "udp-quiet-diverge": case_udp_quiet,
 }
 
 
 # --------------------------------------------------------------------------- output
 
 
-def pcap_bytes(frames: Iterable[Frame]) -> bytes:
+def pcap_bytes(frames: Iterable[Frame], shift_us: int = 0) -> bytes:
     """A libpcap file (microsecond timestamps, LINKTYPE_ETHERNET), frames in time order."""
     out = bytearray(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
     for f in sorted(frames, key=lambda f: f.t_us):  # stable: equal times keep their order
-        sec, usec = divmod(f.t_us, SEC)
+        sec, usec = divmod(f.t_us + shift_us, SEC)
         out += struct.pack("<IIII", EPOCH_S + sec, usec, len(f.data), len(f.data))
         out += f.data
     return bytes(out)
@@ -1105,9 +1290,10 @@ def pcap_bytes(frames: Iterable[Frame]) -> bytes:
 def case_files(case: Case) -> dict[str, bytes]:
     """File name -> content for one case directory."""
     expected = json.dumps(case.expected(), indent=2) + "\n"
+    pshift, sshift = case.shift_us or (0, 0)
     return {
-        "primary.pcap": pcap_bytes(case.tl.primary),
-        "secondary.pcap": pcap_bytes(case.tl.secondary),
+        "primary.pcap": pcap_bytes(case.tl.primary, pshift),
+        "secondary.pcap": pcap_bytes(case.tl.secondary, sshift),
         "expected.json": expected.encode(),
     }
 

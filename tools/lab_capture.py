@@ -229,11 +229,15 @@ def start_redis(lab: Lab, side: str, seed_value: str) -> None:
     sh(*cli, "SET", SEEDED_KEY, seed_value)
 
 
-def start_tcpdump(lab: Lab, side: str, veth: str, out: Path) -> subprocess.Popen[bytes]:
+def start_tcpdump(lab: Lab, side: str, veth: str, out: Path,
+                  bpf: str = f"tcp port {REDIS_PORT}", buffer_kib: int = 0,
+                  ) -> subprocess.Popen[bytes]:
+    """tcpdump on the server veth; ``buffer_kib`` raises the kernel buffer for bulk runs."""
+    extra = ["-B", str(buffer_kib)] if buffer_kib else []
     proc = subprocess.Popen(
         nsexec(lab.ns(side, "server"), "tcpdump", "-Z", "root", "-i", veth, "-w", str(out), "-U",
                "--immediate-mode", "-n", "--time-stamp-precision=micro", "-s", "0",
-               f"tcp port {REDIS_PORT}"),
+               *extra, bpf),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lab.procs.append(proc)
     assert proc.stderr is not None

@@ -31,8 +31,8 @@ class DatagramFlow(HeldCounts):
     """Comparison state of one UDP, ICMP or other-protocol flow."""
 
     __slots__ = (
-        "ghost_until", "ghosts", "kind", "pri_matched", "pri_n", "pri_order", "pri_wait",
-        "sec_bytes", "sec_matched", "sec_n", "sec_order", "sec_wait",
+        "carried", "ghost_until", "ghosts", "kind", "pri_matched", "pri_n", "pri_order",
+        "pri_wait", "reported", "sec_bytes", "sec_matched", "sec_n", "sec_order", "sec_wait",
     )
 
     def __init__(self, key: FlowKey, now: float, kind: DivergenceKind) -> None:
@@ -53,12 +53,21 @@ class DatagramFlow(HeldCounts):
         self.pri_matched = 0
         self.sec_matched = 0
         """Index of the latest matched datagram of each side."""
+        self.carried: dict[bytes, int] = {}
+        """Secondary contents unmatched at the last checkpoint, when the secondary goes on
+        in its own state: a primary datagram arriving soon after may still match them."""
+        self.reported: bytes | None = None
+        """The secondary content of the last divergence (never carried)."""
 
     def on_primary(
         self, host: FlowHost, content: bytes, rel: Rel, flen: int, now: float, window: int
     ) -> None:
         """Release at once if the secondary already sent it, else hold."""
         self.pri_n += 1
+        if self.carried and not self.diverged and self._take(self.carried, content, now):
+            host.count("primary_datagrams_matched_across_checkpoint")
+            host.release_unheld(rel)
+            return
         if not self.diverged:
             waiting = self.sec_wait.get(content)
             if waiting:
@@ -85,7 +94,7 @@ class DatagramFlow(HeldCounts):
         if self.diverged:
             host.count("secondary_frames_dropped_diverged")
             return
-        if self.ghosts and self._absorb(content, now):
+        if self.ghosts and self._take(self.ghosts, content, now):
             host.count("secondary_datagrams_late_after_checkpoint")
             return
         self.sec_n += 1
@@ -110,18 +119,18 @@ class DatagramFlow(HeldCounts):
                 host.want_checkpoint(CheckpointReason.HOLD_LIMIT, now)
         self._check_window(host, now, window)
 
-    def _absorb(self, content: bytes, now: float) -> bool:
-        """True if this is a late copy of something released by the last checkpoint."""
+    def _take(self, contents: dict[bytes, int], content: bytes, now: float) -> bool:
+        """True if `content` is one of the other side's, kept since the last checkpoint."""
         if now > self.ghost_until:
-            self.ghosts.clear()
+            contents.clear()
             return False
-        left = self.ghosts.get(content, 0)
+        left = contents.get(content, 0)
         if not left:
             return False
         if left == 1:
-            del self.ghosts[content]
+            del contents[content]
         else:
-            self.ghosts[content] = left - 1
+            contents[content] = left - 1
         return True
 
     def _passed_pair(self) -> tuple[list[object], list[object]] | None:
@@ -158,6 +167,7 @@ class DatagramFlow(HeldCounts):
             detail = f"lengths differ ({len(pc)} vs {len(sc)} bytes), from byte {lo}"
         else:
             detail = f"contents differ from byte {lo}"
+        self.reported = sc
         host.diverge(self, self.kind, None, pc[lo : lo + 16], sc[lo : lo + 16], now, detail)
 
     @staticmethod
@@ -213,13 +223,22 @@ class DatagramFlow(HeldCounts):
     def after_checkpoint(self, host: FlowHost, now: float, grace: float, mode: str) -> None:
         """After a checkpoint: release held primary datagrams in arrival order.
 
-        Datagrams carry no sequence space, so `mode` changes nothing here.
-
         Their secondary copies may still arrive for `grace` seconds; they are
         absorbed rather than left unmatched (TCP gets the same effect from
-        ignoring bytes below the compared offset).
+        ignoring bytes below the compared offset).  Unless the secondary was
+        reset (`mode`), its datagrams still unmatched are carried for as long:
+        the primary's copies may be on their way (the reported one excepted).
         """
         self.ghosts.clear()
+        self.carried.clear()
+        if mode != "reset":
+            for entry in self.sec_order:
+                if not entry[D_MATCHED]:
+                    content_s: bytes = entry[D_CONTENT]  # type: ignore[assignment]
+                    self.carried[content_s] = self.carried.get(content_s, 0) + 1
+            if self.reported is not None and self.reported in self.carried:
+                self._take(self.carried, self.reported, now)
+        self.reported = None
         for entry in self.pri_order:
             if not entry[D_MATCHED]:
                 host.release(self, entry[D_REL], entry[D_FLEN], 0)  # type: ignore[arg-type]

@@ -44,6 +44,8 @@ class FlowHost(Protocol):
 
     max_sec_buffer: int
     """Secondary bytes (or datagram bytes) one flow may buffer unmatched."""
+    secondary_vote: str | None
+    """What a checkpoint did to the secondary, as the latest flow to tell found it."""
 
     def hold(self, flow: HeldCounts, flen: int) -> None: ...
 

@@ -135,6 +135,13 @@ class Proxy:
         self.divergence_kinds: Counter[str] = Counter()
         self.checkpoint_reasons: Counter[str] = Counter()
         self._held_frames = 0
+        self._held_extra = 0
+        """Frames held beyond one per unit: a reassembled datagram is one unit, n frames."""
+        self._unit_extra = 0
+        """Extra frames of the unit being dispatched (set around a reassembled datagram)."""
+        self._evict_blocked = False
+        """The last eviction scan found too little to evict: no new scan before the next
+        sweep or checkpoint (each new flow would walk a table of holding flows)."""
         self._held_bytes = 0
         self._holding_flows = 0
         self._released_frames = 0
@@ -146,6 +153,9 @@ class Proxy:
         self._next_scan: float | None = None
         self._window = cfg.datagram_reorder_window
         self.max_sec_buffer = cfg.max_sec_buffer_bytes
+        self.secondary_vote: str | None = None
+        """The latest answer a flow found to what a checkpoint did to the secondary; kept
+        across checkpoints (a real pair is reset by each, recordings never are)."""
         self._hold_limits = (
             cfg.max_hold_bytes, cfg.max_hold_frames, cfg.max_flow_hold_bytes, cfg.max_hold_flows,
         )
@@ -400,6 +410,7 @@ class Proxy:
         self._again = None
         self._deferred = None
         self.counters["checkpoints_completed"] += 1
+        self._evict_blocked = False
         self.state = CheckpointState.IDLE
         self._last_end = now
         grace = self.config.compare_timeout
@@ -412,18 +423,24 @@ class Proxy:
         if again is not None:
             self.want_checkpoint(again, now)
 
+    def settle_undecided(self, now: float) -> None:
+        """End of input: flows still undecided take the answer other flows found."""
+        for flow in list(self._flows.values()):
+            if isinstance(flow, TcpFlow):
+                flow.adopt_vote(self, now)
+
     @property
     def released_frames(self) -> int:
         """Primary frames released so far (compared, passed through or flushed)."""
         return self._released_frames
 
     def held_frames(self) -> int:
-        """Primary frames currently held back."""
-        return self._held_frames
+        """Primary frames currently held back (fragments of incomplete datagrams too)."""
+        return self._held_frames + self._held_extra + self._frags[0].held_rels
 
     def busy(self) -> bool:
         """Whether anything still waits: held output, unmatched input, a checkpoint."""
-        if self._held_frames or self.state is not CheckpointState.IDLE:
+        if self.held_frames() or self.state is not CheckpointState.IDLE:
             return True
         return any(flow.pending() for flow in self._flows.values())
 
@@ -436,7 +453,7 @@ class Proxy:
             **self.counters,
             "released_frames": self._released_frames,
             "released_payload_bytes": self._released_payload,
-            "held_frames": self._held_frames,
+            "held_frames": self.held_frames(),
             "held_bytes": self._held_bytes,
             "holding_flows": self._holding_flows,
             "flows": len(self._flows),
@@ -457,6 +474,7 @@ class Proxy:
         flow.held_frames += 1
         flow.held_bytes += flen
         self._held_frames += 1
+        self._held_extra += self._unit_extra
         self._held_bytes += flen
         max_bytes, max_frames, max_flow_bytes, max_flows = self._hold_limits
         if (
@@ -477,6 +495,8 @@ class Proxy:
         if not flow.held_frames:
             self._holding_flows -= 1
         self._held_frames -= 1
+        if type(rel) is not tuple:
+            self._held_extra -= len(rel) - 1
         self._held_bytes -= flen
         self._released_payload += payload
         self.release_unheld(rel)
@@ -502,6 +522,7 @@ class Proxy:
             else:
                 released.extend(rel)  # type: ignore[arg-type]
                 frames += len(rel)  # type: ignore[arg-type]
+                self._held_extra -= len(rel) - 1  # type: ignore[arg-type]
             flen += e[7]  # type: ignore[operator]
             payload += e[6]  # type: ignore[operator]
         n = len(run)
@@ -523,6 +544,9 @@ class Proxy:
         if offset is not None and offset < 0:  # a core bug: never report one
             self.counters["negative_offsets_clamped"] += 1
             offset = 0
+        if isinstance(flow, TcpFlow) and flow.midstream:
+            detail = "; ".join(filter(None, (detail, "picked up mid-stream: offsets count "
+                                             "from the first byte each side was seen to send")))
         self.divergence_kinds[kind.value] += 1
         if len(self._divergences) < MAX_DIVERGENCES_KEPT:
             self._divergences.append(
@@ -603,7 +627,11 @@ class Proxy:
             return
         self.counters["ip_datagrams_reassembled"] += 1
         total = sum(len(d) - o for d, o in rels)
-        self._dispatch(primary, ip, what, 0, len(what), rels, total, now)
+        self._unit_extra = len(rels) - 1 if primary else 0
+        try:
+            self._dispatch(primary, ip, what, 0, len(what), rels, total, now)
+        finally:
+            self._unit_extra = 0
 
     def _dispatch(
         self, primary: bool, ip: IpPacket, buf: bytes, l4: int, end: int, rel: Rel, flen: int,
@@ -685,17 +713,31 @@ class Proxy:
         return flow
 
     def _evict(self, now: float) -> None:
-        """Make room by forgetting flows that hold nothing, oldest first."""
+        """Make room by forgetting flows that hold nothing, oldest first.
+
+        A scan that finds fewer than it wants blocks further scans until the next
+        sweep or checkpoint: meanwhile new flows are created over the limit, counted
+        (`flows_over_limit`), and each asks for a (rate-limited) checkpoint.
+        """
+        if self._evict_blocked:
+            self.counters["flows_over_limit"] += 1
+            self.want_checkpoint(CheckpointReason.FLOW_TABLE, now)
+            return
         want = max(1, self.config.max_flows // 16)
         victims = []
+        examined = 0
         for key, flow in self._flows.items():
+            examined += 1
             if not flow.held_frames and not flow.pending():
                 victims.append(key)
                 if len(victims) >= want:
                     break
+        self.counters["flow_evict_examined"] += examined
         for key in victims:
             self._forget(key)
         self.counters["flows_evicted"] += len(victims)
+        if len(victims) < want:
+            self._evict_blocked = True
         if not victims:
             self.counters["flow_table_full"] += 1
             self.want_checkpoint(CheckpointReason.FLOW_TABLE, now)
@@ -752,3 +794,4 @@ class Proxy:
         for key in stale:
             self._forget(key)
         self.counters["flows_expired"] += len(stale)
+        self._evict_blocked = False

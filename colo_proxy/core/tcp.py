@@ -115,8 +115,9 @@ class TcpFlow(HeldCounts):
     """Comparison state of one TCP flow (one direction of guest output)."""
 
     __slots__ = (
-        "ck_ack", "ck_pos", "close_div", "closed", "hs_ok", "midstream", "mode", "pri", "q_ooo",
-        "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash", "stash_bytes", "th",
+        "ck_ack", "ck_fin", "ck_pos", "close_div", "closed", "hs_ok", "midstream", "mode", "pri",
+        "q_ooo", "q_scanned", "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash",
+        "stash_bytes", "th",
     )
 
     def __init__(self, key: FlowKey, now: float) -> None:
@@ -141,6 +142,8 @@ class TcpFlow(HeldCounts):
         self.mode = MODE_COMPARE
         self.q_ooo = False
         """Whether the queue may hold an entry ending before an earlier one's end."""
+        self.q_scanned: tuple[object, ...] = ()
+        """What an out-of-order scan depends on, as of the last one: rescan only on news."""
         self.skipping = False
         """A reported differing region: skip it up to the first agreeing byte (continues)."""
         self.close_div = False
@@ -149,6 +152,8 @@ class TcpFlow(HeldCounts):
         self.ck_pos = 0
         """The primary's position at the last checkpoint (where a reset secondary resumes)."""
         self.ck_ack = -1
+        self.ck_fin = False
+        """Whether the primary had sent its FIN by the last checkpoint."""
 
     # -- input ---------------------------------------------------------------
 
@@ -174,7 +179,7 @@ class TcpFlow(HeldCounts):
         (one sequence space, as behind QEMU's rewriter); else the side's own
         first byte seen is offset 0.
         """
-        self.midstream = True
+        self.midstream = True  # reported with every divergence of this flow (Proxy.diverge)
         if other_isn >= 0:
             off = unwrap(number - other_isn - 1, other_pos)
             if abs(off - other_pos) <= MIDSTREAM_FIT and off >= 0:
@@ -361,7 +366,7 @@ class TcpFlow(HeldCounts):
                 me.rst = stop
         self.queue.append([stop, self.ack_offset(me, hdr), need, rel, now, off, plen, flen])
         host.hold(self, flen)
-        if self.diverged or self.mode:
+        if self.diverged:
             return
         if self.stash:
             self._replay_stash(host)
@@ -442,12 +447,54 @@ class TcpFlow(HeldCounts):
             own = abs(unwrap(hdr.seq - s.isn - 1, own_pos) - own_pos)
         else:
             own = MIDSTREAM_FIT
-        if reset <= own:
+        if reset == own:  # both answers put it at the same place: nothing learnt for others
+            self._reset_to_primary()
+            return
+        self._decided(host, now, "reset" if reset < own else "continues")
+
+    def _decided(self, host: FlowHost, now: float, answer: str) -> None:
+        """Apply the answer for this flow; other undecided flows may adopt it (adopt_vote)."""
+        host.secondary_vote = answer
+        if answer == "reset":
             host.count("tcp_secondary_reset_by_checkpoint")
             self._reset_to_primary()
         else:
             host.count("tcp_secondary_continues_after_checkpoint")
             self._continue(host, now)
+
+    def adopt_vote(self, host: FlowHost, now: float) -> None:
+        """Undecided with no evidence of its own: take the answer other flows found.
+
+        A checkpoint is one event for the whole VM, so what the flows that did
+        hear from the secondary found holds for one that did not (one whose
+        secondary had sent everything before the checkpoint).
+        """
+        if self.mode == MODE_UNDECIDED and host.secondary_vote is not None:
+            host.count("tcp_secondary_answer_adopted")
+            self._decided(host, now, host.secondary_vote)
+
+    def _continued_evidently(self, host: FlowHost, now: float) -> bool:
+        """Undecided, but the primary's new output equals what the secondary sent on its own.
+
+        A secondary that ran ahead may have sent all its output before the
+        checkpoint, so no later segment of its own can decide.  If the bytes
+        the primary sent since the checkpoint (past ck_pos) equal the
+        secondary's at its own offsets, or a FIN the primary sent since then
+        sits where the secondary's does, it went on.  Bytes from before the
+        checkpoint prove nothing: a reset secondary sent them too.
+        """
+        if self.mode != MODE_UNDECIDED:
+            return False
+        p, s = self.pri, self.sec
+        pb, sb = p.stream.buf, s.stream.buf
+        i = max(0, self.ck_pos - p.stream.base)
+        k = min(len(pb), len(sb), i + 64) - i
+        agrees = k > 0 and pb[i : i + k] == sb[i : i + k] and (k >= 8 or s.fin is not None)
+        fin = not self.ck_fin and p.fin is not None and p.fin == s.fin
+        if not agrees and not fin:
+            return False
+        self._decided(host, now, "continues")
+        return False  # _continue ran progress
 
     def _decide_space(self, host: FlowHost, seq: int) -> None:
         """Settle which ISN the secondary's data is numbered from.
@@ -516,8 +563,8 @@ class TcpFlow(HeldCounts):
 
         _consume is inlined: this runs once per flow per batch.
         """
-        if self.mode:
-            return  # undecided: nothing is compared until the secondary's next segment
+        if self.mode and not self._continued_evidently(host, now):
+            return  # undecided: nothing is compared until the secondary shows its state
         pri, sec = self.pri, self.sec
         pst, sst = pri.stream, sec.stream
         pb, sb = pst.buf, sst.buf
@@ -599,7 +646,10 @@ class TcpFlow(HeldCounts):
                 break
             k += 1
         if k < n and self.q_ooo:
-            self._release_out_of_order(host, k, base, sec_ack)
+            news = (base, sec_ack, self.hs_ok, self.sec.fin, self.sec.rst, self.pri.rst)
+            if self.q_scanned != news or k > h:
+                self.q_scanned = news
+                self._release_out_of_order(host, k, base, sec_ack)
             return
         if k == h:
             return
@@ -684,6 +734,14 @@ class TcpFlow(HeldCounts):
             return self._close_div(host, now, DivergenceKind.CLOSE, p.fin, "FIN offsets differ")
         if p.rst is not None and s.rst is not None and p.rst != s.rst:
             return self._close_div(host, now, DivergenceKind.CLOSE, p.rst, "RST offsets differ")
+        for a, b, what in ((p, s, "secondary"), (s, p, "primary")):
+            if (
+                b.rst is not None and a.rst is None and a.syn_opts is not None
+                and b.syn_opts is None
+            ):
+                return self._close_div(  # refused at once: no need to wait for a timeout
+                    host, now, DivergenceKind.CLOSE, 0, f"{what} answered the SYN with RST"
+                )
         if p.fin is not None and s.rst is not None and s.fin is None:
             return self._close_div(
                 host, now, DivergenceKind.CLOSE, p.fin, "primary FIN, secondary RST"
@@ -722,11 +780,15 @@ class TcpFlow(HeldCounts):
 
     def due(self, timeout: float) -> float | None:
         """When expired() next has something to report, if anything waits."""
+        if self.mode == MODE_UNDECIDED:  # the secondary's bytes may be stale: not yet owed
+            return self.queue[self.qh][E_TIME] + timeout if self.queue else None  # type: ignore[operator]
         oldest = self.oldest_pending()
         return None if oldest is None else oldest + timeout
 
     def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
         """Report a timeout divergence if output waited too long; True if so."""
+        if self.mode == MODE_UNDECIDED:
+            self.adopt_vote(host, now)
         if self.diverged:
             return False
         if self.queue:
@@ -743,6 +805,8 @@ class TcpFlow(HeldCounts):
                 at = max(0, start) if isinstance(start, int) else 0
                 host.diverge(self, kind, at, b"", b"", now, "primary output unmatched")
                 return True
+        if self.mode == MODE_UNDECIDED:
+            return False
         if (self.sec_times and self.sec_times[self.th][1] + timeout <= now) or (
             self.stash and self.stash[0][3] + timeout <= now
         ):
@@ -762,8 +826,11 @@ class TcpFlow(HeldCounts):
         p, s = self.pri, self.sec
         self.ck_pos = max(p.high, p.stream.end, p.stream.base)
         self.ck_ack = p.ack_max
+        self.ck_fin = p.fin is not None
         if self.mode == MODE_PASS:
             return
+        if mode != "reset" and p.stream.buffered > host.max_sec_buffer:
+            self._forget_uncompared(host)
         if mode == "reset":
             self._reset_to_primary()
         elif mode == "continues" or p.isn < 0:
@@ -775,6 +842,21 @@ class TcpFlow(HeldCounts):
             self._reset_to_primary()  # in step: both answers are the same
         else:
             self.mode = MODE_UNDECIDED
+            self.diverged = False  # frozen by the mode now, not by the divergence
+            self.progress(host, now)  # what both sides sent already may show it went on
+
+    def _forget_uncompared(self, host: FlowHost) -> None:
+        """The primary ran far ahead of a silent secondary: compare on from ck_pos only.
+
+        Its bytes were released by the checkpoint; keeping them for a secondary
+        that may never send its copy would grow without bound.
+        """
+        p, s = self.pri, self.sec
+        host.count("tcp_bytes_left_uncompared_over_limit", self.ck_pos - p.stream.base)
+        p.stream.skip_to(self.ck_pos)
+        s.stream.skip_to(self.ck_pos)
+        self.skipping = False
+        self._trim_times(self.ck_pos)
 
     def _reset_to_primary(self) -> None:
         """The checkpoint made the secondary a copy of the primary (at ck_pos)."""
@@ -805,6 +887,10 @@ class TcpFlow(HeldCounts):
         if self.close_div:
             self.mode = MODE_PASS  # the two connections closed differently: nothing to compare
             host.count("tcp_flows_passed_after_close_divergence")
+            if self.queue:
+                run = self.queue[self.qh:]
+                self.queue, self.qh = [], 0
+                host.release_run(self, run)
             return
         self.mode = MODE_COMPARE
         if self.pri.syn_opts is not None and self.sec.syn_opts is not None:

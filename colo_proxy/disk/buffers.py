@@ -59,6 +59,7 @@ class Refusal(enum.Enum):
 
     SHUTDOWN = "shutdown"  # replication export after failover
     FAULTED = "faulted"
+    LIMIT = "limit"  # the epoch's log is at its size limit (checkpoint more often)
 
 
 @dataclass(frozen=True, slots=True)

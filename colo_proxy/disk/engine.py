@@ -40,12 +40,21 @@ from colo_proxy.disk.store import (
 DEFAULT_MEMORY_CAP = 256 << 20
 
 
+def default_log_limit(image_size: int) -> int:
+    """Bytes one epoch may log (speculation plus overlay) when none is given: twice
+    the disk plus 64 MiB, far more than a sane checkpoint interval writes, yet a
+    bound on the spill files a runaway writer (or a stuck controller) can grow."""
+    return 2 * image_size + (64 << 20)
+
+
 class DiskEngine:
     """One replicated disk: image + state directory + in-memory/spilled buffers."""
 
     def __init__(self, image: Path, state_dir: Path,
-                 memory_cap: int = DEFAULT_MEMORY_CAP) -> None:
+                 memory_cap: int = DEFAULT_MEMORY_CAP, max_log_bytes: int | None = None) -> None:
         self.image = Image(image)
+        self.max_log_bytes = max_log_bytes or default_log_limit(self.image.size)
+        self.limit_refusals = 0
         try:
             self.state = StateDir(state_dir)
         except BaseException:
@@ -91,6 +100,9 @@ class DiskEngine:
     # -- data path ---------------------------------------------------------------------
     def write(self, export: Export, offset: int,
               data: bytes | bytearray | memoryview) -> Refusal | None:
+        if self._open_log_bytes() + len(data) > self.max_log_bytes:
+            self.limit_refusals += 1
+            return Refusal.LIMIT
         placed = self.replica.write(export, offset, len(data))
         if isinstance(placed, Refused):
             return placed.reason
@@ -107,6 +119,15 @@ class DiskEngine:
         if pos != placed.pos:
             raise DiskStateError(f"log position {pos} != planned {placed.pos}")
         return None
+
+    def _open_log_bytes(self) -> int:
+        """Bytes in the logs still taking writes (this epoch's speculation, the overlay)."""
+        total = 0
+        for buf in (self.replica.speculation_id, self.replica.overlay_id):
+            log = self.logs.get(buf) if buf is not None else None
+            if isinstance(log, SpillLog):
+                total += log.length
+        return total
 
     def write_zeroes(self, export: Export, offset: int, length: int) -> Refusal | None:
         placed = self.replica.write(export, offset, length, zero=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from colo_proxy.config_args import add_config_flags, config_from_args
+from colo_proxy.config_args import add_config_flags, config_from_args, parse_size
 from colo_proxy.drivers.afpacket import RingSpec
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime.bridge import Bridge, BridgeSettings
@@ -58,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     io.add_argument("--client-if", metavar="IF", help="interface towards the clients")
     io.add_argument("--primary-if", metavar="IF", help="the primary guest's tap or veth")
     io.add_argument("--secondary-if", metavar="IF", help="the secondary guest's tap or veth")
-    io.add_argument("--ring-block-size", type=int, default=None, metavar="BYTES",
+    io.add_argument("--ring-block-size", type=parse_size, default=None, metavar="BYTES",
                     help=f"receive ring block size, a page multiple ({_RING.block_size})")
     io.add_argument("--ring-blocks", type=int, default=None, metavar="N",
                     help=f"receive ring blocks per interface ({_RING.block_count})")
@@ -77,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     io.add_argument("--kernel-forward", action=argparse.BooleanOptionalAction, default=None,
                     help="client frames reach the primary by a tc ingress redirect in the "
                          "kernel (default on; ring version 2 only)")
-    io.add_argument("--output-buffer", type=int, default=None, metavar="BYTES",
+    io.add_argument("--output-buffer", type=parse_size, default=None, metavar="BYTES",
                     help="bound on output waiting for an interface; beyond it output is "
                          "dropped and counted (64 MiB)")
     add_host_flags(p, "the client interface")
