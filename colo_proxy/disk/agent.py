@@ -3,6 +3,7 @@
 The event loop owns the engine.  Only journaling (before an acknowledgement) and
 applying (after it) leave the loop, each in a worker thread, one at a time, in
 epoch order, so the base image only ever moves from one committed epoch to the next.
+At failover the secondary's overlay is applied the same way, after the last epoch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from colo_proxy.disk.address import Address, listen
 from colo_proxy.disk.buffers import (
     Action,
     Apply,
+    ApplyOverlay,
     DiskStateError,
     EpochApplied,
     Export,
@@ -125,6 +127,11 @@ class DiskAgent:
                 if self._closing:
                     continue
                 self._apply_task = asyncio.get_running_loop().create_task(self._apply(act))
+            elif isinstance(act, ApplyOverlay):
+                if self._closing:
+                    continue
+                self._apply_task = asyncio.get_running_loop().create_task(
+                    self._apply_overlay(act))
             elif isinstance(act, EpochApplied):
                 self.qmp.emit(EVENT_APPLIED, {"epoch": act.epoch})
             elif isinstance(act, FailoverComplete):
@@ -141,9 +148,28 @@ class DiskAgent:
             # The journal stays on disk; a restarted agent applies it.
             self.apply_error = f"applying epoch {act.epoch}: {err}"
             log.error("%s", self.apply_error)
+            self._fail_waiters()
             return
         self._apply_task = None
         self._handle(self.engine.finish_apply(act.epoch))
+
+    async def _apply_overlay(self, act: ApplyOverlay) -> None:
+        try:
+            await asyncio.to_thread(self.engine.run_apply_overlay, act)
+        except Exception as err:
+            # Reads stay right (the overlay still serves its ranges); failover cannot end.
+            self.apply_error = f"applying the secondary's overlay: {err}"
+            log.error("%s", self.apply_error)
+            self._fail_waiters()
+            return
+        self._apply_task = None
+        self._handle(self.engine.finish_apply_overlay(act.buffer))
+
+    def _fail_waiters(self) -> None:
+        for fut in self._failover_waiters:
+            if not fut.done():
+                fut.set_exception(QmpCommandError(f"cannot fail over: {self.apply_error}"))
+        self._failover_waiters.clear()
 
     # -- QMP commands ----------------------------------------------------------------
     async def _checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:
