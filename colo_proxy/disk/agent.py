@@ -123,15 +123,10 @@ class DiskAgent:
     # -- actions ---------------------------------------------------------------------
     def _handle(self, actions: list[Action]) -> None:
         for act in actions:
-            if isinstance(act, Apply):
+            if isinstance(act, Apply | ApplyOverlay):
                 if self._closing:
                     continue
                 self._apply_task = asyncio.get_running_loop().create_task(self._apply(act))
-            elif isinstance(act, ApplyOverlay):
-                if self._closing:
-                    continue
-                self._apply_task = asyncio.get_running_loop().create_task(
-                    self._apply_overlay(act))
             elif isinstance(act, EpochApplied):
                 self.qmp.emit(EVENT_APPLIED, {"epoch": act.epoch})
             elif isinstance(act, FailoverComplete):
@@ -141,29 +136,25 @@ class DiskAgent:
                         fut.set_result(act.epoch)
                 self._failover_waiters.clear()
 
-    async def _apply(self, act: Apply) -> None:
+    async def _apply(self, act: Apply | ApplyOverlay) -> None:
+        """Copy a journal (or, at failover, the secondary's overlay) into the image."""
+        eng = self.engine
         try:
-            await asyncio.to_thread(self.engine.run_apply, act)
+            if isinstance(act, Apply):
+                await asyncio.to_thread(eng.run_apply, act)
+            else:
+                await asyncio.to_thread(eng.run_apply_overlay, act)
         except Exception as err:
-            # The journal stays on disk; a restarted agent applies it.
-            self.apply_error = f"applying epoch {act.epoch}: {err}"
+            # A journal stays on disk and a restarted agent applies it; an overlay
+            # still serves its ranges, but the failover cannot end.
+            what = f"epoch {act.epoch}" if isinstance(act, Apply) else "the secondary's overlay"
+            self.apply_error = f"applying {what}: {err}"
             log.error("%s", self.apply_error)
             self._fail_waiters()
             return
         self._apply_task = None
-        self._handle(self.engine.finish_apply(act.epoch))
-
-    async def _apply_overlay(self, act: ApplyOverlay) -> None:
-        try:
-            await asyncio.to_thread(self.engine.run_apply_overlay, act)
-        except Exception as err:
-            # Reads stay right (the overlay still serves its ranges); failover cannot end.
-            self.apply_error = f"applying the secondary's overlay: {err}"
-            log.error("%s", self.apply_error)
-            self._fail_waiters()
-            return
-        self._apply_task = None
-        self._handle(self.engine.finish_apply_overlay(act.buffer))
+        self._handle(eng.finish_apply(act.epoch) if isinstance(act, Apply)
+                     else eng.finish_apply_overlay(act.buffer))
 
     def _fail_waiters(self) -> None:
         for fut in self._failover_waiters:
