@@ -3,6 +3,7 @@
 The event loop owns the engine.  Only journaling (before an acknowledgement) and
 applying (after it) leave the loop, each in a worker thread, one at a time, in
 epoch order, so the base image only ever moves from one committed epoch to the next.
+At failover the secondary's overlay is applied the same way, after the last epoch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from colo_proxy.disk.address import Address, listen
 from colo_proxy.disk.buffers import (
     Action,
     Apply,
+    ApplyOverlay,
     DiskStateError,
     EpochApplied,
     Export,
@@ -121,7 +123,7 @@ class DiskAgent:
     # -- actions ---------------------------------------------------------------------
     def _handle(self, actions: list[Action]) -> None:
         for act in actions:
-            if isinstance(act, Apply):
+            if isinstance(act, Apply | ApplyOverlay):
                 if self._closing:
                     continue
                 self._apply_task = asyncio.get_running_loop().create_task(self._apply(act))
@@ -134,16 +136,31 @@ class DiskAgent:
                         fut.set_result(act.epoch)
                 self._failover_waiters.clear()
 
-    async def _apply(self, act: Apply) -> None:
+    async def _apply(self, act: Apply | ApplyOverlay) -> None:
+        """Copy a journal (or, at failover, the secondary's overlay) into the image."""
+        eng = self.engine
         try:
-            await asyncio.to_thread(self.engine.run_apply, act)
+            if isinstance(act, Apply):
+                await asyncio.to_thread(eng.run_apply, act)
+            else:
+                await asyncio.to_thread(eng.run_apply_overlay, act)
         except Exception as err:
-            # The journal stays on disk; a restarted agent applies it.
-            self.apply_error = f"applying epoch {act.epoch}: {err}"
+            # A journal stays on disk and a restarted agent applies it; an overlay
+            # still serves its ranges, but the failover cannot end.
+            what = f"epoch {act.epoch}" if isinstance(act, Apply) else "the secondary's overlay"
+            self.apply_error = f"applying {what}: {err}"
             log.error("%s", self.apply_error)
+            self._fail_waiters()
             return
         self._apply_task = None
-        self._handle(self.engine.finish_apply(act.epoch))
+        self._handle(eng.finish_apply(act.epoch) if isinstance(act, Apply)
+                     else eng.finish_apply_overlay(act.buffer))
+
+    def _fail_waiters(self) -> None:
+        for fut in self._failover_waiters:
+            if not fut.done():
+                fut.set_exception(QmpCommandError(f"cannot fail over: {self.apply_error}"))
+        self._failover_waiters.clear()
 
     # -- QMP commands ----------------------------------------------------------------
     async def _checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Binds the sans-IO ``Replica`` to the store: logs, journals, the image.
 
 Synchronous on purpose.  The asyncio agent calls the quick parts on the event
-loop and runs the two slow, blocking steps (``write_journal`` and ``run_apply``)
-in a worker thread; tests drive the same object directly, crash it anywhere and
-recover it.
+loop and runs the slow, blocking steps (``write_journal``, ``run_apply`` and, at
+failover, ``run_apply_overlay``) in a worker thread; tests drive the same object
+directly, crash it anywhere and recover it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from colo_proxy.disk.buffers import (
     Action,
     Apply,
+    ApplyOverlay,
     DiskStateError,
     Export,
     FailoverComplete,
@@ -32,6 +33,7 @@ from colo_proxy.disk.store import (
     MemoryBudget,
     SpillLog,
     StateDir,
+    apply_extents,
     apply_journal,
     read_pieces,
     write_journal,
@@ -178,7 +180,7 @@ class DiskEngine:
 
     def _track(self, actions: list[Action]) -> list[Action]:
         for act in actions:
-            if isinstance(act, Apply):
+            if isinstance(act, Apply | ApplyOverlay):
                 self.apply_done_bytes = 0
                 self.apply_total_bytes = sum(e.length for e in act.extents)
         return actions
@@ -197,6 +199,23 @@ class DiskEngine:
     def finish_apply(self, epoch: int) -> list[Action]:
         return self._track(self._release(self.replica.applied(epoch)))
 
+    def run_apply_overlay(self, apply: ApplyOverlay) -> None:
+        """Blocking: copy the secondary's sealed overlay into the image and fsync.
+
+        The sealed log takes no more appends (new writes go to a fresh overlay), so a
+        worker thread may read it while the loop serves I/O.  No epoch is recorded:
+        the overlay is the running secondary's data, not part of any checkpoint.
+        """
+        log = self.logs[apply.buffer]
+
+        def progress(n: int) -> None:
+            self.apply_done_bytes += n
+
+        apply_extents(self.image, apply.extents, log.read, progress)
+
+    def finish_apply_overlay(self, buffer: int) -> list[Action]:
+        return self._track(self._release(self.replica.overlay_applied(buffer)))
+
     def failover(self) -> list[Action]:
         return self._track(self._release(self.replica.failover()))
 
@@ -212,6 +231,9 @@ class DiskEngine:
             if isinstance(act, Apply):
                 self.run_apply(act)
                 pending.extend(self.finish_apply(act.epoch))
+            elif isinstance(act, ApplyOverlay):
+                self.run_apply_overlay(act)
+                pending.extend(self.finish_apply_overlay(act.buffer))
             elif isinstance(act, FailoverComplete):
                 done = act.epoch
         return done

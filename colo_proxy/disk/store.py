@@ -310,21 +310,27 @@ class Image:
         os.close(self.fd)
 
 
-def apply_journal(image: Image, journal: JournalLog,
+def apply_extents(image: Image, extents: Iterable[Extent], source: Callable[[int, int], bytes],
                   progress: Callable[[int], None] | None = None) -> None:
-    """Copy a journal into the image and fsync; safe to repeat after a crash."""
-    for ext in journal.extents:
+    """Copy ``extents`` (log positions read with ``source(pos, n)``) into the image, fsync."""
+    for ext in extents:
         if ext.pos == ZERO:
             image.zero(ext.offset, ext.length)
         else:
             done = 0
             while done < ext.length:
                 n = min(CHUNK, ext.length - done)
-                image.write(ext.offset + done, journal.read(ext.pos + done, n))
+                image.write(ext.offset + done, source(ext.pos + done, n))
                 done += n
         if progress is not None:
             progress(ext.length)
     image.sync()
+
+
+def apply_journal(image: Image, journal: JournalLog,
+                  progress: Callable[[int], None] | None = None) -> None:
+    """Copy a journal into the image and fsync; safe to repeat after a crash."""
+    apply_extents(image, journal.extents, journal.read, progress)
 
 
 class StateDir:
