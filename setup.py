@@ -28,6 +28,7 @@ COMPILED = [
     "colo_proxy/core/fragments.py",
     "colo_proxy/core/general.py",
     "colo_proxy/core/framing.py",
+    "colo_proxy/core/heartbeat.py",
     "colo_proxy/core/held.py",
     "colo_proxy/core/ledger.py",
     "colo_proxy/core/packet.py",

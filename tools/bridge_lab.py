@@ -18,7 +18,13 @@ and print one JSON line:
   deterministic bytes (byte ``--diverge-at`` flipped), half-close, read to EOF,
   then wait until the client acknowledged everything (``SIOCOUTQ`` 0);
 * ``tcp-client``: fetch from a server, compare with the expected bytes;
-* ``udp-echo`` / ``udp-client``: answer / send numbered datagrams.
+* ``udp-echo`` / ``udp-client``: answer / send numbered datagrams;
+* ``tcp-echo`` / ``tcp-pingpong``: request/response round trips on one connection
+  (p50, p99, rate);
+* ``icmp-ping``: ICMP echo round trips (p50, p99) with a raw socket.
+
+:meth:`BridgeLab.plain_up` puts a plain Linux bridge between the client and the
+primary: the baseline tools/bench_bridge.py measures the proxy against.
 
 Usage (root): ``python3 tools/bridge_lab.py up`` keeps a lab until Enter is
 pressed and prints the ``colo-proxy bridge`` command line for it.
@@ -41,12 +47,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from colo_proxy.core.checksum import ones_sum
+
 GUEST_MAC = "52:54:00:c0:10:02"
 CLIENT_MAC = "52:54:00:c0:10:01"
 SIOCOUTQ = 0x5411
 OFFLOADS = ("tx-checksum", "tx-tcp", "tx-generic-segmentation", "tx-udp-segmentation",
             "rx-gro", "tx-scatter-gather", "tx-gso")
 ROLES = ("client", "primary", "secondary")
+PREFIX = "br12"
+"""Every namespace and interface name starts with this (unique to the bridge lab)."""
 
 
 BLOCK = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(1 << 15))
@@ -72,7 +83,7 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def offloads_off(ifname: str) -> None:
+def offloads_off(ifname: str, on: bool = False) -> None:
     """ethtool -K IF tso off gso off gro off tx off (what bridge mode needs on every end)."""
     from pyroute2.ethtool import Ethtool
 
@@ -81,7 +92,7 @@ def offloads_off(ifname: str) -> None:
         features = ethtool.get_features(ifname)
         for name, feature in features.features.items():
             if name.startswith(OFFLOADS) and feature.available:
-                feature.enable = False
+                feature.enable = on
         ethtool.set_features(ifname, features)
     finally:
         ethtool.close()
@@ -101,8 +112,8 @@ class BridgeLab:
             raw = int(self.tag, 16)
             self.subnet = f"10.{200 + raw % 50}.{(raw >> 8) % 256}"
         for role in ROLES:
-            self.ns[role] = f"cpb-{self.tag}-{role}"
-            self.ifs[role] = f"cpb{self.tag}{role[0]}"
+            self.ns[role] = f"{PREFIX}-{self.tag}-{role}"
+            self.ifs[role] = f"{PREFIX}{self.tag}{role[0]}"
 
     @property
     def client_ip(self) -> str:
@@ -125,28 +136,78 @@ class BridgeLab:
 
     def _create(self) -> None:
         for role in ROLES:
-            ns, host, guest = self.ns[role], self.ifs[role], self.ifs[role] + "g"
+            ns = self.ns[role]
             _sh("ip", "netns", "add", ns)
             _sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
                 "net.ipv6.conf.default.disable_ipv6=1")
-            _sh("ip", "link", "add", host, "type", "veth", "peer", "name", guest)
-            _sh("sysctl", "-qw", f"net.ipv6.conf.{host}.disable_ipv6=1", check=False)
-            offloads_off(host)
-            offloads_off(guest)
-            _sh("ip", "link", "set", guest, "netns", ns)
-            mac = CLIENT_MAC if role == "client" else GUEST_MAC
-            ip = self.client_ip if role == "client" else self.guest_ip
-            _sh("ip", "-n", ns, "link", "set", guest, "name", "eth0", "address", mac)
-            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            _sh("ip", "link", "set", host, "up")
+            self.wire(role)
+
+    def recreate(self, role: str) -> None:
+        """Delete ``role``'s veth pair and make it again (as QEMU re-creates a tap)."""
+        _sh("ip", "link", "del", self.ifs[role])
+        self.wire(role)
+
+    def wire(self, role: str) -> None:
+        """``role``'s veth pair: host end here, ``eth0`` in its namespace, both up."""
+        ns, host, guest = self.ns[role], self.ifs[role], self.ifs[role] + "g"
+        _sh("ip", "link", "add", host, "type", "veth", "peer", "name", guest)
+        _sh("sysctl", "-qw", f"net.ipv6.conf.{host}.disable_ipv6=1", check=False)
+        offloads_off(host)
+        offloads_off(guest)
+        _sh("ip", "link", "set", guest, "netns", ns)
+        mac = CLIENT_MAC if role == "client" else GUEST_MAC
+        ip = self.client_ip if role == "client" else self.guest_ip
+        _sh("ip", "-n", ns, "link", "set", guest, "name", "eth0", "address", mac)
+        _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "link", "set", host, "up")
 
     def destroy(self) -> None:
         """Remove every interface and namespace of this lab (errors ignored)."""
+        self.plain_down()
         for role in ROLES:
             _sh("ip", "link", "del", self.ifs[role], check=False)
             _sh("ip", "netns", "del", self.ns[role], check=False)
+
+    @property
+    def plain_bridge(self) -> str:
+        """The Linux bridge :meth:`plain_up` builds (the baseline the proxy is measured against)."""
+        return f"{PREFIX}{self.tag}br"
+
+    def plain_up(self) -> None:
+        """A plain Linux bridge between the client and the primary (the secondary left out)."""
+        br = self.plain_bridge
+        _sh("ip", "link", "add", br, "type", "bridge", "forward_delay", "0", "stp_state", "0")
+        _sh("sysctl", "-qw", f"net.ipv6.conf.{br}.disable_ipv6=1", check=False)
+        for role in ("client", "primary"):
+            _sh("ip", "link", "set", self.ifs[role], "master", br)
+        _sh("ip", "link", "set", br, "up")
+
+    def plain_down(self) -> None:
+        """Remove the plain bridge (its ports stay, up, ready for the proxy)."""
+        _sh("ip", "link", "del", self.plain_bridge, check=False)
+
+    def guest_offloads(self, role: str, on: bool) -> None:
+        """Turn the offloads of ``role``'s ``eth0`` (the veth peer of its host end) on or off."""
+        proc = self.tool(role, "offloads", "eth0", "--on" if on else "--off")
+        _, err = proc.communicate(timeout=30)
+        if proc.returncode:
+            raise RuntimeError(f"offloads in {role}: {err}")
+
+    def kill_tcp(self, port: int) -> None:
+        """Abort every TCP socket on ``port`` in every namespace (``ss -K``).
+
+        After a stalled transfer the guests' orphaned sockets keep resending
+        for minutes; the next proxy would see them as streams without a start.
+        """
+        for ns in self.ns.values():
+            _sh("ip", "netns", "exec", ns, "ss", "-K", f"sport = :{port} or dport = :{port}",
+                check=False)
+
+    def flush_neighbours(self, role: str) -> None:
+        """Forget ``role``'s neighbour entries (its next packet ARPs again)."""
+        _sh("ip", "-n", self.ns[role], "neigh", "flush", "all")
 
     def popen(self, role: str, argv: Sequence[str], **kw: object) -> subprocess.Popen[str]:
         """A process inside ``role``'s namespace (stdout piped, text)."""
@@ -169,7 +230,7 @@ def available() -> str | None:
     """Why the lab cannot run here (None when it can)."""
     if os.geteuid() != 0:
         return "needs root (network namespaces and packet sockets)"
-    probe = f"cpb-probe-{os.getpid()}"
+    probe = f"{PREFIX}-probe-{os.getpid()}"
     if _sh("ip", "netns", "add", probe, check=False).returncode != 0:
         return "cannot create network namespaces"
     _sh("ip", "netns", "del", probe, check=False)
@@ -192,6 +253,8 @@ def tcp_server(args: argparse.Namespace) -> int:
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", args.port))
+    if args.cc:
+        srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, args.cc.encode())
     srv.listen(1)
     srv.settimeout(args.timeout)
     _emit({"listening": args.port})
@@ -292,26 +355,132 @@ def udp_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    """p50 and p99 of round-trip times in milliseconds (0 when there are none)."""
+    if not samples:
+        return {"p50_ms": 0.0, "p99_ms": 0.0}
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {"p50_ms": pick(0.50), "p99_ms": pick(0.99)}
+
+
+def tcp_echo(args: argparse.Namespace) -> int:
+    """Echo every connection's bytes back, one connection after another, until killed."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", args.port))
+    srv.listen(8)
+    _emit({"listening": args.port})
+    while True:
+        conn, _ = srv.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(args.timeout)
+        try:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+        except OSError:
+            pass
+        conn.close()
+
+
+def tcp_pingpong(args: argparse.Namespace) -> int:
+    """``--count`` request/response round trips of ``--size`` bytes on one connection."""
+    sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = payload(args.size)
+    rtts: list[float] = []
+    result: dict[str, object] = {}
+    start = time.perf_counter()
+    try:
+        for _ in range(args.count):
+            t0 = time.perf_counter()
+            sock.sendall(msg)
+            got = 0
+            while got < len(msg):
+                chunk = sock.recv(len(msg) - got)
+                if not chunk:
+                    raise ConnectionError("closed")
+                got += len(chunk)
+            rtts.append(time.perf_counter() - t0)
+    except OSError as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+    elapsed = time.perf_counter() - start
+    sock.close()
+    result.update(count=len(rtts), rate=len(rtts) / elapsed if elapsed else 0.0,
+                  **_percentiles(rtts))
+    _emit(result)
+    return 0
+
+
+def icmp_ping(args: argparse.Namespace) -> int:
+    """ICMP echo requests every ``--interval`` s, each waiting for its reply (raw socket)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident, rtts, lost = os.getpid() & 0xFFFF, [], 0
+    for seq in range(args.count):
+        body = struct.pack("!HH", ident, seq) + bytes(56)
+        header = struct.pack("!BBH", 8, 0, 0)
+        csum = ~ones_sum(header + body) & 0xFFFF
+        packet = struct.pack("!BBH", 8, 0, csum) + body
+        t0 = time.perf_counter()
+        sock.sendto(packet, (args.host, 0))
+        deadline = t0 + args.timeout
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                lost += 1
+                break
+            sock.settimeout(left)
+            try:
+                reply = sock.recv(2048)
+            except TimeoutError:
+                continue
+            icmp = reply[(reply[0] & 0x0F) * 4 :]
+            if icmp[0] == 0 and struct.unpack_from("!HH", icmp, 4) == (ident, seq):
+                rtts.append(time.perf_counter() - t0)
+                break
+        time.sleep(args.interval)
+    _emit({"count": len(rtts), "lost": lost, **_percentiles(rtts)})
+    return 0
+
+
+def _offloads_cmd(args: argparse.Namespace) -> int:
+    offloads_off(args.ifname, args.on)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     programs = {tcp_server: (8080, 60.0), tcp_client: (8080, 60.0), udp_echo: (7777, 60.0),
-                udp_client: (7777, 10.0)}
+                udp_client: (7777, 10.0), tcp_echo: (7070, 60.0), tcp_pingpong: (7070, 10.0),
+                icmp_ping: (0, 1.0)}
     for func, (port, timeout) in programs.items():
         p = sub.add_parser(func.__name__.replace("_", "-"), help=func.__doc__)
         p.add_argument("--port", type=int, default=port)
         p.add_argument("--timeout", type=float, default=timeout)
-        if func in (tcp_server, tcp_client):
-            p.add_argument("--size", type=int, default=300_000)
-        else:
+        if func in (tcp_server, tcp_client, tcp_pingpong):
+            p.add_argument("--size", type=int, default=64 if func is tcp_pingpong else 300_000)
+        if func not in (tcp_server, tcp_client, tcp_echo):
             p.add_argument("--count", type=int, default=20)
-        if func in (tcp_client, udp_client):
+        if func in (tcp_client, udp_client, tcp_pingpong, icmp_ping):
             p.add_argument("--host", required=True)
         p.set_defaults(func=func)
     sub.choices["tcp-server"].add_argument("--diverge-at", type=int, default=-1)
+    sub.choices["tcp-server"].add_argument(
+        "--cc", default="", help="TCP congestion control (the namespace's default otherwise)"
+    )
+    sub.choices["icmp-ping"].add_argument("--interval", type=float, default=0.01)
     sub.choices["tcp-client"].add_argument(
         "--idle", type=float, default=60.0, help="give up after S seconds of silence"
     )
+    p = sub.add_parser("offloads", help="turn an interface's offloads on or off")
+    p.add_argument("ifname")
+    p.add_argument("--on", dest="on", action="store_true")
+    p.add_argument("--off", dest="on", action="store_false")
+    p.set_defaults(func=_offloads_cmd)
     p = sub.add_parser("up", help="build a lab and keep it until Enter is pressed")
     p.set_defaults(func=None)
     args = parser.parse_args(argv)

@@ -31,7 +31,8 @@ def fast_key(key: FlowKey) -> bytes:
 class FlowTable:
     """Flows by key, fast indexes, the watch list; eviction and idle expiry."""
 
-    __slots__ = ("config", "counters", "flows", "next_sweep", "tcp4", "udp4", "watch")
+    __slots__ = ("config", "counters", "evict_blocked", "flows", "next_sweep", "tcp4", "udp4",
+                 "watch")
 
     def __init__(self, config: Config, counters: Counter[str]) -> None:
         self.config = config
@@ -44,6 +45,9 @@ class FlowTable:
         self.watch: dict[HeldCounts, None] = {}
         """Flows that may hold or owe output: the scan checks their timeouts."""
         self.next_sweep = 0.0
+        self.evict_blocked = False
+        """The last eviction scan found too little to evict: no new scan before the next
+        sweep or checkpoint (each new flow would walk a table of holding flows)."""
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -70,17 +74,30 @@ class FlowTable:
         return flow
 
     def evict(self) -> bool:
-        """Make room by forgetting flows that hold nothing, oldest first; False if none can go."""
+        """Make room by forgetting flows that hold nothing, oldest first; False if none went.
+
+        A scan that finds fewer than it wants blocks further scans until the next
+        sweep or checkpoint: meanwhile new flows are created over the limit, counted
+        (`flows_over_limit`), and each asks for a (rate-limited) checkpoint.
+        """
+        if self.evict_blocked:
+            self.counters["flows_over_limit"] += 1
+            return False
         want = max(1, self.config.max_flows // 16)
         victims = []
+        examined = 0
         for key, flow in self.flows.items():
+            examined += 1
             if not flow.held_frames and not flow.pending():
                 victims.append(key)
                 if len(victims) >= want:
                     break
+        self.counters["flow_evict_examined"] += examined
         for key in victims:
             self.forget(key)
         self.counters["flows_evicted"] += len(victims)
+        if len(victims) < want:
+            self.evict_blocked = True
         if not victims:
             self.counters["flow_table_full"] += 1
         return bool(victims)
@@ -129,3 +146,4 @@ class FlowTable:
         for key in stale:
             self.forget(key)
         self.counters["flows_expired"] += len(stale)
+        self.evict_blocked = False

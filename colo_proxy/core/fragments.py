@@ -5,16 +5,25 @@ offload settings), so comparison happens on whole datagrams.  Every limit
 is explicit: fragments per datagram, bytes held, and age.  A datagram that
 is given up returns its frames to the caller, which decides their fate
 (the primary's are passed through uncompared, so nothing is lost).
+
+Bytes held count a fixed overhead per fragment on top of its payload (the
+frame kept for release and the bookkeeping), so a flood of empty fragments
+is bounded like any other.  The table is kept in arrival order, so expiry
+and the oldest datagram look at the front only, never walk the whole table.
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 R = TypeVar("R")
 
 MAX_GIVEN_UP = 4096
 """Datagrams remembered as given up, so their later fragments pass at once."""
+
+FRAGMENT_OVERHEAD: Final = 256
+"""Bytes counted per fragment besides its payload: headers of the frame kept for
+release, the piece and the table's own records (measured: about 250 bytes)."""
 
 FragKey = tuple[tuple[int, ...], int, bytes, bytes, int, int]
 
@@ -41,7 +50,11 @@ class FragmentTable(Generic[R]):
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.held_bytes = 0
+        self.held_rels = 0
+        """Fragments (frames) held in incomplete datagrams."""
         self.overlaps = 0
+        self.examined = 0
+        """Datagrams looked at by expiry (a measure of scan cost, for tests and stats)."""
         self._table: dict[FragKey, _Datagram[R]] = {}
         self._given_up: dict[FragKey, float] = {}
 
@@ -62,6 +75,7 @@ class FragmentTable(Generic[R]):
                 return "ip_fragment_of_given_up_datagram", [rel]
             dgram = self._table[key] = _Datagram(now)
         dgram.rels.append(rel)
+        self.held_rels += 1
         if not more:
             stop = offset + len(piece)
             if dgram.total not in (-1, stop):
@@ -72,8 +86,9 @@ class FragmentTable(Generic[R]):
         ):
             return self._give_up(key, "ip_fragment_beyond_end")
         dgram.pieces.append((offset, piece))
-        dgram.bytes += len(piece)
-        self.held_bytes += len(piece)
+        cost = len(piece) + FRAGMENT_OVERHEAD
+        dgram.bytes += cost
+        self.held_bytes += cost
         if len(dgram.pieces) > self.max_fragments:
             return self._give_up(key, "ip_fragment_limit")
         if self.held_bytes > self.max_bytes:
@@ -85,6 +100,7 @@ class FragmentTable(Generic[R]):
             return None
         del self._table[key]
         self.held_bytes -= dgram.bytes
+        self.held_rels -= len(dgram.rels)
         return payload, dgram.rels
 
     def _assemble(self, dgram: _Datagram[R]) -> bytes | None:
@@ -110,21 +126,39 @@ class FragmentTable(Generic[R]):
         """Forget the datagram; its later fragments pass without being held."""
         dgram = self._table.pop(key)
         self.held_bytes -= dgram.bytes
+        self.held_rels -= len(dgram.rels)
         if len(self._given_up) >= MAX_GIVEN_UP:
             del self._given_up[next(iter(self._given_up))]
         self._given_up[key] = dgram.first_seen
         return reason, dgram.rels
 
     def oldest(self) -> float | None:
-        """When the oldest incomplete datagram arrived, if any."""
-        return min((d.first_seen for d in self._table.values()), default=None)
+        """When the oldest incomplete datagram arrived, if any (the first in order)."""
+        for dgram in self._table.values():
+            return dgram.first_seen
+        return None
 
     def expire(self, now: float) -> list[R]:
-        """Give up datagrams older than the timeout; returns their frames."""
+        """Give up datagrams older than the timeout; returns their frames.
+
+        Walks from the front (arrival order) and stops at the first young one,
+        so a scan costs what expires plus one.
+        """
         out: list[R] = []
-        for key in [k for k, d in self._table.items() if now - d.first_seen > self.timeout]:
+        expired = []
+        for k, d in self._table.items():
+            self.examined += 1
+            if now - d.first_seen <= self.timeout:
+                break
+            expired.append(k)
+        for key in expired:
             out.extend(self._give_up(key, "")[1])
-        for key in [k for k, t in self._given_up.items() if now - t > 2 * self.timeout]:
+        stale = []
+        for k, t in self._given_up.items():
+            if now - t <= 2 * self.timeout:
+                break
+            stale.append(k)
+        for key in stale:
             del self._given_up[key]
         return out
 
@@ -133,4 +167,5 @@ class FragmentTable(Generic[R]):
         out = [rel for dgram in self._table.values() for rel in dgram.rels]
         self._table.clear()
         self.held_bytes = 0
+        self.held_rels = 0
         return out

@@ -65,6 +65,10 @@ class GeneralPath:
             FragmentTable(cfg.max_fragments, cfg.max_fragment_bytes, cfg.fragment_timeout),
         )
 
+    def fragment_frames_held(self) -> int:
+        """The primary's frames waiting in incomplete datagrams (they count as held)."""
+        return self._frags[0].held_rels
+
     def fragments_waiting(self) -> bool:
         return any(len(t) for t in self._frags)
 
@@ -153,7 +157,11 @@ class GeneralPath:
             return
         self.counters["ip_datagrams_reassembled"] += 1
         total = sum(len(d) - o for d, o in rels)
-        self._dispatch(primary, ip, what, 0, len(what), rels, total, now)
+        self.ledger.unit_extra = len(rels) - 1 if primary else 0
+        try:
+            self._dispatch(primary, ip, what, 0, len(what), rels, total, now)
+        finally:
+            self.ledger.unit_extra = 0
 
     def _dispatch(
         self, primary: bool, ip: IpPacket, buf: bytes, l4: int, end: int, rel: Rel, flen: int,

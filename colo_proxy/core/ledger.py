@@ -18,9 +18,9 @@ from colo_proxy.core.held import HeldFrame
 class HoldLedger:
     """Held and released primary frames, totals and limits."""
 
-    __slots__ = ("held_bytes", "held_frames", "holding_flows", "max_bytes", "max_flow_bytes",
-                 "max_flows", "max_frames", "released", "released_frames", "released_payload",
-                 "watch")
+    __slots__ = ("held_bytes", "held_extra", "held_frames", "holding_flows", "max_bytes",
+                 "max_flow_bytes", "max_flows", "max_frames", "released", "released_frames",
+                 "released_payload", "unit_extra", "watch")
 
     def __init__(self, cfg: Config, watch: dict[HeldCounts, None]) -> None:
         self.watch = watch
@@ -28,6 +28,11 @@ class HoldLedger:
         self.released: list[tuple[bytes, int]] = []
         """Released frames the driver has not taken yet, as (data, offset)."""
         self.held_frames = 0
+        """Held units: a frame, or a whole reassembled datagram."""
+        self.held_extra = 0
+        """Frames held beyond one per unit: a reassembled datagram is one unit, n frames."""
+        self.unit_extra = 0
+        """Extra frames of the unit being dispatched (set around a reassembled datagram)."""
         self.held_bytes = 0
         self.holding_flows = 0
         self.released_frames = 0
@@ -45,6 +50,7 @@ class HoldLedger:
         flow.held_frames += 1
         flow.held_bytes += flen
         self.held_frames += 1
+        self.held_extra += self.unit_extra
         self.held_bytes += flen
         return (
             self.held_bytes > self.max_bytes or self.held_frames > self.max_frames
@@ -68,6 +74,8 @@ class HoldLedger:
         if not flow.held_frames:
             self.holding_flows -= 1
         self.held_frames -= 1
+        if not isinstance(rel, tuple):
+            self.held_extra -= len(rel) - 1
         self.held_bytes -= flen
         self.released_payload += payload
         self.release_unheld(rel)
@@ -93,6 +101,7 @@ class HoldLedger:
             else:
                 released.extend(rel)
                 frames += len(rel)
+                self.held_extra -= len(rel) - 1
             flen += e.flen
             payload += e.plen
         n = len(run)

@@ -330,6 +330,7 @@ class Proxy:
         checkpoint under the rate limit.
         """
         again = self.checkpoints.done(now)
+        self.table.evict_blocked = False
         grace = self.config.compare_timeout
         mode = self.config.secondary_after_checkpoint
         for flow in list(self.table.flows.values()):
@@ -350,12 +351,13 @@ class Proxy:
         return self.ledger.released_frames
 
     def held_frames(self) -> int:
-        """Primary frames currently held back."""
-        return self.ledger.held_frames
+        """Primary frames currently held back (fragments of incomplete datagrams too)."""
+        ledger = self.ledger
+        return ledger.held_frames + ledger.held_extra + self.general.fragment_frames_held()
 
     def busy(self) -> bool:
         """Whether anything still waits: held output, unmatched input, a checkpoint."""
-        if self.ledger.held_frames or self.checkpoints.state is not CheckpointState.IDLE:
+        if self.held_frames() or self.checkpoints.state is not CheckpointState.IDLE:
             return True
         return any(flow.pending() for flow in self.table.flows.values())
 
@@ -369,7 +371,7 @@ class Proxy:
             **self.counters,
             "released_frames": ledger.released_frames,
             "released_payload_bytes": ledger.released_payload,
-            "held_frames": ledger.held_frames,
+            "held_frames": self.held_frames(),
             "held_bytes": ledger.held_bytes,
             "holding_flows": ledger.holding_flows,
             "flows": len(self.table),

@@ -114,7 +114,7 @@ class TcpFlow(HeldCounts):
 
     __slots__ = (
         "ck_ack", "ck_fin", "ck_pos", "close_div", "closed", "hs_ok", "midstream", "mode", "pri",
-        "q_ooo", "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash",
+        "q_ooo", "q_scanned", "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash",
         "stash_bytes", "th",
     )
 
@@ -140,6 +140,8 @@ class TcpFlow(HeldCounts):
         self.mode = MODE_COMPARE
         self.q_ooo = False
         """Whether the queue may hold an entry ending before an earlier one's end."""
+        self.q_scanned: tuple[object, ...] = ()
+        """What an out-of-order scan depends on, as of the last one: rescan only on news."""
         self.skipping = False
         """A reported differing region: skip it up to the first agreeing byte (continues)."""
         self.close_div = False
@@ -643,7 +645,10 @@ class TcpFlow(HeldCounts):
                 break
             k += 1
         if k < n and self.q_ooo:
-            self._release_out_of_order(host, k, base, sec_ack)
+            news = (base, sec_ack, self.hs_ok, self.sec.fin, self.sec.rst, self.pri.rst)
+            if self.q_scanned != news or k > h:
+                self.q_scanned = news
+                self._release_out_of_order(host, k, base, sec_ack)
             return
         if k == h:
             return
@@ -728,6 +733,14 @@ class TcpFlow(HeldCounts):
             return self._close_div(host, now, DivergenceKind.CLOSE, p.fin, "FIN offsets differ")
         if p.rst is not None and s.rst is not None and p.rst != s.rst:
             return self._close_div(host, now, DivergenceKind.CLOSE, p.rst, "RST offsets differ")
+        for a, b, what in ((p, s, "secondary"), (s, p, "primary")):
+            if (
+                b.rst is not None and a.rst is None and a.syn_opts is not None
+                and b.syn_opts is None
+            ):
+                return self._close_div(  # refused at once: no need to wait for a timeout
+                    host, now, DivergenceKind.CLOSE, 0, f"{what} answered the SYN with RST"
+                )
         if p.fin is not None and s.rst is not None and s.fin is None:
             return self._close_div(
                 host, now, DivergenceKind.CLOSE, p.fin, "primary FIN, secondary RST"
@@ -814,6 +827,8 @@ class TcpFlow(HeldCounts):
         self.ck_fin = p.fin is not None
         if self.mode == MODE_PASS:
             return
+        if mode != "reset" and p.stream.buffered > host.max_sec_buffer:
+            self._forget_uncompared(host)
         if mode == "reset":
             self._reset_to_primary()
         elif mode == "continues" or p.isn < 0:
@@ -827,6 +842,19 @@ class TcpFlow(HeldCounts):
             self.mode = MODE_UNDECIDED
             self.diverged = False  # frozen by the mode now, not by the divergence
             self.progress(host, now)  # what both sides sent already may show it went on
+
+    def _forget_uncompared(self, host: FlowHost) -> None:
+        """The primary ran far ahead of a silent secondary: compare on from ck_pos only.
+
+        Its bytes were released by the checkpoint; keeping them for a secondary
+        that may never send its copy would grow without bound.
+        """
+        p, s = self.pri, self.sec
+        host.count("tcp_bytes_left_uncompared_over_limit", self.ck_pos - p.stream.base)
+        p.stream.skip_to(self.ck_pos)
+        s.stream.skip_to(self.ck_pos)
+        self.skipping = False
+        self._trim_times(self.ck_pos)
 
     def _reset_to_primary(self) -> None:
         """The checkpoint made the secondary a copy of the primary (at ck_pos)."""

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from colo_proxy.drivers.endpoints import is_loopback, unix_listener
 from colo_proxy.errors import ConfigError
 
 
@@ -22,6 +24,19 @@ class Address:
 
     def __str__(self) -> str:
         return f"unix:{self.path}" if self.path is not None else f"tcp:{self.host}:{self.port}"
+
+    @property
+    def remote(self) -> bool:
+        """A TCP address other hosts can reach."""
+        return self.path is None and not is_loopback(self.host or "")
+
+
+def check_local(addresses: tuple[Address, ...], allow_remote: bool) -> None:
+    """Refuse a non-loopback TCP listener unless explicitly allowed."""
+    for addr in addresses:
+        if addr.remote and not allow_remote:
+            raise ConfigError(f"{addr} listens on a non-loopback address; give "
+                              "--listen-remote to allow other hosts")
 
 
 def parse_address(text: str) -> Address:
@@ -55,12 +70,20 @@ def _remove_stale_socket(path: str) -> None:
     raise ConfigError(f"unix:{path} is in use by a running server")
 
 
-async def listen(address: Address,
-                 factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.Server:
-    """Start a server; a stale unix socket file from a dead agent is replaced."""
+async def listen(address: Address, factory: Callable[[], asyncio.BaseProtocol],
+                 tls: ssl.SSLContext | None = None) -> asyncio.Server:
+    """Start a server; a stale unix socket file from a dead agent is replaced.
+
+    Unix sockets are created 0600 whatever the umask.
+    """
     loop = asyncio.get_running_loop()
-    if address.path is not None:
-        _remove_stale_socket(address.path)
-        return await loop.create_unix_server(factory, address.path)
-    assert address.port is not None
-    return await loop.create_server(factory, address.host, address.port, reuse_address=True)
+    try:
+        if address.path is not None:
+            _remove_stale_socket(address.path)
+            return await loop.create_unix_server(factory, sock=unix_listener(address.path),
+                                                 ssl=tls)
+        assert address.port is not None
+        return await loop.create_server(factory, address.host, address.port,
+                                        reuse_address=True, ssl=tls)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {address}: {err.strerror or err}") from err

@@ -3,20 +3,24 @@
 The event loop owns the engine.  Only journaling (before an acknowledgement) and
 applying (after it) leave the loop, each in a worker thread, one at a time, in
 epoch order, so the base image only ever moves from one committed epoch to the next.
+At failover the secondary's overlay is applied the same way, after the last epoch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from colo_proxy.disk.address import Address, listen
 from colo_proxy.disk.buffers import (
     Action,
     Apply,
+    ApplyOverlay,
     DiskStateError,
     EpochApplied,
     Export,
@@ -24,7 +28,7 @@ from colo_proxy.disk.buffers import (
     Seal,
 )
 from colo_proxy.disk.engine import DiskEngine
-from colo_proxy.disk.nbd import NbdExports, NbdProtocol
+from colo_proxy.disk.nbd import DEFAULT_MAX_CONNECTIONS, NbdExports, NbdProtocol
 from colo_proxy.disk.qmp_proto import CommandSpec, Param, version_info
 from colo_proxy.disk.qmp_server import QmpCommandError, QmpServer
 
@@ -42,6 +46,9 @@ class AgentConfig:
     secondary_name: str | None = "secondary"
     default_export: str | None = "replication"
     ack_sealed: bool = False  # acknowledge before the journal is durable (Remus-fast)
+    qmp_remote_control: bool = False  # quit/failover also on TCP QMP connections
+    nbd_max_connections: int = DEFAULT_MAX_CONNECTIONS
+    tls: ssl.SSLContext | None = None  # NBD (STARTTLS) and QMP on TCP listeners
 
 
 class DiskAgent:
@@ -51,7 +58,8 @@ class DiskAgent:
         names = {config.export_name: Export.REPLICATION}
         if config.secondary_name:
             names[config.secondary_name] = Export.SECONDARY
-        self.nbd = NbdExports(engine, names, config.default_export)
+        self.nbd = NbdExports(engine, names, config.default_export,
+                              config.nbd_max_connections)
         self.qmp = QmpServer()
         self._servers: list[asyncio.Server] = []
         self._ckpt_lock = asyncio.Lock()
@@ -70,19 +78,24 @@ class DiskAgent:
     def _register(self) -> None:
         q = self.qmp
         q.command("colo-disk-checkpoint", CommandSpec({"epoch": Param("int")}), self._checkpoint)
-        q.command("colo-disk-failover", CommandSpec(), self._failover)
+        q.command("colo-disk-failover", CommandSpec(), self._failover, restricted=True)
         q.command("query-colo-disk", CommandSpec(), self._query)
         q.command("query-status", CommandSpec(), self._run_status)
         q.command("query-version", CommandSpec(), self._version)
         q.command("query-commands", CommandSpec(), self._commands)
-        q.command("quit", CommandSpec(), self._quit)
+        q.command("quit", CommandSpec(), self._quit, restricted=True)
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
+        tls = self.config.tls
         for addr in self.config.nbd:
-            self._servers.append(await listen(addr, lambda: NbdProtocol(self.nbd)))
+            nbd_tls = tls if addr.path is None else None
+            self._servers.append(await listen(addr, partial(NbdProtocol, self.nbd, nbd_tls)))
         for addr in self.config.qmp:
-            self._servers.append(await listen(addr, self.qmp.protocol))
+            trusted = addr.path is not None or self.config.qmp_remote_control
+            qmp_tls = tls if addr.path is None else None
+            self._servers.append(
+                await listen(addr, partial(self.qmp.protocol, trusted), qmp_tls))
         self._handle([])
 
     async def wait_stopped(self) -> None:
@@ -110,7 +123,7 @@ class DiskAgent:
     # -- actions ---------------------------------------------------------------------
     def _handle(self, actions: list[Action]) -> None:
         for act in actions:
-            if isinstance(act, Apply):
+            if isinstance(act, Apply | ApplyOverlay):
                 if self._closing:
                     continue
                 self._apply_task = asyncio.get_running_loop().create_task(self._apply(act))
@@ -123,16 +136,31 @@ class DiskAgent:
                         fut.set_result(act.epoch)
                 self._failover_waiters.clear()
 
-    async def _apply(self, act: Apply) -> None:
+    async def _apply(self, act: Apply | ApplyOverlay) -> None:
+        """Copy a journal (or, at failover, the secondary's overlay) into the image."""
+        eng = self.engine
         try:
-            await asyncio.to_thread(self.engine.run_apply, act)
+            if isinstance(act, Apply):
+                await asyncio.to_thread(eng.run_apply, act)
+            else:
+                await asyncio.to_thread(eng.run_apply_overlay, act)
         except Exception as err:
-            # The journal stays on disk; a restarted agent applies it.
-            self.apply_error = f"applying epoch {act.epoch}: {err}"
+            # A journal stays on disk and a restarted agent applies it; an overlay
+            # still serves its ranges, but the failover cannot end.
+            what = f"epoch {act.epoch}" if isinstance(act, Apply) else "the secondary's overlay"
+            self.apply_error = f"applying {what}: {err}"
             log.error("%s", self.apply_error)
+            self._fail_waiters()
             return
         self._apply_task = None
-        self._handle(self.engine.finish_apply(act.epoch))
+        self._handle(eng.finish_apply(act.epoch) if isinstance(act, Apply)
+                     else eng.finish_apply_overlay(act.buffer))
+
+    def _fail_waiters(self) -> None:
+        for fut in self._failover_waiters:
+            if not fut.done():
+                fut.set_exception(QmpCommandError(f"cannot fail over: {self.apply_error}"))
+        self._failover_waiters.clear()
 
     # -- QMP commands ----------------------------------------------------------------
     async def _checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -195,6 +223,14 @@ class DiskAgent:
             "memory-cap": eng.budget.cap,
             "nbd-connections": self.nbd.connections,
             "nbd-protocol-errors": self.nbd.protocol_errors,
+            "nbd-refused-connections": self.nbd.refused_connections,
+            "nbd-buffered-bytes": self.nbd.buffered,
+            "nbd-buffered-peak": self.nbd.buffered_peak,
+            "nbd-pauses": self.nbd.pauses,
+            "nbd-tls-failures": self.nbd.tls_failures,
+            "max-epoch-bytes": eng.max_log_bytes,
+            "limit-refusals": eng.limit_refusals,
+            "qmp-refused": self.qmp.refused,
         }
         if st.applying_epoch is not None:
             out["apply-progress"] = {"epoch": st.applying_epoch,

@@ -2,7 +2,7 @@
 
 Theory of operation (Remus-style REDO log, see reference section 5):
 
-    REPLICATING --failover()--> FAILING_OVER --last write-out applied--> FAILED_OVER
+    REPLICATING --failover()--> FAILING_OVER --write-outs, then overlay, applied--> FAILED_OVER
          |  (journal I/O failed)
          +--> FAULTED
 
@@ -12,10 +12,24 @@ Theory of operation (Remus-style REDO log, see reference section 5):
   ``journaled(N)``; that is the acknowledgement.  Write-outs are applied strictly in
   epoch order (``Apply``); ``applied(N)`` drops the buffer, base now holds epoch N.
 * The secondary VM (export SECONDARY, COLO mode) writes to an OVERLAY over the
-  committed state, thrown away at every checkpoint and at failover.
+  committed state.  A checkpoint throws it away: the secondary becomes a copy of
+  the primary.
 * Reads resolve top-down: speculation (or overlay), write-outs newest first, base.
-* After failover the replication export is refused and the secondary export passes
-  straight through to the base image.
+* ``failover()`` throws away speculation only.  The secondary VM does not go back to
+  the checkpoint, it runs on from where it is, so its overlay is its disk's newest
+  state and must survive (QEMU's own replication commits its active disk likewise).
+  While FAILING_OVER the overlay stays the top layer of the secondary export (reads
+  and writes; the replication export is refused writes and reads the same view) and
+  the pending write-outs are applied below it in epoch order.  After the last one
+  the overlay is sealed and a fresh one started on top for new writes; the driver
+  copies the sealed overlay into the base (``ApplyOverlay``, then fsync) and reports
+  ``overlay_applied``.  Until then the sealed overlay serves its ranges, so a read
+  never meets a half-written base.  Rounds repeat while the fresh overlay holds
+  anything (each round copies only what was written during the one before); when
+  one ends empty the phase becomes FAILED_OVER and secondary writes pass straight
+  through to the base image.
+* The failover epoch reported is the last committed epoch: the base held exactly
+  that before the overlay (never part of any epoch) was copied onto it.
 
 No I/O here: every buffer is a log the driver owns; this module hands out log
 positions and says which log position or base range serves each read.
@@ -59,6 +73,7 @@ class Refusal(enum.Enum):
 
     SHUTDOWN = "shutdown"  # replication export after failover
     FAULTED = "faulted"
+    LIMIT = "limit"  # the epoch's log is at its size limit (checkpoint more often)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +126,15 @@ class Apply:
 
 
 @dataclass(frozen=True, slots=True)
+class ApplyOverlay:
+    """Write the sealed overlay ``buffer``'s log (positions in ``extents``) into the
+    base image, then fsync; report it with ``overlay_applied(buffer)``."""
+
+    buffer: int
+    extents: tuple[Extent, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Release:
     """The driver may free this buffer's log (memory or spill file)."""
 
@@ -129,7 +153,7 @@ class FailoverComplete:
     epoch: int
 
 
-Action = Seal | Apply | Release | EpochApplied | FailoverComplete
+Action = Seal | Apply | ApplyOverlay | Release | EpochApplied | FailoverComplete
 
 
 @dataclass(slots=True)
@@ -156,7 +180,7 @@ class Status:
     applied_epoch: int
     applying_epoch: int | None
     speculation_bytes: int
-    overlay_bytes: int
+    overlay_bytes: int  # the live overlay plus one being copied into the base
     writeouts: tuple[tuple[int, int, bool], ...]  # (epoch, bytes, journaled)
 
 
@@ -176,6 +200,7 @@ class Replica:
         self._overlay: _Buffer | None = self._new_buffer()
         self._writeouts: list[_WriteOut] = []
         self._applying: int | None = None
+        self._sealed_overlay: _Buffer | None = None  # being copied into the base
 
     # -- ids -------------------------------------------------------------------------
     def _new_buffer(self) -> _Buffer:
@@ -202,6 +227,17 @@ class Replica:
 
     def _top(self, export: Export) -> _Buffer | None:
         return self._spec if export is Export.REPLICATION else self._overlay
+
+    def _read_layers(self, export: Export) -> list[_Buffer]:
+        """Top-down layers of a read.  Once failing over there is one disk, the
+        secondary's: both exports read it (the replication export only reads)."""
+        if self.phase is Phase.REPLICATING or self.phase is Phase.FAULTED:
+            top = self._top(export)
+            layers = [] if top is None else [top]
+        else:
+            layers = [b for b in (self._overlay, self._sealed_overlay) if b is not None]
+        layers.extend(w.buffer for w in reversed(self._writeouts))
+        return layers
 
     def write(self, export: Export, offset: int, length: int,
               zero: bool = False) -> WriteTo | WriteBase | Refused:
@@ -242,13 +278,8 @@ class Replica:
     def read(self, export: Export, offset: int, length: int) -> list[Piece]:
         """Which layer serves each byte of a read, in disk order."""
         self._check_range(offset, length)
-        layers: list[_Buffer] = []
-        top = self._top(export)
-        if top is not None:
-            layers.append(top)
-        layers.extend(w.buffer for w in reversed(self._writeouts))
         out: list[Piece] = []
-        self._resolve(layers, 0, offset, length, out)
+        self._resolve(self._read_layers(export), 0, offset, length, out)
         return out
 
     def _resolve(self, layers: list[_Buffer], depth: int, offset: int, length: int,
@@ -337,23 +368,43 @@ class Replica:
             wo = self._writeouts[0]
             self._applying = wo.epoch
             return [Apply(wo.epoch, wo.buffer.id, tuple(wo.buffer.extents.extents()))]
-        if (self.phase is Phase.FAILING_OVER and not self._writeouts):
-            self.phase = Phase.FAILED_OVER
-            return [FailoverComplete(self.applied_epoch)]
+        if (self.phase is Phase.FAILING_OVER and not self._writeouts
+                and self._sealed_overlay is None):
+            return self._next_overlay_round()
         return []
 
+    def _next_overlay_round(self) -> list[Action]:
+        """Write-outs are all in the base: copy the overlay there, or finish."""
+        assert self._overlay is not None
+        if len(self._overlay.extents) == 0:
+            actions: list[Action] = [Release(self._overlay.id)]
+            self._overlay = None
+            self.phase = Phase.FAILED_OVER
+            actions.append(FailoverComplete(self.applied_epoch))
+            return actions
+        sealed = self._sealed_overlay = self._overlay
+        self._overlay = self._new_buffer()
+        return [ApplyOverlay(sealed.id, tuple(sealed.extents.extents()))]
+
+    def overlay_applied(self, buffer: int) -> list[Action]:
+        """The base image now holds the sealed overlay ``buffer`` (written and fsynced)."""
+        if self._sealed_overlay is None or self._sealed_overlay.id != buffer:
+            raise DiskStateError(f"overlay {buffer} was not being applied")
+        self._sealed_overlay = None
+        actions: list[Action] = [Release(buffer)]
+        actions.extend(self._next_overlay_round())
+        return actions
+
     def failover(self) -> list[Action]:
-        """Stop replicating: drop speculation and overlay, finish applying, then take over."""
+        """Stop replicating: drop speculation, apply write-outs, then the overlay; take over."""
         if self.phase is Phase.FAILED_OVER:
             return [FailoverComplete(self.applied_epoch)]
         if self.phase is Phase.FAILING_OVER:
             return []
         actions: list[Action] = []
-        for buf in (self._spec, self._overlay):
-            if buf is not None:
-                actions.append(Release(buf.id))
+        if self._spec is not None:
+            actions.append(Release(self._spec.id))
         self._spec = None
-        self._overlay = None
         self.phase = Phase.FAILING_OVER
         actions.extend(self._maybe_apply())
         return actions
@@ -366,7 +417,8 @@ class Replica:
             applied_epoch=self.applied_epoch,
             applying_epoch=self._applying,
             speculation_bytes=0 if self._spec is None else self._spec.extents.mapped_bytes,
-            overlay_bytes=0 if self._overlay is None else self._overlay.extents.mapped_bytes,
+            overlay_bytes=sum(b.extents.mapped_bytes
+                              for b in (self._overlay, self._sealed_overlay) if b is not None),
             writeouts=tuple((w.epoch, w.buffer.extents.mapped_bytes, w.journaled)
                             for w in self._writeouts),
         )

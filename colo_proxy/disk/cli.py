@@ -10,22 +10,15 @@ import signal
 import sys
 from pathlib import Path
 
-from colo_proxy.disk.address import parse_address
+from colo_proxy.config_args import parse_size
+from colo_proxy.disk.address import check_local, parse_address
 from colo_proxy.disk.agent import AgentConfig, DiskAgent
 from colo_proxy.disk.engine import DEFAULT_MEMORY_CAP, DiskEngine
+from colo_proxy.disk.nbd import DEFAULT_MAX_CONNECTIONS
+from colo_proxy.disk.tls import server_context
 from colo_proxy.errors import ColoProxyError, ConfigError
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``1048576``, ``512K``, ``256M``, ``2G``."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
-    num = t[:-1] if unit else t
-    if not num.isdigit():
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    return int(num) * _UNITS[unit]
+__all__ = ["add_parser", "configure", "main", "parse_size", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,11 +35,30 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="NBD listen address: unix:PATH or tcp:HOST:PORT (repeatable)")
     p.add_argument("--qmp", action="append", required=True, metavar="ADDR",
                    help="QMP listen address: unix:PATH or tcp:HOST:PORT (repeatable)")
+    p.add_argument("--listen-remote", action="store_true",
+                   help="allow NBD/QMP on non-loopback TCP addresses (default: unix "
+                        "sockets, created 0600, and 127.0.0.1/::1 only)")
+    p.add_argument("--qmp-remote-control", action="store_true",
+                   help="allow quit and colo-disk-failover on TCP QMP connections "
+                        "(default: only on unix sockets)")
+    p.add_argument("--tls-creds", type=Path, metavar="DIR",
+                   help="TLS on TCP listeners (NBD by STARTTLS, QMP from connect), QEMU "
+                        "tls-creds-x509 layout: ca-cert.pem, server-cert.pem, server-key.pem")
+    p.add_argument("--tls-verify-peer", choices=("on", "off"), default="on",
+                   help="require a client certificate signed by the CA (default on)")
     p.add_argument("--state-dir", type=Path,
                    help="journals and spill files (default: IMAGE.colo-state)")
     p.add_argument("--memory-cap", type=parse_size, default=DEFAULT_MEMORY_CAP,
                    metavar="SIZE", help="buffer bytes kept in memory before spilling "
                                         "to files (default 256M)")
+    p.add_argument("--max-epoch-bytes", type=parse_size, default=None, metavar="SIZE",
+                   help="bytes one epoch may log (memory plus spill files); beyond it "
+                        "writes fail with ENOSPC until the next checkpoint "
+                        "(default: twice the image plus 64M)")
+    p.add_argument("--nbd-max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   metavar="N", help="NBD clients served at once; more are refused "
+                                     f"(default {DEFAULT_MAX_CONNECTIONS}; incomplete "
+                                     "writes of all of them are bounded to 64M plus one)")
     p.add_argument("--export-name", default="replication",
                    help="NBD export the primary mirrors into (also the default export)")
     p.add_argument("--secondary-export", default="secondary", metavar="NAME",
@@ -59,7 +71,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "a crash may lose the last epochs)")
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="event loop implementation (auto: uvloop when installed)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", type=str.lower, default="info",
+                   choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run)
 
 
@@ -73,10 +86,17 @@ async def _serve(args: argparse.Namespace) -> int:
         secondary_name=None if args.no_secondary_export else args.secondary_export,
         default_export=args.export_name,
         ack_sealed=args.ack == "sealed",
+        qmp_remote_control=args.qmp_remote_control,
+        nbd_max_connections=args.nbd_max_connections,
+        tls=(server_context(args.tls_creds, args.tls_verify_peer == "on")
+             if args.tls_creds else None),
     )
+    if args.nbd_max_connections < 1:
+        raise ConfigError("--nbd-max-connections must be at least 1")
+    check_local(config.nbd + config.qmp, args.listen_remote)
     if config.secondary_name == config.export_name:
         raise ConfigError("--secondary-export must differ from --export-name")
-    engine = DiskEngine(image, state_dir, args.memory_cap)
+    engine = DiskEngine(image, state_dir, args.memory_cap, args.max_epoch_bytes)
     agent = DiskAgent(engine, config)
     try:
         await agent.start()

@@ -1,9 +1,9 @@
 """Binds the sans-IO ``Replica`` to the store: logs, journals, the image.
 
 Synchronous on purpose.  The asyncio agent calls the quick parts on the event
-loop and runs the two slow, blocking steps (``write_journal`` and ``run_apply``)
-in a worker thread; tests drive the same object directly, crash it anywhere and
-recover it.
+loop and runs the slow, blocking steps (``write_journal``, ``run_apply`` and, at
+failover, ``run_apply_overlay``) in a worker thread; tests drive the same object
+directly, crash it anywhere and recover it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from colo_proxy.disk.buffers import (
     Action,
     Apply,
+    ApplyOverlay,
     DiskStateError,
     Export,
     FailoverComplete,
@@ -32,6 +33,7 @@ from colo_proxy.disk.store import (
     MemoryBudget,
     SpillLog,
     StateDir,
+    apply_extents,
     apply_journal,
     read_pieces,
     write_journal,
@@ -40,12 +42,21 @@ from colo_proxy.disk.store import (
 DEFAULT_MEMORY_CAP = 256 << 20
 
 
+def default_log_limit(image_size: int) -> int:
+    """Bytes one epoch may log (speculation plus overlay) when none is given: twice
+    the disk plus 64 MiB, far more than a sane checkpoint interval writes, yet a
+    bound on the spill files a runaway writer (or a stuck controller) can grow."""
+    return 2 * image_size + (64 << 20)
+
+
 class DiskEngine:
     """One replicated disk: image + state directory + in-memory/spilled buffers."""
 
     def __init__(self, image: Path, state_dir: Path,
-                 memory_cap: int = DEFAULT_MEMORY_CAP) -> None:
+                 memory_cap: int = DEFAULT_MEMORY_CAP, max_log_bytes: int | None = None) -> None:
         self.image = Image(image)
+        self.max_log_bytes = max_log_bytes or default_log_limit(self.image.size)
+        self.limit_refusals = 0
         try:
             self.state = StateDir(state_dir)
         except BaseException:
@@ -91,6 +102,9 @@ class DiskEngine:
     # -- data path ---------------------------------------------------------------------
     def write(self, export: Export, offset: int,
               data: bytes | bytearray | memoryview) -> Refusal | None:
+        if self._open_log_bytes() + len(data) > self.max_log_bytes:
+            self.limit_refusals += 1
+            return Refusal.LIMIT
         placed = self.replica.write(export, offset, len(data))
         if isinstance(placed, Refused):
             return placed.reason
@@ -107,6 +121,15 @@ class DiskEngine:
         if pos != placed.pos:
             raise DiskStateError(f"log position {pos} != planned {placed.pos}")
         return None
+
+    def _open_log_bytes(self) -> int:
+        """Bytes in the logs still taking writes (this epoch's speculation, the overlay)."""
+        total = 0
+        for buf in (self.replica.speculation_id, self.replica.overlay_id):
+            log = self.logs.get(buf) if buf is not None else None
+            if isinstance(log, SpillLog):
+                total += log.length
+        return total
 
     def write_zeroes(self, export: Export, offset: int, length: int) -> Refusal | None:
         placed = self.replica.write(export, offset, length, zero=True)
@@ -157,7 +180,7 @@ class DiskEngine:
 
     def _track(self, actions: list[Action]) -> list[Action]:
         for act in actions:
-            if isinstance(act, Apply):
+            if isinstance(act, Apply | ApplyOverlay):
                 self.apply_done_bytes = 0
                 self.apply_total_bytes = sum(e.length for e in act.extents)
         return actions
@@ -176,6 +199,23 @@ class DiskEngine:
     def finish_apply(self, epoch: int) -> list[Action]:
         return self._track(self._release(self.replica.applied(epoch)))
 
+    def run_apply_overlay(self, apply: ApplyOverlay) -> None:
+        """Blocking: copy the secondary's sealed overlay into the image and fsync.
+
+        The sealed log takes no more appends (new writes go to a fresh overlay), so a
+        worker thread may read it while the loop serves I/O.  No epoch is recorded:
+        the overlay is the running secondary's data, not part of any checkpoint.
+        """
+        log = self.logs[apply.buffer]
+
+        def progress(n: int) -> None:
+            self.apply_done_bytes += n
+
+        apply_extents(self.image, apply.extents, log.read, progress)
+
+    def finish_apply_overlay(self, buffer: int) -> list[Action]:
+        return self._track(self._release(self.replica.overlay_applied(buffer)))
+
     def failover(self) -> list[Action]:
         return self._track(self._release(self.replica.failover()))
 
@@ -191,6 +231,9 @@ class DiskEngine:
             if isinstance(act, Apply):
                 self.run_apply(act)
                 pending.extend(self.finish_apply(act.epoch))
+            elif isinstance(act, ApplyOverlay):
+                self.run_apply_overlay(act)
+                pending.extend(self.finish_apply_overlay(act.buffer))
             elif isinstance(act, FailoverComplete):
                 done = act.epoch
         return done

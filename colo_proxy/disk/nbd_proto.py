@@ -7,6 +7,11 @@ requests get an error reply in ``data_to_send()``; a desynchronised stream
 (bad magic, oversized option) ends with ``Closed``.  Spec: NetworkBlockDevice
 ``doc/proto.md``; only simple replies (structured replies are refused politely,
 which QEMU and libnbd accept).
+
+TLS (``tls=True``): NBD_OPT_STARTTLS is acknowledged and yields ``StartTls``; the
+driver upgrades the socket and calls ``tls_started()``.  Until then every other
+option but ABORT is answered NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which cannot be
+answered, closes), as the spec and QEMU's ``tls-creds`` server do.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 
 REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
 REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID = 2**31 + 1, 2**31 + 2, 2**31 + 3
 REP_ERR_UNKNOWN = 2**31 + 6
+REP_ERR_TLS_REQD = 2**31 + 5
 INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
 
 TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_FLUSH, TF_SEND_FUA = 1, 2, 4, 8
@@ -103,7 +109,12 @@ class Closed:
     error: str = ""
 
 
-Event = ExportChosen | Request | Closed
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """STARTTLS acknowledged: upgrade the socket, then call ``tls_started()``."""
+
+
+Event = ExportChosen | Request | Closed | StartTls
 
 
 class _State(enum.Enum):
@@ -111,14 +122,18 @@ class _State(enum.Enum):
     OPTIONS = 1
     TRANSMISSION = 2
     CLOSED = 3
+    TLS_HANDSHAKE = 4
 
 
 class NbdServerConnection:
     """One client connection, from greeting to close."""
 
-    def __init__(self, exports: dict[str, ExportInfo], default: str | None = None) -> None:
+    def __init__(self, exports: dict[str, ExportInfo], default: str | None = None,
+                 tls: bool = False) -> None:
         self.exports = exports
         self.default = default
+        self.tls_required = tls
+        self.tls_active = False
         self.export: ExportInfo | None = None
         self._state = _State.CLIENT_FLAGS
         self._buf = bytearray()
@@ -142,6 +157,11 @@ class NbdServerConnection:
         return head + data if data and not error else head
 
     # -- input ----------------------------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        """Bytes received and kept until a request (or option) is complete."""
+        return len(self._buf) + sum(len(c) for c in self._chunks)
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed received bytes; returns the events they complete."""
         events: list[Event] = []
@@ -161,6 +181,10 @@ class NbdServerConnection:
             buf = data
         pos = 0
         while self._state is not _State.CLOSED:
+            if self._state is _State.TLS_HANDSHAKE:
+                if pos < len(buf):
+                    self._close(events, "data after NBD_OPT_STARTTLS before the TLS handshake")
+                break
             if self._state is _State.TRANSMISSION:
                 used = self._parse_request(buf, pos, events)
             elif self._state is _State.OPTIONS:
@@ -244,7 +268,18 @@ class NbdServerConnection:
             name = self.default
         return self.exports.get(name)
 
+    def tls_started(self) -> None:
+        """The driver finished the TLS handshake: option haggling goes on inside it."""
+        self.tls_active = True
+        self._state = _State.OPTIONS
+
     def _handle_option(self, opt: int, payload: bytes, events: list[Event]) -> None:
+        if self.tls_required and not self.tls_active and opt not in (OPT_STARTTLS, OPT_ABORT):
+            if opt == OPT_EXPORT_NAME or not self._fixed:
+                self._close(events, "client did not start TLS")
+            else:
+                self._opt_error(opt, REP_ERR_TLS_REQD, "TLS is required")
+            return
         if opt == OPT_EXPORT_NAME:
             exp = self._lookup(payload.decode("utf-8", "replace"))
             if exp is None:
@@ -270,7 +305,16 @@ class NbdServerConnection:
         elif opt in (OPT_INFO, OPT_GO):
             self._info_or_go(opt, payload, events)
         elif opt == OPT_STARTTLS:
-            self._opt_error(opt, REP_ERR_POLICY, "TLS is not offered")
+            if not self.tls_required:
+                self._opt_error(opt, REP_ERR_POLICY, "TLS is not offered")
+            elif self.tls_active:
+                self._opt_error(opt, REP_ERR_INVALID, "TLS is already active")
+            elif payload:
+                self._opt_error(opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            else:
+                self._opt_reply(opt, REP_ACK)
+                self._state = _State.TLS_HANDSHAKE
+                events.append(StartTls())
         else:
             self._opt_error(opt, REP_ERR_UNSUP, f"option {opt} not supported")
 

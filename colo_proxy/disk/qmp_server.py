@@ -4,6 +4,11 @@ Each connection runs its commands one at a time, in arrival order, as QEMU does
 for in-band commands; events go to every negotiated connection.  Handlers raise
 ``QmpCommandError`` to answer with an error class; any other exception becomes a
 GenericError reply, never a dead server.
+
+Commands named in ``restricted`` (the destructive ones: ``quit``, failover) run
+only for trusted connections: those on a unix socket (created 0600, so the
+agent's own user), or any connection when the operator allowed it explicitly.
+Every refusal is logged and counted.
 """
 
 from __future__ import annotations
@@ -45,13 +50,18 @@ class QmpServer:
         self.specs: dict[str, CommandSpec] = {}
         self.handlers: dict[str, Handler] = {}
         self.protocols: set[QmpProtocol] = set()
+        self.restricted: set[str] = set()
+        self.refused = 0
 
-    def command(self, name: str, spec: CommandSpec, handler: Handler) -> None:
+    def command(self, name: str, spec: CommandSpec, handler: Handler,
+                restricted: bool = False) -> None:
         self.specs[name] = spec
         self.handlers[name] = handler
+        if restricted:
+            self.restricted.add(name)
 
-    def protocol(self) -> QmpProtocol:
-        return QmpProtocol(self)
+    def protocol(self, trusted: bool = True) -> QmpProtocol:
+        return QmpProtocol(self, trusted)
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         msg = event_message(name, data, time.time())
@@ -66,8 +76,9 @@ class QmpServer:
 class QmpProtocol(asyncio.Protocol):
     """One QMP client connection."""
 
-    def __init__(self, server: QmpServer) -> None:
+    def __init__(self, server: QmpServer, trusted: bool = True) -> None:
         self._server = server
+        self._trusted = trusted
         self._session = QmpSession(server.specs)
         self._transport: asyncio.Transport | None = None
         self._queue: asyncio.Queue[Execute] = asyncio.Queue()
@@ -123,6 +134,12 @@ class QmpProtocol(asyncio.Protocol):
             ex = await self._queue.get()
             handler = self._server.handlers[ex.command]
             try:
+                if not self._trusted and ex.command in self._server.restricted:
+                    self._server.refused += 1
+                    log.warning("QMP %s refused on a TCP connection", ex.command)
+                    raise QmpCommandError(
+                        f"{ex.command} is only allowed on a unix socket "
+                        "(or with --qmp-remote-control)")
                 reply = self._session.result(ex, await handler(ex.arguments))
             except QmpCommandError as err:
                 reply = self._session.error(ex, err.cls, err.desc)

@@ -25,6 +25,7 @@ import tempfile
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Final
 
 from colo_proxy.disk.buffers import BASE, Piece
 from colo_proxy.disk.extents import ZERO, Extent, data_bytes
@@ -257,6 +258,18 @@ def load_journal(path: Path) -> JournalLog:
     return JournalLog(path, epoch, extents, data_start)
 
 
+_FORMAT_MAGIC: Final = ((b"QFI\xfb", "qcow2"), (b"QED\x00", "qed"), (b"KDMV", "vmdk"),
+                        (b"vhdxfile", "vhdx"), (b"conectix", "vpc"))
+
+
+def image_format(head: bytes) -> str | None:
+    """The name of a non-raw format whose magic `head` starts with (as QEMU probes)."""
+    for magic, name in _FORMAT_MAGIC:
+        if head.startswith(magic):
+            return name
+    return None
+
+
 class Image:
     """The secondary's raw disk image (a file or block device)."""
 
@@ -267,6 +280,11 @@ class Image:
         except OSError as err:
             raise StoreError(f"cannot open image {path}: {err}") from err
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        fmt = image_format(os.pread(self.fd, 8, 0))
+        if fmt is not None:
+            os.close(self.fd)
+            raise StoreError(f"image {path} is {fmt}, not raw: the agent serves raw images "
+                             f"(qemu-img convert -O raw {path} IMAGE.raw)")
 
     def read(self, offset: int, length: int) -> bytes:
         return _pread_full(self.fd, length, offset)
@@ -292,21 +310,27 @@ class Image:
         os.close(self.fd)
 
 
-def apply_journal(image: Image, journal: JournalLog,
+def apply_extents(image: Image, extents: Iterable[Extent], source: Callable[[int, int], bytes],
                   progress: Callable[[int], None] | None = None) -> None:
-    """Copy a journal into the image and fsync; safe to repeat after a crash."""
-    for ext in journal.extents:
+    """Copy ``extents`` (log positions read with ``source(pos, n)``) into the image, fsync."""
+    for ext in extents:
         if ext.pos == ZERO:
             image.zero(ext.offset, ext.length)
         else:
             done = 0
             while done < ext.length:
                 n = min(CHUNK, ext.length - done)
-                image.write(ext.offset + done, journal.read(ext.pos + done, n))
+                image.write(ext.offset + done, source(ext.pos + done, n))
                 done += n
         if progress is not None:
             progress(ext.length)
     image.sync()
+
+
+def apply_journal(image: Image, journal: JournalLog,
+                  progress: Callable[[int], None] | None = None) -> None:
+    """Copy a journal into the image and fsync; safe to repeat after a crash."""
+    apply_extents(image, journal.extents, journal.read, progress)
 
 
 class StateDir:
@@ -315,8 +339,12 @@ class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.replayed = 0
-        path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise StoreError(f"cannot use state directory {path}: "
+                             f"{err.strerror or err}") from err
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

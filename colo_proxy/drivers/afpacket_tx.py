@@ -41,6 +41,7 @@ DATA_OFFSET = 32
 
 _REQ = struct.Struct("=4I")
 _U32 = struct.Struct("=I")
+_STATUS_LEN = struct.Struct("=II")  # tp_status, tp_len
 RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.ENOBUFS, errno.EINTR))
 
 
@@ -89,8 +90,8 @@ class TxRing:
             self.wrong_format += 1
         end = at + DATA_OFFSET + len(frame)
         view[at + DATA_OFFSET : end] = frame
-        _U32.pack_into(view, at + 4, len(frame))
-        _U32.pack_into(view, at, TP_STATUS_SEND_REQUEST)
+        # status and length at once: the kernel looks at the slot only at the next send()
+        _STATUS_LEN.pack_into(view, at, TP_STATUS_SEND_REQUEST, len(frame))
         self._head = (self._head + 1) % self.slots
         return True
 

@@ -9,11 +9,20 @@ QEMU's ``-qmp``.  ``tcp:[::1]:4444`` takes an IPv6 address.
 colo-proxy never blocks start-up waiting for a client, so ``wait`` is
 accepted for compatibility and ignored; ``reconnect`` sets the client's
 first retry delay (it always retries, with backoff).
+
+Locked down by default: ``tcp::PORT`` means 127.0.0.1 (QEMU would take every
+address), unix sockets we listen on are created 0600 whatever the umask, and
+a server keeps its first peer while that peer is alive: a second client is
+refused (counted) unless the endpoint says ``takeover=on``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import ipaddress
+import os
+import socket
 from dataclasses import dataclass
 
 from colo_proxy.errors import ConfigError
@@ -36,6 +45,8 @@ class Endpoint:
     port: int = 0
     server: bool = False
     reconnect: float = 0.0
+    takeover: bool = False
+    """A server lets a new client replace a live one (default: refuse it)."""
 
     def describe(self) -> str:
         """The spec back in QEMU spelling, for logs."""
@@ -45,7 +56,12 @@ class Endpoint:
             else f"tcp:{_host_text(self.address)}:{self.port}"
         )
         where += ",server" if self.server else ""
+        where += ",takeover=on" if self.takeover else ""
         return where + (f",reconnect={self.reconnect:g}" if self.reconnect else "")
+
+    def remote_listener(self) -> bool:
+        """Whether this is a TCP server reachable from other hosts."""
+        return self.server and self.transport is Transport.TCP and not is_loopback(self.address)
 
     def qmp_address(self) -> str | tuple[str, int]:
         """The address form qemu.qmp's ``connect`` takes."""
@@ -75,12 +91,14 @@ def parse_endpoint(spec: str) -> Endpoint:
     if not spec:
         raise ConfigError("empty endpoint")
     head, *options = spec.split(",")
-    server = False
+    server = takeover = False
     reconnect = 0.0
     for option in options:
         name, _, value = option.partition("=")
         if name == "server":
             server = _flag(name, value)
+        elif name == "takeover":
+            takeover = _flag(name, value)
         elif name == "nowait":
             continue
         elif name in ("wait", "nodelay"):
@@ -97,7 +115,7 @@ def parse_endpoint(spec: str) -> Endpoint:
     kind, sep, rest = head.partition(":")
     if sep and kind == "tcp":
         host, port = _split_host_port(spec, rest)
-        return Endpoint(Transport.TCP, host, port, server, reconnect)
+        return Endpoint(Transport.TCP, host, port, server, reconnect, takeover)
     if sep and kind == "unix":
         path = rest
     elif sep and kind in ("tcp6", "udp", "telnet", "websocket", "fd", "vsock"):
@@ -108,7 +126,7 @@ def parse_endpoint(spec: str) -> Endpoint:
         raise ConfigError(f"{spec}: empty unix socket path")
     if len(path.encode()) > 107:
         raise ConfigError(f"{spec}: unix socket path longer than 107 bytes")
-    return Endpoint(Transport.UNIX, path, 0, server, reconnect)
+    return Endpoint(Transport.UNIX, path, 0, server, reconnect, takeover)
 
 
 def _split_host_port(spec: str, rest: str) -> tuple[str, int]:
@@ -127,4 +145,57 @@ def _split_host_port(spec: str, rest: str) -> tuple[str, int]:
         raise ConfigError(f"{spec}: port {port_text!r} is not a number") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"{spec}: port {port} out of range")
-    return host or "0.0.0.0", port
+    return host or "127.0.0.1", port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only (names: localhost only)."""
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name may resolve to anything: it needs the explicit flag
+
+
+def unix_listener(path: str) -> socket.socket:
+    """A listening unix socket created 0600 whatever the umask.
+
+    The mode is set between bind() and listen(): no client can connect before
+    listen(), so there is no window in which the socket is open to others.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(100)
+    except OSError:
+        sock.close()
+        with contextlib.suppress(OSError):
+            if os.path.exists(path):
+                os.unlink(path)
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def peer_alive(sock: object) -> bool:
+    """Whether a connected socket's peer is still there (no EOF, no error pending).
+
+    Peeks without consuming: a peer that hung up shows EOF at once on a unix
+    socket, even before the event loop delivered it to its protocol.
+    """
+    fileno = getattr(sock, "fileno", None)
+    if fileno is None:
+        return False
+    try:
+        fd = fileno()
+        if fd < 0:
+            return False
+        with socket.socket(fileno=os.dup(fd)) as dup:
+            data = dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return bool(data)

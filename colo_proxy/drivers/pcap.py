@@ -3,16 +3,27 @@
 Every link type we accept is turned into Ethernet frames, because the core
 parses Ethernet: a synthetic 14-byte header is put in front of raw IP,
 Linux cooked (SLL, SLL2) and BSD loopback records.  Anything unreadable is
-an InputError with a one-line message, never a traceback.
+an InputError with a one-line message naming the records read before it
+(a corrupted gzip stream included), never a traceback.
+
+Timestamps are floats of seconds, which are exact to a microsecond only up to
+about 2**33 s: a pcapng ``if_tsoffset`` beyond that (a hostile or broken file)
+would make every later time the same float.  Such an offset is dropped (the
+differences between that interface's frames stay exact), logged and reported
+in ``ReadInfo``; any timestamp still out of range is counted there too.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
+import math
 import struct
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 import dpkt
 
@@ -26,6 +37,33 @@ LINKTYPE_LINUX_SLL = 113
 LINKTYPE_IPV4 = 228
 LINKTYPE_IPV6 = 229
 LINKTYPE_LINUX_SLL2 = 276
+
+log = logging.getLogger(__name__)
+
+MAX_SANE_TIME: Final = float(1 << 33)
+"""Seconds (year 2242): a float keeps microseconds below this; beyond it, absurd."""
+
+_STREAM_ERRORS = (OSError, EOFError, zlib.error)
+"""What a file or a gzip stream raises when it is cut or corrupt."""
+
+
+@dataclass(slots=True)
+class ReadInfo:
+    """What a reader noticed about a capture besides its frames."""
+
+    records: int = 0
+    absurd_tsoffset: int = 0
+    """The pcapng if_tsoffset that was dropped (0: none)."""
+    absurd_timestamps: int = 0
+    """Frames whose timestamp is negative, not finite or beyond MAX_SANE_TIME."""
+
+    def check(self, path: Path, ts: float) -> None:
+        if not (0.0 <= ts < MAX_SANE_TIME):
+            if not self.absurd_timestamps:
+                log.warning("%s: record %d has an absurd timestamp (%r s)",
+                            path, self.records, ts)
+            self.absurd_timestamps += 1
+
 
 _FAKE_MACS = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01"
 _ETH_IPV4 = _FAKE_MACS + b"\x08\x00"
@@ -93,7 +131,7 @@ _PCAP_MAGICS = {
 MAX_RECORD = 1 << 20
 
 
-def _read_pcap(path: Path, stream: BinaryIO) -> Iterator[tuple[float, bytes]]:
+def _read_pcap(path: Path, stream: BinaryIO, info: ReadInfo) -> Iterator[tuple[float, bytes]]:
     """Classic pcap, read with struct: unlike dpkt's reader it notices a cut record."""
     head = stream.read(24)
     order, scale = _PCAP_MAGICS[head[:4]]
@@ -117,50 +155,70 @@ def _read_pcap(path: Path, stream: BinaryIO) -> Iterator[tuple[float, bytes]]:
         if len(buf) < caplen:
             raise InputError(f"{path}: truncated after record {count} (cut record data)")
         count += 1
+        info.records = count
         frame = _to_ethernet(linktype, buf)
         if frame is not None:
             yield sec + frac * scale, frame
 
 
-def _read_pcapng(path: Path, stream: BinaryIO) -> Iterator[tuple[float, bytes]]:
+_PCAPNG_ERRORS = (ValueError, dpkt.dpkt.Error, struct.error, *_STREAM_ERRORS)
+
+
+def _read_pcapng(path: Path, stream: BinaryIO, info: ReadInfo) -> Iterator[tuple[float, bytes]]:
     try:
         reader = dpkt.pcapng.Reader(stream)
-    except (ValueError, dpkt.dpkt.Error, struct.error, EOFError, OSError) as err:
+    except _PCAPNG_ERRORS as err:
         raise InputError(f"{path}: not a valid pcapng capture ({err})") from err
     linktype = reader.datalink()
     if linktype not in SUPPORTED_LINKTYPES:
         raise InputError(f"{path}: unsupported link type {linktype}")
+    offset = getattr(reader, "_tsoffset", 0)
+    if isinstance(offset, int) and abs(offset) >= MAX_SANE_TIME:
+        log.warning("%s: if_tsoffset of %d s is absurd; ignored (times relative to it)",
+                    path, offset)
+        info.absurd_tsoffset = offset
+        reader._tsoffset = 0
     count = 0
     try:
         for ts, buf in reader:
             count += 1
+            info.records = count
             frame = _to_ethernet(linktype, bytes(buf))
             if frame is not None:
-                yield float(ts), frame
-    except (ValueError, dpkt.dpkt.Error, struct.error, EOFError, OSError) as err:
+                t = float(ts)
+                if not (0.0 <= t < MAX_SANE_TIME):
+                    info.check(path, t)
+                    if not math.isfinite(t):
+                        t = 0.0
+                yield t, frame
+    except _PCAPNG_ERRORS as err:
         raise InputError(f"{path}: truncated or corrupt after record {count} ({err})") from err
 
 
-def read_frames(path: str | Path) -> Iterator[tuple[float, bytes]]:
+def read_frames(path: str | Path, info: ReadInfo | None = None) -> Iterator[tuple[float, bytes]]:
     """Yield (timestamp, Ethernet frame) from a pcap or pcapng file (optionally gzipped).
 
-    Records of a link type without IP are skipped; a truncated file or one
-    that is not a capture raises InputError naming the file and the record.
+    Records of a link type without IP are skipped; a truncated file, a corrupt
+    gzip stream or one that is not a capture raises InputError naming the file
+    and the records read before it (those were yielded).  `info`, when given,
+    collects what else was noticed (absurd timestamps).
     """
     path = Path(path)
+    info = info if info is not None else ReadInfo()
     with _open(path) as stream:
         try:
             magic = stream.read(4)
             stream.seek(0)
-        except (OSError, EOFError) as err:
+        except _STREAM_ERRORS as err:
             raise InputError(f"{path}: cannot read: {err}") from err
         if magic == b"\x0a\x0d\x0d\x0a":
-            yield from _read_pcapng(path, stream)
+            yield from _read_pcapng(path, stream, info)
         elif magic in _PCAP_MAGICS:
             try:
-                yield from _read_pcap(path, stream)
-            except (OSError, EOFError) as err:
-                raise InputError(f"{path}: truncated or corrupt ({err})") from err
+                yield from _read_pcap(path, stream, info)
+            except _STREAM_ERRORS as err:
+                raise InputError(f"{path}: truncated or corrupt after record "
+                                 f"{info.records} ({err})") from err
         elif not magic:
             raise InputError(f"{path}: empty file, not a capture")
         else:

@@ -5,9 +5,12 @@ Theory of operation
 A :class:`Channel` is one endpoint (``--primary-in``, ``--outdev`` ...).  It
 holds at most one live connection at a time, like a QEMU socket chardev:
 
-* as a server it listens for the whole run; a new client replaces the
-  current one (a restarted QEMU reconnects before the kernel has told us the
-  old connection is dead), and the replacement is logged and counted;
+* as a server it listens for the whole run (unix sockets created 0600); a
+  new client is refused (logged and counted) while the current peer is alive,
+  so no other local process can take over ``outdev`` or ``primary_in``; a
+  current peer that already hung up (a restarted QEMU reconnects before its
+  EOF reached us) is replaced at once.  ``takeover=on`` on the endpoint lets
+  any new client replace the current one (logged and counted);
 * as a client it connects, and whenever the connection drops it retries
   with exponential backoff, for ever, until closed.
 
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from colo_proxy.core.framing import Frame, FrameDecoder, encode_frames
-from colo_proxy.drivers.endpoints import Endpoint, Transport
+from colo_proxy.drivers.endpoints import Endpoint, Transport, peer_alive, unix_listener
 from colo_proxy.errors import TransportError
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class ChannelStats:
     connects: int = 0
     disconnects: int = 0
     replaced: int = 0
+    refused: int = 0
     resets: int = 0
     connect_failures: int = 0
     bytes_in: int = 0
@@ -129,7 +133,7 @@ class Channel:
                 if ep.transport is Transport.UNIX:
                     _remove_stale_socket(ep.address)
                     self._server = await loop.create_unix_server(
-                        lambda: _ChannelProtocol(self), ep.address
+                        lambda: _ChannelProtocol(self), sock=unix_listener(ep.address)
                     )
                 else:
                     self._server = await loop.create_server(
@@ -230,6 +234,14 @@ class Channel:
 
     def _attach(self, proto: _ChannelProtocol) -> None:
         old = self._current
+        if (old is not None and old.transport is not None and not self.endpoint.takeover
+                and not self._closed and peer_alive(old.transport.get_extra_info("socket"))):
+            self.stats.refused += 1
+            log.warning("%s: refused a second client while the current peer is connected "
+                        "(takeover=on on the endpoint allows it)", self.name)
+            assert proto.transport is not None
+            proto.transport.abort()
+            return
         if old is not None and old.transport is not None:
             self.stats.replaced += 1
             log.warning("%s: a new peer connected; dropping the previous connection", self.name)

@@ -297,6 +297,10 @@ class QmpDriver:
         if self.follow is FollowPolicy.NONE:
             return
         if self.follow is FollowPolicy.COLO and not self._in_colo():
+            # COLO may have begun since we last asked: QEMU sends MIGRATION events only
+            # with the `events` migration capability, which COLO-FT.txt never sets
+            await self._refresh(client)
+        if self.follow is FollowPolicy.COLO and not self._in_colo():
             self.stats.pauses_ignored += 1
             log.info("%s: STOP outside COLO mode: a pause, not a checkpoint", self.name)
             return

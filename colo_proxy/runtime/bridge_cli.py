@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from colo_proxy.config_args import add_config_flags, config_from_args
+from colo_proxy.config_args import add_config_flags, config_from_args, parse_size
 from colo_proxy.drivers.afpacket import RingSpec
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime.bridge import Bridge, BridgeSettings
@@ -32,7 +32,11 @@ BRIDGE_KEYS: Keys = {
     "ring_block_size": (int, _RING.block_size),
     "ring_blocks": (int, _RING.block_count),
     "ring_retire_ms": (int, _RING.retire_ms),
+    "ring_version": (int, _RING.version),
     "output_buffer": (int, 64 * 1024 * 1024),
+    "busy_poll_us": (int, 100),
+    "fix_offloads": (bool, False),
+    "kernel_forward": (bool, True),
     **HOST_KEYS,
 }
 
@@ -46,20 +50,34 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "Sit between the client side and two guests' taps/veths: client frames go to both "
             "guests (translated for the secondary), the primary's output is released to the "
             "client once the secondary produced the same; checkpoints through QMP. Needs root "
-            "or CAP_NET_RAW, and segmentation/checksum offloads off on the three interfaces."
+            "or CAP_NET_RAW, and segmentation offloads off where the frames come from "
+            "(checked at start; --fix-offloads turns them off)."
         ),
     )
     io = p.add_argument_group("interfaces")
     io.add_argument("--client-if", metavar="IF", help="interface towards the clients")
     io.add_argument("--primary-if", metavar="IF", help="the primary guest's tap or veth")
     io.add_argument("--secondary-if", metavar="IF", help="the secondary guest's tap or veth")
-    io.add_argument("--ring-block-size", type=int, default=None, metavar="BYTES",
+    io.add_argument("--ring-block-size", type=parse_size, default=None, metavar="BYTES",
                     help=f"receive ring block size, a page multiple ({_RING.block_size})")
     io.add_argument("--ring-blocks", type=int, default=None, metavar="N",
                     help=f"receive ring blocks per interface ({_RING.block_count})")
+    io.add_argument("--ring-version", type=int, choices=(2, 3), default=None,
+                    help="receive ring layout: 2, a slot per frame, woken per frame (default); "
+                         "3, blocks handed over when full or after --ring-retire-ms")
     io.add_argument("--ring-retire-ms", type=int, default=None, metavar="MS",
-                    help=f"a partly filled block is read after MS ms ({_RING.retire_ms})")
-    io.add_argument("--output-buffer", type=int, default=None, metavar="BYTES",
+                    help=f"version 3: a partly filled block is read after MS ms "
+                         f"({_RING.retire_ms})")
+    io.add_argument("--busy-poll-us", type=int, default=None, metavar="US",
+                    help="after a frame, look at the rings US microseconds more without "
+                         "sleeping: saves a wake-up per hop (100; 0 never)")
+    io.add_argument("--fix-offloads", action="store_true", default=None,
+                    help="turn off GRO/LRO on the three interfaces and segmentation offloads "
+                         "on their veth peers (logged) instead of refusing to start")
+    io.add_argument("--kernel-forward", action=argparse.BooleanOptionalAction, default=None,
+                    help="client frames reach the primary by a tc ingress redirect in the "
+                         "kernel (default on; ring version 2 only)")
+    io.add_argument("--output-buffer", type=parse_size, default=None, metavar="BYTES",
                     help="bound on output waiting for an interface; beyond it output is "
                          "dropped and counted (64 MiB)")
     add_host_flags(p, "the client interface")
@@ -77,6 +95,7 @@ def settings_from_values(values: dict[str, Any]) -> BridgeSettings:
         block_size=int(values["ring_block_size"]),
         block_count=int(values["ring_blocks"]),
         retire_ms=int(values["ring_retire_ms"]),
+        version=int(values["ring_version"]),
     )
     settings = BridgeSettings(
         client_if=str(values["client_if"]),
@@ -84,6 +103,9 @@ def settings_from_values(values: dict[str, Any]) -> BridgeSettings:
         secondary_if=str(values["secondary_if"]),
         ring=ring,
         output_buffer=int(values["output_buffer"]),
+        busy_poll_us=int(values["busy_poll_us"]),
+        fix_offloads=bool(values["fix_offloads"]),
+        kernel_forward=bool(values["kernel_forward"]),
         **host_settings(values, "bridge"),
     )
     settings.validate()

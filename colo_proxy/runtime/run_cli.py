@@ -18,10 +18,19 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from colo_proxy.config_args import add_config_flags, config_from_args, read_toml
+from colo_proxy.config_args import (
+    add_config_flags,
+    config_from_args,
+    is_size_key,
+    parse_size,
+    read_toml,
+    size_value,
+)
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
+from colo_proxy.runtime.failover import FailoverSupervisor
+from colo_proxy.runtime.failover_cli import FAILOVER_KEYS, add_failover_flags, failover_settings
 from colo_proxy.runtime.host import CoreHost, ShutdownMode, print_report
 from colo_proxy.runtime.supervisor import RunSettings, Supervisor
 
@@ -52,7 +61,9 @@ RUN_KEYS: Keys = {
     "secondary_qmp": (str, None),
     "disk_qmp": (str, None),
     "outdev_buffer": (int, 64 * 1024 * 1024),
+    "listen_remote": (bool, False),
     **HOST_KEYS,
+    **FAILOVER_KEYS,
 }
 
 
@@ -98,12 +109,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     io.add_argument(
         "--outdev-buffer",
-        type=int,
+        type=parse_size,
         default=None,
         metavar="BYTES",
         help="bound on output waiting for outdev; beyond it output is dropped and counted (64 MiB)",
     )
+    io.add_argument(
+        "--listen-remote",
+        action="store_true",
+        default=None,
+        help="allow ,server endpoints on a non-loopback TCP address (other hosts can "
+        "connect; without it only 127.0.0.1/::1 and unix sockets, created 0600)",
+    )
     add_host_flags(p, "outdev")
+    add_failover_flags(p)
     add_config_flags(p)
     p.set_defaults(func=run)
 
@@ -180,6 +199,11 @@ def _toml_table(path: str, name: str, keys: Keys) -> dict[str, Any]:
             value = float(value)
         if kind is bool and isinstance(value, str) and value.lower() in _ON_OFF:
             value = _ON_OFF[value.lower()]
+        if kind is int and is_size_key(key) and isinstance(value, str):
+            try:
+                value = size_value(value)
+            except ValueError as err:
+                raise ConfigError(f"{path}: {key}: {err}") from None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: {key}: expected {kind.__name__}, got {value!r}")
         out[key] = value
@@ -199,6 +223,13 @@ def settings_from_values(values: dict[str, Any]) -> RunSettings:
 
     if values["outdev_buffer"] < 65536:
         raise ConfigError("outdev_buffer: must be at least 65536 bytes")
+    if not values["listen_remote"]:
+        for key in ("primary_in", "secondary_in", "outdev", "notify_dev"):
+            ep = endpoint(key)
+            if ep is not None and ep.remote_listener():
+                raise ConfigError(
+                    f"{key}: {ep.describe()} listens on a non-loopback address; "
+                    "give --listen-remote (listen_remote = true) to allow other hosts")
     return RunSettings(
         primary_in=endpoint("primary_in"),
         secondary_in=endpoint("secondary_in"),
@@ -240,6 +271,9 @@ def run(args: argparse.Namespace) -> int:
     values = run_values(args)
     config = config_from_args(args, extra_keys=frozenset(RUN_KEYS) | {"run"})
     settings = settings_from_values(values)
+    failover = failover_settings(values)
+    if failover is not None:
+        return serve_and_report(lambda: FailoverSupervisor(config, settings, failover), values)
     return serve_and_report(lambda: Supervisor(config, settings), values)
 
 

@@ -7,9 +7,9 @@ import random
 import pytest
 
 from colo_proxy.core.config import Config
-from colo_proxy.core.packet import TCP_RST
+from colo_proxy.core.packet import TCP_ACK, TCP_RST
 from colo_proxy.core.tcp import TcpFlow
-from colo_proxy.testing.synth import TcpServerStream
+from colo_proxy.testing.synth import TcpServerStream, ipv4_frame, tcp_segment
 from tests.core.harness import C, P, S, both_paths, make_proxy, run
 
 pytestmark = pytest.mark.usefixtures(both_paths.__name__)
@@ -387,3 +387,35 @@ def test_each_way_of_owing_output_is_watched_at_once(case: str, detail: str) -> 
     arrival = step * len(events)
     assert [(d.kind.value, d.detail) for d in r.divergences] == [("timeout", detail)]
     assert arrival + 3.0 < r.requests[0].time <= arrival + 3.3
+
+
+@pytest.mark.parametrize("refused_by", ["secondary", "primary"])
+def test_rst_answering_a_syn_is_a_divergence_at_once(refused_by: str) -> None:
+    """One guest accepts the connection, the other refuses it: no 3 s wait for a timeout."""
+    p, s = pair(7)
+    refuser = s if refused_by == "secondary" else p
+    rst = ipv4_frame(refuser.src, refuser.dst, 6, tcp_segment(
+        refuser.sport, refuser.dport, 0, refuser.client_isn + 1, TCP_RST | TCP_ACK))
+    accept = p.synack() if refused_by == "secondary" else s.synack()
+    events = [(P, accept), (S, rst)] if refused_by == "secondary" else [(S, accept), (P, rst)]
+    r = run(events)
+    assert [(d.kind.value, d.offset) for d in r.divergences] == [("close", 0)]
+    assert f"{refused_by} answered the SYN with RST" in r.divergences[0].detail
+    assert r.requests and r.requests[0].time < 0.01
+
+
+def test_primary_bytes_for_a_silent_secondary_stay_bounded_across_checkpoints() -> None:
+    """A secondary that never sends its copy: the primary's bytes are not kept for ever."""
+    cfg = Config(max_sec_buffer_bytes=10_000, secondary_after_checkpoint="continues")
+    proxy = make_proxy(cfg)
+    p, s = pair(3)
+    proxy.feed(P, p.synack(), 0.0)
+    proxy.feed(S, s.synack(), 0.0)
+    for i in range(50):
+        proxy.feed(P, p.data(i * 1000, bytes(1000)), 0.01 * i)
+        if i % 10 == 9:
+            proxy.checkpoint_started(0.01 * i)
+            proxy.checkpoint_done(0.01 * i)
+    flow = next(iter(proxy.table.flows.values()))
+    assert isinstance(flow, TcpFlow) and flow.pri.stream.buffered <= 10_000
+    assert proxy.stats()["tcp_bytes_left_uncompared_over_limit"] == 40_000

@@ -105,6 +105,55 @@ def test_ack_does_not_wait_for_apply_and_failover_waits(sockdir: Path) -> None:
     run_agent(sockdir, body)
 
 
+def test_failover_applies_the_overlay_in_a_worker_and_keeps_serving(sockdir: Path) -> None:
+    gate = threading.Event()
+
+    async def body(agent: DiskAgent, client: QMPClient) -> None:
+        eng = agent.engine
+        eng.run_apply_overlay = gated(  # type: ignore[method-assign]
+            eng.run_apply_overlay, gate)
+        eng.write(Export.REPLICATION, 0, b"a" * 100)
+        assert await client.execute("colo-disk-checkpoint", {"epoch": 1}) == {"epoch": 1}
+        eng.write(Export.REPLICATION, 0, b"spec")  # dropped at failover
+        eng.write(Export.SECONDARY, 50, b"S" * 100)
+        failover = asyncio.ensure_future(client.execute("colo-disk-failover"))
+        while eng.replica.status().applying_epoch is not None or eng.replica.applied_epoch < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not failover.done()  # the overlay is still being copied
+        st = eng.status()  # (not over QMP: this connection waits for the failover reply)
+        assert st.phase is Phase.FAILING_OVER and st.overlay_bytes == 100
+        # The loop keeps serving the secondary while the worker is held.
+        assert eng.write(Export.SECONDARY, 140, b"T" * 20) is None
+        want = b"a" * 50 + b"S" * 90 + b"T" * 20
+        assert eng.read(Export.SECONDARY, 0, 160) == want
+        gate.set()
+        assert await asyncio.wait_for(failover, 30) == {"epoch": 1}
+        assert await next_event(client, "COLO_DISK_FAILOVER") == {"epoch": 1}
+        assert eng.replica.phase is Phase.FAILED_OVER
+        assert (sockdir / "img").read_bytes()[:160] == want
+
+    run_agent(sockdir, body)
+
+
+def test_overlay_apply_failure_fails_the_failover(sockdir: Path) -> None:
+    async def body(agent: DiskAgent, client: QMPClient) -> None:
+        eng = agent.engine
+
+        def broken(*_: Any) -> Any:
+            raise OSError(5, "Input/output error")
+
+        eng.run_apply_overlay = broken  # type: ignore[method-assign]
+        eng.write(Export.SECONDARY, 0, b"s")
+        with pytest.raises(ExecuteError) as err:
+            await asyncio.wait_for(client.execute("colo-disk-failover"), 30)
+        assert "Input/output error" in str(err.value)
+        assert eng.read(Export.SECONDARY, 0, 1) == b"s"  # still served from the overlay
+        assert "overlay" in (await client.execute("query-colo-disk"))["error"]
+
+    run_agent(sockdir, body)
+
+
 def test_sealed_ack_mode_answers_before_the_journal(sockdir: Path) -> None:
     gate = threading.Event()
 

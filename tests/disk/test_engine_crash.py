@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from colo_proxy.disk import store
-from colo_proxy.disk.buffers import Apply, Export
+from colo_proxy.disk.buffers import Action, Apply, ApplyOverlay, Export, Phase
 from colo_proxy.disk.engine import DiskEngine
 
 SIZE = 64 << 10
@@ -144,10 +144,44 @@ def test_failover_drains_and_reports_epoch(tmp_path: Path) -> None:
     assert eng.read(Export.SECONDARY, 0, 3) == b"two"
     assert eng.read(Export.SECONDARY, 100, 4) == b"mine"
     done = eng.drain(acts + eng.failover())
-    assert done == 2
+    assert done == 2  # the last committed epoch, though the image also holds "mine"
     assert image.read_bytes()[:4] == b"two\0"
-    assert image.read_bytes()[100:104] == bytes(4)
+    # This once asserted zeros here, which encoded the bug: the secondary VM runs on
+    # from its own state at failover, so its writes since the checkpoint must stay.
+    assert image.read_bytes()[100:104] == b"mine"
     assert eng.write(Export.REPLICATION, 0, b"x") is not None
+    eng.close()
+
+
+def test_failover_overlay_rounds_with_spilled_logs(tmp_path: Path) -> None:
+    """Writes while failing over (spilled to files) land in the image, newest wins."""
+    image = tmp_path / "img"
+    image.write_bytes(bytes(SIZE))
+    eng = DiskEngine(image, tmp_path / "st", memory_cap=0)
+    eng.write(Export.REPLICATION, 0, b"A" * 8192)
+    acts = eng.checkpoint(1)
+    eng.write(Export.SECONDARY, 4096, b"s" * 8192)
+    acts += eng.failover()
+    assert eng.write(Export.SECONDARY, 0, b"t" * 100) is None  # while failing over
+    assert eng.write_zeroes(Export.SECONDARY, 8000, 10) is None
+    want = bytearray(b"A" * 8192 + bytes(SIZE - 8192))
+    want[4096:4096 + 8192] = b"s" * 8192
+    want[0:100] = b"t" * 100
+    want[8000:8010] = bytes(10)
+    assert eng.read(Export.SECONDARY, 0, SIZE) == want
+
+    def on_action(act: Action) -> None:
+        # Between the rounds the secondary writes again; every read sees all of it.
+        if isinstance(act, ApplyOverlay) and act.extents[0].offset != 60000:
+            assert eng.write(Export.SECONDARY, 60000, b"late") is None
+            want[60000:60004] = b"late"
+        assert eng.read(Export.SECONDARY, 0, SIZE) == want
+
+    assert eng.drain(acts, on_action) == 1
+    assert eng.replica.phase is Phase.FAILED_OVER
+    assert image.read_bytes() == want
+    assert eng.read(Export.SECONDARY, 0, SIZE) == want
+    assert not eng.logs  # every overlay log released
     eng.close()
 
 

@@ -21,7 +21,7 @@ from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime import bridge_cli
-from colo_proxy.runtime.bridge import Bridge, BridgeSettings
+from colo_proxy.runtime.bridge import Bridge, BridgeSettings, neighbour_request
 from colo_proxy.runtime.host import ShutdownMode
 from tests.drivers.test_qmp_colo_mode import FakePrimary, until
 
@@ -74,6 +74,7 @@ def make_bridge(sockdir: Path) -> tuple[Bridge, dict[str, FakePort]]:
     settings = BridgeSettings(
         client_if="c0", primary_if="p0", secondary_if="s0",
         qmp=parse_endpoint(f"unix:{sockdir}/qmp"), qmp_follow=FollowPolicy.ALWAYS,
+        kernel_forward=False,
     )
     bridge = Bridge(Config(compare_timeout=60.0, min_checkpoint_interval=0.0), settings)
     ports = {"client": FakePort("client-if", "c0"), "primary": FakePort("primary-if", "p0"),
@@ -82,7 +83,23 @@ def make_bridge(sockdir: Path) -> tuple[Bridge, dict[str, FakePort]]:
         ports["client"], ports["primary"], ports["secondary"]
     )
     bridge.ports = tuple(ports.values())  # type: ignore[assignment]
+    bridge.links = NoLinks()  # type: ignore[assignment]
     return bridge, ports
+
+
+class NoLinks:
+    """Stands in for the LinkFollower: fake ports have no interfaces to check or watch."""
+
+    counters: dict[str, int] = {}
+
+    def check_offloads(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def test_frames_take_their_paths_and_a_checkpoint_resets_the_rewriter(sockdir: Path) -> None:
@@ -230,3 +247,17 @@ def test_bridge_subcommand_is_registered(capsys: Any) -> None:
 
     assert main(["bridge", "--client-if", "a"]) == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_neighbour_requests_are_recognised() -> None:
+    s = scapy_all
+    eth = s.Ether(src="52:54:00:00:00:02", dst="ff:ff:ff:ff:ff:ff")
+    ns_ = s.IPv6(src="fe80::2", dst="ff02::1:ff00:9") / s.ICMPv6ND_NS(tgt="fe80::9")
+    na = s.IPv6(src="fe80::9", dst="fe80::2") / s.ICMPv6ND_NA(tgt="fe80::9")
+    yes = [eth / s.ARP(op=1, pdst=CLIENT), eth / s.Dot1Q(vlan=5) / s.ARP(op=1, pdst=CLIENT),
+           eth / ns_, eth / s.IPv6(dst="ff02::2") / s.ICMPv6ND_RS()]
+    no = [eth / s.ARP(op=2, psrc=CLIENT), eth / na, eth / s.IP(dst=CLIENT) / s.UDP(),
+          eth / s.IPv6(dst="ff02::1") / s.UDP()]
+    assert [neighbour_request(bytes(f)) for f in yes] == [True] * 4
+    assert [neighbour_request(bytes(f)) for f in no] == [False] * 4
+    assert not neighbour_request(bytes(eth)[:13])

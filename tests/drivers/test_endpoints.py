@@ -15,7 +15,7 @@ GOOD = [
     ("/run/qmp.sock", Endpoint(Transport.UNIX, "/run/qmp.sock", 0, False)),
     ("unix:/a,reconnect=1", Endpoint(Transport.UNIX, "/a", 0, False, 1.0)),
     ("tcp:127.0.0.1:9003,server=off", Endpoint(Transport.TCP, "127.0.0.1", 9003, False)),
-    ("tcp::9003,server", Endpoint(Transport.TCP, "0.0.0.0", 9003, True)),
+    ("tcp::9003,server", Endpoint(Transport.TCP, "127.0.0.1", 9003, True)),
     ("tcp:[::1]:4444,server=on", Endpoint(Transport.TCP, "::1", 4444, True)),
     ("tcp:localhost:0", Endpoint(Transport.TCP, "localhost", 0, False)),
 ]

@@ -127,10 +127,11 @@ def test_output_overflow_is_dropped_and_counted_never_blocking(
     run_loop(main())
 
 
-def test_tcp_server_replaces_old_peer(run_loop: Runner) -> None:
+def test_tcp_server_replaces_old_peer_with_takeover(run_loop: Runner) -> None:
     async def main() -> None:
         data: list[bytes] = []
-        ch = Channel("secondary_in", parse_endpoint("tcp:127.0.0.1:0,server"), on_data=data.append)
+        ch = Channel("secondary_in", parse_endpoint("tcp:127.0.0.1:0,server,takeover=on"),
+                     on_data=data.append)
         await ch.start()
         port = ch.port
         _, w1 = await asyncio.open_connection("127.0.0.1", port)

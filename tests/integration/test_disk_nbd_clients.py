@@ -106,24 +106,62 @@ def test_secondary_export_sees_own_writes_until_checkpoint(
     must("qemu-img", "compare", "-f", "raw", "-F", "raw", agent.uri("secondary"), agent.uri())
 
 
-def test_failover_discards_uncommitted_writes(agent: AgentProcess, workdir: Path) -> None:
+def test_failover_discards_speculation_keeps_secondary_writes(
+        agent: AgentProcess, workdir: Path) -> None:
+    # This test once expected the secondary's write at 3M to vanish too: that encoded
+    # the bug.  The secondary VM runs on from its own state, so its writes stay.
     image = workdir / "secondary.img"
     qemu_io(agent.uri(), "write -P 0x77 0 1M")
     checkpoint(agent, 1)
-    at_checkpoint = image.read_bytes()
-    qemu_io(agent.uri(), "write -P 0x88 512k 1M")
-    qemu_io(agent.uri("secondary"), "write -P 0x99 3M 4k")
+    want = bytearray(image.read_bytes())
+    qemu_io(agent.uri(), "write -P 0x88 512k 1M")  # the primary's speculation: dropped
+    qemu_io(agent.uri("secondary"), "write -P 0x99 3M 4k", "write -P 0x9a 768k 8k",
+            "write -z 6M 64k")
+    want[3 << 20:(3 << 20) + 4096] = b"\x99" * 4096
+    want[768 << 10:(768 << 10) + 8192] = b"\x9a" * 8192  # over epoch 1's data
+    want[6 << 20:(6 << 20) + (64 << 10)] = bytes(64 << 10)
     mon = agent.monitor()
     assert mon.cmd("query-colo-disk")["speculation-bytes"] == 1 << 20
+    assert mon.cmd("query-colo-disk")["secondary-bytes"] == 4096 + 8192 + (64 << 10)
     assert mon.cmd("colo-disk-failover") == {"epoch": 1}
     assert mon.cmd("query-colo-disk")["phase"] == "failed-over"
     mon.close()
-    assert image.read_bytes() == at_checkpoint
+    assert image.read_bytes() == want
+    # The secondary reads its own writes back through NBD, now straight from the image.
+    qemu_io(agent.uri("secondary"), "read -P 0x99 3M 4k", "read -P 0x9a 768k 8k",
+            "read -P 0 6M 64k", "read -P 0x77 0 768k")
     # The primary is gone: its export refuses writes; the secondary now writes the disk.
     res = run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", agent.uri())
     assert "failed" in (res.stdout + res.stderr).lower()
     qemu_io(agent.uri("secondary"), "write -P 0xaa 0 4k", "flush")
     assert image.read_bytes()[:4096] == b"\xaa" * 4096
+
+
+def test_secondary_writes_across_failover_with_write_outs_pending(workdir: Path) -> None:
+    """Epoch 2 possibly unapplied at failover; the overlay over it wins, then passthrough."""
+    image = workdir / "secondary.img"
+    image.write_bytes(bytes(SIZE))
+    agent = start_agent(workdir, image, "--memory-cap", "0")
+    try:
+        qemu_io(agent.uri(), "write -P 0x11 0 2M")
+        checkpoint(agent, 1)
+        qemu_io(agent.uri(), "write -P 0x22 1M 2M")
+        mon = agent.monitor()
+        assert mon.cmd("colo-disk-checkpoint", epoch=2) == {"epoch": 2}
+        qemu_io(agent.uri("secondary"), "write -P 0x33 2M 64k")  # over epoch 2's data
+        fo = mon.cmd("colo-disk-failover")
+        assert fo == {"epoch": 2}
+        qemu_io(agent.uri("secondary"), "write -P 0x44 5M 4k")
+        mon.close()
+        data = image.read_bytes()
+        assert data[:1 << 20] == b"\x11" * (1 << 20)
+        assert data[1 << 20:2 << 20] == b"\x22" * (1 << 20)
+        assert data[2 << 20:(2 << 20) + (64 << 10)] == b"\x33" * (64 << 10)
+        assert data[(2 << 20) + (64 << 10):3 << 20] == b"\x22" * ((1 << 20) - (64 << 10))
+        assert data[5 << 20:(5 << 20) + 4096] == b"\x44" * 4096
+        qemu_io(agent.uri("secondary"), "read -P 0x33 2M 64k", "read -P 0x44 5M 4k")
+    finally:
+        agent.kill()
 
 
 def test_many_concurrent_clients(agent: AgentProcess, workdir: Path) -> None:

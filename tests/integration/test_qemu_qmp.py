@@ -71,7 +71,7 @@ def test_negotiation_stop_resume_and_request(workdir: Path) -> None:
         events: list[str] = []
         drv = recording_driver(qmp, events, FollowPolicy.ALWAYS, request_timeout=0.2)
         drv.start()
-        await until(lambda: drv.connected, "QMP session")
+        await until(drv.connected_event.is_set, "QMP session and its first status")
         assert drv.stats.run_status == "running"
         assert drv.stats.colo_status.get("mode") == "none"
         op = await other_client(op_qmp)
@@ -111,7 +111,7 @@ def test_default_policy_ignores_pause_outside_colo(workdir: Path) -> None:
         events: list[str] = []
         drv = recording_driver(qmp, events)
         drv.start()
-        await until(lambda: drv.connected, "QMP session")
+        await until(drv.connected_event.is_set, "QMP session and its first status")
         op = await other_client(op_qmp)
         await op.execute("stop")
         await until(lambda: drv.stats.stops == 1, "STOP seen")
@@ -132,7 +132,7 @@ def test_request_error_reported_with_qemu_message(workdir: Path) -> None:
     async def main() -> None:
         drv = QmpDriver("primary", parse_endpoint(f"unix:{qmp}"), checkpoint_delay=2**40)
         drv.start()
-        await until(lambda: drv.connected, "QMP session")
+        await until(drv.connected_event.is_set, "QMP session and its first status")
         drv.request_checkpoint()
         await until(lambda: drv.stats.request_errors >= 1, "request error")
         assert "x-checkpoint-delay" in drv.stats.last_error

@@ -115,10 +115,12 @@ def rig(workdir: Path) -> Iterator[Rig]:
         "-object", "filter-redirector,id=r1,netdev=s0,queue=tx,outdev=sin",
         "-object", "filter-redirector,id=r2,netdev=c0,queue=rx,indev=out",
     ]  # fmt: skip
-    qemu = start_qemu(str(workdir), ["p0", "s0", "c0"], extra, qmp)
     proxy = None
+    built: Rig | None = None
     log_path = workdir / "proxy.log"
+    qemu: QemuProcess | None = None
     try:
+        qemu = start_qemu(str(workdir), ["p0", "s0", "c0"], extra, qmp)
         cmd = [
             sys.executable, "-m", "colo_proxy.cli", "run",
             "--primary-in", f"unix:{sock['pin']},server",
@@ -131,13 +133,17 @@ def rig(workdir: Path) -> Iterator[Rig]:
         with log_path.open("wb") as log:
             proxy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=log)
         wait_chardev_connected(op, "pin", "sin", "out", timeout=30)
-        yield Rig(qemu, proxy, log_path, op, agent)
+        built = Rig(qemu, proxy, log_path, op, agent)
+        yield built
     finally:
         if proxy is not None and proxy.poll() is None:
             proxy.kill()
             proxy.wait()
-        qemu.kill()
+        if qemu is not None:
+            qemu.kill()
         agent.kill()
+        if built is not None:  # the test may have started a new agent in its place
+            built.agent.kill()
 
 
 def test_output_waits_for_resume_and_the_disk_agent(workdir: Path) -> None:

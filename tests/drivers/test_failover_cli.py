@@ -1,0 +1,56 @@
+"""`colo-proxy run --failover` flags and TOML keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from colo_proxy.errors import ConfigError
+from colo_proxy.runtime import run_cli
+from colo_proxy.runtime.failover import FailoverSettings
+from colo_proxy.runtime.failover_cli import failover_settings
+from tests.drivers.test_run_cli import parse
+
+BASE = ["--primary-in", "unix:/tmp/p.sock", "--secondary-in", "unix:/tmp/s.sock,server",
+        "--outdev", "unix:/tmp/o.sock"]
+QMPS = ["--qmp", "unix:/tmp/p.qmp", "--secondary-qmp", "unix:/tmp/s.qmp"]
+
+
+def settings(argv: list[str]) -> FailoverSettings | None:
+    return failover_settings(run_cli.run_values(parse(argv)))
+
+
+def test_off_by_default() -> None:
+    assert settings(BASE + QMPS) is None
+
+
+def test_flags_and_toml_agree(tmp_path: Path) -> None:
+    flags = settings([*BASE, *QMPS, "--failover", "--heartbeat-period", "0.2",
+                      "--heartbeat-misses", "5", "--failover-secondary-objects", "a,b",
+                      "--failover-secondary-chardevs", "c", "--failover-mirror-job", "m",
+                      "--failover-primary-objects", "x,y"])
+    assert flags == FailoverSettings(0.2, 5, ("a", "b"), ("c",), ("x", "y"), "m")
+    toml = tmp_path / "run.toml"
+    toml.write_text('[run]\nfailover = true\nheartbeat_period = 0.2\nheartbeat_misses = 5\n'
+                    'failover_secondary_objects = "a,b"\nfailover_secondary_chardevs = "c"\n'
+                    'failover_mirror_job = "m"\nfailover_primary_objects = "x,y"\n')
+    assert settings([*BASE, *QMPS, "--config", str(toml)]) == flags
+
+
+def test_defaults_follow_colo_ft() -> None:
+    assert settings([*BASE, *QMPS, "--failover"]) == FailoverSettings(
+        0.5, 3, ("f2", "f1"), ("red1", "red0"), ("m0",), None)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--qmp", "unix:/tmp/p.qmp"], "needs --qmp and --secondary-qmp"),
+        ([*QMPS, "--heartbeat-period", "0"], "heartbeat_period"),
+        ([*QMPS, "--heartbeat-misses", "0"], "heartbeat_misses"),
+    ],
+)
+def test_errors(extra: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings([*BASE, "--failover", *extra])

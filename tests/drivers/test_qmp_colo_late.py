@@ -1,0 +1,63 @@
+"""COLO that begins after the QMP session did: the first checkpoint must still count.
+
+Seen on the real pair: colo-proxy connects to the primary before ``migrate``
+(COLO mode ``none``); QEMU announces the switch to COLO with a MIGRATION event
+only when the ``events`` migration capability is on, which COLO-FT.txt never
+sets.  The driver must ask again at a STOP instead of taking every checkpoint
+for a user pause for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from colo_proxy.drivers.endpoints import parse_endpoint
+from colo_proxy.drivers.qmp import QmpDriver
+from tests.drivers.test_qmp_colo_mode import FakePrimary, until
+
+
+class LatePrimary(FakePrimary):
+    """A primary that is not in COLO mode until ``mode`` says so."""
+
+    mode = "none"
+
+    def answer(self, w: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+        if msg["execute"] != "query-colo-status":
+            super().answer(w, msg)
+            return
+        self.commands.append((msg["execute"], None))
+        reply = {"return": {"mode": self.mode, "last-mode": "none", "reason": "none"},
+                 "id": msg.get("id")}
+        w.write(json.dumps(reply).encode() + b"\r\n")
+
+
+def test_colo_begun_after_connect_is_followed(sockdir: Path) -> None:
+    async def main() -> None:
+        fake = LatePrimary()
+        server = await asyncio.start_unix_server(fake.serve, f"{sockdir}/qmp")
+        events: list[str] = []
+        drv = QmpDriver("primary", parse_endpoint(f"unix:{sockdir}/qmp"),
+                        on_checkpoint_started=lambda: events.append("started"),
+                        on_checkpoint_done=lambda: events.append("done"))
+        drv.start()
+        await until(lambda: drv.connected, "session")
+        fake.run_state = "paused"  # before COLO: a pause stays a pause
+        fake.event("STOP")
+        await until(lambda: drv.stats.pauses_ignored == 1, "pause recognised")
+        fake.run_state = "running"
+        fake.event("RESUME")
+        fake.mode = "primary"  # COLO begins; no MIGRATION event (no `events` capability)
+        fake.run_state = "colo"
+        fake.event("STOP")
+        await until(lambda: events == ["started"], "checkpoint start")
+        fake.run_state = "running"
+        fake.event("RESUME")
+        await until(lambda: events == ["started", "done"], "checkpoint done")
+        assert drv.stats.pauses_ignored == 1
+        await drv.close()
+        server.close()
+
+    asyncio.run(main())

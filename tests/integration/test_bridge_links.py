@@ -1,0 +1,82 @@
+"""`colo-proxy bridge` and its interfaces: offloads at start, links that go and come back.
+
+Same lab as test_bridge_live (tools/bridge_lab.py, names starting br12); the
+proxy runs as a subprocess and every lab is deleted afterwards.  Waits are
+bounded, never asserted on.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.integration import test_bridge_live as live
+from tests.integration.test_bridge_live import ROOT, fetch
+
+lab_tool, lab, bridge = live.lab_tool, live.lab, live.bridge  # the fixtures, shared
+
+pytestmark = pytest.mark.integration
+
+
+def test_offloads_on_at_start_refuse_to_start_or_are_fixed(lab: Any, bridge: Any) -> None:
+    """A client whose veth segments (TSO on): named and refused, or fixed with --fix-offloads."""
+    lab.guest_offloads("client", True)
+    refused = subprocess.run(
+        [sys.executable, "-m", "colo_proxy.cli", "bridge", *lab.bridge_args()],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "tx-tcp-segmentation" in refused.stderr, refused.stderr
+    assert f"netns {lab.ns['client']}" in refused.stderr and "--fix-offloads" in refused.stderr
+    assert "bridge up" not in refused.stderr
+
+    proxy = bridge("--fix-offloads")
+    assert "--fix-offloads: turned" in proxy.log and "tx-tcp-segmentation" in proxy.log
+    client = fetch(lab, 8080)
+    report = proxy.stop()
+    assert client["complete"], client
+    assert report["client-if"]["gso_dropped"] == 0
+    assert report["links"]["offloads_fixed"] > 0
+
+
+def test_link_down_up_and_a_recreated_interface_are_reopened(lab: Any, bridge: Any) -> None:
+    proxy = bridge("--log-level", "info")
+    assert fetch(lab, 8080)["complete"]
+
+    primary = lab.ifs["primary"]
+    subprocess.run(["ip", "link", "set", primary, "down"], check=True)
+    proxy.wait_for("went down")
+    subprocess.run(["ip", "link", "set", primary, "up"], check=True)
+    proxy.wait_for("re-opened")
+    assert fetch(lab, 8081)["complete"]
+
+    lab.recreate("primary")  # a new interface with the same name, as QEMU re-creates a tap
+    proxy.wait_for("re-opened", count=2)
+    client = fetch(lab, 8082)
+    report = proxy.stop()
+    assert client["complete"], (client, proxy.log)
+    assert report["links"]["reopens"] >= 2 and report["primary-if"]["reopens"] >= 2
+    assert report["supervisor"]["kernel_forward_installed"] >= 2  # again for the new primary
+    assert report["core"]["divergences_by_kind"] == {}, proxy.log
+
+
+@pytest.mark.xfail(
+    reason="a gap in the secondary's stream (frames its ring dropped) is recovered one segment "
+    "per retransmission timeout: the client never SACKs the secondary's data past it (the "
+    "primary's copy is held), so the RTO backs off past compare_timeout; captures show the "
+    "secondary resending one segment at 0.2, 0.4, 0.8, 1.6 s while the client's ACK stays put",
+    strict=False,
+)
+def test_ring_overflow_is_recovered_without_a_stall(lab: Any, bridge: Any) -> None:
+    """Rings of 4 slots drop frames under a bulk fetch; TCP resends them and the fetch ends."""
+    proxy = bridge("--ring-block-size", "4096", "--ring-blocks", "2")
+    size = 3_000_000
+    client = fetch(lab, 8080, size=size, idle=20.0)
+    report = proxy.stop()
+    drops = sum(report[p]["ring_drops"] for p in ("client-if", "primary-if", "secondary-if"))
+    assert drops > 0, "the rings never overflowed: the test proves nothing"
+    assert client["complete"], (client, report["core"], proxy.log)
+    assert report["core"]["divergences_by_kind"] == {}, proxy.log
