@@ -16,7 +16,7 @@ from typing import Any
 
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import QmpDriver
-from tests.drivers.test_qmp_colo_mode import FakePrimary, until
+from tests.drivers.test_qmp_colo_mode import FakePrimary, checkpoint_cycle, until
 
 
 class LatePrimary(FakePrimary):
@@ -50,12 +50,7 @@ def test_colo_begun_after_connect_is_followed(sockdir: Path) -> None:
         fake.run_state = "running"
         fake.event("RESUME")
         fake.mode = "primary"  # COLO begins; no MIGRATION event (no `events` capability)
-        fake.run_state = "colo"
-        fake.event("STOP")
-        await until(lambda: events == ["started"], "checkpoint start")
-        fake.run_state = "running"
-        fake.event("RESUME")
-        await until(lambda: events == ["started", "done"], "checkpoint done")
+        await checkpoint_cycle(fake, events)
         assert drv.stats.pauses_ignored == 1
         await drv.close()
         server.close()

@@ -74,6 +74,16 @@ async def until(cond: object, what: str) -> None:
     raise AssertionError(f"gave up waiting for {what}")
 
 
+async def checkpoint_cycle(fake: FakePrimary, events: list[str]) -> None:
+    """One COLO checkpoint as QEMU shows it: STOP in run state colo, then RESUME."""
+    fake.run_state = "colo"
+    fake.event("STOP")
+    await until(lambda: events == ["started"], "checkpoint start")
+    fake.run_state = "running"
+    fake.event("RESUME")
+    await until(lambda: events == ["started", "done"], "checkpoint done")
+
+
 def test_colo_checkpoint_followed_and_pause_ignored(sockdir: Path) -> None:
     async def main() -> None:
         fake = FakePrimary()
@@ -94,12 +104,7 @@ def test_colo_checkpoint_followed_and_pause_ignored(sockdir: Path) -> None:
         await until(lambda: drv.stats.requests_sent == 1, "request")
         assert ("migrate-set-parameters", {"x-checkpoint-delay": 2000}) in fake.commands
         # a checkpoint: STOP in run state colo, then RESUME
-        fake.run_state = "colo"
-        fake.event("STOP")
-        await until(lambda: events == ["started"], "checkpoint start")
-        fake.run_state = "running"
-        fake.event("RESUME")
-        await until(lambda: events == ["started", "done"], "checkpoint done")
+        await checkpoint_cycle(fake, events)
         assert not drv.request_pending  # the STOP answered the request
         # a user pause while in COLO: STOP in state paused is not a checkpoint
         fake.run_state = "paused"
