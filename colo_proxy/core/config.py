@@ -16,8 +16,11 @@ AFTER_CHECKPOINT_MODES: tuple[str, ...] = ("auto", "reset", "continues")
 VM_MODES: tuple[str, ...] = ("auto", "colo", "mc")
 ENCRYPTED_MODES: tuple[str, ...] = ("mc", "compare", "passthrough")
 
+POLICIES: tuple[str, ...] = ("hybrid", "colo")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "secondary_after_checkpoint": AFTER_CHECKPOINT_MODES,
+    "policy": POLICIES,
     "mode": VM_MODES,
     "encrypted_flows": ENCRYPTED_MODES,
 }
@@ -62,6 +65,9 @@ FIELD_DOCS: Final[dict[str, str]] = {
     ),
     "checkpoint_burst": (
         "Rate limit: checkpoints allowed back to back before min_checkpoint_interval applies."
+    ),
+    "policy": (
+        "hybrid (modes per flow and for the VM, early notice) or colo (pure COLO: compare all)."
     ),
     "mode": "Whole VM: colo (compare), mc (hold all output until each checkpoint), auto (switch).",
     "encrypted_flows": "TLS and SSH connections (never equal on two VMs): mc, compare, passthrough",
@@ -110,6 +116,7 @@ class Config:
     # goes on in its own sequence space (independent recordings, a failed checkpoint);
     # auto: each flow decides from the secondary's next segment (see tcp.py).
     checkpoint_burst: int = 1
+    policy: str = "hybrid"
     mode: str = "auto"
     encrypted_flows: str = "mc"
     mc_period: float = 0.1

@@ -23,6 +23,9 @@ longer on average than an MC period would make it; never when the dirty-page
 rate (QEMU's calc-dirty-rate) is above `vm_max_dirty_rate`.  After
 `vm_mc_min_time` in MC it probes COLO again; a probe that falls back within
 two windows doubles that time.  Every switch is a ModeSwitch with its reason.
+
+`policy = "colo"` turns all of this off (pure COLO: every flow compares,
+operator rules and masks aside, and nothing is held early).
 """
 
 from __future__ import annotations
@@ -97,10 +100,12 @@ class FlowPolicy:
                  "services", "switches", "window")
 
     def __init__(self, cfg: Config, counters: Counter[str], switches: list[ModeSwitch]) -> None:
+        pure = cfg.policy == "colo"
         self.rules = [CompiledRule(r) for r in cfg.flow_rules]
         self.masks = [CompiledMask(m) for m in cfg.masks]
-        self.encrypted_mode = cfg.encrypted_flows
-        self.limit = cfg.flow_divergence_limit
+        self.encrypted_mode = "compare" if pure else cfg.encrypted_flows
+        self.limit = 0 if pure else cfg.flow_divergence_limit
+        """0: services never move to mc."""
         self.window = cfg.flow_divergence_window
         self.base_cooldown = cfg.flow_cooldown
         self.counters = counters
@@ -151,13 +156,15 @@ class FlowPolicy:
 
     def diverged(self, key: FlowKey, now: float) -> None:
         """A flow of this service diverged: count it; move the service to mc past the limit."""
+        if not self.limit:
+            return
         skey = service_of(key)
         svc = self.services.get(skey)
         if svc is None:
             if len(self.services) >= MAX_SERVICES:
                 self._forget_calm(now)
             svc = self.services[skey] = Service(self.base_cooldown)
-        if now < svc.until:
+        if now < svc.until or not self.limit:
             return
         times = svc.times
         times.append(now)
@@ -218,8 +225,8 @@ class VmPolicy:
         self.cfg = cfg
         self.counters = counters
         self.switches = switches
-        self.forced = cfg.mode
-        self.mode = "mc" if cfg.mode == "mc" else "colo"
+        self.forced = "colo" if cfg.policy == "colo" else cfg.mode
+        self.mode = "mc" if self.forced == "mc" else "colo"
         self.since: float | None = None
         """Where time_in was last brought up to date."""
         self.switched_at: float | None = None

@@ -120,6 +120,7 @@ class Proxy:
         self.hold_all = False
         """A resync is due and the rate limit holds it back: every flow holds, none compares."""
         self.mc_period = cfg.mc_period
+        self.early_notice = cfg.policy != "colo"
         self._now = 0.0
         self._side_frames = [0, 0, 0]
         self.general = GeneralPath(self, cfg, self.table, self.ledger, self.counters)
@@ -499,7 +500,7 @@ class Proxy:
         checkpoints = self.checkpoints
         checkpoints.want(reason, now)
         if (
-            reason in RESYNC_REASONS and not self.hold_all
+            reason in RESYNC_REASONS and not self.hold_all and self.early_notice
             and checkpoints.state is CheckpointState.DEFERRED
         ):
             self.hold_all = True
