@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from colo_proxy.core.config import Config
-from colo_proxy.core.events import CheckpointRequest, Divergence, Side
+from colo_proxy.core.events import CheckpointRequest, Divergence, ModeSwitch, Side
 from colo_proxy.core.framing import Frame
 from colo_proxy.core.proxy import CoreFault, Proxy
 from colo_proxy.drivers.endpoints import Endpoint
@@ -178,6 +178,8 @@ class CoreHost:
     async def start(self) -> None:
         """Open the ports, then connect QMP and the disk agent."""
         await self._open_ports()
+        if self.qmp is not None and self.proxy.vm.mc:  # --mode mc: QEMU's timer from the start
+            self.qmp.set_checkpoint_period(self._mc_period_ms())
         for driver in (self.qmp, self.secondary_qmp):
             if driver is not None:
                 driver.start()
@@ -308,6 +310,8 @@ class CoreHost:
         out = proxy.take_output()
         if out.released:
             self._send_released(out.released)
+        for switch in out.switches:
+            self._mode_switch(switch)
         for request in out.requests:
             self._request(request)
         if out.divergences:
@@ -347,6 +351,17 @@ class CoreHost:
             )
 
     # ---- checkpoints -----------------------------------------------------------------------
+
+    def _mode_switch(self, switch: ModeSwitch) -> None:
+        """Log every switch; the whole VM's sets QEMU's checkpoint period (MC) or restores it."""
+        self.counters["mode_switches"] = self.counters.get("mode_switches", 0) + 1
+        log.info("mode switch: %s %s -> %s (%s)", switch.scope, switch.old, switch.new,
+                 switch.reason)
+        if switch.scope == "vm" and self.qmp is not None:
+            self.qmp.set_checkpoint_period(self._mc_period_ms() if switch.new == "mc" else None)
+
+    def _mc_period_ms(self) -> int:
+        return max(1, round(self.proxy.config.mc_period * 1000))
 
     def _request(self, request: CheckpointRequest) -> None:
         self.counters["checkpoint_requests"] += 1
