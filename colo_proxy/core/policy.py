@@ -137,12 +137,13 @@ class FlowPolicy:
 
     def encrypted(self, flow: HeldCounts, what: str) -> int:
         """The flow turned out TLS or SSH: its class and mode from now on."""
-        self.counters["flows_" + what] += 1
+        counters = self.counters
+        counters["flows_" + what] += 1
         mode = _ENCRYPTED_MODES[self.encrypted_mode]
-        if mode == MODE_MC:
-            flow.klass = CLASS_MC
-        elif mode == MODE_PASSTHROUGH:
-            flow.klass = CLASS_PASSTHROUGH
+        if mode != MODE_COMPARE:
+            counters["flows_" + CLASS_NAMES[flow.klass]] -= 1
+            flow.klass = CLASS_MC if mode == MODE_MC else CLASS_PASSTHROUGH
+            counters["flows_" + CLASS_NAMES[flow.klass]] += 1
         return mode
 
     def mode_of(self, flow: HeldCounts, now: float, vm_mc: bool) -> int:
