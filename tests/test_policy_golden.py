@@ -8,6 +8,7 @@ deterministic flows stay in compare, and masks remove same-length noise
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def test_defaults_never_exceed_the_rate_limit(capsys: pytest.CaptureFixture[str]
     report = replay(capsys, case)
     times = [c["time"] for c in report["checkpoints"] if c["reason"] != "flush"]
     gap = Config().min_checkpoint_interval
-    assert all(b - a >= gap - 1e-6 for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a >= gap - 1e-6 for a, b in itertools.pairwise(times))
     assert report["policy"]["checkpoints_per_second"] <= 1 / gap
 
 
