@@ -450,6 +450,7 @@ class Proxy:
             "frames_held_mc": self.counters["frames_held_mc"],
             "frames_passthrough": self.counters["frames_passthrough"],
             "early_notices": self.counters["early_notices"],
+            "dirty_rate": vm.dirty_rate,
             "services_cooling": self.flow_policy.cooling_services(self._now),
             "mean_added_latency": (
                 ledger.latency_sum / ledger.latency_frames if ledger.latency_frames else 0.0

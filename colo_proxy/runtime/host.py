@@ -47,6 +47,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from qemu.qmp import ExecuteError, QMPError
+
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import CheckpointRequest, Divergence, ModeSwitch, Side
 from colo_proxy.core.framing import Frame
@@ -193,12 +195,15 @@ class CoreHost:
     async def serve(self) -> dict[str, object]:
         """Run until :meth:`stop`; then shut down and return the final report."""
         await self.start()
-        stats_task = None
+        tasks = []
         if self._stats_interval > 0:
-            stats_task = asyncio.create_task(self._log_stats())
+            tasks.append(asyncio.create_task(self._log_stats()))
+        cfg = self.proxy.config
+        if self.qmp is not None and cfg.vm_max_dirty_rate > 0 and self.proxy.vm.forced == "auto":
+            tasks.append(asyncio.create_task(self._measure_dirty_rate(cfg.vm_window)))
         await self._stopping.wait()
-        if stats_task is not None:
-            stats_task.cancel()
+        for task in tasks:
+            task.cancel()
         return await self.shutdown()
 
     async def shutdown(self) -> dict[str, object]:
@@ -254,6 +259,29 @@ class CoreHost:
         if self.disk_link is not None:
             out["disk_link"] = self.disk_link.report()
         return out
+
+    async def _measure_dirty_rate(self, period: float) -> None:
+        """QEMU's dirty-page rate (calc-dirty-rate, 1 s sample) every period, for the policy.
+
+        Only with --vm-max-dirty-rate: the measurement costs QEMU a little.
+        A QEMU that cannot measure is logged once and asked no more.
+        """
+        assert self.qmp is not None
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.qmp.execute("calc-dirty-rate", {"calc-time": 1})
+                await asyncio.sleep(1.2)
+                info = await self.qmp.execute("query-dirty-rate")
+            except ExecuteError as err:  # this QEMU cannot measure: stop asking
+                log.warning("dirty-rate measurement unavailable (%s); the policy goes on "
+                            "without it", err)
+                return
+            except (QMPError, OSError):  # not connected now: try at the next period
+                continue
+            rate = info.get("dirty-rate") if isinstance(info, dict) else None
+            if isinstance(rate, int | float):
+                self.proxy.observe_dirty_rate(float(rate))
 
     async def _log_stats(self) -> None:
         while True:

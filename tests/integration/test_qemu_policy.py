@@ -106,3 +106,13 @@ def test_auto_moves_to_mc_on_a_divergence_storm(workdir: Path) -> None:
     policy = report["core"]["policy"]
     assert policy["vm_mode"] == "mc" and policy["switches"] >= 1
     assert "mode switch: vm colo -> mc" in report["stderr"]
+
+
+def test_dirty_rate_is_measured_through_qmp(workdir: Path) -> None:
+    args = ["--qmp-follow", "always", "--vm-max-dirty-rate", "500", "--vm-window", "0.3",
+            "--log-level", "info"]  # fmt: skip
+    with chain(workdir, False, args) as ch:
+        time.sleep(4.0)  # a measurement takes 1 s of QEMU's own sampling
+        report = ch.stop_proxy()
+    assert isinstance(report["core"]["policy"]["dirty_rate"], float)
+    assert "dirty-rate measurement unavailable" not in report["stderr"]
