@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - pytest fixtures imported from test_bridge_live are parameters here
 """The early notice in bridge mode, between real Linux stacks in namespaces.
 
 When a resync is due but the rate limit holds the checkpoint back, the
