@@ -455,6 +455,10 @@ class Proxy:
             "mean_added_latency": (
                 ledger.latency_sum / ledger.latency_frames if ledger.latency_frames else 0.0
             ),
+            "added_latency_by_class": {
+                CLASS_NAMES[k]: {"frames": int(n), "mean": total / n, "max": top}
+                for k, (total, n, top) in enumerate(ledger.class_latency) if n
+            },
         }
 
     # -- FlowHost: called back by the flows ----------------------------------
