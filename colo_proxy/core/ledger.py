@@ -19,8 +19,9 @@ class HoldLedger:
     """Held and released primary frames, totals and limits."""
 
     __slots__ = ("class_latency", "held_bytes", "held_extra", "held_frames", "holding_flows",
-                 "latency_frames", "latency_sum", "max_bytes", "max_flow_bytes", "max_flows", "max_frames", "now",
-                 "released", "released_frames", "released_payload", "unit_extra", "watch")
+                 "latency_frames", "latency_sum", "max_bytes", "max_flow_bytes", "max_flows",
+                 "max_frames", "now", "released", "released_frames", "released_payload",
+                 "unit_extra", "watch")
 
     def __init__(self, cfg: Config, watch: dict[HeldCounts, None]) -> None:
         self.watch = watch
