@@ -232,8 +232,12 @@ class TcpFlow(HeldCounts):
         on purpose: a shared helper would cost a call per frame.
         """
         me = self.pri
-        if self.diverged or self.mode or self.sniff or me.isn < 0 or me.peer_isn < 0:
+        if self.diverged or self.mode or me.isn < 0 or me.peer_isn < 0:
             return FAST_NO
+        if self.sniff and end > start:  # once per flow: its first payload, TLS/SSH or not
+            if encrypted_kind(data[start : start + 8]) is not None:
+                return FAST_NO  # on_primary switches the flow's mode
+            self.sniff = False
         stream = me.stream
         near = stream.base + len(stream.buf)
         off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
