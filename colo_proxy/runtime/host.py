@@ -45,6 +45,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 from qemu.qmp import ExecuteError, QMPError
@@ -83,6 +84,8 @@ class HostSettings(Protocol):
     def secondary_qmp(self) -> Endpoint | None: ...
     @property
     def disk_qmp(self) -> Endpoint | None: ...
+    @property
+    def disk_tls_creds(self) -> Path | None: ...
     @property
     def qmp_follow(self) -> FollowPolicy: ...
     @property
@@ -136,7 +139,8 @@ class CoreHost:
             )
         self.disk_link: DiskLink | None = None
         if settings.disk_qmp is not None:
-            self.disk_link = DiskLink(settings.disk_qmp, self._disk_released)
+            self.disk_link = DiskLink(settings.disk_qmp, self._disk_released,
+                                      tls=settings.disk_tls_creds)
         self._deferred: deque[tuple[int, Side, list[Frame]]] = deque()
         self._deferred_bytes = 0
         self._vm_in_checkpoint = False

@@ -10,7 +10,6 @@ import socket
 import ssl
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,61 +63,7 @@ def test_without_tls_starttls_is_still_refused_politely() -> None:
     assert rtype == p.REP_ERR_POLICY
 
 
-# -- certificates ----------------------------------------------------------------------
-
-OPENSSL = shutil.which("openssl")
-
-
-def sh(*cmd: str, cwd: Path) -> None:
-    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_ca(d: Path, name: str) -> None:
-    (d / f"{name}.ext").write_text("basicConstraints=critical,CA:TRUE\n"
-                                   "keyUsage=critical,keyCertSign,cRLSign\n")
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem",
-       "-out", f"{name}-cert.pem", "-days", "2", "-subj", f"/CN={name}",
-       "-addext", "basicConstraints=critical,CA:TRUE",
-       "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-
-
-def make_leaf(d: Path, ca: str, name: str, purpose: str) -> None:
-    (d / f"{name}.ext").write_text(
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        f"extendedKeyUsage={purpose}\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem",
-       "-out", f"{name}.csr", "-subj", "/CN=localhost", cwd=d)
-    sh("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}-cert.pem", "-CAkey",
-       f"{ca}-key.pem", "-CAcreateserial", "-out", f"{name}-cert.pem", "-days", "2",
-       "-extfile", f"{name}.ext", cwd=d)
-
-
-@pytest.fixture(scope="module")
-def creds() -> Iterator[dict[str, Path]]:
-    """QEMU tls-creds-x509 directories: server, client, and a client of another CA."""
-    if OPENSSL is None:
-        pytest.skip("openssl not installed")
-    root = short_tmpdir()
-    work = root / "work"
-    work.mkdir()
-    make_ca(work, "ca")
-    make_ca(work, "rogue-ca")
-    make_leaf(work, "ca", "server", "serverAuth")
-    make_leaf(work, "ca", "client", "clientAuth")
-    make_leaf(work, "rogue-ca", "rogue", "clientAuth")
-    dirs = {n: root / n for n in ("server", "client", "rogue")}
-    for name, d in dirs.items():
-        d.mkdir()
-        ca = "rogue-ca" if name == "rogue" else "ca"
-        shutil.copy(work / f"{ca}-cert.pem", d / "ca-cert.pem")
-        role = "server" if name == "server" else "client"
-        shutil.copy(work / f"{name}-cert.pem", d / f"{role}-cert.pem")
-        shutil.copy(work / f"{name}-key.pem", d / f"{role}-key.pem")
-    # the rogue client trusts the real server's CA (it wants in), its own cert is foreign
-    shutil.copy(work / "ca-cert.pem", dirs["rogue"] / "ca-cert.pem")
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
+# -- certificates (the creds fixture is in conftest.py) ------------------------------
 
 
 def test_missing_credentials_are_a_config_error(tmp_path: Path) -> None:
