@@ -3,13 +3,19 @@ event loops) and QEMU tls-creds-x509 credential directories made with openssl.""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from colo_proxy.disk.address import Address
+from colo_proxy.disk.agent import AgentConfig, DiskAgent
+from colo_proxy.disk.engine import DiskEngine
+from colo_proxy.disk.tls import server_context
 from tests.disk.agent_helpers import short_tmpdir
 from tests.drivers.conftest import run_loop, sockdir
 
@@ -73,3 +79,27 @@ def creds() -> Iterator[dict[str, Path]]:
         shutil.copy(work / f"{leaf}-key.pem", d / f"{role}-key.pem")
     yield dirs
     shutil.rmtree(root, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def tls_agent(server_creds: Path) -> AsyncIterator[int]:
+    """An in-process disk agent (1 MiB image) with QMP over TLS on 127.0.0.1: its port."""
+    work = short_tmpdir()
+    img = work / "img"
+    img.write_bytes(bytes(1 << 20))
+    port = free_port()
+    agent = DiskAgent(DiskEngine(img, work / "state"), AgentConfig(
+        nbd=(Address(path=str(work / "nbd")),),
+        qmp=(Address(host="127.0.0.1", port=port),), tls=server_context(server_creds)))
+    try:
+        await agent.start()
+        yield port
+    finally:
+        await agent.close()
+        shutil.rmtree(work, ignore_errors=True)

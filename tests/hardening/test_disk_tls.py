@@ -23,24 +23,16 @@ from typing import Any
 
 import pytest
 
-from colo_proxy.disk.address import Address
-from colo_proxy.disk.agent import AgentConfig, DiskAgent
-from colo_proxy.disk.engine import DiskEngine
-from colo_proxy.disk.tls import client_context, server_context
+from colo_proxy.disk.tls import client_context
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime import run_cli
 from colo_proxy.runtime.disk_link import DiskLink
 from tests.disk.agent_helpers import ROOT, AgentProcess, short_tmpdir, start_agent
 from tests.drivers.test_qmp_colo_mode import FakePrimary
+from tests.hardening.conftest import free_port, tls_agent
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def until(cond: Callable[[], bool], what: str, tries: int = 3000) -> None:
@@ -95,30 +87,18 @@ def test_disk_tls_creds_flag_and_toml_key(tmp_path: Path, creds: dict[str, Path]
 
 def link_against_agent(run_loop: Runner, creds: dict[str, Path], client: str,
                        body: Callable[[DiskLink, list[int]], Coroutine[Any, Any, None]]) -> None:
-    work = short_tmpdir()
-    img = work / "img"
-    img.write_bytes(bytes(1 << 20))
-    port = free_port()
-
     async def main() -> None:
-        agent = DiskAgent(DiskEngine(img, work / "state"), AgentConfig(
-            nbd=(Address(path=str(work / "nbd")),),
-            qmp=(Address(host="127.0.0.1", port=port),), tls=server_context(creds["server"])))
-        await agent.start()
-        released: list[int] = []
-        link = DiskLink(parse_endpoint(f"tcp:127.0.0.1:{port}"), lambda: released.append(1),
-                        tls=creds[client])
-        link.start()
-        try:
-            await body(link, released)
-        finally:
-            await link.close()
-            await agent.close()
+        async with tls_agent(creds["server"]) as port:
+            released: list[int] = []
+            link = DiskLink(parse_endpoint(f"tcp:127.0.0.1:{port}"),
+                            lambda: released.append(1), tls=creds[client])
+            link.start()
+            try:
+                await body(link, released)
+            finally:
+                await link.close()
 
-    try:
-        run_loop(main())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    run_loop(main())
 
 
 def test_disk_link_over_mutual_tls_checkpoints_and_disconnects_cleanly(
@@ -204,6 +184,12 @@ class RunProcess:
                 return report
         raise AssertionError(f"no report: {self.text()}")
 
+    def stats_say(self, text: str) -> bool:
+        """Ask for a stats line (SIGUSR1); whether one so far contains ``text``."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        return any(ln for ln in self.text().splitlines() if " stats " in ln and text in ln)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
@@ -230,15 +216,19 @@ async def run_cycle(d: Path, port: int, tls_dir: Path, agent: AgentProcess,
     run = RunProcess(d, port, tls_dir)
     try:
         await run.start()
-        await until(lambda: primary.writer is not None and connected_line in run.text(),
-                    connected_line)
+        await until(lambda: "primary-qmp: QMP connected" in run.text()
+                    and connected_line in run.text(), connected_line)
+        await asyncio.sleep(0.2)  # the driver clears stale events once connected
         before = agent_epoch(agent)
         primary.event("STOP")
         if "QMP connected" in connected_line:
             await until(lambda: agent_epoch(agent) == before + 1, "the agent's epoch")
-        primary.event("RESUME")
-        await until(lambda: primary.commands.count(("query-status", None)) >= 1, "QMP up")
-        await asyncio.sleep(0.3)
+            primary.event("RESUME")
+            await until(lambda: run.stats_say('"releases": 1'), "the release")
+        else:
+            primary.event("RESUME")
+            await until(lambda: "memory done, waiting for the disk agent" in run.text(),
+                        "the checkpoint, waiting for the disk")
         return await run.stop()
     finally:
         run.kill()

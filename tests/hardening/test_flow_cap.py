@@ -8,6 +8,7 @@ import asyncio
 import logging
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ def udp(i: int, payload: bytes = b"u" * 32) -> bytes:
     return ipv4_frame(A, bytes((10, 2, (i >> 8) & 255, i & 255)), 17, l4, ident=i & 0xFFFF)
 
 
-def stuck_proxy(**limits: int) -> Proxy:
+def stuck_proxy(**limits: Any) -> Proxy:
     """Hold limits out of the way: only the flow table's caps are under test."""
     return Proxy(Config(max_hold_flows=1 << 20, max_hold_frames=1 << 20, **limits))
 
@@ -77,16 +78,16 @@ def test_new_flows_are_refused_while_the_held_bytes_are_past_the_hard_cap() -> N
     payload = b"x" * 1000
     for i in range(200):
         proxy.feed(Side.PRIMARY, udp(i, payload), i * 1e-6)
-    stats = proxy.stats()
+    stats: dict[str, Any] = proxy.stats()
     hard = max_hold * HARD_HELD_FACTOR
     frame = len(udp(0, payload))
-    assert hard <= stats["held_bytes"] < hard + frame  # type: ignore[operator]
+    assert hard <= stats["held_bytes"] < hard + frame
     assert stats["flows"] == stats["held_frames"] == -(-hard // frame)
-    assert stats["admission_refused_primary_frames"] == 200 - stats["flows"]  # type: ignore[operator]
+    assert stats["admission_refused_primary_frames"] == 200 - stats["flows"]
     # an admitted flow goes on holding (its own limits ask for checkpoints): the cap
     # is on admission, a flow already tracked is never cut off
     proxy.feed(Side.PRIMARY, udp(0, payload), 0.01)
-    assert proxy.stats()["held_frames"] == stats["held_frames"] + 1  # type: ignore[operator]
+    assert proxy.stats()["held_frames"] == stats["held_frames"] + 1
 
 
 def test_run_logs_refusals_once_per_interval(

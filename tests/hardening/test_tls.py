@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 
 from colo_proxy.disk import nbd_proto as p
-from colo_proxy.disk.address import Address
-from colo_proxy.disk.agent import AgentConfig, DiskAgent
-from colo_proxy.disk.engine import DiskEngine
 from colo_proxy.disk.tls import server_context
 from colo_proxy.errors import ConfigError
 from tests.disk.agent_helpers import AgentProcess, short_tmpdir, start_agent
 from tests.disk.nbdwire import go_payload, option, parse_option_replies
+from tests.hardening.conftest import free_port, tls_agent
 
 # -- sans-IO ---------------------------------------------------------------------------
 
@@ -71,12 +69,6 @@ def test_missing_credentials_are_a_config_error(tmp_path: Path) -> None:
         server_context(tmp_path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def client_context(d: Path, with_cert: bool = True) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(d / "ca-cert.pem"))
     if with_cert:
@@ -85,11 +77,8 @@ def client_context(d: Path, with_cert: bool = True) -> ssl.SSLContext:
 
 
 def qmp_query(port: int, ctx: ssl.SSLContext | None) -> dict[str, object]:
-    """qmp_capabilities then query-colo-disk over a blocking (TLS) socket.
-
-    (qemu.qmp's asyncio client hangs in disconnect() on any TLS server under
-    Python 3.11, so a plain socket client is used here.)
-    """
+    """qmp_capabilities then query-colo-disk over a blocking (TLS) socket, independent of
+    the QMP driver (test_disk_tls.py drives that one over TLS)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1") if ctx else raw
         with sock, sock.makefile("rwb") as f:
@@ -102,30 +91,16 @@ def qmp_query(port: int, ctx: ssl.SSLContext | None) -> dict[str, object]:
 
 
 def test_qmp_over_tls_needs_a_client_certificate(creds: dict[str, Path]) -> None:
-    work = short_tmpdir()
-    img = work / "img"
-    img.write_bytes(bytes(1 << 20))
-    port = free_port()
-
     async def main() -> None:
-        agent = DiskAgent(DiskEngine(img, work / "state"), AgentConfig(
-            nbd=(Address(path=str(work / "nbd")),),
-            qmp=(Address(host="127.0.0.1", port=port),), tls=server_context(creds["server"])))
-        await agent.start()
-        try:
+        async with tls_agent(creds["server"]) as port:
             status = await asyncio.to_thread(qmp_query, port, client_context(creds["client"]))
             assert status["phase"] == "replicating"
             for ctx in (client_context(creds["client"], with_cert=False),
                         client_context(creds["rogue"]), None):
                 with pytest.raises((OSError, ValueError)):  # TLS alert, EOF or garbage
                     await asyncio.to_thread(qmp_query, port, ctx)
-        finally:
-            await agent.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    asyncio.run(main())
 
 
 # -- a real QEMU client ------------------------------------------------------------------
