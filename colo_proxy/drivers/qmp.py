@@ -48,7 +48,7 @@ TLS.  ``ssl`` (a client context, e.g. from ``disk.tls.client_context``) wraps
 the connection from its first byte, as QEMU's ``tls-creds`` on a QMP chardev
 does.  A handshake failure (wrong CA, refused client certificate) is logged as
 one error line and retried like any connection failure.  qemu.qmp's own
-``disconnect()`` hangs for ever on a TLS transport under CPython 3.11 (see
+``disconnect()`` hangs for ever on a TLS transport (asyncio 3.11, uvloop: see
 :class:`_Client`), so sessions are closed through that subclass, and every
 disconnect is bounded by ``CLOSE_TIMEOUT`` besides.
 """
@@ -70,12 +70,6 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError, Runstate
 from colo_proxy.drivers.endpoints import Endpoint
 
 log = logging.getLogger(__name__)
-
-
-def _not_a_connect_failure(record: logging.LogRecord) -> bool:
-    """qemu.qmp logs each failed connect at ERROR (on every retry); the driver reports
-    failures itself, once and then at most every MAX_BACKOFF."""
-    return not record.getMessage().startswith(("Failed to establish", "Failed to receive"))
 
 MAX_BACKOFF = 5.0
 MAX_RESEND = 60.0
@@ -118,6 +112,16 @@ class QmpStats:
 
 
 Callback = Callable[[], None]
+
+CONNECT_FAILURES = ("Failed to establish", "Failed to receive", "Did not understand",
+                    "Negotiation failed")
+"""How qemu.qmp's own ERROR lines about a failed connect begin."""
+
+
+def _not_a_connect_failure(record: logging.LogRecord) -> bool:
+    """qemu.qmp logs each failed connect at ERROR (on every retry); the driver reports
+    failures itself, once and then at most every MAX_BACKOFF."""
+    return not record.getMessage().startswith(CONNECT_FAILURES)
 
 
 class _Client(QMPClient):
@@ -319,7 +323,7 @@ class QmpDriver:
                         "%s: cannot connect to QMP %s%s: %s; retrying",
                         self.name,
                         self.endpoint.describe(),
-                        " (TLS handshake refused)" if tls else "",
+                        " (TLS handshake failed)" if tls else "",
                         text,
                     )
                 await asyncio.sleep(backoff)
