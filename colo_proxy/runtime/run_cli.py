@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from colo_proxy.config_args import (
@@ -26,6 +27,7 @@ from colo_proxy.config_args import (
     read_toml,
     size_value,
 )
+from colo_proxy.disk.tls import client_context
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
@@ -60,6 +62,7 @@ RUN_KEYS: Keys = {
     "vnet_hdr": (bool, False),
     "secondary_qmp": (str, None),
     "disk_qmp": (str, None),
+    "disk_tls_creds": (str, None),
     "outdev_buffer": (int, 64 * 1024 * 1024),
     "listen_remote": (bool, False),
     **HOST_KEYS,
@@ -106,6 +109,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--disk-qmp",
         metavar="SPEC",
         help="disk replication agent's QMP socket: held output also waits for its epoch ack",
+    )
+    io.add_argument(
+        "--disk-tls-creds",
+        metavar="DIR",
+        help="TLS to --disk-qmp (the agent's --tls-creds), QEMU tls-creds-x509 client layout: "
+        "ca-cert.pem, and client-cert.pem + client-key.pem for a client certificate",
     )
     io.add_argument(
         "--outdev-buffer",
@@ -238,9 +247,21 @@ def settings_from_values(values: dict[str, Any]) -> RunSettings:
         vnet_hdr=bool(values["vnet_hdr"]),
         secondary_qmp=endpoint("secondary_qmp"),
         disk_qmp=endpoint("disk_qmp"),
+        disk_tls_creds=_disk_tls(values),
         outdev_buffer=int(values["outdev_buffer"]),
         **host_settings(values, "run"),
     )
+
+
+def _disk_tls(values: dict[str, Any]) -> Path | None:
+    """--disk-tls-creds, checked now (a bad directory is a one-line error at start)."""
+    if not values.get("disk_tls_creds"):
+        return None
+    if not values.get("disk_qmp"):
+        raise ConfigError("disk_tls_creds: needs --disk-qmp")
+    path = Path(values["disk_tls_creds"])
+    client_context(path)
+    return path
 
 
 def host_settings(values: dict[str, Any], command: str) -> dict[str, Any]:
