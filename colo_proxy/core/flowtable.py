@@ -36,11 +36,11 @@ from colo_proxy.core.tcp import TcpFlow
 Flow = TcpFlow | DatagramFlow
 
 HARD_FLOWS_FACTOR = 4
-"""The hard cap on flow-table entries, as a multiple of max_flows (262,144 by default:
-about 512 MiB of held flows).  To become Config.max_flows_hard."""
+"""max_flows_hard 0 (the default): the hard cap on flow-table entries is this multiple of
+max_flows (262,144 by default: about 512 MiB of held flows)."""
 HARD_HELD_FACTOR = 4
-"""The held primary bytes beyond which new flows are refused, as a multiple of
-max_hold_bytes (256 MiB by default).  To become Config.max_hold_bytes_hard."""
+"""max_hold_bytes_hard 0 (the default): new flows are refused past this multiple of
+max_hold_bytes held (256 MiB by default)."""
 
 
 def fast_key(key: FlowKey) -> bytes:
@@ -69,9 +69,11 @@ class FlowTable:
         self.evict_blocked = False
         """The last eviction scan found too little to evict: no new scan before the next
         sweep or checkpoint (each new flow would walk a table of holding flows)."""
-        self.hard_flows = max(config.max_flows, 1) * HARD_FLOWS_FACTOR
+        self.hard_flows = config.max_flows_hard or max(config.max_flows, 1) * HARD_FLOWS_FACTOR
         """No new flow beyond this many entries (see the module docstring)."""
-        self.hard_held_bytes = max(config.max_hold_bytes, 1) * HARD_HELD_FACTOR
+        self.hard_held_bytes = (
+            config.max_hold_bytes_hard or max(config.max_hold_bytes, 1) * HARD_HELD_FACTOR
+        )
         """No new flow while this many primary bytes are held."""
 
     def __len__(self) -> int:

@@ -119,3 +119,18 @@ def test_run_logs_refusals_once_per_interval(
     assert "150 new flows refused" in lines[1] and "50 new flows refused" in lines[2]
     core = sup.stats()["core"]
     assert core["flows_refused"] == 250 - hard  # type: ignore[index]
+
+
+def test_hard_caps_are_settings() -> None:
+    from collections import Counter
+
+    from colo_proxy.core.config import Config
+    from colo_proxy.core.flowtable import FlowTable
+    from colo_proxy.errors import ConfigError
+
+    table = FlowTable(Config(max_flows=10, max_flows_hard=25, max_hold_bytes_hard=1000), Counter())
+    assert (table.hard_flows, table.hard_held_bytes) == (25, 1000)
+    default = FlowTable(Config(max_flows=10), Counter())
+    assert default.hard_flows == 40
+    with pytest.raises(ConfigError, match="max_flows_hard"):
+        Config(max_flows=10, max_flows_hard=5)
