@@ -5,6 +5,7 @@ The JSON keys are a contract that scripts rely on; add keys, never rename.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 from typing import Any
@@ -49,6 +50,26 @@ def _alignment_json(res: ReplayResult) -> dict[str, Any]:
     }
 
 
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy (config values may be tuples, bytes patterns or enums)."""
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return str(getattr(value, "value", value))
+
+
+def _config_json(res: ReplayResult) -> dict[str, Any] | None:
+    """Every threshold the replay ran with (explain and tune read them back)."""
+    if res.config is None:
+        return None
+    return {f.name: _plain(getattr(res.config, f.name)) for f in dataclasses.fields(res.config)}
+
+
 def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, Any]:
     """The replay report as a JSON-ready dict (times in seconds from the first frame)."""
     stats = dict(res.stats)
@@ -80,6 +101,9 @@ def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, An
         "uncompared": stats.pop("uncompared"),
         "flows": stats.pop("flows_created", 0),
         **_alignment_json(res),
+        "epoch": res.epoch,
+        "config": _config_json(res),
+        "checkpoint_latency": res.checkpoint_latency,
         "counters": {k: v for k, v in sorted(stats.items()) if k not in ("released_frames",)},
     }
 
