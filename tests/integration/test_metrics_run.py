@@ -2,9 +2,9 @@
 
 The topology of test_qemu_run.py (one guest-less QEMU plays both guests and the
 client): one agreeing flow, one whose secondary differs (held, divergence,
-checkpoint request, a stop/cont standing in for the checkpoint), a runt frame
-(a truncated IPv4 datagram: malformed) and an ARP frame (uncompared).  Scraped before traffic, while the
-diverging flow is held, and after the checkpoint: every listed metric is there,
+checkpoint request, a stop/cont standing in for the checkpoint), a truncated
+IPv4 datagram (malformed) and an ARP frame (uncompared).  Scraped before
+traffic, while the diverging flow is held, and after the checkpoint: every listed metric is there,
 and each one the scenario drives moves.  The same run saves the divergence
 (--save-divergences) and logs JSON lines (--log-format json).
 """
