@@ -118,9 +118,6 @@ class _StatsCollector(Collector):
                            ("released", "released_epoch")):
             g.add_metric([state], _num(disk.get(key)))
         yield g
-        disk_agent: Mapping[str, Any] = stats.get("disk_agent", {}) or {}
-        if disk_agent:
-            yield from _disk_agent_families(disk_agent)
 
 
 def _disk_agent_families(st: Mapping[str, Any]) -> Iterator[Metric]:
@@ -133,6 +130,21 @@ def _disk_agent_families(st: Mapping[str, Any]) -> Iterator[Metric]:
     for kind in ("speculation", "overlay"):
         g.add_metric([kind], _num(st.get(kind)))
     yield g
+
+
+class _DiskAgentCollector(Collector):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        yield from _disk_agent_families(self.snapshot().get("disk_agent", {}) or {})
+
+
+def disk_agent_registry(snapshot: Snapshot) -> CollectorRegistry:
+    """The disk agent's registry: its epochs and buffered bytes, read at scrape time."""
+    registry = CollectorRegistry()
+    registry.register(_DiskAgentCollector(snapshot))
+    return registry
 
 
 class LiveMetrics:
