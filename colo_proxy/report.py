@@ -104,6 +104,7 @@ def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, An
         "epoch": res.epoch,
         "config": _config_json(res),
         "checkpoint_latency": res.checkpoint_latency,
+        "duration": round(res.duration, 6),
         "counters": {k: v for k, v in sorted(stats.items()) if k not in ("released_frames",)},
     }
 

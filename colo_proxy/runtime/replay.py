@@ -71,6 +71,8 @@ class ReplayResult:
     config: Config | None = None
     """The thresholds the replay ran with (explain names the one that fired)."""
     checkpoint_latency: float = 0.0
+    duration: float = 0.0
+    """Virtual seconds from the first frame to the end (timers and the flush included)."""
 
 
 class Replay:
@@ -228,6 +230,7 @@ class Replay:
         res.held_frames = proxy.held_frames()
         res.stats = proxy.stats()
         res.released_frames = proxy.released_frames
+        res.duration = now
         if res.held_frames:
             res.checkpoints.append((now, CheckpointReason.FLUSH.value))
             proxy.checkpoint_started(now)
