@@ -177,7 +177,7 @@ def pair_figures(report: Mapping[str, Any], lat: list[float], held: int) -> dict
     else:
         for ck in report.get("checkpoints", []):
             by_reason[ck["reason"]] += 1
-    mode_time = policy.get("mode_time") if isinstance(policy.get("mode_time"), Mapping) else {}
+    mode_time: Mapping[str, Any] = policy.get("mode_time") or {}
     return {
         "duration": float(report.get("duration") or 0.0),
         "checkpoints_by_reason": dict(by_reason),
