@@ -44,9 +44,21 @@ from __future__ import annotations
 from typing import Final, TypeVar
 
 from colo_proxy.core.events import CheckpointReason, DivergenceKind
-from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
+from colo_proxy.core.flows import (
+    MODE_COMPARE,
+    MODE_MC,
+    MODE_PASS,
+    MODE_PASSTHROUGH,
+    MODE_UNDECIDED,
+    FlowHost,
+    FlowKey,
+    HeldCounts,
+    Rel,
+)
 from colo_proxy.core.held import NEED_FIN, NEED_HANDSHAKE, NEED_NONE, NEED_RST, HeldFrame
+from colo_proxy.core.masks import MASK_CONTEXT, masked_agree
 from colo_proxy.core.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHeader, tcp_syn_options
+from colo_proxy.core.policy import encrypted_kind
 from colo_proxy.core.reassembly import StreamBuffer
 from colo_proxy.core.seq import HALF32, MASK32, unwrap
 
@@ -55,12 +67,6 @@ FAST_NO: Final = 0
 FAST_DONE: Final = 1
 FAST_PROGRESS: Final = 2
 
-# TcpFlow.mode: what the flow does besides comparing (any non-zero mode leaves the fast path).
-MODE_COMPARE: Final = 0
-MODE_UNDECIDED: Final = 1
-"""After a checkpoint in auto mode: waiting for the secondary's next segment."""
-MODE_PASS: Final = 2
-"""After a close divergence, the secondary going on: the primary's output passes."""
 
 MIDSTREAM_FIT: Final = 1 << 20
 """A mid-stream side within this many bytes of the other's position shares its space."""
@@ -113,9 +119,9 @@ class TcpFlow(HeldCounts):
     """Comparison state of one TCP flow (one direction of guest output)."""
 
     __slots__ = (
-        "ck_ack", "ck_fin", "ck_pos", "close_div", "closed", "hs_ok", "midstream", "mode", "pri",
-        "q_ooo", "q_scanned", "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash",
-        "stash_bytes", "th",
+        "ck_ack", "ck_fin", "ck_pos", "close_div", "closed", "hs_ok", "mask_ctx", "mc_gap",
+        "midstream", "pri", "q_ooo", "q_scanned", "qh", "queue", "sec", "sec_times", "skipping",
+        "sniff", "space_ok", "stash", "stash_bytes", "th",
     )
 
     def __init__(self, key: FlowKey, now: float) -> None:
@@ -137,7 +143,6 @@ class TcpFlow(HeldCounts):
         self.stash: list[tuple[TcpHeader, bytes, int, float]] = []
         """Secondary segments waiting for the primary's ISN to settle the space."""
         self.stash_bytes = 0
-        self.mode = MODE_COMPARE
         self.q_ooo = False
         """Whether the queue may hold an entry ending before an earlier one's end."""
         self.q_scanned: tuple[object, ...] = ()
@@ -152,6 +157,13 @@ class TcpFlow(HeldCounts):
         self.ck_ack = -1
         self.ck_fin = False
         """Whether the primary had sent its FIN by the last checkpoint."""
+        self.sniff = False
+        """Whether the primary's first payload is still to be checked for TLS/SSH."""
+        self.mask_ctx = b""
+        """The last agreed bytes (mask flows): patterns anchor on text before a field."""
+        self.mc_gap = False
+        """Output went by uncompared (mc, passthrough, a resync due): the streams have a
+        gap that the next checkpoint closes."""
 
     # -- input ---------------------------------------------------------------
 
@@ -220,7 +232,7 @@ class TcpFlow(HeldCounts):
         on purpose: a shared helper would cost a call per frame.
         """
         me = self.pri
-        if self.diverged or self.mode or me.isn < 0 or me.peer_isn < 0:
+        if self.diverged or self.mode or self.sniff or me.isn < 0 or me.peer_isn < 0:
             return FAST_NO
         stream = me.stream
         near = stream.base + len(stream.buf)
@@ -323,6 +335,11 @@ class TcpFlow(HeldCounts):
         now: float,
     ) -> None:
         """A segment from the primary: hold it, then release whatever became safe."""
+        if self.sniff and end > hdr.payload:
+            self._sniff(host, data[hdr.payload : hdr.payload + 8], now)
+        if self.mode >= MODE_MC or (host.hold_all and self.mode != MODE_PASS):
+            self._primary_uncompared(host, hdr, data, end, rel, flen, now)
+            return
         me = self.pri
         flags = hdr.flags
         if flags & _FAST_FLAGS == TCP_ACK and host.fast_path:
@@ -386,6 +403,9 @@ class TcpFlow(HeldCounts):
         """
         me = self.sec
         flags = hdr.flags
+        if self.mode >= MODE_MC or (host.hold_all and self.mode != MODE_PASS):
+            self._secondary_uncompared(host, hdr, data, end)
+            return
         if self.mode == MODE_PASS:
             host.count("secondary_frames_dropped_after_close_divergence")
             return
@@ -428,6 +448,74 @@ class TcpFlow(HeldCounts):
         ):
             return
         self.progress(host, now)
+
+    def _sniff(self, host: FlowHost, head: bytes, now: float) -> None:
+        """The primary's first payload: a TLS or SSH connection can never match."""
+        self.sniff = False
+        what = encrypted_kind(head)
+        if what is not None:
+            mode = host.encrypted(self, what, now)
+            if mode != MODE_COMPARE:
+                self.mode = mode
+                self.mc_gap = True
+
+    def _primary_uncompared(
+        self, host: FlowHost, hdr: TcpHeader, data: bytes, end: int, rel: Rel, flen: int,
+        now: float,
+    ) -> None:
+        """mc (held until the next checkpoint) or passthrough (released now), uncompared.
+
+        The positions are still followed, so the flow can compare again after a
+        checkpoint (the secondary then starts from the primary's position).
+        """
+        me = self.pri
+        flags = hdr.flags
+        if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
+            self._new_incarnation(host)
+            me = self.pri
+        off = self.learn(me, self.sec, hdr, data)
+        plen = end - hdr.payload
+        stop = off + plen
+        if stop > me.high:
+            me.high = stop
+        if flags & TCP_FIN and me.fin is None:
+            me.fin = stop
+        if flags & TCP_RST and me.rst is None:
+            me.rst = stop
+        if flags & (TCP_FIN | TCP_RST):
+            self.closed = True
+        ack = self.ack_offset(me, hdr)
+        self.mc_gap = True
+        if self.mode == MODE_PASSTHROUGH:
+            host.count("frames_passthrough")
+            host.release_unheld(rel)
+            return
+        host.count("frames_held_mc")
+        self.queue.append(HeldFrame(stop, ack, NEED_NONE, rel, now, off, plen, flen))
+        host.hold(self, flen)
+
+    def _secondary_uncompared(self, host: FlowHost, hdr: TcpHeader, data: bytes, end: int) -> None:
+        """The secondary's segment of a flow not compared now: positions only, then dropped."""
+        me = self.sec
+        flags = hdr.flags
+        host.count("secondary_frames_dropped_uncompared_mode")
+        if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
+            self._new_incarnation(host)
+            me = self.sec
+        if not flags & TCP_SYN and not self.space_ok:
+            if me.isn < 0 or self.pri.isn < 0:
+                return
+            self._decide_space(host, hdr.seq)
+        off = self.learn(me, self.pri, hdr, data)
+        self.ack_offset(me, hdr)
+        stop = off + end - hdr.payload
+        if stop > me.high:
+            me.high = stop
+        if flags & TCP_FIN and me.fin is None:
+            me.fin = stop
+        if flags & TCP_RST and me.rst is None:
+            me.rst = stop
+        self.mc_gap = True
 
     def _decide_after_checkpoint(self, host: FlowHost, hdr: TcpHeader, now: float) -> None:
         """The secondary's first segment since the checkpoint: did the checkpoint reset it?
@@ -538,7 +626,8 @@ class TcpFlow(HeldCounts):
         self.closed = False
         self.space_ok = False
         self.stash, self.stash_bytes = [], 0
-        self.mode = MODE_COMPARE
+        if self.mode < MODE_MC:  # mc and passthrough belong to the 4-tuple, not the connection
+            self.mode = MODE_COMPARE
         self.skipping = self.close_div = self.midstream = False
 
     # -- comparison ----------------------------------------------------------
@@ -572,6 +661,10 @@ class TcpFlow(HeldCounts):
         if n and self.skipping:
             n = self._skip_region(host, n)
             lp, ls = len(pb), len(sb)
+        if n and self.masks:
+            if not self._compare_masked(host, now, n):
+                return
+            n = 0
         if n:
             if not (pb == sb if lp == ls else pb[:n] == sb[:n]):
                 self._payload_divergence(host, now, n)
@@ -590,6 +683,24 @@ class TcpFlow(HeldCounts):
             return
         if self.queue:
             self._release_ready(host)
+
+    def _compare_masked(self, host: FlowHost, now: float, n: int) -> bool:
+        """Compare n bytes with the noise fields blanked; False on a divergence.
+
+        Agreeing bytes are consumed (a field still growing waits for more).
+        """
+        pb = self.pri.stream.buf
+        agree, masked, wait = masked_agree(self.mask_ctx, pb, self.sec.stream.buf, n,
+                                           self.masks)
+        if masked:
+            host.count("masked_bytes", masked)
+        if agree:
+            self.mask_ctx = (self.mask_ctx + bytes(pb[:agree]))[-MASK_CONTEXT:]
+            self._consume(agree)
+        if agree < n and not wait:
+            self._payload_divergence(host, now, n - agree)
+            return False
+        return True
 
     def _skip_region(self, host: FlowHost, n: int) -> int:
         """Pass over the rest of a reported differing region (up to n bytes).
@@ -779,13 +890,25 @@ class TcpFlow(HeldCounts):
 
     def due(self, timeout: float) -> float | None:
         """When expired() next has something to report, if anything waits."""
-        if self.mode == MODE_UNDECIDED:  # the secondary's bytes may be stale: not yet owed
+        if self.mode == MODE_UNDECIDED or self.mode == MODE_MC:
+            # undecided: the secondary's bytes may be stale, not yet owed; mc: only held
+            # output waits (the caller passes mc_period as the timeout)
             return self.queue[self.qh].time + timeout if self.queue else None
         oldest = self.oldest_pending()
         return None if oldest is None else oldest + timeout
 
     def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
-        """Report a timeout divergence if output waited too long; True if so."""
+        """Report a timeout divergence if output waited too long; True if so.
+
+        mc output is not compared: past mc_period it asks for the checkpoint that
+        releases it.  While a resync is due nothing times out (it is coming).
+        """
+        if self.mode == MODE_MC:
+            if self.queue and self.queue[self.qh].time + host.mc_period <= now:
+                host.want_checkpoint(CheckpointReason.MC_PERIOD, now)
+            return False
+        if host.hold_all:
+            return False
         if self.mode == MODE_UNDECIDED:
             self.adopt_vote(host, now)
         if self.diverged:
@@ -825,8 +948,21 @@ class TcpFlow(HeldCounts):
         self.ck_pos = max(p.high, p.stream.end, p.stream.base)
         self.ck_ack = p.ack_max
         self.ck_fin = p.fin is not None
+        target = host.flow_mode(self, now)
+        if target >= MODE_MC:  # not compared from now: positions are followed
+            self.mode = target
+            self.diverged = False
+            self.mc_gap = True
+            self.sec_times, self.th = [], 0
+            self.stash, self.stash_bytes = [], 0
+            return
         if self.mode == MODE_PASS:
             return
+        if self.mode >= MODE_MC:
+            self.mode = MODE_COMPARE
+            host.count("tcp_flows_back_to_compare")
+        if self.mc_gap:
+            self._close_gap(mode)
         if mode != "reset" and p.stream.buffered > host.max_sec_buffer:
             self._forget_uncompared(host)
         if mode == "reset":
@@ -842,6 +978,23 @@ class TcpFlow(HeldCounts):
             self.mode = MODE_UNDECIDED
             self.diverged = False  # frozen by the mode now, not by the divergence
             self.progress(host, now)  # what both sides sent already may show it went on
+
+    def _close_gap(self, mode: str) -> None:
+        """Output went by uncompared: compare on from where both sides are now.
+
+        A reset secondary starts at ck_pos anyway; one that went on is compared
+        from the furthest position either side reached (offsets correspond).
+        """
+        self.mc_gap = False
+        self.skipping = False
+        self.mask_ctx = b""
+        if mode == "reset":
+            return
+        p, s = self.pri, self.sec
+        pos = max(self.ck_pos, s.high, s.stream.end)
+        p.stream.skip_to(pos)
+        s.stream.skip_to(pos)
+        self.sec_times, self.th = [], 0
 
     def _forget_uncompared(self, host: FlowHost) -> None:
         """The primary ran far ahead of a silent secondary: compare on from ck_pos only.
