@@ -25,6 +25,38 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="highlight differing bytes (default: when stdout is a terminal)")
     p.set_defaults(func=_explain)
     _add_tune(sub)
+    _add_learn(sub)
+
+
+def _add_learn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "learn", help="propose masks and flow rules from recordings of identical instances",
+        description="Compare pairs recorded on two identical instances (every difference is "
+                    "noise), propose [[masks]] for same-length fields and [[flow_rules]] "
+                    "mode=mc for flows whose differences change length or are everywhere, "
+                    "with how often each occurs and what it would save; write them as TOML "
+                    "for review (nothing is applied).",
+    )
+    p.add_argument("pairs", nargs="+", metavar="PAIR",
+                   help="PRIMARY SECONDARY captures (two by two) or directories holding "
+                        "primary.pcap and secondary.pcap")
+    p.add_argument("--guest", metavar="ADDR",
+                   help="only the output of this address (two-way captures)")
+    p.add_argument("--out", default="learned.toml", metavar="FILE.toml",
+                   help="where the proposals are written (default learned.toml)")
+    p.set_defaults(func=_learn)
+
+
+def _learn(args: argparse.Namespace) -> int:
+    from colo_proxy import learn, tune
+
+    pairs = tune.parse_pairs(args.pairs, args.guest)
+    text = learn.to_toml(learn.learn(pairs))
+    with open(args.out, "w") as fh:
+        fh.write(text)
+    print(text, end="")
+    print(f"(written to {args.out}; review it, then use it with --config)")
+    return 0
 
 
 def _add_tune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
