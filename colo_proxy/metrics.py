@@ -83,19 +83,35 @@ class _StatsCollector(Collector):
         g = GaugeMetricFamily("colo_held_frames", "Primary frames held")
         g.add_metric([], _num(core.get("held_frames")))
         yield g
+        policy: Mapping[str, Any] = core.get("policy") or {}
         g = GaugeMetricFamily("colo_flows", "Flows in the table, by mode", labels=["mode"])
-        by_mode = core.get("flows_by_mode")
-        if not isinstance(by_mode, Mapping):  # a core without per-flow modes compares all
+        by_mode = policy.get("flows_by_mode") or policy.get("flows_by_class")
+        if not isinstance(by_mode, Mapping) or not by_mode:  # a core without modes
             by_mode = {"compare": core.get("flows", 0)}
         for mode, n in sorted(by_mode.items()):
             g.add_metric([str(mode)], _num(n))
         yield g
         g = GaugeMetricFamily("colo_mode", "Whole-VM mode (1 for the current one)",
                               labels=["mode"])
-        current = str(core.get("mode", "colo"))
+        current = str(policy.get("vm_mode", core.get("mode", "colo")))
         for mode in sorted({"colo", "mc", current}):
             g.add_metric([mode], 1.0 if mode == current else 0.0)
         yield g
+        c = CounterMetricFamily("colo_mode_seconds", "Time spent in each whole-VM mode",
+                                labels=["mode"])
+        mode_time = policy.get("mode_time")
+        for mode, t in sorted((mode_time if isinstance(mode_time, Mapping) else {}).items()):
+            c.add_metric([str(mode)], _num(t))
+        yield c
+        for name, key, doc in (
+            ("colo_mode_switches", "switches", "Whole-VM mode switches"),
+            ("colo_masked_bytes", "masked_bytes", "Differing bytes blanked by masks"),
+            ("colo_passthrough_frames", "frames_passthrough",
+             "Primary frames passed unprotected by passthrough rules"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], _num(policy.get(key)))
+            yield c
         for name, key, doc, label in (
             ("colo_divergences", "divergences_by_kind", "Divergences by kind", "kind"),
             ("colo_checkpoints", "checkpoints_requested_by_reason",

@@ -103,3 +103,23 @@ def test_pareto_and_choice() -> None:
     assert tune.pareto(rows) == [0, 1, 2]
     assert tune.choose(rows, [0, 1, 2], max_latency=0.15) == 2
     assert tune.choose(rows, [0, 1, 2], max_latency=0.0001) in (0, 1, 2)
+
+
+def test_grid_file_over_list_fields(tmp_path: Path) -> None:
+    """Any Config field, masks (a list of tables) included, through a TOML grid."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[tune]\npolicy = ['colo', 'hybrid']\n"
+                    "masks = [[], [{pattern = '\\r\\nDate: ([^\\r\\n]*)', port = 80, "
+                    "protocol = 'tcp'}]]\n")
+    out = tmp_path / "best.toml"
+    rows_json = tmp_path / "rows.json"
+    assert main(["tune", str(PCAPS / "nginx-date"), "--grid-file", str(grid), "--jobs", "2",
+                 "--out", str(out), "--json", str(rows_json)]) == 0
+    rows = json.loads(rows_json.read_text())["rows"]
+    masked = [r for r in rows if r["setting"]["masks"]]
+    plain = [r for r in rows if not r["setting"]["masks"]]
+    assert len(masked) == len(plain) == 2
+    assert all(r["divergences"] == 0 and r["checkpoints_per_second"] == 0 for r in masked)
+    assert all(r["divergences"] > 0 for r in plain)
+    assert tomllib.loads(out.read_text())["masks"] == [
+        {"pattern": r"\r\nDate: ([^\r\n]*)", "port": 80, "protocol": "tcp"}]
