@@ -40,6 +40,9 @@ COMPILED = [
     "colo_proxy/core/rules.py",
     "colo_proxy/core/seq.py",
     "colo_proxy/core/tcp.py",
+    "colo_proxy/core/tcp_resync.py",
+    "colo_proxy/core/tcp_uncompared.py",
+    "colo_proxy/core/tcpside.py",
     "colo_proxy/core/verdicts.py",
     "colo_proxy/core/xen_notify.py",
 ]

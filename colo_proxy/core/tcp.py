@@ -43,12 +43,13 @@ from __future__ import annotations
 
 from typing import Final, TypeVar
 
+from colo_proxy.core import tcp_resync as resync
+from colo_proxy.core import tcp_uncompared as uncompared
 from colo_proxy.core.events import CheckpointReason, DivergenceKind
 from colo_proxy.core.flows import (
     MODE_COMPARE,
     MODE_MC,
     MODE_PASS,
-    MODE_PASSTHROUGH,
     MODE_UNDECIDED,
     FlowHost,
     FlowKey,
@@ -59,8 +60,8 @@ from colo_proxy.core.held import NEED_FIN, NEED_HANDSHAKE, NEED_NONE, NEED_RST, 
 from colo_proxy.core.masks import MASK_CONTEXT, masked_agree
 from colo_proxy.core.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHeader, tcp_syn_options
 from colo_proxy.core.policy import encrypted_kind
-from colo_proxy.core.reassembly import StreamBuffer
 from colo_proxy.core.seq import HALF32, MASK32, unwrap
+from colo_proxy.core.tcpside import MIDSTREAM_FIT, TcpSide
 
 # fast_primary / fast_secondary results.
 FAST_NO: Final = 0
@@ -68,10 +69,6 @@ FAST_DONE: Final = 1
 FAST_PROGRESS: Final = 2
 
 
-MIDSTREAM_FIT: Final = 1 << 20
-"""A mid-stream side within this many bytes of the other's position shares its space."""
-
-SynOptions = tuple[int, int, bool, bool]
 _FAST_FLAGS: Final = TCP_ACK | TCP_SYN | TCP_RST
 """Segments with ACK and neither SYN nor RST take the fast path (FIN is handled there)."""
 
@@ -90,29 +87,6 @@ def _advance(entries: list[_T], k: int) -> int:
         return 0
     return k
 
-
-class TcpSide:
-    """What one guest sent on this flow."""
-
-    __slots__ = (
-        "ack_max", "conflicts", "fin", "high", "isn", "peer_isn", "rst",
-        "stream", "syn_opts",
-    )
-
-    def __init__(self) -> None:
-        self.isn = -1
-        """ISN (32-bit); byte at offset 0 has sequence number isn + 1.  -1: unknown."""
-        self.peer_isn = -1
-        """The client's ISN as this guest acknowledged it.  -1: unknown."""
-        self.ack_max = -1
-        self.high = 0
-        """Highest stream offset this side sent data up to."""
-        self.stream = StreamBuffer(0)
-        self.fin: int | None = None
-        self.rst: int | None = None
-        self.syn_opts: SynOptions | None = None
-        self.conflicts = 0
-        """Conflicting overlaps already reported."""
 
 
 class TcpFlow(HeldCounts):
@@ -232,8 +206,12 @@ class TcpFlow(HeldCounts):
         on purpose: a shared helper would cost a call per frame.
         """
         me = self.pri
-        if self.diverged or self.mode or self.sniff or me.isn < 0 or me.peer_isn < 0:
+        if self.diverged or self.mode or me.isn < 0 or me.peer_isn < 0:
             return FAST_NO
+        if self.sniff and end > start:  # once per flow: its first payload, TLS/SSH or not
+            if encrypted_kind(data[start : start + 8]) is not None:
+                return FAST_NO  # on_primary switches the flow's mode
+            self.sniff = False
         stream = me.stream
         near = stream.base + len(stream.buf)
         off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
@@ -336,9 +314,9 @@ class TcpFlow(HeldCounts):
     ) -> None:
         """A segment from the primary: hold it, then release whatever became safe."""
         if self.sniff and end > hdr.payload:
-            self._sniff(host, data[hdr.payload : hdr.payload + 8], now)
+            uncompared.sniff(self, host, data[hdr.payload : hdr.payload + 8], now)
         if self.mode >= MODE_MC or (host.hold_all and self.mode != MODE_PASS):
-            self._primary_uncompared(host, hdr, data, end, rel, flen, now)
+            uncompared.primary_uncompared(self, host, hdr, data, end, rel, flen, now)
             return
         me = self.pri
         flags = hdr.flags
@@ -404,7 +382,7 @@ class TcpFlow(HeldCounts):
         me = self.sec
         flags = hdr.flags
         if self.mode >= MODE_MC or (host.hold_all and self.mode != MODE_PASS):
-            self._secondary_uncompared(host, hdr, data, end)
+            uncompared.secondary_uncompared(self, host, hdr, data, end)
             return
         if self.mode == MODE_PASS:
             host.count("secondary_frames_dropped_after_close_divergence")
@@ -418,7 +396,7 @@ class TcpFlow(HeldCounts):
                     self.progress(host, now)
                 return
         if self.mode == MODE_UNDECIDED:
-            self._decide_after_checkpoint(host, hdr, now)
+            resync.decide_after_checkpoint(self, host, hdr, now)
             me = self.sec
         if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
             self._new_incarnation(host)
@@ -448,140 +426,6 @@ class TcpFlow(HeldCounts):
         ):
             return
         self.progress(host, now)
-
-    def _sniff(self, host: FlowHost, head: bytes, now: float) -> None:
-        """The primary's first payload: a TLS or SSH connection can never match."""
-        self.sniff = False
-        what = encrypted_kind(head)
-        if what is not None:
-            mode = host.encrypted(self, what, now)
-            if mode != MODE_COMPARE:
-                self.mode = mode
-                self.mc_gap = True
-
-    def _primary_uncompared(
-        self, host: FlowHost, hdr: TcpHeader, data: bytes, end: int, rel: Rel, flen: int,
-        now: float,
-    ) -> None:
-        """mc (held until the next checkpoint) or passthrough (released now), uncompared.
-
-        The positions are still followed, so the flow can compare again after a
-        checkpoint (the secondary then starts from the primary's position).
-        """
-        me = self.pri
-        flags = hdr.flags
-        if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
-            self._new_incarnation(host)
-            me = self.pri
-        off = self.learn(me, self.sec, hdr, data)
-        plen = end - hdr.payload
-        stop = off + plen
-        if stop > me.high:
-            me.high = stop
-        if flags & TCP_FIN and me.fin is None:
-            me.fin = stop
-        if flags & TCP_RST and me.rst is None:
-            me.rst = stop
-        if flags & (TCP_FIN | TCP_RST):
-            self.closed = True
-        ack = self.ack_offset(me, hdr)
-        self.mc_gap = True
-        if self.mode == MODE_PASSTHROUGH:
-            host.count("frames_passthrough")
-            host.release_unheld(rel)
-            return
-        host.count("frames_held_mc")
-        self.queue.append(HeldFrame(stop, ack, NEED_NONE, rel, now, off, plen, flen))
-        host.hold(self, flen)
-
-    def _secondary_uncompared(self, host: FlowHost, hdr: TcpHeader, data: bytes, end: int) -> None:
-        """The secondary's segment of a flow not compared now: positions only, then dropped."""
-        me = self.sec
-        flags = hdr.flags
-        host.count("secondary_frames_dropped_uncompared_mode")
-        if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
-            self._new_incarnation(host)
-            me = self.sec
-        if not flags & TCP_SYN and not self.space_ok:
-            if me.isn < 0 or self.pri.isn < 0:
-                return
-            self._decide_space(host, hdr.seq)
-        off = self.learn(me, self.pri, hdr, data)
-        self.ack_offset(me, hdr)
-        stop = off + end - hdr.payload
-        if stop > me.high:
-            me.high = stop
-        if flags & TCP_FIN and me.fin is None:
-            me.fin = stop
-        if flags & TCP_RST and me.rst is None:
-            me.rst = stop
-        self.mc_gap = True
-
-    def _decide_after_checkpoint(self, host: FlowHost, hdr: TcpHeader, now: float) -> None:
-        """The secondary's first segment since the checkpoint: did the checkpoint reset it?
-
-        Reset: it resumed at the primary's position, in the primary's sequence
-        space.  Continues: it goes on at its own position in its own space, or
-        sends its own SYN.  Whichever position the sequence number lies nearer
-        decides (ties: reset, as on a real COLO pair, where both coincide).
-        """
-        s, p = self.sec, self.pri
-        reset = abs(unwrap(hdr.seq - p.isn - 1, self.ck_pos) - self.ck_pos)
-        if hdr.flags & TCP_SYN:
-            own = -1
-        elif s.isn >= 0:
-            own_pos = max(s.high, s.stream.end)
-            own = abs(unwrap(hdr.seq - s.isn - 1, own_pos) - own_pos)
-        else:
-            own = MIDSTREAM_FIT
-        if reset == own:  # both answers put it at the same place: nothing learnt for others
-            self._reset_to_primary()
-            return
-        self._decided(host, now, "reset" if reset < own else "continues")
-
-    def _decided(self, host: FlowHost, now: float, answer: str) -> None:
-        """Apply the answer for this flow; other undecided flows may adopt it (adopt_vote)."""
-        host.secondary_vote = answer
-        if answer == "reset":
-            host.count("tcp_secondary_reset_by_checkpoint")
-            self._reset_to_primary()
-        else:
-            host.count("tcp_secondary_continues_after_checkpoint")
-            self._continue(host, now)
-
-    def adopt_vote(self, host: FlowHost, now: float) -> None:
-        """Undecided with no evidence of its own: take the answer other flows found.
-
-        A checkpoint is one event for the whole VM, so what the flows that did
-        hear from the secondary found holds for one that did not (one whose
-        secondary had sent everything before the checkpoint).
-        """
-        if self.mode == MODE_UNDECIDED and host.secondary_vote is not None:
-            host.count("tcp_secondary_answer_adopted")
-            self._decided(host, now, host.secondary_vote)
-
-    def _continued_evidently(self, host: FlowHost, now: float) -> bool:
-        """Undecided, but the primary's new output equals what the secondary sent on its own.
-
-        A secondary that ran ahead may have sent all its output before the
-        checkpoint, so no later segment of its own can decide.  If the bytes
-        the primary sent since the checkpoint (past ck_pos) equal the
-        secondary's at its own offsets, or a FIN the primary sent since then
-        sits where the secondary's does, it went on.  Bytes from before the
-        checkpoint prove nothing: a reset secondary sent them too.
-        """
-        if self.mode != MODE_UNDECIDED:
-            return False
-        p, s = self.pri, self.sec
-        pb, sb = p.stream.buf, s.stream.buf
-        i = max(0, self.ck_pos - p.stream.base)
-        k = min(len(pb), len(sb), i + 64) - i
-        agrees = k > 0 and pb[i : i + k] == sb[i : i + k] and (k >= 8 or s.fin is not None)
-        fin = not self.ck_fin and p.fin is not None and p.fin == s.fin
-        if not agrees and not fin:
-            return False
-        self._decided(host, now, "continues")
-        return False  # _continue ran progress
 
     def _decide_space(self, host: FlowHost, seq: int) -> None:
         """Settle which ISN the secondary's data is numbered from.
@@ -651,7 +495,7 @@ class TcpFlow(HeldCounts):
 
         _consume is inlined: this runs once per flow per batch.
         """
-        if self.mode and not self._continued_evidently(host, now):
+        if self.mode and not resync.continued_evidently(self, host, now):
             return  # undecided: nothing is compared until the secondary shows its state
         pri, sec = self.pri, self.sec
         pst, sst = pri.stream, sec.stream
@@ -873,6 +717,15 @@ class TcpFlow(HeldCounts):
 
     # -- timers and checkpoints ---------------------------------------------
 
+    def after_checkpoint(self, host: FlowHost, now: float, grace: float, mode: str) -> None:
+        """After a checkpoint: release everything held, then reset, continue or decide later
+        (tcp_resync.py)."""
+        resync.after_checkpoint(self, host, now, grace, mode)
+
+    def adopt_vote(self, host: FlowHost, now: float) -> None:
+        """Undecided with no evidence of its own: take the answer other flows found."""
+        resync.adopt_vote(self, host, now)
+
     def pending(self) -> bool:
         """Whether anything waits here: held primary frames or unmatched secondary bytes."""
         return bool(self.queue or self.sec_times or self.stash)
@@ -910,7 +763,7 @@ class TcpFlow(HeldCounts):
         if host.hold_all:
             return False
         if self.mode == MODE_UNDECIDED:
-            self.adopt_vote(host, now)
+            resync.adopt_vote(self, host, now)
         if self.diverged:
             return False
         if self.queue:
@@ -936,117 +789,6 @@ class TcpFlow(HeldCounts):
                          "secondary output unmatched")
             return True
         return False
-
-    def after_checkpoint(self, host: FlowHost, now: float, grace: float, mode: str) -> None:
-        """After a checkpoint: release everything held, then reset, continue or decide later."""
-        if self.queue:
-            run = self.queue[self.qh:]
-            self.queue, self.qh = [], 0
-            host.release_run(self, run)
-        self.q_ooo = False
-        p, s = self.pri, self.sec
-        self.ck_pos = max(p.high, p.stream.end, p.stream.base)
-        self.ck_ack = p.ack_max
-        self.ck_fin = p.fin is not None
-        target = host.flow_mode(self, now)
-        if target >= MODE_MC:  # not compared from now: positions are followed
-            self.mode = target
-            self.diverged = False
-            self.mc_gap = True
-            self.sec_times, self.th = [], 0
-            self.stash, self.stash_bytes = [], 0
-            return
-        if self.mode == MODE_PASS:
-            return
-        if self.mode >= MODE_MC:
-            self.mode = MODE_COMPARE
-            host.count("tcp_flows_back_to_compare")
-        if self.mc_gap:
-            self._close_gap(mode)
-        if mode != "reset" and p.stream.buffered > host.max_sec_buffer:
-            self._forget_uncompared(host)
-        if mode == "reset":
-            self._reset_to_primary()
-        elif mode == "continues" or p.isn < 0:
-            self._continue(host, now)
-        elif (
-            not self.diverged and s.isn == p.isn and s.stream.end == self.ck_pos
-            and not s.stream.ooo and not self.sec_times
-        ):
-            self._reset_to_primary()  # in step: both answers are the same
-        else:
-            self.mode = MODE_UNDECIDED
-            self.diverged = False  # frozen by the mode now, not by the divergence
-            self.progress(host, now)  # what both sides sent already may show it went on
-
-    def _close_gap(self, mode: str) -> None:
-        """Output went by uncompared: compare on from where both sides are now.
-
-        A reset secondary starts at ck_pos anyway; one that went on is compared
-        from the furthest position either side reached (offsets correspond).
-        """
-        self.mc_gap = False
-        self.skipping = False
-        self.mask_ctx = b""
-        if mode == "reset":
-            return
-        p, s = self.pri, self.sec
-        pos = max(self.ck_pos, s.high, s.stream.end)
-        p.stream.skip_to(pos)
-        s.stream.skip_to(pos)
-        self.sec_times, self.th = [], 0
-
-    def _forget_uncompared(self, host: FlowHost) -> None:
-        """The primary ran far ahead of a silent secondary: compare on from ck_pos only.
-
-        Its bytes were released by the checkpoint; keeping them for a secondary
-        that may never send its copy would grow without bound.
-        """
-        p, s = self.pri, self.sec
-        host.count("tcp_bytes_left_uncompared_over_limit", self.ck_pos - p.stream.base)
-        p.stream.skip_to(self.ck_pos)
-        s.stream.skip_to(self.ck_pos)
-        self.skipping = False
-        self._trim_times(self.ck_pos)
-
-    def _reset_to_primary(self) -> None:
-        """The checkpoint made the secondary a copy of the primary (at ck_pos)."""
-        self.mode = MODE_COMPARE
-        self.diverged = self.skipping = self.close_div = False
-        self.sec_times, self.th = [], 0
-        self.space_ok = True
-        self.stash, self.stash_bytes = [], 0
-        p = self.pri
-        if p.isn < 0:
-            self.sec = TcpSide()
-            return
-        pos = self.ck_pos
-        p.stream.skip_to(pos)  # bytes since the checkpoint stay, to compare
-        s = self.sec
-        s.isn, s.peer_isn = p.isn, p.peer_isn
-        s.ack_max, s.high = self.ck_ack, pos
-        s.fin = p.fin if p.fin is not None and p.fin <= pos else None
-        s.rst = p.rst if p.rst is not None and p.rst <= pos else None
-        s.syn_opts = p.syn_opts
-        s.stream.reset(pos)
-        if p.syn_opts is not None:
-            self.hs_ok = True
-
-    def _continue(self, host: FlowHost, now: float) -> None:
-        """The secondary went on in its own state: compare on from where both are."""
-        self.diverged = False
-        if self.close_div:
-            self.mode = MODE_PASS  # the two connections closed differently: nothing to compare
-            host.count("tcp_flows_passed_after_close_divergence")
-            if self.queue:
-                run = self.queue[self.qh:]
-                self.queue, self.qh = [], 0
-                host.release_run(self, run)
-            return
-        self.mode = MODE_COMPARE
-        if self.pri.syn_opts is not None and self.sec.syn_opts is not None:
-            self.hs_ok = True  # a handshake difference was reported once
-        self.progress(host, now)
 
     def _pass_primary(self, host: FlowHost, rel: Rel) -> None:
         """Release a primary frame of a flow whose comparison ended (MODE_PASS)."""
