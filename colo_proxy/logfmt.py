@@ -26,9 +26,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str = "text", text_format: str = TEXT_FORMAT) -> None:
-    """Configure the root logger once, in text or JSON."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text_format))
+    """Configure the root logger in text or JSON, as logging.basicConfig would.
+
+    Like basicConfig, a root logger that already has handlers (an embedding
+    program, pytest's capture) keeps them; only the level is set.
+    """
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text_format))
+        root.addHandler(handler)
     root.setLevel(level.upper())

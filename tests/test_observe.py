@@ -71,3 +71,15 @@ def test_tap_sees_released_frames_and_checkpoints() -> None:
     tap.checkpoint_done(11.5)
     assert seen["ck"] == [0.5]
     assert tap.stats()["primary_frames"] == 1  # everything else is the real core's
+
+
+def test_json_log_lines() -> None:
+    import logging
+
+    from colo_proxy.logfmt import JsonFormatter
+
+    record = logging.LogRecord("colo_proxy.run", logging.WARNING, "x", 1, "divergence %s", ("a",),
+                               None)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["level"] == "warning" and line["message"] == "divergence a"
+    assert line["logger"] == "colo_proxy.run" and line["time"].endswith("Z")
