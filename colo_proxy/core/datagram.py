@@ -279,6 +279,7 @@ class DatagramFlow(HeldCounts):
         self.reported = None
         for entry in self.pri_order:
             if not entry.matched and entry.rel is not None:
+                host.waited(self, entry.time, 1)
                 host.release(self, entry.rel, entry.flen, 0)
                 content = entry.content
                 self.ghosts[content] = self.ghosts.get(content, 0) + 1

@@ -79,6 +79,10 @@ class FlowHost(Protocol):
 
     def release_unheld(self, rel: Rel) -> None: ...
 
+    def waited(self, flow: HeldCounts, since: float, frames: int) -> None:
+        """Output held since `since` goes out at a checkpoint (added latency)."""
+        ...
+
     def watch(self, flow: HeldCounts) -> None: ...
 
     def diverge(

@@ -46,8 +46,9 @@ class HoldLedger:
         """The proxy's current time (set by it), for the added latency of released runs."""
         self.latency_sum = 0.0
         self.latency_frames = 0
-        """Added latency of held TCP frames released, summed: each run counts at its
-        oldest frame's wait (an upper bound, one subtraction per run, not per frame)."""
+        """Added latency of output released by checkpoints, summed, and how many frames
+        (see waited): the wait that checkpoints add; output the secondary matched goes out
+        without it being measured here, to keep the compare path free of it."""
         self.class_latency = [[0.0, 0, 0.0] for _ in range(4)]
         """Per flow class (flows.CLASS_*): [latency sum, frames, max], as latency_sum."""
 
@@ -114,15 +115,6 @@ class HoldLedger:
             flen += e.flen
             payload += e.plen
         n = len(run)
-        if n:
-            wait = self.now - run[0].time
-            self.latency_sum += wait * n
-            self.latency_frames += n
-            per = self.class_latency[flow.klass]
-            per[0] += wait * n
-            per[1] += n
-            if wait > per[2]:
-                per[2] = wait
         flow.held_frames -= n
         flow.held_bytes -= flen
         if not flow.held_frames:
@@ -131,6 +123,17 @@ class HoldLedger:
         self.held_bytes -= flen
         self.released_frames += frames
         self.released_payload += payload
+
+    def waited(self, flow: HeldCounts, since: float, frames: int) -> None:
+        """Output of `flow` held since `since` goes out at a checkpoint (frames of it)."""
+        wait = self.now - since
+        self.latency_sum += wait * frames
+        self.latency_frames += frames
+        per = self.class_latency[flow.klass]
+        per[0] += wait * frames
+        per[1] += frames
+        if wait > per[2]:
+            per[2] = wait
 
     def take(self) -> list[tuple[bytes, int]]:
         out, self.released = self.released, []

@@ -114,6 +114,9 @@ class FlowPolicy:
 
     def classify(self, flow: HeldCounts) -> bool:
         """Set the flow's class and masks from the rules; True when a rule decided it."""
+        if not self.rules and not self.masks:  # the common case: nothing to match
+            self.counters["flows_compare"] += 1
+            return False
         key = flow.key
         klass = CLASS_COMPARE
         explicit = False
@@ -151,7 +154,7 @@ class FlowPolicy:
         klass = flow.klass
         if klass == CLASS_PASSTHROUGH:
             return MODE_PASSTHROUGH
-        if klass == CLASS_MC or vm_mc or self._cooling(flow.key, now):
+        if klass == CLASS_MC or vm_mc or (self.services and self._cooling(flow.key, now)):
             return MODE_MC
         return MODE_COMPARE
 

@@ -375,7 +375,7 @@ class Proxy:
         self.hold_all = False
         ledger = self.ledger
         self.vm.decide(now, self._side_frames[0], self.counters["frames_held_mc"],
-                       ledger.latency_sum, ledger.latency_frames)
+                       ledger.latency_sum, ledger.released_frames)
         self.table.evict_blocked = False
         grace = self.config.compare_timeout
         mode = self.config.secondary_after_checkpoint
@@ -452,10 +452,10 @@ class Proxy:
             "early_notices": self.counters["early_notices"],
             "dirty_rate": vm.dirty_rate,
             "services_cooling": self.flow_policy.cooling_services(self._now),
-            "mean_added_latency": (
-                ledger.latency_sum / ledger.latency_frames if ledger.latency_frames else 0.0
+            "mean_added_latency": (  # waits for checkpoints, over all released output
+                ledger.latency_sum / ledger.released_frames if ledger.released_frames else 0.0
             ),
-            "added_latency_by_class": {
+            "checkpoint_wait_by_class": {  # frames released by checkpoints, by class
                 CLASS_NAMES[k]: {"frames": int(n), "mean": total / n, "max": top}
                 for k, (total, n, top) in enumerate(ledger.class_latency) if n
             },
@@ -476,6 +476,10 @@ class Proxy:
     def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None:
         """A held unit may go to the client."""
         self.ledger.release(flow, rel, flen, payload)
+
+    def waited(self, flow: HeldCounts, since: float, frames: int) -> None:
+        """Output held since `since` goes out at a checkpoint (the added latency signal)."""
+        self.ledger.waited(flow, since, frames)
 
     def release_unheld(self, rel: Rel) -> None:
         """A primary unit that matched on arrival goes out without ever being held."""

@@ -98,6 +98,8 @@ def after_checkpoint(flow: TcpFlow, host: FlowHost, now: float, grace: float, mo
     if flow.queue:
         run = flow.queue[flow.qh:]
         flow.queue, flow.qh = [], 0
+        for e in run:
+            host.waited(flow, e.time, 1)
         host.release_run(flow, run)
     flow.q_ooo = False
     p, s = flow.pri, flow.sec
@@ -201,6 +203,8 @@ def continue_own(flow: TcpFlow, host: FlowHost, now: float) -> None:
         if flow.queue:
             run = flow.queue[flow.qh:]
             flow.queue, flow.qh = [], 0
+            for e in run:
+                host.waited(flow, e.time, 1)
             host.release_run(flow, run)
         return
     flow.mode = MODE_COMPARE
