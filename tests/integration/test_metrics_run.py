@@ -26,8 +26,9 @@ from tests.metrics_helpers import LISTED, by_name, free_port, moved, scrape
 pytestmark = [pytest.mark.integration, needs_qemu]
 scapy_all = pytest.importorskip("scapy.all")
 
-# Driven by this scenario; colo_mode (no MC switch without issue 11's policy) and
-# colo_disk_epoch (no disk agent here) are only checked to be present.
+# Driven by this scenario; colo_mode (no VM switch here) and colo_disk_epoch (no disk agent
+# here) are only checked to be present: test_qemu_policy.py scrapes colo_mode moving from colo
+# to mc, and test_qemu_run_disk.py colo_disk_epoch moving with the disk agent's epoch.
 MOVING = [m for m in LISTED if m not in ("colo_mode", "colo_disk_epoch")]
 
 
