@@ -369,6 +369,7 @@ class FailoverSupervisor(Supervisor):
             for dev in self.failover.secondary_chardevs:
                 await self._step(f"secondary: chardev-remove {dev}", sec, "chardev-remove",
                                  {"id": dev})
+            await self._check_virtio(sec)
         self.phase = Phase.PROMOTED
         held, self._takeover_hold = self._takeover_hold, []
         if held:
@@ -377,6 +378,34 @@ class FailoverSupervisor(Supervisor):
                     "output goes %s", self._clock() - t0,
                     "through colo-proxy (secondary_outdev)" if self.secondary_out is not None
                     else "out of its own netdev, around colo-proxy")
+
+    async def _check_virtio(self, sec: QmpDriver) -> None:
+        """Report a virtio device the new primary's QEMU left disabled.
+
+        A disabled device ignores its queues without a word: a QEMU without
+        tools/patches/0004 could keep a COLO secondary's NIC disabled after a
+        checkpoint, and the new primary then never sends anything.  Saying so
+        turns a silent outage into a reported one.
+        """
+        t = self._clock()
+        disabled: list[str] = []
+        error = None
+        try:
+            devices = await asyncio.wait_for(sec.execute("x-query-virtio"), STEP_TIMEOUT)
+            for dev in devices if isinstance(devices, list) else []:
+                status = await asyncio.wait_for(
+                    sec.execute("x-query-virtio-status", {"path": dev["path"]}), STEP_TIMEOUT)
+                if isinstance(status, dict) and status.get("disabled"):
+                    disabled.append(f"{dev.get('name')} {dev['path']}")
+        except (TimeoutError, QMPError, OSError, EOFError, KeyError, TypeError) as err:
+            error = str(err) or type(err).__name__
+        ok = error is None and not disabled
+        self.steps.append({"step": "secondary: virtio devices enabled", "ok": ok,
+                           "error": error or (f"disabled: {disabled}" if disabled else None),
+                           "result": disabled, "seconds": round(self._clock() - t, 4)})
+        if disabled:
+            log.error("the new primary's virtio devices %s are DISABLED: they will ignore "
+                      "their queues (QEMU without tools/patches/0004?)", disabled)
 
     async def _primary_alone(self) -> None:
         t0 = self._clock()

@@ -10,6 +10,7 @@ its QMP still does is what "QMP alive, network dead" looks like to colo-proxy.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,25 @@ class Guests:
         self.out_server.close()
 
 
+class FakeSecondary(FakePrimary):
+    """Also answers the virtio queries, with its NIC enabled or (old QEMU) disabled."""
+
+    def __init__(self, nic_disabled: bool) -> None:
+        super().__init__()
+        self.nic_disabled = nic_disabled
+
+    def answer(self, w: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+        cmd = msg["execute"]
+        if cmd not in ("x-query-virtio", "x-query-virtio-status"):
+            super().answer(w, msg)
+            return
+        self.commands.append((cmd, msg.get("arguments")))
+        ret: Any = [{"name": "virtio-net", "path": "/machine/peripheral/net0/virtio-backend"}]
+        if cmd == "x-query-virtio-status":
+            ret = {"name": "virtio-net", "disabled": self.nic_disabled}
+        w.write(json.dumps({"return": ret, "id": msg["id"]}).encode() + b"\r\n")
+
+
 def supervisor(d: Path) -> FailoverSupervisor:
     settings = RunSettings(
         primary_in=parse_endpoint(f"unix:{d}/pin,server"),
@@ -98,10 +118,13 @@ def supervisor(d: Path) -> FailoverSupervisor:
                               settings, failover)
 
 
-@pytest.mark.parametrize("dies", ["primary", "secondary"])
-def test_dead_data_path_with_live_qmp_fails_over(sockdir: Path, dies: str) -> None:
+@pytest.mark.parametrize(("dies", "nic_disabled"),
+                         [("primary", False), ("secondary", False), ("primary", True)])
+def test_dead_data_path_with_live_qmp_fails_over(
+    sockdir: Path, dies: str, nic_disabled: bool
+) -> None:
     async def main() -> tuple[dict[str, Any], FakePrimary, FakePrimary]:
-        pri_qmp, sec_qmp = FakePrimary(), FakePrimary()
+        pri_qmp, sec_qmp = FakePrimary(), FakeSecondary(nic_disabled)
         servers = [await asyncio.start_unix_server(pri_qmp.serve, f"{sockdir}/pqmp"),
                    await asyncio.start_unix_server(sec_qmp.serve, f"{sockdir}/sqmp")]
         guests = Guests(sockdir)
@@ -138,12 +161,16 @@ def test_dead_data_path_with_live_qmp_fails_over(sockdir: Path, dies: str) -> No
     assert [(x["peer"], x["via"]) for x in fo["losses"]] == [(dies, "data")]
     assert fo["heartbeats"][dies]["lost"] and fo["heartbeats"][dies]["data"]["lost"]
     steps = [s["step"] for s in fo["steps"]]
+    if nic_disabled:  # reported, not hidden: the new primary will not send anything
+        last = fo["steps"].pop()
+        assert last["step"] == "secondary: virtio devices enabled" and not last["ok"]
+        assert last["result"] == ["virtio-net /machine/peripheral/net0/virtio-backend"]
     assert all(s["ok"] for s in fo["steps"]), fo["steps"]
     sec_cmds = [c for c, _ in sec_qmp.commands if c != "query-status"]
     if dies == "primary":
         assert steps == ["primary: stop (fence)", "secondary: nbd-server-stop",
                          "secondary: x-colo-lost-heartbeat", "secondary: object-del f1",
-                         "secondary: chardev-remove red0"]
+                         "secondary: chardev-remove red0", "secondary: virtio devices enabled"]
         assert ("stop", None) in pri_qmp.commands
         # the redirector towards colo-proxy stays: the new primary's output comes through it
         assert ("object-del", {"id": "f2"}) not in sec_qmp.commands
