@@ -178,16 +178,21 @@ class Heartbeats:
         st.last_answer = now
 
     def failed(self, probe: Probe, now: float) -> Lost | None:
-        """``probe`` failed (error, closed connection, no answer in time)."""
+        """``probe`` failed (error, closed connection, no answer in time).
+
+        Only a probe still outstanding counts: the driver's own timeout and
+        :meth:`tick` both report the same silent probe, and it is one miss.
+        """
         st = self.state[probe]
         sent_at, st.sent_at = st.sent_at, None
+        if sent_at is None:
+            return None
         st.failures += 1
         if not st.armed or st.lost:
             return None
         if st.carrier is not None:
             carrier = self.state[st.carrier]
-            if carrier.last_answer is None or (sent_at is not None
-                                               and carrier.last_answer < sent_at):
+            if carrier.last_answer is None or carrier.last_answer < sent_at:
                 st.uncounted += 1  # it never got there: the carrier is silent too
                 return None
         st.misses += 1

@@ -49,6 +49,17 @@ def test_silent_peer_lost_after_misses_plus_one_periods() -> None:
     assert hb.state[PRI].misses == M
 
 
+def test_a_silent_probe_reported_twice_is_one_miss() -> None:
+    # the driver's own timeout and tick() both see the same unanswered probe
+    hb = Heartbeats((Peer.PRIMARY,), P, M)
+    hb.due(0.0)
+    hb.answered(PRI, 0.0)
+    hb.due(P)
+    assert hb.tick(2 * P) == []
+    assert hb.failed(PRI, 2 * P) is None
+    assert hb.state[PRI].misses == 1 and hb.state[PRI].failures == 1
+
+
 def test_never_answering_peer_is_not_armed_and_never_lost() -> None:
     hb = Heartbeats((Peer.DISK,), P, M)
     assert drive(hb, 10.0, {DISK: 0.0}) == []
