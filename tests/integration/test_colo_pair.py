@@ -133,6 +133,9 @@ def test_colo_loop_checkpoint_on_divergence() -> None:
         assert after["disk_link"]["agent_epoch"] > (before["disk_link"]["agent_epoch"] or 0)
         assert after["disk_link"]["released_epoch"] == after["disk_link"]["vm_epoch"]
         assert after["failover"]["phase"] == "protected" and not after["failover"]["losses"]
+        # the data-path probes went through both guests (hbin -> m0 -> each NIC and back)
+        beats = after["failover"]["heartbeats"]
+        assert beats["primary"]["data"]["armed"] and beats["secondary"]["data"]["armed"]
 
         figures = checkpoint_figures(p.events)
         print(f"\nCOLO pair: {pair.timings}; checkpoints {figures}; "
@@ -140,7 +143,8 @@ def test_colo_loop_checkpoint_on_divergence() -> None:
               f"/same median {1000 * statistics.median(d for _, d in same):.0f} ms; "
               f"/cgi-bin/diverge (two diverging lines) {1000 * div_s:.0f} ms; "
               f"requests sent {after['primary-qmp']['requests_sent']}, "
-              f"disk epochs acked {after['disk_link']['disk_epoch_acked']}")
+              f"disk epochs acked {after['disk_link']['disk_epoch_acked']}, data-path probe "
+              f"replies {after['supervisor']['data_probe_replies']}")
 
 
 def test_kill_primary_secondary_takes_over() -> None:
