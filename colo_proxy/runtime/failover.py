@@ -370,6 +370,10 @@ class FailoverSupervisor(Supervisor):
                 await self._step(f"secondary: chardev-remove {dev}", sec, "chardev-remove",
                                  {"id": dev})
             await self._check_virtio(sec)
+        if lost.via is Via.DATA and self.qmp is not None:
+            # a checkpoint the primary had under way when it was stopped ends in
+            # vm_start(); none can complete now that the secondary left COLO
+            await self._step("primary: stop (fence, COLO over)", self.qmp, "stop")
         self.phase = Phase.PROMOTED
         held, self._takeover_hold = self._takeover_hold, []
         if held:
