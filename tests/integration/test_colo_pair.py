@@ -200,7 +200,8 @@ def test_primary_network_dead_qmp_alive() -> None:
         st, fo = failover_state(pair, "promoted", "primary")
         assert fo["losses"][0]["via"] == "data"  # its QMP answered all along
         steps = check_takeover(fo)
-        assert steps["primary: stop (fence)"]["ok"] and steps["primary: stop (fence, COLO over)"]["ok"]
+        for fence in ("primary: stop (fence)", "primary: stop (fence, COLO over)"):
+            assert steps[fence]["ok"], steps[fence]
         assert pair.mons["primary"].cmd("query-status")["running"] is False
         assert pair.mons["secondary"].cmd("query-status")["status"] == "running"
         served_through_proxy(pair, st)
