@@ -92,6 +92,9 @@ STEP_TIMEOUT = 30.0
 TAKEOVER_HOLD_FRAMES = 4096
 """New-primary frames kept while the takeover runs; more are dropped (and counted)."""
 
+MUTE_AFTER_ANSWERS = 10
+"""Primary data-path answers after which a silent secondary is reported as mute."""
+
 VNET_HDR_LEN = 12
 """virtio-net header put before an injected probe when records carry vnet headers."""
 
@@ -146,6 +149,7 @@ class FailoverSupervisor(Supervisor):
             "data_probe_replies_stale": 0,
         })  # fmt: skip
         self._probe_seq = 0
+        self.mute_secondary = False
         self._takeover_hold: list[Frame] = []
         self._hb_task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
@@ -205,6 +209,7 @@ class FailoverSupervisor(Supervisor):
             "losses": list(self.losses),
             "steps": list(self.steps),
             "heartbeats": self.heartbeats.report(),
+            "secondary_data_path_mute": self.mute_secondary,
         }
         return out
 
@@ -264,6 +269,7 @@ class FailoverSupervisor(Supervisor):
             now = self._clock()
             for lost in self.heartbeats.tick(now):
                 self._lost(lost)
+            self._watch_mute_secondary()
             for probe in self.heartbeats.due(now):
                 if probe.via is Via.DATA:
                     if probe.peer is Peer.PRIMARY:
@@ -276,6 +282,24 @@ class FailoverSupervisor(Supervisor):
             if deadline is None:
                 return
             await asyncio.sleep(max(0.01, deadline - self._clock()))
+
+    def _watch_mute_secondary(self) -> None:
+        """Say once if the secondary's guest never answers probes the primary's answers.
+
+        Such a secondary never armed its data path, so it can never be *lost* on
+        it; but a failover to it would leave a primary that sends nothing (a
+        disabled NIC: see tools/patches/0004).  Better known before.
+        """
+        state = self.heartbeats.state
+        pri, sec = Probe(Peer.PRIMARY, Via.DATA), Probe(Peer.SECONDARY, Via.DATA)
+        if (self.mute_secondary or pri not in state or state[sec].answers
+                or state[pri].answers < MUTE_AFTER_ANSWERS or self.phase is not Phase.PROTECTED):
+            return
+        self.mute_secondary = True
+        log.error("the secondary's guest answered none of the %d data-path probes the "
+                  "primary's answered: its network is dead (a disabled NIC?), and a "
+                  "failover to it would leave a primary that sends nothing",
+                  state[pri].answers)
 
     async def _probe(self, probe: Probe, driver: QmpDriver) -> None:
         try:

@@ -181,3 +181,29 @@ def test_dead_data_path_with_live_qmp_fails_over(
         assert steps == ["primary: x-colo-lost-heartbeat", "primary: object-del m0"]
         assert "x-colo-lost-heartbeat" not in sec_cmds
     assert report["supervisor"]["data_probe_replies"] > 0
+
+
+def test_a_secondary_that_never_answers_the_data_path_is_reported(
+    sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> dict[str, Any]:
+        pri_qmp, sec_qmp = FakePrimary(), FakeSecondary(False)
+        servers = [await asyncio.start_unix_server(pri_qmp.serve, f"{sockdir}/pqmp"),
+                   await asyncio.start_unix_server(sec_qmp.serve, f"{sockdir}/sqmp")]
+        guests = Guests(sockdir)
+        guests.alive["secondary"] = False  # a mute NIC from the start: never armed
+        sup = supervisor(sockdir)
+        await sup.start()
+        await guests.start()
+        await until(lambda: sup.mute_secondary, "the mute secondary reported")
+        report = await sup.shutdown()
+        guests.close()
+        for server in servers:
+            server.close()
+        return report
+
+    report = asyncio.run(main())
+    fo = report["failover"]
+    assert fo["secondary_data_path_mute"] is True and fo["phase"] == "protected"
+    assert not fo["losses"]  # never armed, so never lost: reported instead
+    assert "a failover to it would leave a primary that sends nothing" in caplog.text
