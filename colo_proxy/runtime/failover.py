@@ -28,7 +28,9 @@ When the core of that module declares a peer lost,
   drains its write-out buffers and discards speculation
   (``colo-disk-failover``); on the secondary ``nbd-server-stop``,
   ``x-colo-lost-heartbeat``, then ``object-del`` of the redirector that fed
-  it the primary's input and ``chardev-remove`` of its chardev.  With
+  it the primary's input and ``chardev-remove`` of its chardev.  QEMU's
+  failover turns every filter of the secondary off; the ones on the output
+  path through colo-proxy (``f2`` and ``f3``) are turned back on.  With
   ``--secondary-outdev`` (a chardev feeding a ``filter-redirector`` on the
   secondary's output, ahead of its other filters), the new primary's output
   keeps coming to colo-proxy on ``secondary_in`` and goes out through that
@@ -112,6 +114,7 @@ class FailoverSettings:
     heartbeat_dev: Endpoint | None = None
     guest_ip: bytes | None = None
     secondary_outdev: Endpoint | None = None
+    secondary_output_filters: tuple[str, ...] = ("f2", "f3")
 
 
 class FailoverSupervisor(Supervisor):
@@ -388,6 +391,14 @@ class FailoverSupervisor(Supervisor):
         if sec is not None:
             await self._step("secondary: nbd-server-stop", sec, "nbd-server-stop")
             await self._step("secondary: x-colo-lost-heartbeat", sec, "x-colo-lost-heartbeat")
+            if self.secondary_out is not None:
+                # QEMU's failover turns every filter of the secondary off (the default
+                # COLO_EVENT_FAILOVER handler); the output path through colo-proxy is
+                # ours to keep, so back on (frames of the few ms between go out directly)
+                for obj in self.failover.secondary_output_filters:
+                    await self._step(f"secondary: {obj} status on", sec, "qom-set",
+                                     {"path": f"/objects/{obj}", "property": "status",
+                                      "value": "on"})
             for obj in self.failover.secondary_objects:
                 await self._step(f"secondary: object-del {obj}", sec, "object-del", {"id": obj})
             for dev in self.failover.secondary_chardevs:

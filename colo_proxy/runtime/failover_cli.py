@@ -21,6 +21,7 @@ FAILOVER_KEYS: dict[str, tuple[type, Any]] = {
     "heartbeat_dev": (str, None),
     "heartbeat_guest_ip": (str, None),
     "secondary_outdev": (str, None),
+    "failover_secondary_output_filters": (str, "f2,f3"),
 }
 """key -> (type, default), merged into `run`'s keys ([run] table in TOML)."""
 
@@ -49,6 +50,9 @@ def add_failover_flags(p: argparse.ArgumentParser) -> None:
                    help="chardev of a filter-redirector (queue=rx, indev) at the head of the "
                         "secondary's filters: after a takeover its output goes out there, "
                         "through colo-proxy")
+    g.add_argument("--failover-secondary-output-filters", default=None, metavar="IDS",
+                   help="with --secondary-outdev: the secondary's filters on that path, turned "
+                        "back on after QEMU's failover turned them off (f2,f3)")
     g.add_argument("--failover-secondary-objects", default=None, metavar="IDS",
                    help="the secondary's redirectors to object-del at takeover "
                         "(f1 with --secondary-outdev, else f2,f1)")
@@ -75,7 +79,8 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
     # with --secondary-outdev the output path (f2 -> colo-proxy -> its outdev) stays
     out = values.get("secondary_outdev") or None
     defaults = {"failover_secondary_objects": "f1" if out else "f2,f1",
-                "failover_secondary_chardevs": "red0" if out else "red1,red0"}
+                "failover_secondary_chardevs": "red0" if out else "red1,red0",
+                "failover_secondary_output_filters": "f2,f3"}
 
     def ids(key: str) -> tuple[str, ...]:
         value = values.get(key)
@@ -106,4 +111,5 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
         heartbeat_dev=endpoints.get("heartbeat_dev"),
         guest_ip=guest_ip,
         secondary_outdev=endpoints.get("secondary_outdev"),
+        secondary_output_filters=ids("failover_secondary_output_filters"),
     )

@@ -169,10 +169,13 @@ def test_dead_data_path_with_live_qmp_fails_over(
     sec_cmds = [c for c, _ in sec_qmp.commands if c != "query-status"]
     if dies == "primary":
         assert steps == ["primary: stop (fence)", "secondary: nbd-server-stop",
-                         "secondary: x-colo-lost-heartbeat", "secondary: object-del f1",
+                         "secondary: x-colo-lost-heartbeat", "secondary: f2 status on",
+                         "secondary: f3 status on", "secondary: object-del f1",
                          "secondary: chardev-remove red0", "secondary: virtio devices enabled",
                          "primary: stop (fence, COLO over)"]
         assert ("stop", None) in pri_qmp.commands
+        assert ("qom-set", {"path": "/objects/f2", "property": "status", "value": "on"}) \
+            in sec_qmp.commands
         # the redirector towards colo-proxy stays: the new primary's output comes through it
         assert ("object-del", {"id": "f2"}) not in sec_qmp.commands
         assert report["supervisor"]["failover_secondary_passed"] >= 4

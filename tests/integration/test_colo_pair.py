@@ -177,7 +177,9 @@ def check_takeover(fo: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The takeover's steps by name; the ones that matter succeeded, the output path stayed."""
     steps = {step["step"]: step for step in fo["steps"]}
     for name in ("disk agent: colo-disk-failover", "secondary: x-colo-lost-heartbeat",
-                 "secondary: object-del f1", "secondary: chardev-remove red0"):
+                 "secondary: f2 status on", "secondary: f3 status on",
+                 "secondary: object-del f1", "secondary: chardev-remove red0",
+                 "secondary: virtio devices enabled"):
         assert steps[name]["ok"], steps[name]
     # f2 (guest output -> colo-proxy) stays: the new primary is served through colo-proxy
     assert "secondary: object-del f2" not in steps
