@@ -97,6 +97,11 @@ TAKEOVER_HOLD_FRAMES = 4096
 MUTE_AFTER_ANSWERS = 10
 """Primary data-path answers after which a silent secondary is reported as mute."""
 
+NBD_GREETING = b"NBDMAGIC" + b"IHAVEOPT"
+"""What a newstyle NBD server sends first."""
+NBD_ABORT = (1).to_bytes(4, "big") + b"IHAVEOPT" + (2).to_bytes(4, "big") + bytes(4)
+"""Client flags (fixed newstyle), then option NBD_OPT_ABORT with no data."""
+
 VNET_HDR_LEN = 12
 """virtio-net header put before an injected probe when records carry vnet headers."""
 
@@ -115,6 +120,8 @@ class FailoverSettings:
     guest_ip: bytes | None = None
     secondary_outdev: Endpoint | None = None
     secondary_output_filters: tuple[str, ...] = ("f2", "f3")
+    disk_nbd: Endpoint | None = None
+    """The disk agent's NBD endpoint: its data path, probed with an NBD greeting."""
 
 
 class FailoverSupervisor(Supervisor):
@@ -136,8 +143,11 @@ class FailoverSupervisor(Supervisor):
             self.heartbeat_dev = RecordChannel("heartbeat_dev", failover.heartbeat_dev,
                                                settings.vnet_hdr, None, 1024 * 1024)
             data = (Peer.PRIMARY, Peer.SECONDARY)
+        if failover.disk_nbd is not None and self.disk_link is not None:
+            data = (*data, Peer.DISK)
+        carriers = {Peer.SECONDARY: Peer.PRIMARY} if Peer.SECONDARY in data else {}
         self.heartbeats = Heartbeats(tuple(peers), failover.period, failover.misses, data=data,
-                                     carriers={Peer.SECONDARY: Peer.PRIMARY} if data else {})
+                                     carriers=carriers)
         self.secondary_out: RecordChannel | None = None
         if failover.secondary_outdev is not None:
             self.secondary_out = RecordChannel("secondary_outdev", failover.secondary_outdev,
@@ -274,11 +284,14 @@ class FailoverSupervisor(Supervisor):
                 self._lost(lost)
             self._watch_mute_secondary()
             for probe in self.heartbeats.due(now):
-                if probe.via is Via.DATA:
+                if probe.via is Via.DATA and probe.peer is not Peer.DISK:
                     if probe.peer is Peer.PRIMARY:
                         self._send_data_probe()
                     continue  # the secondary's comes through the primary's filter-mirror
-                task = asyncio.create_task(self._probe(probe, drivers[probe.peer]))
+                if probe.via is Via.DATA:
+                    task = asyncio.create_task(self._nbd_probe(probe))
+                else:
+                    task = asyncio.create_task(self._probe(probe, drivers[probe.peer]))
                 self._probes.add(task)
                 task.add_done_callback(self._probes.discard)
             deadline = self.heartbeats.next_deadline()
@@ -312,6 +325,35 @@ class FailoverSupervisor(Supervisor):
             if lost is not None:
                 self._lost(lost)
             return
+        self.heartbeats.answered(probe, self._clock())
+
+    async def _nbd_probe(self, probe: Probe) -> None:
+        """The disk agent's data path: its NBD server must greet (NBDMAGIC, IHAVEOPT).
+
+        The client then asks NBD_OPT_ABORT and closes, as qemu-nbd's own probes do.
+        """
+        assert self.failover.disk_nbd is not None
+        address = self.failover.disk_nbd.qmp_address()
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.failover.period):
+                if isinstance(address, str):
+                    reader, writer = await asyncio.open_unix_connection(address)
+                else:
+                    reader, writer = await asyncio.open_connection(*address)
+                greeting = await reader.readexactly(18)
+                if greeting[:16] != NBD_GREETING:
+                    raise OSError(f"not an NBD greeting: {greeting[:16]!r}")
+                writer.write(NBD_ABORT)
+                await writer.drain()
+        except (TimeoutError, OSError, EOFError, asyncio.IncompleteReadError):
+            lost = self.heartbeats.failed(probe, self._clock())
+            if lost is not None:
+                self._lost(lost)
+            return
+        finally:
+            if writer is not None:
+                writer.close()
         self.heartbeats.answered(probe, self._clock())
 
     def _send_data_probe(self) -> None:

@@ -20,6 +20,7 @@ FAILOVER_KEYS: dict[str, tuple[type, Any]] = {
     "failover_mirror_job": (str, None),
     "heartbeat_dev": (str, None),
     "heartbeat_guest_ip": (str, None),
+    "heartbeat_disk_nbd": (str, None),
     "secondary_outdev": (str, None),
     "failover_secondary_output_filters": (str, "f2,f3"),
 }
@@ -46,6 +47,9 @@ def add_failover_flags(p: argparse.ArgumentParser) -> None:
                         "netdev, ahead of its filter-mirror: data-path probes go in there")
     g.add_argument("--heartbeat-guest-ip", default=None, metavar="IPV4",
                    help="the guest's address the data-path ARP probes ask for")
+    g.add_argument("--heartbeat-disk-nbd", default=None, metavar="ENDPOINT",
+                   help="the disk agent's NBD endpoint: its data path is probed too (an NBD "
+                        "greeting, then NBD_OPT_ABORT), besides its QMP (needs --disk-qmp)")
     g.add_argument("--secondary-outdev", default=None, metavar="ENDPOINT",
                    help="chardev of a filter-redirector (queue=rx, indev) at the head of the "
                         "secondary's filters: after a takeover its output goes out there, "
@@ -95,7 +99,8 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
             guest_ip = ipaddress.IPv4Address(guest).packed
         except ValueError as err:
             raise ConfigError(f"heartbeat_guest_ip: {err}") from None
-    endpoints = {k: parse_endpoint(v) for k in ("heartbeat_dev", "secondary_outdev")
+    endpoints = {k: parse_endpoint(v) for k in ("heartbeat_dev", "secondary_outdev",
+                                                "heartbeat_disk_nbd")
                  if (v := values.get(k))}
     for key, ep in endpoints.items():
         if ep.remote_listener() and not values.get("listen_remote"):
@@ -109,6 +114,7 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
         primary_objects=ids("failover_primary_objects"),
         mirror_job=values.get("failover_mirror_job") or None,
         heartbeat_dev=endpoints.get("heartbeat_dev"),
+        disk_nbd=endpoints.get("heartbeat_disk_nbd"),
         guest_ip=guest_ip,
         secondary_outdev=endpoints.get("secondary_outdev"),
         secondary_output_filters=ids("failover_secondary_output_filters"),
