@@ -192,7 +192,7 @@ def veth() -> Iterator[Veth]:
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces and packet sockets")
     tag = secrets.token_hex(3)
-    v = Veth(f"br12a-{tag}", f"br12a{tag}h", f"br12a{tag}p")
+    v = Veth(f"b12a-{tag}", f"b12a{tag}h", f"b12a{tag}p")
     try:
         _sh("ip", "netns", "add", v.ns)
         _sh("ip", "netns", "exec", v.ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",

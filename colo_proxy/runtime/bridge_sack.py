@@ -1,0 +1,304 @@
+"""SACK the secondary's own holes, so frames its ring dropped come back by fast retransmit.
+
+Why: the client only ever acknowledges what the proxy released, and the
+primary's bytes past a hole in the secondary's stream are held until the
+secondary fills it.  So when the secondary's receive ring drops a frame, the
+client's ACK stops at the hole and no duplicate ACK or SACK ever tells the
+secondary what is missing: it resends one segment per retransmission timeout
+(0.2, 0.4, 0.8 s...), past ``compare_timeout``, and the flow stalls.  A real
+receiver would SACK what arrived past the hole; :class:`HoleSacker` does that
+for the client, toward the secondary only.
+
+Per secondary flow it follows the data the proxy received: ``contig``, where
+contiguous data ends, and the ranges received past a hole.  For each batch in
+which a flow has a hole, it sends the secondary one ACK built from the client's
+latest frame of that flow as the rewriter translated it (the client's
+addresses, sequence number, window and timestamps, the ACK number in the
+secondary's space) with SACK blocks for the ranges received past the hole.
+The secondary marks the hole lost and resends it at once (RACK, or three
+segments SACKed).  The client's own ACKs move ``contig`` on: what the client
+acknowledged the secondary sent, or the primary's copy would still be held.
+
+Only untagged IPv4 without IP options is followed (the bridge lab and
+QEMU's taps); other flows recover as before, by timeout.  Both tables are
+caches, bounded and simply cleared when full: losing an entry costs at most
+a late nudge.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+from colo_proxy.core.checksum import complete_checksum, ones_sum
+from colo_proxy.core.framing import Frame
+from colo_proxy.core.seq import MASK32, seq_diff
+
+_HEAD: Final = struct.Struct("!12xHBxHxxHxB2x12sIIBB")
+"""etype, version/IHL, IP total length, fragment field, protocol, addresses and
+ports (the flow key), seq, ack, TCP data offset, flags of an untagged IPv4 frame."""
+_BLOCK: Final = struct.Struct("!II")
+_IPV4: Final = 0x0800
+_TCP: Final = 6
+_FIN: Final = 0x01
+_SYN: Final = 0x02
+_RST: Final = 0x04
+_ACK: Final = 0x10
+_OPT_NOP: Final = 1
+_OPT_SACK: Final = 5
+_OPT_TS: Final = 8
+_TS_AT_54: Final = b"\x01\x01\x08\x0a"
+"""NOP, NOP, timestamp: where Linux puts it, first in the options."""
+MAX_BLOCKS: Final = 3
+"""SACK blocks that fit beside a timestamp option in 40 bytes of options."""
+
+
+class _Stream:
+    """The secondary's data on one flow as the proxy received it (unwrapped offsets)."""
+
+    __slots__ = ("contig", "ranges")
+
+    def __init__(self, contig: int) -> None:
+        self.contig = contig
+        """End of the data received without a gap (a 64-bit sequence number)."""
+        self.ranges: list[list[int]] = []
+        """Received [start, end) past ``contig``, sorted and disjoint: non-empty means a hole."""
+
+    def add(self, start: int, end: int) -> None:
+        """Data [start, end) arrived; merge it and move ``contig`` over what is now whole."""
+        if not self.ranges:
+            if start <= self.contig:
+                if end > self.contig:
+                    self.contig = end
+                return
+            self.ranges.append([start, end])
+            return
+        ranges = self.ranges
+        merged: list[list[int]] = []
+        placed = False
+        for r in ranges:
+            if r[1] < start:
+                merged.append(r)
+            elif end < r[0]:
+                if not placed:
+                    merged.append([start, end])
+                    placed = True
+                merged.append(r)
+            else:
+                start, end = min(start, r[0]), max(end, r[1])
+        if not placed:
+            merged.append([start, end])
+        merged.sort()
+        while merged and merged[0][0] <= self.contig:
+            self.contig = max(self.contig, merged.pop(0)[1])
+        self.ranges = merged
+
+    def acked(self, upto: int) -> None:
+        """The client acknowledged up to ``upto``: the secondary's data below it is whole."""
+        if upto > self.contig:
+            self.contig = upto
+            ranges = self.ranges
+            while ranges and ranges[0][0] <= upto:
+                self.contig = max(self.contig, ranges.pop(0)[1])
+
+
+def _unwrap(seq: int, near: int) -> int:
+    return near + seq_diff(seq, near & MASK32)
+
+
+class HoleSacker:
+    """Finds holes in the secondary's streams and builds the ACKs that SACK past them."""
+
+    def __init__(self, max_flows: int = 65536) -> None:
+        self.max_flows = max_flows
+        self._streams: dict[bytes, _Stream] = {}
+        self._templates: dict[bytes, bytes] = {}
+        self._released: dict[bytes, bytes] = {}
+        self._tsval: dict[bytes, int] = {}
+        self.counters = {"sack_holes_seen": 0, "sack_nudges_sent": 0, "sack_no_template": 0,
+                         "client_probes_sent": 0, "tsval_raised": 0}
+
+    def client_frames(self, frames: Sequence[Frame]) -> None:
+        """Remember the client's latest frame per flow, as translated for the secondary."""
+        templates = self._templates
+        for data, _ in frames:
+            if (len(data) >= 54 and data[23] == _TCP and data[14] == 0x45
+                    and data[12:14] == b"\x08\x00"):
+                if len(templates) >= self.max_flows:
+                    templates.clear()
+                templates[data[26:38]] = data
+
+    def released(self, frames: list[Frame]) -> list[Frame]:
+        """Frames the core released, their timestamps made monotonic per flow; remembered.
+
+        Why: a frame released after a hole filled may carry an older TSval
+        than frames released before it (the guest resent the hole's segments
+        later than it first sent what came after).  The client's PAWS check
+        drops such a frame, and the guest then has to resend it again.  So a
+        TSval below the flow's highest released one is raised to it (checksum
+        updated): that only shortens one RTT sample of the guest's.  The
+        latest data frame per flow is kept for the client probes (see
+        :meth:`guest_frames`).
+        """
+        store, highest = self._released, self._tsval
+        out = frames
+        for i, (data, offset) in enumerate(frames):
+            if (offset or len(data) < 66 or data[23] != _TCP or data[14] != 0x45
+                    or data[12:14] != b"\x08\x00"):
+                continue
+            key = data[26:38]
+            if data[54:58] == _TS_AT_54:
+                tsval = int.from_bytes(data[58:62], "big")
+                top = highest.get(key)
+                if top is None or seq_diff(tsval, top) > 0:
+                    if top is None and len(highest) >= self.max_flows:
+                        highest.clear()
+                    highest[key] = tsval
+                elif tsval != top:
+                    data = _with_tsval(data, tsval, top)
+                    if out is frames:
+                        out = list(frames)
+                    out[i] = (data, 0)
+                    self.counters["tsval_raised"] += 1
+            if len(data) > 66 and not data[47] & (_SYN | _RST | _FIN):
+                if len(store) >= self.max_flows:
+                    store.clear()
+                store[key] = data
+        return out
+
+    def guest_frames(self, frames: Sequence[Frame]) -> tuple[list[Frame], list[Frame]]:
+        """Follow the guest's data: (SACK ACKs for the guest, probes for the client).
+
+        A probe answers a segment the proxy already had: the guest resends
+        because the client's ACK never reached it (the client ring dropped
+        it), and the client, idle, sends no other.  Re-sending the client the
+        latest data frame it was released makes it answer at once with its
+        current ACK (a duplicate ACK), which reaches the guest as usual.
+        """
+        streams, unpack = self._streams, _HEAD.unpack_from
+        holed: dict[bytes, _Stream] | None = None
+        probes: dict[bytes, bytes] | None = None
+        for data, _ in frames:
+            if len(data) < 54:
+                continue
+            etype, vihl, total, frag, proto, key, seq, _ack, doff, flags = unpack(data)
+            if etype != _IPV4 or vihl != 0x45 or proto != _TCP or frag & 0x3FFF:
+                continue
+            if flags & (_SYN | _RST):
+                if flags & _RST:
+                    streams.pop(key, None)
+                else:
+                    if len(streams) >= self.max_flows:
+                        streams.clear()
+                    streams[key] = _Stream(seq + 1)
+                continue
+            size = total - 20 - (doff >> 4) * 4 + (flags & _FIN)
+            if size <= 0:
+                continue
+            stream = streams.get(key)
+            if stream is None:  # picked up mid-stream: from here on
+                if len(streams) >= self.max_flows:
+                    streams.clear()
+                streams[key] = _Stream(seq + size)
+                continue
+            start = _unwrap(seq, stream.contig)
+            if start + size <= stream.contig:  # all of it seen before: a lost client ACK?
+                if key in self._released:
+                    if probes is None:
+                        probes = {}
+                    probes[key] = self._released[key]
+                if not stream.ranges:
+                    continue
+            elif not stream.ranges and start <= stream.contig:
+                stream.contig = start + size  # the common case: in order
+                continue
+            if not stream.ranges:
+                self.counters["sack_holes_seen"] += 1
+            stream.add(start, start + size)
+            if stream.ranges:
+                if holed is None:
+                    holed = {}
+                holed[key] = stream
+        out: list[Frame] = []
+        for key, stream in (holed or {}).items():
+            nudge = self._nudge(key, stream)
+            if nudge is not None:
+                out.append((nudge, 0))
+        if probes is None:
+            return out, []
+        self.counters["client_probes_sent"] += len(probes)
+        return out, [(frame, 0) for frame in probes.values()]
+
+    def _nudge(self, key: bytes, stream: _Stream) -> bytes | None:
+        """An ACK from the client's latest frame with SACK blocks past the hole (or None)."""
+        client_key = key[4:8] + key[0:4] + key[10:12] + key[8:10]
+        template = self._templates.get(client_key)
+        if template is None:
+            self.counters["sack_no_template"] += 1
+            return None
+        _e, _v, total, _f, _p, _k, seq, ack, doff, flags = _HEAD.unpack_from(template)
+        if not flags & _ACK or flags & (_SYN | _RST | _FIN):
+            return None
+        stream.acked(_unwrap(ack, stream.contig))
+        ranges = stream.ranges
+        if not ranges:
+            return None
+        if len(ranges) > MAX_BLOCKS:
+            ranges = ranges[: MAX_BLOCKS - 1] + ranges[-1:]
+        hdr = (doff >> 4) * 4
+        ts = _timestamp(template, 54, 34 + hdr)
+        options = (b"\x01\x01" + ts if ts else b"") + bytes(
+            (_OPT_NOP, _OPT_NOP, _OPT_SACK, 2 + 8 * len(ranges))
+        ) + b"".join(_BLOCK.pack(s & MASK32, e & MASK32) for s, e in ranges)
+        seq = (seq + total - 20 - hdr) & MASK32  # after the template's data: the next byte
+        tcp = (template[34:38] + seq.to_bytes(4, "big") + template[42:46]
+               + bytes((((20 + len(options)) // 4) << 4, _ACK)) + template[48:50]
+               + b"\0\0\0\0" + options)
+        ip = bytearray(template[14:34])
+        ip[2:4] = (20 + len(tcp)).to_bytes(2, "big")
+        ip[10:12] = b"\0\0"
+        ip[10:12] = (0xFFFF - ones_sum(ip)).to_bytes(2, "big")
+        frame = complete_checksum(template[:14] + bytes(ip) + tcp)
+        if not isinstance(frame, bytes):
+            return None
+        self.counters["sack_nudges_sent"] += 1
+        return frame
+
+    def forget(self) -> None:
+        """A checkpoint: the secondary now has the primary's TCP state; start again."""
+        self._streams.clear()
+        self._templates.clear()
+        self._released.clear()
+        self._tsval.clear()
+
+    def stats(self) -> dict[str, int]:
+        return {"flows": len(self._streams), **self.counters}
+
+
+def _timestamp(frame: bytes, start: int, end: int) -> bytes:
+    """The timestamp option (10 bytes) in frame[start:end], or b"" when absent or unreadable."""
+    i = start
+    while i < end:
+        kind = frame[i]
+        if kind == 0:
+            break
+        if kind == _OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= end or frame[i + 1] < 2:
+            break
+        if kind == _OPT_TS and frame[i + 1] == 10 and i + 10 <= end:
+            return frame[i : i + 10]
+        i += frame[i + 1]
+    return b""
+
+
+def _with_tsval(frame: bytes, old: int, new: int) -> bytes:
+    """``frame`` with the TSval at byte 58 set to ``new`` and its TCP checksum updated."""
+    buf = bytearray(frame)
+    buf[58:62] = new.to_bytes(4, "big")
+    csum = int.from_bytes(frame[50:52], "big")
+    folded = ((csum ^ 0xFFFF) + (new - old)) % 0xFFFF  # RFC 1624, 2**16 == 1 mod 0xFFFF
+    buf[50:52] = (0xFFFF - (folded or 0xFFFF)).to_bytes(2, "big")
+    return bytes(buf)
