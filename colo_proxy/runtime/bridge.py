@@ -136,6 +136,7 @@ class Bridge(CoreHost):
         self.rewriter = SecondaryRewriter(config.max_flows, config.flow_idle_timeout)
         self.sack_primary = HoleSacker(config.max_flows)
         self.sack_secondary = HoleSacker(config.max_flows)
+        self._drops = 0
         self.counters["rewriter_errors"] = 0
         self.counters["secondary_neighbour_requests"] = 0
         ring, buf = settings.ring, settings.output_buffer
@@ -226,7 +227,7 @@ class Bridge(CoreHost):
             self._forward_in_kernel()  # a re-created interface lost its filter (or target)
 
     def _send_released(self, frames: list[Frame]) -> None:
-        self.client.send(self.sack_secondary.released(frames))
+        self.client.send(self.sack_secondary.released(frames, self._clock()))
 
     def _port_stats(self) -> dict[str, object]:
         out: dict[str, object] = {port.name: port.counters() for port in self.ports}
@@ -257,7 +258,17 @@ class Bridge(CoreHost):
 
         return on_frames
 
+    def _ring_losses(self) -> None:
+        """A ring dropped frames: the sackers follow every flow for a while (bridge_sack)."""
+        drops = sum(port.stats.ring_drops for port in self.ports)
+        if drops != self._drops:
+            self._drops = drops
+            now = self._clock()
+            self.sack_primary.activate(now)
+            self.sack_secondary.activate(now)
+
     def _from_client(self, frames: list[Frame]) -> None:
+        self._ring_losses()
         now = self._clock()
         self._feed(Side.CLIENT, frames)
         self.sack_primary.client_frames(frames)
@@ -294,21 +305,24 @@ class Bridge(CoreHost):
 
     def _from_primary(self, frames: list[Frame]) -> None:
         self._client_first()
+        self._ring_losses()
+        now = self._clock()
         self._observe(self.rewriter.observe_primary, frames)
-        nudges, _ = self.sack_primary.guest_frames(frames)  # it gets every client ACK (tc)
+        nudges, _ = self.sack_primary.guest_frames(frames, now)  # it gets every client ACK
         if nudges:  # frames lost before us: the primary resends them at once (bridge_sack)
             self.primary.send(nudges)
         self._feed(Side.PRIMARY, frames)
 
     def _from_secondary(self, frames: list[Frame]) -> None:
         self._client_first()
+        self._ring_losses()
         self._observe(self.rewriter.observe_secondary, frames)
         if self.passthrough_reason is None:
             asks = [f for f in frames if f[0][12:14] != IPV4 and neighbour_request(f[0])]
             if asks:  # the secondary must resolve its neighbours too (see the module's doc)
                 self.counters["secondary_neighbour_requests"] += len(asks)
                 self.client.send(asks)
-        nudges, probes = self.sack_secondary.guest_frames(frames)
+        nudges, probes = self.sack_secondary.guest_frames(frames, self._clock())
         if nudges:  # frames lost before us: the secondary resends them at once (bridge_sack)
             self.secondary.send(nudges)
         if probes:  # the secondary missed the client's ACK: the client repeats it

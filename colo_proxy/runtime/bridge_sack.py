@@ -19,6 +19,15 @@ The secondary marks the hole lost and resends it at once (RACK, or three
 segments SACKed).  The client's own ACKs move ``contig`` on: what the client
 acknowledged the secondary sent, or the primary's copy would still be held.
 
+All this costs per-frame work, and holes come from drops only: the sacker
+is idle (each call returns at once) until the bridge tells it that a ring
+dropped frames (:meth:`HoleSacker.activate`), and goes idle again
+``ACTIVE_FOR`` seconds after the last drop once no flow has a hole.  Tracking
+starts at the client's latest ACK of each flow (the client batches of the
+last moments are kept by reference for that), so the hole the drop made is
+seen: data between that ACK and the first frame after the drop counts as
+missing, and a guest may resend some of it needlessly.
+
 Only untagged IPv4 without IP options is followed (the bridge lab and
 QEMU's taps); other flows recover as before, by timeout.  Both tables are
 caches, bounded and simply cleared when full: losing an entry costs at most
@@ -28,16 +37,20 @@ a late nudge.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
 from colo_proxy.core.checksum import complete_checksum, ones_sum
 from colo_proxy.core.framing import Frame
-from colo_proxy.core.seq import MASK32, seq_diff
+from colo_proxy.core.seq import HALF32, MASK32, seq_diff
 
 _HEAD: Final = struct.Struct("!12xHBxHxxHxB2x12sIIBB")
 """etype, version/IHL, IP total length, fragment field, protocol, addresses and
 ports (the flow key), seq, ack, TCP data offset, flags of an untagged IPv4 frame."""
+_RELEASED: Final = struct.Struct("!12xHB8xB2x12s9xB6x4sI")
+"""etype, version/IHL, protocol, flow key, TCP flags, the first 4 option bytes and
+the 4 after them (the TSval when the options start NOP NOP timestamp)."""
 _BLOCK: Final = struct.Struct("!II")
 _IPV4: Final = 0x0800
 _TCP: Final = 6
@@ -50,6 +63,10 @@ _OPT_SACK: Final = 5
 _OPT_TS: Final = 8
 _TS_AT_54: Final = b"\x01\x01\x08\x0a"
 """NOP, NOP, timestamp: where Linux puts it, first in the options."""
+ACTIVE_FOR: Final = 10.0
+"""Seconds the sacker keeps following flows after a ring dropped frames."""
+RECENT_BATCHES: Final = 64
+"""Client batches kept (by reference) while idle, to find each flow's latest ACK."""
 MAX_BLOCKS: Final = 3
 """SACK blocks that fit beside a timestamp option in 40 bytes of options."""
 
@@ -116,11 +133,37 @@ class HoleSacker:
         self._templates: dict[bytes, bytes] = {}
         self._released: dict[bytes, bytes] = {}
         self._tsval: dict[bytes, int] = {}
-        self.counters = {"sack_holes_seen": 0, "sack_nudges_sent": 0, "sack_no_template": 0,
-                         "client_probes_sent": 0, "tsval_raised": 0}
+        self._recent: deque[Sequence[Frame]] = deque(maxlen=RECENT_BATCHES)
+        self.active = False
+        self._until = 0.0
+        self.counters = {"activations": 0, "sack_holes_seen": 0, "sack_nudges_sent": 0,
+                         "sack_no_template": 0, "client_probes_sent": 0, "tsval_raised": 0}
+
+    def activate(self, now: float) -> None:
+        """A ring dropped frames: follow every flow from now on (see the module's doc)."""
+        self._until = now + ACTIVE_FOR
+        if not self.active:
+            self.active = True
+            self.counters["activations"] += 1
+            for batch in self._recent:
+                self.client_frames(batch)
+            self._recent.clear()
+
+    def _idle(self, now: float) -> bool:
+        """Whether to do nothing: not active, or active long enough with no hole left."""
+        if not self.active:
+            return True
+        if now > self._until and not any(s.ranges for s in self._streams.values()):
+            self.forget()
+            self.active = False
+            return True
+        return False
 
     def client_frames(self, frames: Sequence[Frame]) -> None:
         """Remember the client's latest frame per flow, as translated for the secondary."""
+        if not self.active:
+            self._recent.append(frames)
+            return
         templates = self._templates
         for data, _ in frames:
             if (len(data) >= 54 and data[23] == _TCP and data[14] == 0x45
@@ -129,7 +172,7 @@ class HoleSacker:
                     templates.clear()
                 templates[data[26:38]] = data
 
-    def released(self, frames: list[Frame]) -> list[Frame]:
+    def released(self, frames: list[Frame], now: float) -> list[Frame]:
         """Frames the core released, their timestamps made monotonic per flow; remembered.
 
         Why: a frame released after a hole filled may carry an older TSval
@@ -141,17 +184,19 @@ class HoleSacker:
         latest data frame per flow is kept for the client probes (see
         :meth:`guest_frames`).
         """
-        store, highest = self._released, self._tsval
+        if self._idle(now):
+            return frames
+        store, highest, unpack = self._released, self._tsval, _RELEASED.unpack_from
         out = frames
         for i, (data, offset) in enumerate(frames):
-            if (offset or len(data) < 66 or data[23] != _TCP or data[14] != 0x45
-                    or data[12:14] != b"\x08\x00"):
+            if offset or len(data) < 62:
                 continue
-            key = data[26:38]
-            if data[54:58] == _TS_AT_54:
-                tsval = int.from_bytes(data[58:62], "big")
+            etype, vihl, proto, key, flags, opts, tsval = unpack(data)
+            if etype != _IPV4 or vihl != 0x45 or proto != _TCP:
+                continue
+            if opts == _TS_AT_54:
                 top = highest.get(key)
-                if top is None or seq_diff(tsval, top) > 0:
+                if top is None or ((tsval - top + HALF32) & MASK32) - HALF32 > 0:
                     if top is None and len(highest) >= self.max_flows:
                         highest.clear()
                     highest[key] = tsval
@@ -161,13 +206,15 @@ class HoleSacker:
                         out = list(frames)
                     out[i] = (data, 0)
                     self.counters["tsval_raised"] += 1
-            if len(data) > 66 and not data[47] & (_SYN | _RST | _FIN):
+            if len(data) > 66 and not flags & (_SYN | _RST | _FIN):
                 if len(store) >= self.max_flows:
                     store.clear()
                 store[key] = data
         return out
 
-    def guest_frames(self, frames: Sequence[Frame]) -> tuple[list[Frame], list[Frame]]:
+    def guest_frames(
+        self, frames: Sequence[Frame], now: float
+    ) -> tuple[list[Frame], list[Frame]]:
         """Follow the guest's data: (SACK ACKs for the guest, probes for the client).
 
         A probe answers a segment the proxy already had: the guest resends
@@ -176,6 +223,8 @@ class HoleSacker:
         latest data frame it was released makes it answer at once with its
         current ACK (a duplicate ACK), which reaches the guest as usual.
         """
+        if self._idle(now):
+            return [], []
         streams, unpack = self._streams, _HEAD.unpack_from
         holed: dict[bytes, _Stream] | None = None
         probes: dict[bytes, bytes] | None = None
@@ -197,25 +246,26 @@ class HoleSacker:
             if size <= 0:
                 continue
             stream = streams.get(key)
-            if stream is None:  # picked up mid-stream: from here on
+            if stream is None:
                 if len(streams) >= self.max_flows:
                     streams.clear()
-                streams[key] = _Stream(seq + size)
+                stream = streams[key] = self._start(key, seq, size)
+            contig = stream.contig
+            start = contig + (((seq - contig + HALF32) & MASK32) - HALF32)  # unwrapped
+            end = start + size
+            if not stream.ranges and start <= contig < end:
+                stream.contig = end  # the common case: in order
                 continue
-            start = _unwrap(seq, stream.contig)
-            if start + size <= stream.contig:  # all of it seen before: a lost client ACK?
+            if end <= contig:  # all of it seen before: a lost client ACK?
                 if key in self._released:
                     if probes is None:
                         probes = {}
                     probes[key] = self._released[key]
                 if not stream.ranges:
                     continue
-            elif not stream.ranges and start <= stream.contig:
-                stream.contig = start + size  # the common case: in order
-                continue
             if not stream.ranges:
                 self.counters["sack_holes_seen"] += 1
-            stream.add(start, start + size)
+            stream.add(start, end)
             if stream.ranges:
                 if holed is None:
                     holed = {}
@@ -229,6 +279,13 @@ class HoleSacker:
             return out, []
         self.counters["client_probes_sent"] += len(probes)
         return out, [(frame, 0) for frame in probes.values()]
+
+    def _start(self, key: bytes, seq: int, size: int) -> _Stream:
+        """A flow first seen now: from the client's latest ACK if known, else from here."""
+        template = self._templates.get(key[4:8] + key[0:4] + key[10:12] + key[8:10])
+        if template is None or not template[47] & _ACK:
+            return _Stream(seq)
+        return _Stream(seq + seq_diff(int.from_bytes(template[42:46], "big"), seq))
 
     def _nudge(self, key: bytes, stream: _Stream) -> bytes | None:
         """An ACK from the client's latest frame with SACK blocks past the hole (or None)."""

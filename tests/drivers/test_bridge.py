@@ -16,7 +16,7 @@ import pytest
 from colo_proxy.config_args import config_from_args
 from colo_proxy.core.config import Config
 from colo_proxy.core.framing import Frame
-from colo_proxy.drivers.afpacket import RingSpec
+from colo_proxy.drivers.afpacket import PortStats, RingSpec
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
@@ -36,6 +36,7 @@ class FakePort:
     def __init__(self, name: str, ifname: str) -> None:
         self.name, self.ifname, self.mtu = name, ifname, 1500
         self.sent: list[bytes] = []
+        self.stats = PortStats()
         self.pending_frames = 0
         self.reading = False
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from colo_proxy.runtime.bridge_sack import HoleSacker
+from colo_proxy.runtime.bridge_sack import ACTIVE_FOR, HoleSacker
 
 scapy_all = pytest.importorskip("scapy.all")
 Ether, IP, TCP, Raw = scapy_all.Ether, scapy_all.IP, scapy_all.TCP, scapy_all.Raw
@@ -59,20 +59,48 @@ def sack_blocks(pkt: Any) -> list[tuple[int, int]]:
     return []
 
 
-def feed(sacker: HoleSacker, *frames: bytes) -> tuple[list[bytes], list[bytes]]:
-    nudges, probes = sacker.guest_frames([(f, 0) for f in frames])
+def feed(
+    sacker: HoleSacker, *frames: bytes, now: float = 1.0
+) -> tuple[list[bytes], list[bytes]]:
+    nudges, probes = sacker.guest_frames([(f, 0) for f in frames], now)
     return [f for f, _ in nudges], [f for f, _ in probes]
 
 
-def test_in_order_data_sends_nothing() -> None:
+def active() -> HoleSacker:
+    """A sacker told that a ring dropped frames at time 0."""
     sacker = HoleSacker()
+    sacker.activate(0.0)
+    return sacker
+
+
+def test_idle_until_a_ring_drops_then_idle_again_once_whole() -> None:
+    """No per-frame work without drops; on a drop, each flow is followed from the client's ACK."""
+    sacker = HoleSacker()
+    sacker.client_frames([(client_ack(1000), 0)])  # kept by reference while idle
+    assert feed(sacker, guest_seg(0), guest_seg(2000)) == ([], [])
+    released = [(guest_seg(2000, tsval=1), 0)]
+    assert sacker.released(released, 1.0) is released
+    assert sacker.stats()["flows"] == 0
+
+    sacker.activate(2.0)
+    nudges, _ = feed(sacker, guest_seg(3000), now=2.0)  # [1000, 3000) missing since the ACK
+    assert [sack_blocks(checked(f)) for f in nudges] == [[(3000, 4000)]]
+    feed(sacker, guest_seg(1000), guest_seg(2000), now=2.0 + ACTIVE_FOR / 2)
+    assert sacker.active
+    assert feed(sacker, guest_seg(4000), now=3.0 + ACTIVE_FOR) == ([], [])
+    assert not sacker.active and sacker.stats()["flows"] == 0
+    assert sacker.stats()["activations"] == 1
+
+
+def test_in_order_data_sends_nothing() -> None:
+    sacker = active()
     sacker.client_frames([(client_ack(0), 0)])
     assert feed(sacker, *(guest_seg(i * MSS) for i in range(5))) == ([], [])
     assert sacker.stats()["sack_holes_seen"] == 0
 
 
 def test_a_hole_is_sacked_to_the_guest_from_the_clients_latest_frame() -> None:
-    sacker = HoleSacker()
+    sacker = active()
     feed(sacker, guest_seg(0))
     sacker.client_frames([(client_ack(1000, payload=b"GET"), 0)])
     nudges, probes = feed(sacker, guest_seg(2000), guest_seg(3000), guest_seg(5000))
@@ -96,7 +124,7 @@ def test_a_hole_is_sacked_to_the_guest_from_the_clients_latest_frame() -> None:
 
 
 def test_the_clients_ack_closes_a_hole_the_proxy_never_saw_filled() -> None:
-    sacker = HoleSacker()
+    sacker = active()
     feed(sacker, guest_seg(0))
     sacker.client_frames([(client_ack(1000), 0)])
     assert len(feed(sacker, guest_seg(2000))[0]) == 1
@@ -105,7 +133,7 @@ def test_the_clients_ack_closes_a_hole_the_proxy_never_saw_filled() -> None:
 
 
 def test_at_most_three_blocks_the_lowest_first() -> None:
-    sacker = HoleSacker()
+    sacker = active()
     feed(sacker, guest_seg(0))
     sacker.client_frames([(client_ack(1000), 0)])
     nudges, _ = feed(sacker, *(guest_seg(i * 2000) for i in range(1, 6)))
@@ -113,7 +141,7 @@ def test_at_most_three_blocks_the_lowest_first() -> None:
 
 
 def test_without_a_client_frame_nothing_is_sent() -> None:
-    sacker = HoleSacker()
+    sacker = active()
     feed(sacker, guest_seg(0))
     assert feed(sacker, guest_seg(2000)) == ([], [])
     assert sacker.stats()["sack_no_template"] == 1
@@ -121,10 +149,10 @@ def test_without_a_client_frame_nothing_is_sent() -> None:
 
 def test_a_resent_segment_the_proxy_had_probes_the_client() -> None:
     """The guest resends what we had: the client's ACK was lost; the client must repeat it."""
-    sacker = HoleSacker()
+    sacker = active()
     feed(sacker, guest_seg(0), guest_seg(1000))
     released = guest_seg(1000)
-    sacker.released([(released, 0)])
+    sacker.released([(released, 0)], 1.0)
     nudges, probes = feed(sacker, guest_seg(0))
     assert nudges == [] and probes == [released]
     assert sacker.stats()["client_probes_sent"] == 1
@@ -132,21 +160,21 @@ def test_a_resent_segment_the_proxy_had_probes_the_client() -> None:
 
 def test_released_timestamps_never_go_back() -> None:
     """A frame released after later ones must not carry an older TSval (the client's PAWS)."""
-    sacker = HoleSacker()
+    sacker = active()
     first = [(guest_seg(1000, tsval=700), 0)]
-    assert sacker.released(first) is first
+    assert sacker.released(first, 1.0) is first
     late = guest_seg(0, tsval=690)
-    out = sacker.released([(late, 0)])
+    out = sacker.released([(late, 0)], 1.0)
     pkt = checked(out[0][0])
     assert dict(pkt[TCP].options)["Timestamp"] == (700, 900)
     assert bytes(pkt[Raw]) == b"x" * MSS
     assert sacker.stats()["tsval_raised"] == 1
     newer = guest_seg(2000, tsval=701)
-    assert sacker.released([(newer, 0)])[0][0] == newer
+    assert sacker.released([(newer, 0)], 1.0)[0][0] == newer
 
 
 def test_a_checkpoint_forgets_everything() -> None:
-    sacker = HoleSacker()
+    sacker = active()
     feed(sacker, guest_seg(0))
     sacker.client_frames([(client_ack(1000), 0)])
     sacker.forget()
