@@ -271,16 +271,17 @@ class Bridge(CoreHost):
         self._ring_losses()
         now = self._clock()
         self._feed(Side.CLIENT, frames)
-        self.sack_primary.client_frames(frames)
         if not self._forwarding:
             self.primary.send(frames)
+        nudges = self.sack_primary.client_frames(frames)
+        if nudges:  # the primary's stream still has a hole: SACK past it again (bridge_sack)
+            self.primary.send(nudges)
         to_secondary = self.rewriter.to_secondary
         try:
             translated = [(to_secondary(data, now), 0) for data, _ in frames]
         except Exception:  # a rewriter bug: translate one by one, pass the failing frame as is
             translated = [(self._translate_one(data, now), 0) for data, _ in frames]
-        self.sack_secondary.client_frames(translated)
-        self.secondary.send(translated)
+        self.secondary.send(translated + self.sack_secondary.client_frames(translated))
 
     def _translate_one(self, data: bytes, now: float) -> bytes:
         try:

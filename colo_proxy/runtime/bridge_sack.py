@@ -159,18 +159,33 @@ class HoleSacker:
             return True
         return False
 
-    def client_frames(self, frames: Sequence[Frame]) -> None:
-        """Remember the client's latest frame per flow, as translated for the secondary."""
+    def client_frames(self, frames: Sequence[Frame]) -> list[Frame]:
+        """Remember the client's latest frame per flow (as this guest gets it); SACKs to add.
+
+        Each client ACK on a flow whose guest stream has a hole is followed by
+        our SACK of what arrived past it: when the guest's resend of the hole
+        is lost again, no data of its own arrives to make us SACK, and its
+        timer backs off past ``compare_timeout`` (seen: 2 s) unless told again.
+        """
         if not self.active:
             self._recent.append(frames)
-            return
-        templates = self._templates
+            return []
+        templates, streams = self._templates, self._streams
+        holed: dict[bytes, _Stream] | None = None
         for data, _ in frames:
             if (len(data) >= 54 and data[23] == _TCP and data[14] == 0x45
                     and data[12:14] == b"\x08\x00"):
+                key = data[26:38]
                 if len(templates) >= self.max_flows:
                     templates.clear()
-                templates[data[26:38]] = data
+                templates[key] = data
+                guest_key = key[4:8] + key[0:4] + key[10:12] + key[8:10]
+                stream = streams.get(guest_key)
+                if stream is not None and stream.ranges:
+                    if holed is None:
+                        holed = {}
+                    holed[guest_key] = stream
+        return self._nudges(holed) if holed else []
 
     def released(self, frames: list[Frame], now: float) -> list[Frame]:
         """Frames the core released, their timestamps made monotonic per flow; remembered.
@@ -270,15 +285,19 @@ class HoleSacker:
                 if holed is None:
                     holed = {}
                 holed[key] = stream
-        out: list[Frame] = []
-        for key, stream in (holed or {}).items():
-            nudge = self._nudge(key, stream)
-            if nudge is not None:
-                out.append((nudge, 0))
+        out = self._nudges(holed) if holed else []
         if probes is None:
             return out, []
         self.counters["client_probes_sent"] += len(probes)
         return out, [(frame, 0) for frame in probes.values()]
+
+    def _nudges(self, holed: dict[bytes, _Stream]) -> list[Frame]:
+        out: list[Frame] = []
+        for key, stream in holed.items():
+            nudge = self._nudge(key, stream)
+            if nudge is not None:
+                out.append((nudge, 0))
+        return out
 
     def _start(self, key: bytes, seq: int, size: int) -> _Stream:
         """A flow first seen now: from the client's latest ACK if known, else from here."""

@@ -179,3 +179,17 @@ def test_a_checkpoint_forgets_everything() -> None:
     sacker.client_frames([(client_ack(1000), 0)])
     sacker.forget()
     assert feed(sacker, guest_seg(2000)) == ([], [])  # picked up anew, no hole known
+
+
+def test_each_client_ack_on_a_holed_flow_brings_the_sack_again() -> None:
+    """The guest's resend was lost too and it sends nothing: the client's ACKs repeat the SACK."""
+    sacker = active()
+    feed(sacker, guest_seg(0))
+    sacker.client_frames([(client_ack(1000), 0)])
+    feed(sacker, guest_seg(2000))
+    nudges = sacker.client_frames([(client_ack(1000, tsval=905), 0)])
+    assert len(nudges) == 1
+    pkt = checked(nudges[0][0])
+    assert sack_blocks(pkt) == [(2000, 3000)] and dict(pkt[TCP].options)["Timestamp"] == (905, 500)
+    feed(sacker, guest_seg(1000))  # the hole is filled: ACKs pass alone again
+    assert sacker.client_frames([(client_ack(3000), 0)]) == []
