@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import tomllib
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from colo_proxy.core.config import CHOICES, FIELD_DOCS, Config, type_name
+from colo_proxy.core.config import CHOICES, FIELD_DOCS, RULE_LISTS, Config, type_name
+from colo_proxy.core.rules import FlowRule, MaskRule, parse_flow_rule, parse_mask
 from colo_proxy.errors import ConfigError
 
 _DEST_PREFIX = "cfg_"
@@ -68,8 +70,17 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.toml",
                         help="settings file; flags given on the command line win")
     group = parser.add_argument_group("thresholds and limits (seconds, bytes)")
+    policy = parser.add_argument_group("flow rules and masks (repeatable; before the file's)")
+    policy.add_argument("--flow-rule", dest=_DEST_PREFIX + "flow_rules", action="append",
+                        type=_rule_flag(parse_flow_rule), metavar="mode=M[,protocol=P,port=N,"
+                        "addr=NET,vlan=V]", help=_field_doc("flow_rules"))
+    policy.add_argument("--mask", dest=_DEST_PREFIX + "masks", action="append",
+                        type=_rule_flag(parse_mask), metavar="[PROTO/]PORT:REGEX",
+                        help=_field_doc("masks"))
     for f in fields(Config):
         default = f.default if f.default is not MISSING else None
+        if f.name in RULE_LISTS:
+            continue
         if f.name in CHOICES:
             group.add_argument(
                 "--" + f.name.replace("_", "-"), dest=_DEST_PREFIX + f.name, default=None,
@@ -160,5 +171,17 @@ def config_from_args(args: argparse.Namespace, extra_keys: frozenset[str] = froz
     for f in fields(Config):
         flag = getattr(args, _DEST_PREFIX + f.name, None)
         if flag is not None:
+            if f.name in RULE_LISTS:  # flags first: the first matching rule wins
+                flag = list(flag) + list(values.get(f.name, []))
             values[f.name] = flag
     return Config.from_mapping(values)
+
+
+def _rule_flag(parse: Callable[[str], FlowRule | MaskRule]) -> Callable[[str], object]:
+    """An argparse type for --flow-rule/--mask: a bad rule is a usage error."""
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return convert

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from array import array
+from collections import Counter
 from typing import Any
 
 from colo_proxy.core.events import Divergence
@@ -49,9 +51,65 @@ def _alignment_json(res: ReplayResult) -> dict[str, Any]:
     }
 
 
+def latency_json(samples: array[float] | list[float]) -> dict[str, float | int]:
+    """p50, p99 and max of added release latencies (seconds), and how many."""
+    if not samples:
+        return {"frames": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(samples)
+    n = len(ordered)
+    return {
+        "frames": n,
+        "p50": round(ordered[(n - 1) // 2], 6),
+        "p99": round(ordered[min(n - 1, (n * 99) // 100)], 6),
+        "max": round(ordered[-1], 6),
+    }
+
+
+def _policy_json(res: ReplayResult, stats: dict[str, Any]) -> dict[str, Any]:
+    """The hybrid policy's figures: checkpoint rate by reason, added latency, modes."""
+    policy = dict(stats.pop("policy", {}) or {})
+    duration = max(res.duration, 1e-9)
+    reasons = Counter(r for _, r in res.checkpoints)
+    everything = array("d")
+    for samples in res.latency.values():
+        everything.extend(samples)
+    policy.update({
+        "checkpoints_per_second": round(len(res.checkpoints) / duration, 3),
+        "checkpoints_by_reason": dict(sorted(reasons.items())),
+        "checkpoints_per_second_by_reason": {
+            r: round(n / duration, 3) for r, n in sorted(reasons.items())
+        },
+        "added_latency": latency_json(everything),
+        "added_latency_by_vm_mode": {m: latency_json(v) for m, v in sorted(res.latency.items())},
+        "bytes_held_peak": res.peak_held_bytes,
+        "bytes_held": res.peak_held_bytes,
+        "duration": round(res.duration, 6),
+        "switches": [
+            {"time": round(sw.time - res.start_time, 6), "scope": sw.scope, "from": sw.old,
+             "to": sw.new, "reason": sw.reason} for sw in res.switches
+        ],
+    })
+    return policy
+
+
+def policy_warnings(policy: dict[str, Any]) -> list[str]:
+    """What the operator traded for fewer checkpoints, said in every report."""
+    out = []
+    if policy.get("masked_bytes"):
+        out.append(f"masks blanked {policy['masked_bytes']} differing bytes: masks trade "
+                   "safety (those bytes are not compared) for fewer checkpoints")
+    if policy.get("frames_passthrough"):
+        out.append(f"{policy['frames_passthrough']} primary frames passed through unprotected "
+                   "(passthrough flow rules)")
+    return out
+
+
 def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, Any]:
     """The replay report as a JSON-ready dict (times in seconds from the first frame)."""
     stats = dict(res.stats)
+    policy = _policy_json(res, stats)
+    alignment = _alignment_json(res)
+    alignment["warnings"] = alignment["warnings"] + policy_warnings(policy)
     return {
         "primary": primary,
         "secondary": secondary,
@@ -79,7 +137,8 @@ def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, An
         "malformed": stats.pop("malformed"),
         "uncompared": stats.pop("uncompared"),
         "flows": stats.pop("flows_created", 0),
-        **_alignment_json(res),
+        **alignment,
+        "policy": policy,
         "counters": {k: v for k, v in sorted(stats.items()) if k not in ("released_frames",)},
     }
 
@@ -133,6 +192,24 @@ def summary_text(report: dict[str, Any]) -> str:
                      f"kept): {len(report['overlap_conflicts'])}")
         for c in report["overlap_conflicts"][:5]:
             lines.append(f"  {c['time']:.6f}s {c['side']} at offset {c['offset']}: {c['flow']}")
+    policy = report.get("policy")
+    if policy:
+        lat = policy["added_latency"]
+        lines.append(
+            f"policy: VM mode {policy['vm_mode']} (forced: {policy['forced']}); "
+            f"{policy['checkpoints_per_second']} checkpoints/s; added latency "
+            f"p50 {lat['p50'] * 1000:.3g} ms, p99 {lat['p99'] * 1000:.3g} ms, "
+            f"max {lat['max'] * 1000:.3g} ms"
+        )
+        times = ", ".join(f"{m} {t:.3g} s" for m, t in policy["mode_time"].items())
+        classes = ", ".join(f"{k} {v}" for k, v in policy["flows_by_class"].items() if v)
+        lines.append(f"  time in mode: {times}; flows by class: {classes or 'none'}; "
+                     f"switches: {len(policy['switches'])}")
+        for sw in policy["switches"][:10]:
+            lines.append(f"  {sw['time']:.6f}s {sw['scope']}: {sw['from']} -> {sw['to']} "
+                         f"({sw['reason']})")
+    for warning in report.get("warnings", []):
+        lines.append(f"warning: {warning}")
     for name in ("malformed", "uncompared"):
         if report[name]:
             parts = ", ".join(f"{k} {v}" for k, v in sorted(report[name].items()))

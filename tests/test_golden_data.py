@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PCAPS = ROOT / "pcaps"
 LAB_CASES = {"redis-real", "redis-real-diverge"}  # tools/lab_capture.py (root, real stacks)
 # tools/lab_capture_indep.py: independent recordings of real servers (root, real stacks).
-INDEP_LAB_CASES = {"nginx-real", "nginx-real-swapped", "redis-real-multi", "lossy-real"}
+INDEP_LAB_CASES = {"nginx-real", "nginx-real-swapped", "redis-real-multi", "lossy-real",
+                   # tools/lab_capture_noise.py: real servers with real noise (issues 11, 14).
+                   "nginx-date", "nginx-twin", "tls-real", "redis-time", "bulk-real"}
 KINDS = {"payload", "length", "close", "handshake", "udp", "icmp", "other", "timeout", "ack"}
 REASONS = {"divergence", "timeout", "hold_limit", "flow_table", "flush"}
 WRAP = 2**32

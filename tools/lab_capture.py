@@ -29,6 +29,10 @@ server -> client frames in primary.pcap.  Requires root, iproute2, tcpdump and r
 Namespaces and processes are removed even when something fails.
 
 Usage: ``sudo python3 tools/lab_capture.py [--out pcaps] [--variant redis-real ...]``
+
+Built on this lab: tools/lab_capture_indep.py (independent recordings) and
+tools/lab_capture_noise.py (servers that are not deterministic: nginx ``Date:``, TLS, redis
+TIME/INFO, and a deterministic bulk transfer; the golden cases of issues 11 and 14).
 """
 
 from __future__ import annotations

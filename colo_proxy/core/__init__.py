@@ -7,8 +7,9 @@ import importlib.machinery
 
 COMPILED_MODULES = (
     "checkpoint", "checksum", "config", "datagram", "events", "fastparse", "flows", "flowtable",
-    "fragments", "framing", "general", "heartbeat", "held", "ledger", "packet", "proxy",
-    "reassembly", "rewrite", "seq", "tcp", "verdicts", "xen_notify",
+    "fragments", "framing", "general", "heartbeat", "held", "ledger", "masks", "packet", "policy",
+    "proxy", "reassembly", "rewrite", "rules", "seq", "tcp", "tcp_resync", "tcp_uncompared",
+    "tcpside", "verdicts", "xen_notify",
 )
 """The core modules setup.py compiles (keep in step with its COMPILED list)."""
 

@@ -4,11 +4,14 @@
       ^  \\--want, too soon--> DEFERRED --due--> REQUESTED
       \\------------------ done (from any state) -------/
 
-Requests are rate limited (min_checkpoint_interval from the end of the last
-checkpoint) and coalesced: one request stands for every reason found while
-it waits.  A reason found while RUNNING asks again once this checkpoint is
-done (the snapshot predates it).  `started` is legal in every state: QEMU
-also checkpoints on its own timer.  A move the table does not list raises
+Requests are rate limited by a token bucket: `burst` requests back to back,
+then one per `min_interval`; tokens accrue from the end of each checkpoint
+(not while one runs), so with burst 1 a request waits min_interval after
+the end of the last checkpoint.  Requests are coalesced: one request
+stands for every reason found while it waits.  A reason found while
+RUNNING asks again once this checkpoint is done (the snapshot predates
+it).  `started` is legal in every state: QEMU also checkpoints on its own
+timer.  A move the table does not list raises
 IllegalTransition (a core bug), as the disk agent's Phase machine does.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
+from collections.abc import Callable
 from typing import Final, final
 
 from colo_proxy.core.events import CheckpointReason, CheckpointRequest
@@ -62,10 +66,13 @@ class IllegalTransition(Exception):
 class CheckpointPolicy:
     """The checkpoint cycle: state, rate limit, coalescing, requests to the driver."""
 
-    __slots__ = ("_again", "_last_end", "counters", "deferred", "min_interval", "reasons",
-                 "requests", "state")
+    __slots__ = ("_again", "_last_end", "_tokens", "_tokens_at", "burst", "counters", "deferred",
+                 "min_interval", "on_emit", "reasons", "requests", "state")
 
-    def __init__(self, min_interval: float, counters: Counter[str]) -> None:
+    def __init__(
+        self, min_interval: float, counters: Counter[str], burst: int = 1,
+        on_emit: Callable[[CheckpointReason, float], None] | None = None,
+    ) -> None:
         self.state = CheckpointState.IDLE
         self.min_interval = min_interval
         self.counters = counters
@@ -77,6 +84,12 @@ class CheckpointPolicy:
         """A rate-limited request and when it falls due."""
         self._again: CheckpointReason | None = None
         self._last_end = float("-inf")
+        self.burst = burst
+        self._tokens = float(burst)
+        self._tokens_at = float("-inf")
+        """Tokens left at _tokens_at; they accrue one per min_interval up to burst."""
+        self.on_emit = on_emit
+        """Told of every request that goes out (the hybrid policy's signal)."""
 
     def _move(self, move: Move) -> None:
         new = TRANSITIONS.get((self.state, move))
@@ -94,7 +107,7 @@ class CheckpointPolicy:
         if state is not CheckpointState.IDLE:
             self.counters["checkpoint_requests_coalesced"] += 1
             return
-        due = self._last_end + self.min_interval
+        due = self._due()
         if now >= due:
             self._move(Move.REQUEST)
             self._emit(reason, now)
@@ -102,6 +115,18 @@ class CheckpointPolicy:
             self.counters["checkpoint_requests_rate_limited"] += 1
             self._move(Move.DEFER)
             self.deferred = (reason, due)
+
+    def _tokens_now(self, now: float) -> float:
+        if self.min_interval <= 0 or self._tokens_at == float("-inf"):
+            return float(self.burst)
+        accrued = (now - self._tokens_at) / self.min_interval
+        return min(float(self.burst), self._tokens + max(accrued, 0.0))
+
+    def _due(self) -> float:
+        """When the bucket next holds a whole token."""
+        if self.min_interval <= 0 or self._tokens_at == float("-inf") or self._tokens >= 1:
+            return float("-inf")
+        return self._tokens_at + (1 - self._tokens) * self.min_interval
 
     def tick(self, now: float) -> None:
         """Send a deferred request once it is due."""
@@ -125,6 +150,7 @@ class CheckpointPolicy:
         self.counters["checkpoints_completed"] += 1
         self._move(Move.DONE)
         self._last_end = now
+        self._tokens_at = now  # tokens accrue again from the end (none while it ran)
         return again
 
     def take(self) -> list[CheckpointRequest]:
@@ -132,5 +158,9 @@ class CheckpointPolicy:
         return out
 
     def _emit(self, reason: CheckpointReason, now: float) -> None:
+        self._tokens = self._tokens_now(now) - 1
+        self._tokens_at = now
         self.reasons[reason.value] += 1
         self.requests.append(CheckpointRequest(now, reason))
+        if self.on_emit is not None:
+            self.on_emit(reason, now)

@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections import deque
 
 from colo_proxy.core.events import CheckpointReason, DivergenceKind
-from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
+from colo_proxy.core.flows import MODE_MC, MODE_PASSTHROUGH, FlowHost, FlowKey, HeldCounts, Rel
 from colo_proxy.core.held import HeldDatagram
+from colo_proxy.core.masks import mask_datagram
 
 
 class DatagramFlow(HeldCounts):
@@ -61,6 +62,11 @@ class DatagramFlow(HeldCounts):
         self, host: FlowHost, content: bytes, rel: Rel, flen: int, now: float, window: int
     ) -> None:
         """Release at once if the secondary already sent it, else hold."""
+        if self.mode >= MODE_MC or host.hold_all:
+            self._primary_uncompared(host, content, rel, flen, now)
+            return
+        if self.masks:
+            content = self._masked(host, content)
         self.pri_n += 1
         if self.carried and not self.diverged and self._take(self.carried, content, now):
             host.count("primary_datagrams_matched_across_checkpoint")
@@ -89,6 +95,11 @@ class DatagramFlow(HeldCounts):
 
     def on_secondary(self, host: FlowHost, content: bytes, now: float, window: int) -> None:
         """Release the matching primary datagram, or wait for it."""
+        if self.mode >= MODE_MC or host.hold_all:
+            host.count("secondary_frames_dropped_uncompared_mode")
+            return
+        if self.masks:
+            content = self._masked(host, content)
         if self.diverged:
             host.count("secondary_frames_dropped_diverged")
             return
@@ -117,6 +128,26 @@ class DatagramFlow(HeldCounts):
                 host.count("secondary_buffer_limit_hits")
                 host.want_checkpoint(CheckpointReason.HOLD_LIMIT, now)
         self._check_window(host, now, window)
+
+    def _primary_uncompared(
+        self, host: FlowHost, content: bytes, rel: Rel, flen: int, now: float
+    ) -> None:
+        """mc: held until the next checkpoint; passthrough: released now (both uncompared)."""
+        if self.mode == MODE_PASSTHROUGH:
+            host.count("frames_passthrough")
+            host.release_unheld(rel)
+            return
+        host.count("frames_held_mc")
+        self.pri_n += 1
+        entry = HeldDatagram(self.pri_n, rel, now, content, flen)
+        self.pri_order.append(entry)  # not in pri_wait: nothing will match it
+        host.hold(self, flen)
+
+    def _masked(self, host: FlowHost, content: bytes) -> bytes:
+        masked, n = mask_datagram(content, self.masks)
+        if n:
+            host.count("masked_bytes", n)
+        return masked
 
     def _take(self, contents: dict[bytes, int], content: bytes, now: float) -> bool:
         """True if `content` is one of the other side's, kept since the last checkpoint."""
@@ -203,8 +234,16 @@ class DatagramFlow(HeldCounts):
         return min(h.time for h in heads) if heads else None
 
     def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
-        """Report a timeout divergence if a datagram waited too long; True if so."""
-        if self.diverged:
+        """Report a timeout divergence if a datagram waited too long; True if so.
+
+        mc datagrams ask for the checkpoint that releases them past mc_period.
+        """
+        if self.mode == MODE_MC:
+            head = self._oldest(self.pri_order)
+            if head is not None and head.time + host.mc_period <= now:
+                host.want_checkpoint(CheckpointReason.MC_PERIOD, now)
+            return False
+        if self.diverged or host.hold_all:
             return False
         pair = self._passed_pair()
         if pair is not None and self._pair_due(pair, timeout) <= now:
@@ -240,6 +279,7 @@ class DatagramFlow(HeldCounts):
         self.reported = None
         for entry in self.pri_order:
             if not entry.matched and entry.rel is not None:
+                host.waited(self, entry.time, 1)
                 host.release(self, entry.rel, entry.flen, 0)
                 content = entry.content
                 self.ghosts[content] = self.ghosts.get(content, 0) + 1
@@ -252,3 +292,4 @@ class DatagramFlow(HeldCounts):
         self.pri_n = self.sec_n = 0
         self.pri_matched = self.sec_matched = 0
         self.diverged = False
+        self.mode = host.flow_mode(self, now)

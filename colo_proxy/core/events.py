@@ -27,6 +27,8 @@ class CheckpointReason(enum.Enum):
     HOLD_LIMIT = "hold_limit"
     FLOW_TABLE = "flow_table"
     FLUSH = "flush"
+    MC_PERIOD = "mc_period"
+    """Output held in MC waited mc_period: the checkpoint that releases it."""
 
 
 class DivergenceKind(enum.Enum):
@@ -79,6 +81,18 @@ class OverlapConflict:
 
 
 @dataclass(frozen=True, slots=True)
+class ModeSwitch:
+    """The policy moved the whole VM, or one service, between COLO and MC."""
+
+    time: float
+    scope: str
+    """"vm", or the service (guest address and port) whose flows moved."""
+    old: str
+    new: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class CoreOutput:
     """Everything the core produced since the last drain (Proxy.take_output).
 
@@ -92,3 +106,5 @@ class CoreOutput:
     """Checkpoint requests the driver must carry out."""
     divergences: list[Divergence]
     """Divergences seen since the last drain."""
+    switches: list[ModeSwitch]
+    """Mode switches since the last drain (the whole VM's: set QEMU's checkpoint period)."""

@@ -7,7 +7,8 @@ tuples so a dictionary lookup per frame is all it costs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import re
+from typing import TYPE_CHECKING, Final, Protocol
 
 from colo_proxy.core.events import CheckpointReason, DivergenceKind
 from colo_proxy.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, format_addr
@@ -42,6 +43,24 @@ def flow_label(key: FlowKey) -> str:
     return text
 
 
+MODE_COMPARE: Final = 0
+MODE_UNDECIDED: Final = 1
+"""After a checkpoint in auto mode: waiting for the secondary's next segment."""
+MODE_PASS: Final = 2
+"""After a close divergence, the secondary going on: the primary's output passes."""
+MODE_MC: Final = 3
+"""Held until the next checkpoint, uncompared (an mc flow, the VM in MC, or a resync due)."""
+MODE_PASSTHROUGH: Final = 4
+"""Released at once, uncompared: the operator's explicit choice."""
+
+CLASS_COMPARE: Final = 0
+CLASS_MC: Final = 1
+CLASS_MASK: Final = 2
+CLASS_PASSTHROUGH: Final = 3
+CLASS_NAMES: Final = ("compare", "mc", "mask", "passthrough")
+"""Flow classes by number, as rules.FLOW_MODES names them."""
+
+
 class FlowHost(Protocol):
     """What a flow needs from the proxy: hold and release accounting, verdicts."""
 
@@ -60,6 +79,10 @@ class FlowHost(Protocol):
 
     def release_unheld(self, rel: Rel) -> None: ...
 
+    def waited(self, flow: HeldCounts, since: float, frames: int) -> None:
+        """Output held since `since` goes out at a checkpoint (added latency)."""
+        ...
+
     def watch(self, flow: HeldCounts) -> None: ...
 
     def diverge(
@@ -75,11 +98,29 @@ class FlowHost(Protocol):
 
     def count(self, name: str, n: int = 1) -> None: ...
 
+    hold_all: bool
+    """A resync is due and not yet allowed: hold every flow's output, compare nothing."""
+    mc_period: float
+    """How long MC-held output may wait before a checkpoint is asked for."""
+
+    def flow_mode(self, flow: HeldCounts, now: float) -> int:
+        """The mode the flow takes after a checkpoint (policy, VM mode, cool-downs)."""
+        ...
+
+    def encrypted(self, flow: HeldCounts, what: str, now: float) -> int:
+        """A flow was recognised as TLS/SSH: the mode it takes now."""
+        ...
+
+    def classify(self, flow: HeldCounts, now: float) -> bool:
+        """A new flow: set its class and mode; True when no TLS/SSH check is wanted."""
+        ...
+
 
 class HeldCounts:
-    """Per-flow counters the proxy maintains for limits and reports."""
+    """Per-flow counters the proxy maintains for limits and reports, and the flow's mode."""
 
-    __slots__ = ("diverged", "held_bytes", "held_frames", "key", "last_seen")
+    __slots__ = ("diverged", "held_bytes", "held_frames", "key", "klass", "last_seen", "masks",
+                 "mode")
 
     def __init__(self, key: FlowKey, now: float) -> None:
         self.key = key
@@ -87,3 +128,9 @@ class HeldCounts:
         self.held_bytes = 0
         self.diverged = False
         self.last_seen = now
+        self.mode = MODE_COMPARE
+        """What the flow does now (MODE_*; any non-zero mode leaves the fast path)."""
+        self.klass = CLASS_COMPARE
+        """What the operator's rules (or the encrypted-flow default) made it (CLASS_*)."""
+        self.masks: tuple[re.Pattern[bytes], ...] = ()
+        """Noise fields blanked before comparison (mask flows only)."""

@@ -103,7 +103,7 @@ class GeneralPath:
             key: FlowKey = (PROTO_TCP, (), raw[:4], raw[4:8], int.from_bytes(raw[8:10], "big"),
                             int.from_bytes(raw[10:12], "big"))
             self._make_room(now)
-            tflow = self.table.new_tcp(key, now)
+            tflow = self._new_tcp(key, now)
         tflow.last_seen = now
         hdr = TcpHeader(tflow.key[4], tflow.key[5], seq, ack, flags, offset + 54, start)
         if primary:
@@ -177,7 +177,7 @@ class GeneralPath:
             tflow = self.table.flows.get(key)
             if not isinstance(tflow, TcpFlow):
                 self._make_room(now)
-                tflow = self.table.new_tcp(key, now)
+                tflow = self._new_tcp(key, now)
             tflow.last_seen = now
             if primary:
                 tflow.on_primary(self.host, hdr, buf, end, rel, flen, now)
@@ -214,6 +214,7 @@ class GeneralPath:
         if not isinstance(gflow, DatagramFlow):
             self._make_room(now)
             gflow = self.table.new_datagram(key, now, kind)
+            self.host.classify(gflow, now)
         gflow.last_seen = now
         if primary:
             gflow.on_primary(self.host, content, rel, flen, now, self._window)
@@ -224,6 +225,12 @@ class GeneralPath:
         rels = rel if isinstance(rel, list) else [rel]
         for one in rels:
             self._uncompared(primary, one, len(one[0]) - one[1], reason)
+
+    def _new_tcp(self, key: FlowKey, now: float) -> TcpFlow:
+        """A new TCP flow, classified (a flow no rule decided is watched for TLS/SSH)."""
+        flow = self.table.new_tcp(key, now)
+        flow.sniff = not self.host.classify(flow, now)
+        return flow
 
     def _make_room(self, now: float) -> None:
         """Before a new flow: evict idle ones if the table is full, else ask for a checkpoint."""

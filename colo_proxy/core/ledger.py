@@ -18,9 +18,10 @@ from colo_proxy.core.held import HeldFrame
 class HoldLedger:
     """Held and released primary frames, totals and limits."""
 
-    __slots__ = ("held_bytes", "held_extra", "held_frames", "holding_flows", "max_bytes",
-                 "max_flow_bytes", "max_flows", "max_frames", "released", "released_frames",
-                 "released_payload", "unit_extra", "watch")
+    __slots__ = ("class_latency", "held_bytes", "held_extra", "held_frames", "holding_flows",
+                 "latency_frames", "latency_sum", "max_bytes", "max_flow_bytes", "max_flows",
+                 "max_frames", "now", "released", "released_frames", "released_payload",
+                 "unit_extra", "watch")
 
     def __init__(self, cfg: Config, watch: dict[HeldCounts, None]) -> None:
         self.watch = watch
@@ -41,6 +42,15 @@ class HoldLedger:
         self.max_frames = cfg.max_hold_frames
         self.max_flow_bytes = cfg.max_flow_hold_bytes
         self.max_flows = cfg.max_hold_flows
+        self.now = 0.0
+        """The proxy's current time (set by it), for the added latency of released runs."""
+        self.latency_sum = 0.0
+        self.latency_frames = 0
+        """Added latency of output released by checkpoints, summed, and how many frames
+        (see waited): the wait that checkpoints add; output the secondary matched goes out
+        without it being measured here, to keep the compare path free of it."""
+        self.class_latency = [[0.0, 0, 0.0] for _ in range(4)]
+        """Per flow class (flows.CLASS_*): [latency sum, frames, max], as latency_sum."""
 
     def hold(self, flow: HeldCounts, flen: int) -> bool:
         """One more held primary frame; True when a hold limit is now exceeded."""
@@ -113,6 +123,17 @@ class HoldLedger:
         self.held_bytes -= flen
         self.released_frames += frames
         self.released_payload += payload
+
+    def waited(self, flow: HeldCounts, since: float, frames: int) -> None:
+        """Output of `flow` held since `since` goes out at a checkpoint (frames of it)."""
+        wait = self.now - since
+        self.latency_sum += wait * frames
+        self.latency_frames += frames
+        per = self.class_latency[flow.klass]
+        per[0] += wait * frames
+        per[1] += frames
+        if wait > per[2]:
+            per[2] = wait
 
     def take(self) -> list[tuple[bytes, int]]:
         out, self.released = self.released, []

@@ -17,6 +17,13 @@ output, and rebases every flow.
 
 Frames the inline fast path does not take go down the general path
 (general.py), which also owns the rule for frames that cannot be compared.
+
+The hybrid policy (policy.py) decides each flow's mode (compare, mc, mask,
+passthrough) and the whole VM's (colo or mc); modes change at checkpoints.
+While a resync is due but the rate limit holds it back (`hold_all`), no
+flow compares: all primary output is held until the checkpoint and the
+secondary's is dropped, and drivers stop feeding the secondary its input
+(`secondary_paused`, the early notice).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from colo_proxy.core.events import (
     CheckpointReason,
     CoreOutput,
     DivergenceKind,
+    ModeSwitch,
     Side,
 )
 from colo_proxy.core.fastparse import (
@@ -43,7 +51,7 @@ from colo_proxy.core.fastparse import (
     NEVER_FAST,
     SYN_MASK,
 )
-from colo_proxy.core.flows import HeldCounts, Rel
+from colo_proxy.core.flows import CLASS_NAMES, MODE_MC, HeldCounts, Rel
 from colo_proxy.core.flowtable import FlowTable
 from colo_proxy.core.general import GeneralPath
 from colo_proxy.core.held import HeldFrame
@@ -55,10 +63,15 @@ from colo_proxy.core.packet import (
     TCP_FIN,
     TCP_SYN,
 )
+from colo_proxy.core.policy import RESYNC_REASONS, FlowPolicy, VmPolicy
 from colo_proxy.core.tcp import FAST_PROGRESS, TcpFlow
 from colo_proxy.core.verdicts import DivergenceLog
 
 __all__ = ["CheckpointState", "CoreFault", "Proxy"]
+
+_MODE_NAMES: Final = {0: "compare", 1: "compare", 2: "passed_after_close", 3: "mc",
+                      4: "passthrough"}
+"""flows.MODE_* by number, as reports name them (undecided flows count as compare)."""
 
 SETTLE_FLOWS: Final = 128
 """feed_many settles early once this many flows owe progress: a batch spread over
@@ -96,7 +109,19 @@ class Proxy:
         self.counters: Counter[str] = Counter()
         self.table = FlowTable(cfg, self.counters)
         self.ledger = HoldLedger(cfg, self.table.watch)
-        self.checkpoints = CheckpointPolicy(cfg.min_checkpoint_interval, self.counters)
+        self.switches: list[ModeSwitch] = []
+        """Mode switches the driver has not taken yet."""
+        self.switch_log: list[ModeSwitch] = []
+        """Every switch so far (reports)."""
+        self.flow_policy = FlowPolicy(cfg, self.counters, self.switches)
+        self.vm = VmPolicy(cfg, self.counters, self.switches)
+        self.checkpoints = CheckpointPolicy(cfg.min_checkpoint_interval, self.counters,
+                                            cfg.checkpoint_burst, self.vm.requested)
+        self.hold_all = False
+        """A resync is due and the rate limit holds it back: every flow holds, none compares."""
+        self.mc_period = cfg.mc_period
+        self.early_notice = cfg.policy != "colo"
+        self._now = 0.0
         self._side_frames = [0, 0, 0]
         self.general = GeneralPath(self, cfg, self.table, self.ledger, self.counters)
         self.verdicts = DivergenceLog(self.counters)
@@ -130,8 +155,10 @@ class Proxy:
         here with one struct unpack each; everything else takes the general
         path.  Each pair is kept by reference and handed back on release.
         """
+        self._now = self.ledger.now = now
         if self._next_scan is None:
             self._next_scan = now + self.config.scan_interval
+            self.vm.start(now)
         elif now >= self._next_scan or self.checkpoints.deferred is not None:
             self.tick(now)
         if side is Side.CLIENT:
@@ -146,7 +173,7 @@ class Proxy:
         """Flows whose `progress` is owed: run once per flow when the batch ends."""
         watch = table.watch
         max_flow_bytes = self.ledger.max_flow_bytes
-        min_fast = MIN_FAST_FRAME if self.fast_path else NEVER_FAST
+        min_fast = MIN_FAST_FRAME if self.fast_path and not self.hold_all else NEVER_FAST
         held = held_bytes = holding = 0  # hold() inlined: totals added when the batch ends
         flow_over = False
         fault: Exception | None = None
@@ -271,6 +298,7 @@ class Proxy:
 
     def tick(self, now: float) -> None:
         """Advance timers: rate-limited checkpoint requests, timeouts, expiry."""
+        self._now = self.ledger.now = now
         self.checkpoints.tick(now)
         if self._next_scan is not None and now >= self._next_scan:
             self._scan(now)
@@ -303,7 +331,7 @@ class Proxy:
         times = []
         for flow in self.table.flows.values():
             if not flow.diverged:
-                t = flow.due(cfg.compare_timeout)
+                t = flow.due(cfg.mc_period if flow.mode == MODE_MC else cfg.compare_timeout)
                 if t is not None:
                     times.append(t)
         oldest = self.general.oldest_fragment()
@@ -316,7 +344,20 @@ class Proxy:
 
         The one way drivers (live host, replay, test harness) collect output.
         """
-        return CoreOutput(self.ledger.take(), self.checkpoints.take(), self.verdicts.take())
+        switches, self.switches[:] = list(self.switches), []
+        self.switch_log.extend(switches)
+        return CoreOutput(self.ledger.take(), self.checkpoints.take(), self.verdicts.take(),
+                          switches)
+
+    @property
+    def secondary_paused(self) -> bool:
+        """The early notice: until the checkpoint the secondary's input may be withheld and
+        its output dropped (its state is about to be replaced)."""
+        return self.hold_all
+
+    def observe_dirty_rate(self, mb_per_s: float) -> None:
+        """QEMU's measured dirty-page rate (calc-dirty-rate), a signal for the VM's mode."""
+        self.vm.dirty_rate = mb_per_s
 
     def checkpoint_started(self, now: float) -> None:
         """The VMs stopped for a checkpoint (QMP STOP)."""
@@ -329,7 +370,12 @@ class Proxy:
         once (a secondary that goes on in its own state) asks for the next
         checkpoint under the rate limit.
         """
+        self._now = self.ledger.now = now
         again = self.checkpoints.done(now)
+        self.hold_all = False
+        ledger = self.ledger
+        self.vm.decide(now, self._side_frames[0], self.counters["frames_held_mc"],
+                       ledger.latency_sum, ledger.released_frames)
         self.table.evict_blocked = False
         grace = self.config.compare_timeout
         mode = self.config.secondary_after_checkpoint
@@ -380,6 +426,39 @@ class Proxy:
             "divergences_by_kind": dict(self.divergence_kinds),
             "checkpoints_requested_by_reason": dict(self.checkpoints.reasons),
             "checkpoint_state": self.checkpoints.state.value,
+            "policy": self.policy_report(),
+        }
+
+    def policy_report(self) -> dict[str, object]:
+        """The hybrid policy's state and figures (reports, metrics)."""
+        vm = self.vm
+        vm.account(self._now)
+        ledger = self.ledger
+        by_mode: Counter[str] = Counter()
+        for flow in self.table.flows.values():
+            by_mode[_MODE_NAMES.get(flow.mode, "compare")] += 1
+        return {
+            "vm_mode": vm.mode,
+            "forced": vm.forced,
+            "mode_time": dict(vm.time_in),
+            "switches": len(self.switch_log) + len(self.switches),
+            "flows_by_class": {name: self.counters["flows_" + name] for name in CLASS_NAMES},
+            "flows_by_mode": dict(by_mode),
+            "tls_flows": self.counters["flows_tls"],
+            "ssh_flows": self.counters["flows_ssh"],
+            "masked_bytes": self.counters["masked_bytes"],
+            "frames_held_mc": self.counters["frames_held_mc"],
+            "frames_passthrough": self.counters["frames_passthrough"],
+            "early_notices": self.counters["early_notices"],
+            "dirty_rate": vm.dirty_rate,
+            "services_cooling": self.flow_policy.cooling_services(self._now),
+            "mean_added_latency": (  # waits for checkpoints, over all released output
+                ledger.latency_sum / ledger.released_frames if ledger.released_frames else 0.0
+            ),
+            "checkpoint_wait_by_class": {  # frames released by checkpoints, by class
+                CLASS_NAMES[k]: {"frames": int(n), "mean": total / n, "max": top}
+                for k, (total, n, top) in enumerate(ledger.class_latency) if n
+            },
         }
 
     # -- FlowHost: called back by the flows ----------------------------------
@@ -398,6 +477,10 @@ class Proxy:
         """A held unit may go to the client."""
         self.ledger.release(flow, rel, flen, payload)
 
+    def waited(self, flow: HeldCounts, since: float, frames: int) -> None:
+        """Output held since `since` goes out at a checkpoint (the added latency signal)."""
+        self.ledger.waited(flow, since, frames)
+
     def release_unheld(self, rel: Rel) -> None:
         """A primary unit that matched on arrival goes out without ever being held."""
         self.ledger.release_unheld(rel)
@@ -412,14 +495,42 @@ class Proxy:
     ) -> None:
         """Freeze the flow, record what differed, and ask for a checkpoint."""
         flow.diverged = True
+        self.flow_policy.diverged(flow.key, now)
         midstream = isinstance(flow, TcpFlow) and flow.midstream
         reason = self.verdicts.divergence(flow.key, kind, offset, primary, secondary, now, detail,
                                           midstream)
         self.want_checkpoint(reason, now)
 
     def want_checkpoint(self, reason: CheckpointReason, now: float) -> None:
-        """Ask for a checkpoint, honouring the rate limit and coalescing."""
-        self.checkpoints.want(reason, now)
+        """Ask for a checkpoint, honouring the rate limit and coalescing.
+
+        A resync the rate limit holds back starts the early notice (hold_all).
+        """
+        checkpoints = self.checkpoints
+        checkpoints.want(reason, now)
+        if (
+            reason in RESYNC_REASONS and not self.hold_all and self.early_notice
+            and checkpoints.state is CheckpointState.DEFERRED
+        ):
+            self.hold_all = True
+            self.counters["early_notices"] += 1
+
+    def classify(self, flow: HeldCounts, now: float) -> bool:
+        """A new flow: its class from the rules, its mode from the policy.
+
+        Returns whether a rule decided it (else a TCP flow is watched for TLS/SSH).
+        """
+        explicit = self.flow_policy.classify(flow)
+        flow.mode = self.flow_mode(flow, now)
+        return explicit or not self.flow_policy.sniffs()
+
+    def flow_mode(self, flow: HeldCounts, now: float) -> int:
+        """The mode a flow runs in after a checkpoint."""
+        return self.flow_policy.mode_of(flow, now, self.vm.mc)
+
+    def encrypted(self, flow: HeldCounts, what: str, now: float) -> int:
+        """A TCP flow's first bytes are TLS or SSH: its mode from now on."""
+        return self.flow_policy.encrypted(flow, what)
 
     def overlap_conflict(
         self, flow: HeldCounts, side: str, offset: int | None, now: float

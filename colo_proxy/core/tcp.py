@@ -43,29 +43,32 @@ from __future__ import annotations
 
 from typing import Final, TypeVar
 
+from colo_proxy.core import tcp_resync as resync
+from colo_proxy.core import tcp_uncompared as uncompared
 from colo_proxy.core.events import CheckpointReason, DivergenceKind
-from colo_proxy.core.flows import FlowHost, FlowKey, HeldCounts, Rel
+from colo_proxy.core.flows import (
+    MODE_COMPARE,
+    MODE_MC,
+    MODE_PASS,
+    MODE_UNDECIDED,
+    FlowHost,
+    FlowKey,
+    HeldCounts,
+    Rel,
+)
 from colo_proxy.core.held import NEED_FIN, NEED_HANDSHAKE, NEED_NONE, NEED_RST, HeldFrame
+from colo_proxy.core.masks import MASK_CONTEXT, masked_agree
 from colo_proxy.core.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHeader, tcp_syn_options
-from colo_proxy.core.reassembly import StreamBuffer
+from colo_proxy.core.policy import encrypted_kind
 from colo_proxy.core.seq import HALF32, MASK32, unwrap
+from colo_proxy.core.tcpside import MIDSTREAM_FIT, TcpSide
 
 # fast_primary / fast_secondary results.
 FAST_NO: Final = 0
 FAST_DONE: Final = 1
 FAST_PROGRESS: Final = 2
 
-# TcpFlow.mode: what the flow does besides comparing (any non-zero mode leaves the fast path).
-MODE_COMPARE: Final = 0
-MODE_UNDECIDED: Final = 1
-"""After a checkpoint in auto mode: waiting for the secondary's next segment."""
-MODE_PASS: Final = 2
-"""After a close divergence, the secondary going on: the primary's output passes."""
 
-MIDSTREAM_FIT: Final = 1 << 20
-"""A mid-stream side within this many bytes of the other's position shares its space."""
-
-SynOptions = tuple[int, int, bool, bool]
 _FAST_FLAGS: Final = TCP_ACK | TCP_SYN | TCP_RST
 """Segments with ACK and neither SYN nor RST take the fast path (FIN is handled there)."""
 
@@ -85,37 +88,14 @@ def _advance(entries: list[_T], k: int) -> int:
     return k
 
 
-class TcpSide:
-    """What one guest sent on this flow."""
-
-    __slots__ = (
-        "ack_max", "conflicts", "fin", "high", "isn", "peer_isn", "rst",
-        "stream", "syn_opts",
-    )
-
-    def __init__(self) -> None:
-        self.isn = -1
-        """ISN (32-bit); byte at offset 0 has sequence number isn + 1.  -1: unknown."""
-        self.peer_isn = -1
-        """The client's ISN as this guest acknowledged it.  -1: unknown."""
-        self.ack_max = -1
-        self.high = 0
-        """Highest stream offset this side sent data up to."""
-        self.stream = StreamBuffer(0)
-        self.fin: int | None = None
-        self.rst: int | None = None
-        self.syn_opts: SynOptions | None = None
-        self.conflicts = 0
-        """Conflicting overlaps already reported."""
-
 
 class TcpFlow(HeldCounts):
     """Comparison state of one TCP flow (one direction of guest output)."""
 
     __slots__ = (
-        "ck_ack", "ck_fin", "ck_pos", "close_div", "closed", "hs_ok", "midstream", "mode", "pri",
-        "q_ooo", "q_scanned", "qh", "queue", "sec", "sec_times", "skipping", "space_ok", "stash",
-        "stash_bytes", "th",
+        "ck_ack", "ck_fin", "ck_pos", "close_div", "closed", "hs_ok", "mask_ctx", "mc_gap",
+        "midstream", "pri", "q_ooo", "q_scanned", "qh", "queue", "sec", "sec_times", "skipping",
+        "sniff", "space_ok", "stash", "stash_bytes", "th",
     )
 
     def __init__(self, key: FlowKey, now: float) -> None:
@@ -137,7 +117,6 @@ class TcpFlow(HeldCounts):
         self.stash: list[tuple[TcpHeader, bytes, int, float]] = []
         """Secondary segments waiting for the primary's ISN to settle the space."""
         self.stash_bytes = 0
-        self.mode = MODE_COMPARE
         self.q_ooo = False
         """Whether the queue may hold an entry ending before an earlier one's end."""
         self.q_scanned: tuple[object, ...] = ()
@@ -152,6 +131,13 @@ class TcpFlow(HeldCounts):
         self.ck_ack = -1
         self.ck_fin = False
         """Whether the primary had sent its FIN by the last checkpoint."""
+        self.sniff = False
+        """Whether the primary's first payload is still to be checked for TLS/SSH."""
+        self.mask_ctx = b""
+        """The last agreed bytes (mask flows): patterns anchor on text before a field."""
+        self.mc_gap = False
+        """Output went by uncompared (mc, passthrough, a resync due): the streams have a
+        gap that the next checkpoint closes."""
 
     # -- input ---------------------------------------------------------------
 
@@ -222,6 +208,10 @@ class TcpFlow(HeldCounts):
         me = self.pri
         if self.diverged or self.mode or me.isn < 0 or me.peer_isn < 0:
             return FAST_NO
+        if self.sniff and end > start:  # once per flow: its first payload, TLS/SSH or not
+            if encrypted_kind(data[start : start + 8]) is not None:
+                return FAST_NO  # on_primary switches the flow's mode
+            self.sniff = False
         stream = me.stream
         near = stream.base + len(stream.buf)
         off = near + ((((seq - me.isn - 1) - near + HALF32) & MASK32) - HALF32)
@@ -323,6 +313,11 @@ class TcpFlow(HeldCounts):
         now: float,
     ) -> None:
         """A segment from the primary: hold it, then release whatever became safe."""
+        if self.sniff and end > hdr.payload:
+            uncompared.sniff(self, host, data[hdr.payload : hdr.payload + 8], now)
+        if self.mode >= MODE_MC or (host.hold_all and self.mode != MODE_PASS):
+            uncompared.primary_uncompared(self, host, hdr, data, end, rel, flen, now)
+            return
         me = self.pri
         flags = hdr.flags
         if flags & _FAST_FLAGS == TCP_ACK and host.fast_path:
@@ -386,6 +381,9 @@ class TcpFlow(HeldCounts):
         """
         me = self.sec
         flags = hdr.flags
+        if self.mode >= MODE_MC or (host.hold_all and self.mode != MODE_PASS):
+            uncompared.secondary_uncompared(self, host, hdr, data, end)
+            return
         if self.mode == MODE_PASS:
             host.count("secondary_frames_dropped_after_close_divergence")
             return
@@ -398,7 +396,7 @@ class TcpFlow(HeldCounts):
                     self.progress(host, now)
                 return
         if self.mode == MODE_UNDECIDED:
-            self._decide_after_checkpoint(host, hdr, now)
+            resync.decide_after_checkpoint(self, host, hdr, now)
             me = self.sec
         if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
             self._new_incarnation(host)
@@ -428,72 +426,6 @@ class TcpFlow(HeldCounts):
         ):
             return
         self.progress(host, now)
-
-    def _decide_after_checkpoint(self, host: FlowHost, hdr: TcpHeader, now: float) -> None:
-        """The secondary's first segment since the checkpoint: did the checkpoint reset it?
-
-        Reset: it resumed at the primary's position, in the primary's sequence
-        space.  Continues: it goes on at its own position in its own space, or
-        sends its own SYN.  Whichever position the sequence number lies nearer
-        decides (ties: reset, as on a real COLO pair, where both coincide).
-        """
-        s, p = self.sec, self.pri
-        reset = abs(unwrap(hdr.seq - p.isn - 1, self.ck_pos) - self.ck_pos)
-        if hdr.flags & TCP_SYN:
-            own = -1
-        elif s.isn >= 0:
-            own_pos = max(s.high, s.stream.end)
-            own = abs(unwrap(hdr.seq - s.isn - 1, own_pos) - own_pos)
-        else:
-            own = MIDSTREAM_FIT
-        if reset == own:  # both answers put it at the same place: nothing learnt for others
-            self._reset_to_primary()
-            return
-        self._decided(host, now, "reset" if reset < own else "continues")
-
-    def _decided(self, host: FlowHost, now: float, answer: str) -> None:
-        """Apply the answer for this flow; other undecided flows may adopt it (adopt_vote)."""
-        host.secondary_vote = answer
-        if answer == "reset":
-            host.count("tcp_secondary_reset_by_checkpoint")
-            self._reset_to_primary()
-        else:
-            host.count("tcp_secondary_continues_after_checkpoint")
-            self._continue(host, now)
-
-    def adopt_vote(self, host: FlowHost, now: float) -> None:
-        """Undecided with no evidence of its own: take the answer other flows found.
-
-        A checkpoint is one event for the whole VM, so what the flows that did
-        hear from the secondary found holds for one that did not (one whose
-        secondary had sent everything before the checkpoint).
-        """
-        if self.mode == MODE_UNDECIDED and host.secondary_vote is not None:
-            host.count("tcp_secondary_answer_adopted")
-            self._decided(host, now, host.secondary_vote)
-
-    def _continued_evidently(self, host: FlowHost, now: float) -> bool:
-        """Undecided, but the primary's new output equals what the secondary sent on its own.
-
-        A secondary that ran ahead may have sent all its output before the
-        checkpoint, so no later segment of its own can decide.  If the bytes
-        the primary sent since the checkpoint (past ck_pos) equal the
-        secondary's at its own offsets, or a FIN the primary sent since then
-        sits where the secondary's does, it went on.  Bytes from before the
-        checkpoint prove nothing: a reset secondary sent them too.
-        """
-        if self.mode != MODE_UNDECIDED:
-            return False
-        p, s = self.pri, self.sec
-        pb, sb = p.stream.buf, s.stream.buf
-        i = max(0, self.ck_pos - p.stream.base)
-        k = min(len(pb), len(sb), i + 64) - i
-        agrees = k > 0 and pb[i : i + k] == sb[i : i + k] and (k >= 8 or s.fin is not None)
-        fin = not self.ck_fin and p.fin is not None and p.fin == s.fin
-        if not agrees and not fin:
-            return False
-        self._decided(host, now, "continues")
-        return False  # _continue ran progress
 
     def _decide_space(self, host: FlowHost, seq: int) -> None:
         """Settle which ISN the secondary's data is numbered from.
@@ -538,7 +470,8 @@ class TcpFlow(HeldCounts):
         self.closed = False
         self.space_ok = False
         self.stash, self.stash_bytes = [], 0
-        self.mode = MODE_COMPARE
+        if self.mode < MODE_MC:  # mc and passthrough belong to the 4-tuple, not the connection
+            self.mode = MODE_COMPARE
         self.skipping = self.close_div = self.midstream = False
 
     # -- comparison ----------------------------------------------------------
@@ -562,7 +495,7 @@ class TcpFlow(HeldCounts):
 
         _consume is inlined: this runs once per flow per batch.
         """
-        if self.mode and not self._continued_evidently(host, now):
+        if self.mode and not resync.continued_evidently(self, host, now):
             return  # undecided: nothing is compared until the secondary shows its state
         pri, sec = self.pri, self.sec
         pst, sst = pri.stream, sec.stream
@@ -572,6 +505,10 @@ class TcpFlow(HeldCounts):
         if n and self.skipping:
             n = self._skip_region(host, n)
             lp, ls = len(pb), len(sb)
+        if n and self.masks:
+            if not self._compare_masked(host, now, n):
+                return
+            n = 0
         if n:
             if not (pb == sb if lp == ls else pb[:n] == sb[:n]):
                 self._payload_divergence(host, now, n)
@@ -590,6 +527,24 @@ class TcpFlow(HeldCounts):
             return
         if self.queue:
             self._release_ready(host)
+
+    def _compare_masked(self, host: FlowHost, now: float, n: int) -> bool:
+        """Compare n bytes with the noise fields blanked; False on a divergence.
+
+        Agreeing bytes are consumed (a field still growing waits for more).
+        """
+        pb = self.pri.stream.buf
+        agree, masked, wait = masked_agree(self.mask_ctx, pb, self.sec.stream.buf, n,
+                                           self.masks)
+        if masked:
+            host.count("masked_bytes", masked)
+        if agree:
+            self.mask_ctx = (self.mask_ctx + bytes(pb[:agree]))[-MASK_CONTEXT:]
+            self._consume(agree)
+        if agree < n and not wait:
+            self._payload_divergence(host, now, n - agree)
+            return False
+        return True
 
     def _skip_region(self, host: FlowHost, n: int) -> int:
         """Pass over the rest of a reported differing region (up to n bytes).
@@ -762,6 +717,15 @@ class TcpFlow(HeldCounts):
 
     # -- timers and checkpoints ---------------------------------------------
 
+    def after_checkpoint(self, host: FlowHost, now: float, grace: float, mode: str) -> None:
+        """After a checkpoint: release everything held, then reset, continue or decide later
+        (tcp_resync.py)."""
+        resync.after_checkpoint(self, host, now, grace, mode)
+
+    def adopt_vote(self, host: FlowHost, now: float) -> None:
+        """Undecided with no evidence of its own: take the answer other flows found."""
+        resync.adopt_vote(self, host, now)
+
     def pending(self) -> bool:
         """Whether anything waits here: held primary frames or unmatched secondary bytes."""
         return bool(self.queue or self.sec_times or self.stash)
@@ -779,15 +743,27 @@ class TcpFlow(HeldCounts):
 
     def due(self, timeout: float) -> float | None:
         """When expired() next has something to report, if anything waits."""
-        if self.mode == MODE_UNDECIDED:  # the secondary's bytes may be stale: not yet owed
+        if self.mode == MODE_UNDECIDED or self.mode == MODE_MC:
+            # undecided: the secondary's bytes may be stale, not yet owed; mc: only held
+            # output waits (the caller passes mc_period as the timeout)
             return self.queue[self.qh].time + timeout if self.queue else None
         oldest = self.oldest_pending()
         return None if oldest is None else oldest + timeout
 
     def expired(self, host: FlowHost, now: float, timeout: float) -> bool:
-        """Report a timeout divergence if output waited too long; True if so."""
+        """Report a timeout divergence if output waited too long; True if so.
+
+        mc output is not compared: past mc_period it asks for the checkpoint that
+        releases it.  While a resync is due nothing times out (it is coming).
+        """
+        if self.mode == MODE_MC:
+            if self.queue and self.queue[self.qh].time + host.mc_period <= now:
+                host.want_checkpoint(CheckpointReason.MC_PERIOD, now)
+            return False
+        if host.hold_all:
+            return False
         if self.mode == MODE_UNDECIDED:
-            self.adopt_vote(host, now)
+            resync.adopt_vote(self, host, now)
         if self.diverged:
             return False
         if self.queue:
@@ -813,87 +789,6 @@ class TcpFlow(HeldCounts):
                          "secondary output unmatched")
             return True
         return False
-
-    def after_checkpoint(self, host: FlowHost, now: float, grace: float, mode: str) -> None:
-        """After a checkpoint: release everything held, then reset, continue or decide later."""
-        if self.queue:
-            run = self.queue[self.qh:]
-            self.queue, self.qh = [], 0
-            host.release_run(self, run)
-        self.q_ooo = False
-        p, s = self.pri, self.sec
-        self.ck_pos = max(p.high, p.stream.end, p.stream.base)
-        self.ck_ack = p.ack_max
-        self.ck_fin = p.fin is not None
-        if self.mode == MODE_PASS:
-            return
-        if mode != "reset" and p.stream.buffered > host.max_sec_buffer:
-            self._forget_uncompared(host)
-        if mode == "reset":
-            self._reset_to_primary()
-        elif mode == "continues" or p.isn < 0:
-            self._continue(host, now)
-        elif (
-            not self.diverged and s.isn == p.isn and s.stream.end == self.ck_pos
-            and not s.stream.ooo and not self.sec_times
-        ):
-            self._reset_to_primary()  # in step: both answers are the same
-        else:
-            self.mode = MODE_UNDECIDED
-            self.diverged = False  # frozen by the mode now, not by the divergence
-            self.progress(host, now)  # what both sides sent already may show it went on
-
-    def _forget_uncompared(self, host: FlowHost) -> None:
-        """The primary ran far ahead of a silent secondary: compare on from ck_pos only.
-
-        Its bytes were released by the checkpoint; keeping them for a secondary
-        that may never send its copy would grow without bound.
-        """
-        p, s = self.pri, self.sec
-        host.count("tcp_bytes_left_uncompared_over_limit", self.ck_pos - p.stream.base)
-        p.stream.skip_to(self.ck_pos)
-        s.stream.skip_to(self.ck_pos)
-        self.skipping = False
-        self._trim_times(self.ck_pos)
-
-    def _reset_to_primary(self) -> None:
-        """The checkpoint made the secondary a copy of the primary (at ck_pos)."""
-        self.mode = MODE_COMPARE
-        self.diverged = self.skipping = self.close_div = False
-        self.sec_times, self.th = [], 0
-        self.space_ok = True
-        self.stash, self.stash_bytes = [], 0
-        p = self.pri
-        if p.isn < 0:
-            self.sec = TcpSide()
-            return
-        pos = self.ck_pos
-        p.stream.skip_to(pos)  # bytes since the checkpoint stay, to compare
-        s = self.sec
-        s.isn, s.peer_isn = p.isn, p.peer_isn
-        s.ack_max, s.high = self.ck_ack, pos
-        s.fin = p.fin if p.fin is not None and p.fin <= pos else None
-        s.rst = p.rst if p.rst is not None and p.rst <= pos else None
-        s.syn_opts = p.syn_opts
-        s.stream.reset(pos)
-        if p.syn_opts is not None:
-            self.hs_ok = True
-
-    def _continue(self, host: FlowHost, now: float) -> None:
-        """The secondary went on in its own state: compare on from where both are."""
-        self.diverged = False
-        if self.close_div:
-            self.mode = MODE_PASS  # the two connections closed differently: nothing to compare
-            host.count("tcp_flows_passed_after_close_divergence")
-            if self.queue:
-                run = self.queue[self.qh:]
-                self.queue, self.qh = [], 0
-                host.release_run(self, run)
-            return
-        self.mode = MODE_COMPARE
-        if self.pri.syn_opts is not None and self.sec.syn_opts is not None:
-            self.hs_ok = True  # a handshake difference was reported once
-        self.progress(host, now)
 
     def _pass_primary(self, host: FlowHost, rel: Rel) -> None:
         """Release a primary frame of a flow whose comparison ended (MODE_PASS)."""

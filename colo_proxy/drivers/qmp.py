@@ -37,6 +37,12 @@ the primary runs alone.
 ``checkpoint_delay`` overrides the value written on a request (by default
 the current ``x-checkpoint-delay`` is read and written back, so an operator's
 change made meanwhile is kept).
+
+MC periods.  When the policy moves the whole VM to MC,
+:meth:`set_checkpoint_period` has QEMU checkpoint every MC period (its own
+timer, ``x-checkpoint-delay``); the operator's value is read first and
+written back when the VM returns to COLO.  Setting the parameter also
+starts a checkpoint at once, which is what a switch wants anyway.
 """
 
 from __future__ import annotations
@@ -85,6 +91,9 @@ class QmpStats:
     checkpoints_started: int = 0
     checkpoints_done: int = 0
     pauses_ignored: int = 0
+    period_changes: int = 0
+    checkpoint_period_ms: int | None = None
+    """The x-checkpoint-delay we set for MC (None: the operator's is in force)."""
     last_error: str = ""
     colo_status: dict[str, Any] = field(default_factory=dict)
     run_status: str = ""
@@ -128,6 +137,9 @@ class QmpDriver:
         self._reported_held = False
         self._task: asyncio.Task[None] | None = None
         self.connected_event = asyncio.Event()
+        self._period_wanted: int | None = None
+        self._period_applied: int | None = None
+        self._operator_delay: int | None = None
 
     # ---- public ------------------------------------------------------------------------
 
@@ -171,6 +183,33 @@ class QmpDriver:
                 self.name,
             )
         self._wake.set()
+
+    def set_checkpoint_period(self, period_ms: int | None) -> None:
+        """MC: have QEMU checkpoint every period_ms; None: back to the operator's delay.
+
+        Applied on the live session (or the next one), never lost.
+        """
+        self._period_wanted = period_ms
+        self._wake.set()
+
+    async def _apply_period(self, client: QMPClient) -> None:
+        wanted = self._period_wanted
+        if wanted == self._period_applied:
+            return
+        if wanted is not None:
+            if self._operator_delay is None:
+                params = await client.execute("query-migrate-parameters")
+                value = params.get("x-checkpoint-delay") if isinstance(params, dict) else None
+                self._operator_delay = value if isinstance(value, int) else 20000
+            delay = wanted
+        else:
+            delay = self._fixed_delay or self._operator_delay or 20000
+        await client.execute("migrate-set-parameters", {"x-checkpoint-delay": delay})
+        self._period_applied = wanted
+        self.stats.period_changes += 1
+        self.stats.checkpoint_period_ms = wanted
+        log.info("%s: x-checkpoint-delay set to %d ms (%s)", self.name, delay,
+                 "MC period" if wanted is not None else "the operator's, COLO")
 
     async def execute(self, cmd: str, args: Mapping[str, object] | None = None) -> object:
         """Run one command on the live session (raises QMPError/ExecuteError)."""
@@ -356,6 +395,7 @@ class QmpDriver:
                 self._resend_after = min(self._resend_after * 2, MAX_RESEND)
                 self._sent_at = None
                 self._pending = True
+            await self._apply_period(client)
             if not self._pending:
                 continue
             try:

@@ -26,6 +26,10 @@ the frame paths differ:
   the core drops the secondary's uncompared frames, so without this a
   secondary whose neighbour cache is cold never answers a new connection.
 
+Early notice: while a resync is due but the rate limit holds its checkpoint
+back (``Proxy.secondary_paused``), the client's input is withheld from the
+secondary (its state is about to be replaced) and the core drops its output.
+
 A completed VM checkpoint (QMP ``RESUME``) also tells the rewriter: the
 secondary now runs with the primary's TCP state, so every offset is zero.
 The rewriter's idle connections are expired on a slow periodic timer.
@@ -139,6 +143,7 @@ class Bridge(CoreHost):
         self._drops = 0
         self.counters["rewriter_errors"] = 0
         self.counters["secondary_neighbour_requests"] = 0
+        self.counters["secondary_input_withheld"] = 0
         ring, buf = settings.ring, settings.output_buffer
         self._busy_poll = settings.busy_poll_us / 1e6
         self._polling = False
@@ -276,6 +281,9 @@ class Bridge(CoreHost):
         nudges = self.sack_primary.client_frames(frames)
         if nudges:  # the primary's stream still has a hole: SACK past it again (bridge_sack)
             self.primary.send(nudges)
+        if self.proxy.secondary_paused:  # early notice: a resync is due, its state is void
+            self.counters["secondary_input_withheld"] += len(frames)
+            return
         to_secondary = self.rewriter.to_secondary
         try:
             translated = [(to_secondary(data, now), 0) for data, _ in frames]

@@ -47,8 +47,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from qemu.qmp import ExecuteError, QMPError
+
 from colo_proxy.core.config import Config
-from colo_proxy.core.events import CheckpointRequest, Divergence, Side
+from colo_proxy.core.events import CheckpointRequest, Divergence, ModeSwitch, Side
 from colo_proxy.core.framing import Frame
 from colo_proxy.core.proxy import CoreFault, Proxy
 from colo_proxy.drivers.endpoints import Endpoint
@@ -178,6 +180,8 @@ class CoreHost:
     async def start(self) -> None:
         """Open the ports, then connect QMP and the disk agent."""
         await self._open_ports()
+        if self.qmp is not None and self.proxy.vm.mc:  # --mode mc: QEMU's timer from the start
+            self.qmp.set_checkpoint_period(self._mc_period_ms())
         for driver in (self.qmp, self.secondary_qmp):
             if driver is not None:
                 driver.start()
@@ -191,12 +195,15 @@ class CoreHost:
     async def serve(self) -> dict[str, object]:
         """Run until :meth:`stop`; then shut down and return the final report."""
         await self.start()
-        stats_task = None
+        tasks = []
         if self._stats_interval > 0:
-            stats_task = asyncio.create_task(self._log_stats())
+            tasks.append(asyncio.create_task(self._log_stats()))
+        cfg = self.proxy.config
+        if self.qmp is not None and cfg.vm_max_dirty_rate > 0 and self.proxy.vm.forced == "auto":
+            tasks.append(asyncio.create_task(self._measure_dirty_rate(cfg.vm_window)))
         await self._stopping.wait()
-        if stats_task is not None:
-            stats_task.cancel()
+        for task in tasks:
+            task.cancel()
         return await self.shutdown()
 
     async def shutdown(self) -> dict[str, object]:
@@ -253,6 +260,29 @@ class CoreHost:
             out["disk_link"] = self.disk_link.report()
         return out
 
+    async def _measure_dirty_rate(self, period: float) -> None:
+        """QEMU's dirty-page rate (calc-dirty-rate, 1 s sample) every period, for the policy.
+
+        Only with --vm-max-dirty-rate: the measurement costs QEMU a little.
+        A QEMU that cannot measure is logged once and asked no more.
+        """
+        assert self.qmp is not None
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.qmp.execute("calc-dirty-rate", {"calc-time": 1})
+                await asyncio.sleep(1.2)
+                info = await self.qmp.execute("query-dirty-rate")
+            except ExecuteError as err:  # this QEMU cannot measure: stop asking
+                log.warning("dirty-rate measurement unavailable (%s); the policy goes on "
+                            "without it", err)
+                return
+            except (QMPError, OSError):  # not connected now: try at the next period
+                continue
+            rate = info.get("dirty-rate") if isinstance(info, dict) else None
+            if isinstance(rate, int | float):
+                self.proxy.observe_dirty_rate(float(rate))
+
     async def _log_stats(self) -> None:
         while True:
             await asyncio.sleep(self._stats_interval)
@@ -308,6 +338,8 @@ class CoreHost:
         out = proxy.take_output()
         if out.released:
             self._send_released(out.released)
+        for switch in out.switches:
+            self._mode_switch(switch)
         for request in out.requests:
             self._request(request)
         if out.divergences:
@@ -347,6 +379,17 @@ class CoreHost:
             )
 
     # ---- checkpoints -----------------------------------------------------------------------
+
+    def _mode_switch(self, switch: ModeSwitch) -> None:
+        """Log every switch; the whole VM's sets QEMU's checkpoint period (MC) or restores it."""
+        self.counters["mode_switches"] = self.counters.get("mode_switches", 0) + 1
+        log.info("mode switch: %s %s -> %s (%s)", switch.scope, switch.old, switch.new,
+                 switch.reason)
+        if switch.scope == "vm" and self.qmp is not None:
+            self.qmp.set_checkpoint_period(self._mc_period_ms() if switch.new == "mc" else None)
+
+    def _mc_period_ms(self) -> int:
+        return max(1, round(self.proxy.config.mc_period * 1000))
 
     def _request(self, request: CheckpointRequest) -> None:
         self.counters["checkpoint_requests"] += 1

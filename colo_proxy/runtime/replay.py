@@ -28,11 +28,18 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from colo_proxy.core.config import Config
-from colo_proxy.core.events import CheckpointReason, Divergence, OverlapConflict, Side
+from colo_proxy.core.events import (
+    CheckpointReason,
+    Divergence,
+    ModeSwitch,
+    OverlapConflict,
+    Side,
+)
 from colo_proxy.core.proxy import Proxy
 from colo_proxy.drivers import align
 from colo_proxy.drivers.guest import GuestFilter, infer_guest
@@ -68,6 +75,13 @@ class ReplayResult:
     epoch: float = 0.0
     """Capture time of the first frame (times above are relative to it)."""
     alignment: align.Alignment | None = None
+    latency: dict[str, array[float]] = field(default_factory=dict)
+    """Added release latency of each released primary frame (virtual seconds: release
+    time minus arrival), by the VM's mode when it was released."""
+    peak_held_bytes: int = 0
+    switches: list[ModeSwitch] = field(default_factory=list)
+    duration: float = 0.0
+    """Virtual time from the first frame to the end of the replay."""
 
 
 class Replay:
@@ -93,6 +107,8 @@ class Replay:
         self._epoch: float | None = None
         self._vt = 0.0
         """Virtual time reached (seconds from the first frame)."""
+        self._arrivals: dict[int, float] = {}
+        """Held primary frames' arrival times, by the identity of their bytes."""
 
     def run(
         self, primary: str, secondary: str, guest: bytes | None = None, infer: bool = True
@@ -172,8 +188,15 @@ class Replay:
 
     def _feed_batches(self, batches: dict[Side, list[tuple[bytes, int]]], now: float) -> None:
         """Each side's frames of one window as one batch, sides in order of first arrival."""
+        arrivals = self._arrivals
         for side, frames in batches.items():
+            if side is Side.PRIMARY:
+                for data, _ in frames:
+                    arrivals[id(data)] = now
             self.proxy.feed_many(side, frames, now)
+            held = self.proxy.ledger.held_bytes
+            if held > self.result.peak_held_bytes:
+                self.result.peak_held_bytes = held
             self._collect(now)
         batches.clear()
 
@@ -231,6 +254,9 @@ class Replay:
             proxy.checkpoint_done(now)
             self._collect(now)
             res.flushed_frames = proxy.released_frames - res.released_frames
+        res.duration = now
+        res.stats["policy"] = proxy.policy_report()
+        res.switches = list(proxy.switch_log)
         return res
 
     def _complete(self, at: float) -> None:
@@ -241,6 +267,15 @@ class Replay:
     def _collect(self, now: float) -> None:
         proxy = self.proxy
         out = proxy.take_output()
+        if out.released:
+            arrivals = self._arrivals
+            lat = self.result.latency.get(proxy.vm.mode)
+            if lat is None:
+                lat = self.result.latency[proxy.vm.mode] = array("d")
+            for data, _ in out.released:
+                t = arrivals.pop(id(data), None)
+                if t is not None:
+                    lat.append(now - t)
         if out.released and self.on_release is not None:
             sink = self.on_release
             stamp = now + (self._epoch or 0.0)

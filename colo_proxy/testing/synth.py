@@ -48,6 +48,11 @@ def tcp_segment(sport: int, dport: int, seq: int, ack: int, flags: int, payload:
                        doff << 4, flags, window, 0, 0) + options + payload
 
 
+def udp_datagram(sport: int, dport: int, payload: bytes, csum: int = 0) -> bytes:
+    """A UDP header and payload (checksum 0: none)."""
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), csum) + payload
+
+
 def syn_options(mss: int = 1460, wscale: int = 7, sack: bool = True, ts: bool = True) -> bytes:
     """SYN options in the order Linux sends them."""
     out = struct.pack("!BBH", 2, 4, mss)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from colo_proxy.core.config import FIELD_DOCS, Config, type_name
+from colo_proxy.core.config import FIELD_DOCS, RULE_LISTS, Config, type_name
 
 
 def test_every_field_is_documented_once() -> None:
@@ -15,4 +15,6 @@ def test_every_field_is_documented_once() -> None:
 def test_field_types_read_as_names() -> None:
     kinds = {f.name: type_name(f.type) for f in fields(Config)}
     assert kinds["compare_timeout"] == "float" and kinds["max_flows"] == "int"
+    rule_lists = {kinds.pop(name) for name in RULE_LISTS}
     assert set(kinds.values()) == {"float", "int", "str"}
+    assert all(kind.startswith("tuple") for kind in rule_lists)

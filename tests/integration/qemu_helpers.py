@@ -120,6 +120,11 @@ def wait_chardev_connected(qmp_path: str, *chardevs: str, timeout: float = 20.0)
     """
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(qmp_path):  # a second -qmp socket may appear after the first
+        if time.monotonic() > deadline:
+            raise AssertionError(f"QEMU never created {qmp_path}")
+        time.sleep(0.01)
     mon = QEMUMonitorProtocol(qmp_path)
     mon.connect()
     try:
