@@ -1,23 +1,33 @@
-"""SACK the secondary's own holes, so frames its ring dropped come back by fast retransmit.
+"""SACK each guest's own holes, so frames a ring dropped come back by fast retransmit.
 
-Why: the client only ever acknowledges what the proxy released, and the
-primary's bytes past a hole in the secondary's stream are held until the
-secondary fills it.  So when the secondary's receive ring drops a frame, the
-client's ACK stops at the hole and no duplicate ACK or SACK ever tells the
-secondary what is missing: it resends one segment per retransmission timeout
-(0.2, 0.4, 0.8 s...), past ``compare_timeout``, and the flow stalls.  A real
-receiver would SACK what arrived past the hole; :class:`HoleSacker` does that
-for the client, toward the secondary only.
+Why: the client only ever acknowledges what the proxy released, and nothing
+past a hole in either guest's stream is released until the hole is filled
+(both sides' bytes must agree first).  So when a receive ring drops a guest's
+frame, the client's ACK stops at the hole and no duplicate ACK or SACK ever
+tells the guest what is missing: it resends one segment per retransmission
+timeout (0.2, 0.4, 0.8 s...), past ``compare_timeout``, and the flow stalls.
+A real receiver would SACK what arrived past the hole; :class:`HoleSacker`
+does that for the client, toward one guest (the bridge has one per guest).
 
-Per secondary flow it follows the data the proxy received: ``contig``, where
-contiguous data ends, and the ranges received past a hole.  For each batch in
-which a flow has a hole, it sends the secondary one ACK built from the client's
-latest frame of that flow as the rewriter translated it (the client's
-addresses, sequence number, window and timestamps, the ACK number in the
-secondary's space) with SACK blocks for the ranges received past the hole.
-The secondary marks the hole lost and resends it at once (RACK, or three
-segments SACKed).  The client's own ACKs move ``contig`` on: what the client
-acknowledged the secondary sent, or the primary's copy would still be held.
+Per flow it follows the data the proxy received from its guest: ``contig``,
+where contiguous data ends, and the ranges received past a hole.  For each
+batch in which a flow has a hole, and after each client ACK on such a flow
+(a resend lost again leaves the guest silent), it sends the guest one ACK
+built from the client's latest frame of that flow as that guest gets it (for
+the secondary: as the rewriter translated it) with SACK blocks for the ranges
+received past the hole.  The guest marks the hole lost and resends it (RACK,
+or three segments SACKed).  The client's own ACKs move ``contig`` on: what
+the client acknowledged the guest sent, or it would still be held.
+
+Two more repairs of the same situation, for the secondary's sacker:
+
+* a probe: when the secondary resends data the proxy already had, the
+  client's ACK was lost on its way (the client ring dropped it) and the
+  idle client sends no other: the latest released frame is sent to the
+  client again, which answers at once with its current ACK;
+* monotonic TSvals: a frame released late (after its hole was filled) may
+  carry an older TSval than frames released before it, and the client's
+  PAWS check would drop it: its TSval is raised (see :meth:`released`).
 
 All this costs per-frame work, and holes come from drops only: the sacker
 is idle (each call returns at once) until the bridge tells it that a ring
