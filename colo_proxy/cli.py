@@ -1,4 +1,4 @@
-"""`colo-proxy` command line: replay, streams, run, bridge, disk-agent.
+"""`colo-proxy` command line: replay, streams, run, bridge, disk-agent, explain, tune, learn.
 
 Errors the operator can fix (bad files, bad values) print one line and exit
 with status 2; no traceback.
@@ -22,6 +22,7 @@ _PLUGGED = (
     ("colo_proxy.runtime.run_cli", "add_parser"),
     ("colo_proxy.runtime.bridge_cli", "add_parser"),
     ("colo_proxy.disk.cli", "add_parser"),
+    ("colo_proxy.tools_cli", "add_parsers"),
 )
 
 

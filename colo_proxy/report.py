@@ -5,6 +5,7 @@ The JSON keys are a contract that scripts rely on; add keys, never rename.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 from array import array
@@ -49,6 +50,28 @@ def _alignment_json(res: ReplayResult) -> dict[str, Any]:
         },
         "warnings": list(al.warnings),
     }
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy (config values may be tuples, bytes patterns or enums)."""
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return str(getattr(value, "value", value))
+
+
+def _config_json(res: ReplayResult) -> dict[str, Any] | None:
+    """Every threshold the replay ran with (explain and tune read them back)."""
+    if res.config is None:
+        return None
+    return {f.name: _plain(getattr(res.config, f.name)) for f in dataclasses.fields(res.config)}
 
 
 def latency_json(samples: array[float] | list[float]) -> dict[str, float | int]:
@@ -139,6 +162,10 @@ def report_dict(res: ReplayResult, primary: str, secondary: str) -> dict[str, An
         "flows": stats.pop("flows_created", 0),
         **alignment,
         "policy": policy,
+        "epoch": res.epoch,
+        "config": _config_json(res),
+        "checkpoint_latency": res.checkpoint_latency,
+        "duration": round(res.duration, 6),
         "counters": {k: v for k, v in sorted(stats.items()) if k not in ("released_frames",)},
     }
 

@@ -7,7 +7,9 @@ in and out, and what was counted, per attack.
 
 Each attack runs in its own process so its peak RSS is its own.  Virtual time moves
 1 ms per batch of 64 frames; checkpoints complete 50 ms after they are requested
-(as a real pair would), except in ``flows-stuck`` where they never do.
+(as a real pair would), except in ``flows-stuck`` where they never do.  ``refused``
+is the primary frames of new flows dropped at the flow table's hard cap (counted,
+never released): frames in = out + held at the end + refused.
 """
 
 from __future__ import annotations
@@ -117,11 +119,13 @@ def run_core(frames: Frames, config: Config, complete: bool, batch: int = 64) ->
     stats = proxy.stats()
     return {
         "frames_in": fed, "frames_out": released, "held_at_end": proxy.held_frames(),
+        "refused": stats.get("admission_refused_primary_frames", 0),
         "max_held_frames": max_held, "max_fragment_bytes": max_frag_bytes,
         "flows_at_end": stats["flows"], "seconds": round(seconds, 2),
         "frames_per_s": round(fed / seconds) if seconds else 0,
         "counted": {k: v for k, v in stats.items()
                     if k in ("flow_table_full", "flows_over_limit", "flows_evicted",
+                             "flows_refused", "admission_refused_primary_frames",
                              "flow_evict_examined", "hold_limit_hits", "checkpoints_completed",
                              "checkpoints_requested_by_reason", "uncompared", "malformed",
                              "divergences_by_kind", "checkpoint_requests_rate_limited")},

@@ -4,19 +4,30 @@
 Why: every piece (netfilters, QMP checkpoints, disk epochs, failover) was shown alone; this
 runs the whole loop on two real VMs under TCG (reference qemu-colo.md 8 and 8b).
 
-Topology (everything inside one network namespace ``cp15-...`` except colo-proxy and the
+Topology (everything inside one network namespace ``c15-...`` except colo-proxy and the
 disk agent, which only use unix sockets)::
 
     client (ns, br0 10.215.15.1) -- br0 -- tap tp -- primary QEMU (10.215.15.2)
                                        \\- tap ts -- secondary QEMU (same MAC/IP)
-    primary:   filter-mirror m0 (client input -> mirror.sock -> secondary red0)
+    primary:   filter-redirector hbin (colo-proxy's data-path probes -> hb.sock -> guest input)
+               filter-mirror m0 (client input -> mirror.sock -> secondary red0)
                filter-redirector redire1 (guest output -> pri_in.sock -> colo-proxy)
                filter-redirector redire0 (colo-proxy outdev -> outdev.sock -> tap)
                disk0 raw file, blockdev-mirror (write-blocking) into the agent's
                ``replication`` export
-    secondary: f1 (red0 -> guest), f2 (guest output -> sec_in.sock -> colo-proxy),
-               filter-rewriter rew0, disk0 = the agent's ``secondary`` export (NBD)
-    colo-proxy run --qmp/--secondary-qmp/--disk-qmp, no colo-compare object.
+    secondary: f3 (after a takeover: colo-proxy -> sec_out.sock -> tap), f1 (red0 -> guest),
+               f2 (guest output -> sec_in.sock -> colo-proxy), filter-rewriter rew0,
+               disk0 = the agent's ``secondary`` export (NBD)
+    colo-proxy run --qmp/--secondary-qmp/--disk-qmp, no colo-compare object; with
+    --failover also --heartbeat-dev hb.sock (ARP probes answered by both guests) and
+    --secondary-outdev sec_out.sock (the promoted secondary's output goes out through
+    colo-proxy, as the primary's did).
+
+Filter order matters: QEMU walks a netdev's filters head to tail for what the tap
+receives and tail to head for what the guest sends, and a redirector's injected frames
+continue from where it sits.  So ``hbin`` comes before ``m0`` (a probe reaches both
+guests) and ``f3`` before every other filter of the secondary (what colo-proxy sends
+back goes straight to the tap, not into ``f2`` again).
 
 Usage::
 
@@ -154,6 +165,10 @@ class PairOptions:
     heartbeat_period: float = 0.5
     heartbeat_misses: int = 3
     memory_mb: int = 256
+    data_heartbeat: bool = True
+    """With --failover: probe both guests through the data path too (--heartbeat-dev)."""
+    promoted_through_proxy: bool = True
+    """With --failover: the promoted secondary's output goes out through colo-proxy."""
     proxy_extra: list[str] = field(default_factory=list)
 
 
@@ -162,8 +177,8 @@ class ColoPair:
 
     def __init__(self, opts: PairOptions, workdir: Path | None = None) -> None:
         self.opts = opts
-        self.w = workdir or Path(tempfile.mkdtemp(prefix="cp15-", dir="/tmp"))
-        self.ns = f"cp15-{os.getpid() % 100000}"
+        self.w = workdir or Path(tempfile.mkdtemp(prefix="c15-", dir="/tmp"))
+        self.ns = f"c15-{os.getpid() % 100000}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.mons: dict[str, Monitor] = {}
         self.timings: dict[str, float] = {}
@@ -283,11 +298,16 @@ class ColoPair:
     def proxy_stats(self) -> dict[str, Any]:
         """The proxy's counters, fresh (SIGUSR1 logs them as one JSON line)."""
         proxy = self.procs["proxy"]
-        before = self.log("proxy").count(": stats {")
+
+        def complete() -> list[str]:  # the log may end inside a line being written
+            text = self.log("proxy")
+            return [x for x in text[:text.rfind("\n") + 1].splitlines() if ": stats {" in x]
+
+        before = len(complete())
         proxy.send_signal(signal.SIGUSR1)
-        wait_for(lambda: self.log("proxy").count(": stats {") > before, 10, "proxy stats")
-        line = [x for x in self.log("proxy").splitlines() if ": stats {" in x][-1]
-        stats: dict[str, Any] = json.loads(line.split(": stats ", 1)[1])
+        lines = wait_for(lambda: (got := complete()) and len(got) > before and got, 10,
+                         "proxy stats")
+        stats: dict[str, Any] = json.loads(lines[-1].split(": stats ", 1)[1])
         return stats
 
     def proxy_report(self) -> dict[str, Any]:
@@ -328,9 +348,15 @@ class ColoPair:
     def _failover_flags(self) -> list[str]:
         if not self.opts.failover:
             return []
-        return ["--failover", "--heartbeat-period", str(self.opts.heartbeat_period),
-                "--heartbeat-misses", str(self.opts.heartbeat_misses),
-                "--failover-mirror-job", "colo-disk"]
+        flags = ["--failover", "--heartbeat-period", str(self.opts.heartbeat_period),
+                 "--heartbeat-misses", str(self.opts.heartbeat_misses),
+                 "--failover-mirror-job", "colo-disk"]
+        if self.opts.data_heartbeat:
+            flags += ["--heartbeat-dev", f"unix:{self.w / 'hb.sock'}",
+                      "--heartbeat-guest-ip", GUEST_IP]
+        if self.opts.promoted_through_proxy:
+            flags += ["--secondary-outdev", f"unix:{self.w / 'sec_out.sock'}"]
+        return flags
 
     def _netns(self) -> None:
         # a namespace of this name left by a crashed run of this pid is stale
@@ -356,13 +382,17 @@ class ColoPair:
                "-kernel", str(o.guest / "vmlinuz"), "-initrd", str(o.guest / "initrd.img"),
                "-append", f"console=ttyS0 quiet colo_ip={GUEST_IP}/24",
                "-netdev", f"tap,id=hn0,ifname=t{short},script=no,downscript=no,vnet_hdr=off",
-               "-device", f"virtio-net-pci,netdev=hn0,mac={GUEST_MAC},romfile=",
+               "-device", f"virtio-net-pci,id=net0,netdev=hn0,mac={GUEST_MAC},romfile=",
                "-device", "virtio-blk-pci,drive=disk0",
                "-qmp", f"unix:{w / f'{short}.qmp'},server=on,wait=off",
                "-qmp", f"unix:{w / f'{short}-ctl.qmp'},server=on,wait=off"]
         for d in FIRMWARE_DIRS:
             cmd += ["-L", d]
+        failover = o.failover
         if role == "primary":
+            if failover and o.data_heartbeat:  # first: m0 must see (and mirror) the probes
+                cmd += ["-chardev", f"socket,id=hb0,path={w / 'hb.sock'},server=on,wait=off",
+                        "-object", "filter-redirector,id=hbin,netdev=hn0,queue=tx,indev=hb0"]
             cmd += [
                 "-blockdev", f"driver=file,filename={w / 'primary.img'},node-name=disk0-file",
                 "-blockdev", "driver=raw,file=disk0-file,node-name=disk0",
@@ -375,6 +405,10 @@ class ColoPair:
                 "-S",
             ]
         else:
+            if failover and o.promoted_through_proxy:  # first: its frames go to the tap
+                cmd += ["-chardev",
+                        f"socket,id=sout0,path={w / 'sec_out.sock'},server=on,wait=off",
+                        "-object", "filter-redirector,id=f3,netdev=hn0,queue=rx,indev=sout0"]
             cmd += [
                 "-blockdev", f"driver=nbd,node-name=disk0,server.type=unix,"
                              f"server.path={w / 'agent.nbd'},export=secondary",

@@ -8,7 +8,8 @@
 Each target takes one ``bytes`` input (libFuzzer style, so any engine can drive it)
 and checks the invariant the issue states: every input parses or is reported as
 malformed, with no other exception, no hang and bounded memory; every primary
-frame fed to the core is released exactly once (after a final checkpoint).
+frame fed to the core is released exactly once (after a final checkpoint), or
+dropped and counted at the flow table's hard cap (``admission_refused_*``).
 Inputs are drawn by hypothesis: raw bytes, and mutations (bit flips, overwrites,
 insertions, cuts, splices) of seeds that are valid for the target, so the search
 starts deep inside each format.  A failing input is written to
@@ -121,6 +122,11 @@ def encode_program(events: list[tuple[int, bytes]]) -> bytes:
     return b"".join(bytes([op]) + len(f).to_bytes(2, "big") + f for op, f in events)
 
 
+def refused(proxy: Proxy) -> int:
+    """Primary frames of new flows dropped at the flow table's hard cap."""
+    return proxy.counters["admission_refused_primary_frames"]
+
+
 SMALL = Config(max_flows=8, max_hold_frames=64, max_hold_bytes=64 << 10, max_fragments=4,
                max_fragment_bytes=8 * FRAGMENT_OVERHEAD + 4096, datagram_reorder_window=4,
                max_sec_buffer_bytes=16 << 10, max_flow_hold_bytes=32 << 10)
@@ -148,15 +154,19 @@ def target_core(data: bytes) -> None:
                 fed[frame] += 1
             for d, o in proxy.take_output().released:
                 out[d[o:]] += 1
-            # every primary frame fed so far is released or counted as held
-            assert fed.total() == out.total() + proxy.held_frames(), proxy.stats()
+            # every primary frame fed so far is released, counted as held, or refused
+            # at the flow table's hard cap (dropped and counted)
+            assert fed.total() == out.total() + proxy.held_frames() + refused(proxy), \
+                proxy.stats()
         proxy.tick(now + 1000.0)
         proxy.checkpoint_started(now + 1000.0)
         proxy.checkpoint_done(now + 1000.0)
         for d, o in proxy.take_output().released:
             out[d[o:]] += 1
         assert proxy.held_frames() == 0, proxy.stats()
-        assert out == fed, (sum(fed.values()), sum(out.values()), proxy.stats())
+        assert not out - fed, proxy.stats()  # nothing released that was not fed
+        assert fed.total() == out.total() + refused(proxy), (fed.total(), out.total(),
+                                                              proxy.stats())
 
 
 def target_fragments(data: bytes) -> None:

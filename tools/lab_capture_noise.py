@@ -194,7 +194,7 @@ def web_files() -> dict[str, bytes]:
 
 def wait_port(lab: Lab, side: str, port: int, what: str) -> None:
     srv = lab.ns(side, "server")
-    for _ in range(100):
+    for _ in range(400):  # up to 20 s and more: a loaded machine starts servers slowly
         probe = subprocess.run(nsexec(srv, "python3", "-c", f"import socket; socket.create_"
                                       f"connection(('{SERVER_IP}', {port}), 1).close()"),
                                capture_output=True, check=False)

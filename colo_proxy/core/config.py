@@ -46,6 +46,13 @@ FIELD_DOCS: Final[dict[str, str]] = {
     "max_hold_frames": "Primary frames held across all flows before a checkpoint is forced.",
     "max_hold_flows": "Flows holding primary output before a checkpoint is forced.",
     "max_flows": "Soft cap on tracked flows; idle, empty flows are evicted first.",
+    "max_flows_hard": (
+        "Hard cap on tracked flows: past it new flows are refused, their frames dropped and "
+        "counted, until a checkpoint frees the table (0: 4 x max_flows)."
+    ),
+    "max_hold_bytes_hard": (
+        "Held primary bytes past which new flows are refused (0: 4 x max_hold_bytes)."
+    ),
     "flow_idle_timeout": "An idle flow that holds nothing is forgotten after this long.",
     "closed_flow_timeout": "A closed TCP flow that holds nothing is forgotten after this long.",
     "min_checkpoint_interval": (
@@ -103,6 +110,8 @@ class Config:
     max_hold_frames: int = 262144
     max_hold_flows: int = 16384
     max_flows: int = 65536
+    max_flows_hard: int = 0
+    max_hold_bytes_hard: int = 0
     flow_idle_timeout: float = 300.0
     closed_flow_timeout: float = 10.0
     min_checkpoint_interval: float = 0.1
@@ -156,6 +165,8 @@ class Config:
             raise ConfigError("scan_interval: must be positive")
         if self.max_fragments < 1:
             raise ConfigError("max_fragments: must be at least 1")
+        if 0 < self.max_flows_hard < self.max_flows:
+            raise ConfigError("max_flows_hard: must be 0 (4 x max_flows) or at least max_flows")
         if self.checkpoint_burst < 1:
             raise ConfigError("checkpoint_burst: must be at least 1")
         if self.flow_divergence_limit < 1:

@@ -4,6 +4,20 @@ Untagged IPv4 TCP and UDP flows are also indexed by their raw address/port
 bytes, so feed_many finds them with one dictionary lookup on bytes it
 unpacked anyway.  The watch list holds the flows that may hold or owe
 output: the proxy's scan checks only those for timeouts (see owing).
+
+Two caps on new flows.  ``max_flows`` is soft: past it idle flows that hold
+nothing are evicted, and if none can be (every flow holds output while
+checkpoints do not complete) new flows are still created, counted
+(``flows_over_limit``), and a checkpoint is asked for.  The hard cap
+(``hard_flows`` entries, or ``hard_held_bytes`` of held primary output) is where
+that stops: a new flow is not admitted (``flows_refused``) and its frames are
+dropped and counted (``admission_refused_*``), while the checkpoint stays asked
+for.  Dropping, not passing uncompared, because passing would release output no
+secondary vouched for (a failover would lose those connections, and a flood of
+new flows would switch protection off); a dropped SYN-ACK or datagram is a lost
+packet the guests and clients retransmit, admitted once a checkpoint frees the
+table, and flows already tracked are served throughout.  Memory thus stays
+bounded by the hard cap whatever arrives (about 2 KiB per held flow measured).
 """
 
 from __future__ import annotations
@@ -21,6 +35,13 @@ from colo_proxy.core.tcp import TcpFlow
 
 Flow = TcpFlow | DatagramFlow
 
+HARD_FLOWS_FACTOR = 4
+"""max_flows_hard 0 (the default): the hard cap on flow-table entries is this multiple of
+max_flows (262,144 by default: about 512 MiB of held flows)."""
+HARD_HELD_FACTOR = 4
+"""max_hold_bytes_hard 0 (the default): new flows are refused past this multiple of
+max_hold_bytes held (256 MiB by default)."""
+
 
 def fast_key(key: FlowKey) -> bytes:
     """The raw IPv4 src/dst/sport/dport bytes of a flow, as the fast path sees them."""
@@ -31,8 +52,8 @@ def fast_key(key: FlowKey) -> bytes:
 class FlowTable:
     """Flows by key, fast indexes, the watch list; eviction and idle expiry."""
 
-    __slots__ = ("config", "counters", "evict_blocked", "flows", "next_sweep", "tcp4", "udp4",
-                 "watch")
+    __slots__ = ("config", "counters", "evict_blocked", "flows", "hard_flows", "hard_held_bytes",
+                 "next_sweep", "tcp4", "udp4", "watch")
 
     def __init__(self, config: Config, counters: Counter[str]) -> None:
         self.config = config
@@ -48,12 +69,35 @@ class FlowTable:
         self.evict_blocked = False
         """The last eviction scan found too little to evict: no new scan before the next
         sweep or checkpoint (each new flow would walk a table of holding flows)."""
+        self.hard_flows = config.max_flows_hard or max(config.max_flows, 1) * HARD_FLOWS_FACTOR
+        """No new flow beyond this many entries (see the module docstring)."""
+        self.hard_held_bytes = (
+            config.max_hold_bytes_hard or max(config.max_hold_bytes, 1) * HARD_HELD_FACTOR
+        )
+        """No new flow while this many primary bytes are held."""
 
     def __len__(self) -> int:
         return len(self.flows)
 
     def full(self) -> bool:
         return len(self.flows) >= self.config.max_flows
+
+    def admit(self, held_bytes: int) -> bool:
+        """Room for one more flow?  Past max_flows evict idle ones; False past the hard cap.
+
+        The caller asks for a checkpoint whenever the table is still full after this.
+        """
+        if held_bytes >= self.hard_held_bytes:
+            self.counters["flows_refused"] += 1
+            return False
+        if len(self.flows) >= self.config.max_flows and self.evict():
+            return True
+        if len(self.flows) >= self.hard_flows:
+            self.counters["flows_refused"] += 1
+            return False
+        if len(self.flows) >= self.config.max_flows:
+            self.counters["flows_over_limit"] += 1
+        return True
 
     def new_tcp(self, key: FlowKey, now: float) -> TcpFlow:
         """A new TCP flow (the caller made room first: see full and evict)."""
@@ -77,11 +121,10 @@ class FlowTable:
         """Make room by forgetting flows that hold nothing, oldest first; False if none went.
 
         A scan that finds fewer than it wants blocks further scans until the next
-        sweep or checkpoint: meanwhile new flows are created over the limit, counted
-        (`flows_over_limit`), and each asks for a (rate-limited) checkpoint.
+        sweep or checkpoint: meanwhile new flows are created over the limit (up to the
+        hard cap, see admit), and each asks for a (rate-limited) checkpoint.
         """
         if self.evict_blocked:
-            self.counters["flows_over_limit"] += 1
             return False
         want = max(1, self.config.max_flows // 16)
         victims = []

@@ -102,7 +102,9 @@ class GeneralPath:
         if tflow is None:
             key: FlowKey = (PROTO_TCP, (), raw[:4], raw[4:8], int.from_bytes(raw[8:10], "big"),
                             int.from_bytes(raw[10:12], "big"))
-            self._make_room(now)
+            if not self._make_room(now):
+                self._refused(primary, frame)
+                return
             tflow = self._new_tcp(key, now)
         tflow.last_seen = now
         hdr = TcpHeader(tflow.key[4], tflow.key[5], seq, ack, flags, offset + 54, start)
@@ -176,7 +178,9 @@ class GeneralPath:
             key: FlowKey = (proto, ip.vlan, ip.src, ip.dst, hdr.sport, hdr.dport)
             tflow = self.table.flows.get(key)
             if not isinstance(tflow, TcpFlow):
-                self._make_room(now)
+                if not self._make_room(now):
+                    self._refused(primary, rel)
+                    return
                 tflow = self._new_tcp(key, now)
             tflow.last_seen = now
             if primary:
@@ -212,7 +216,9 @@ class GeneralPath:
             kind = DivergenceKind.OTHER
         gflow = self.table.flows.get(key)
         if not isinstance(gflow, DatagramFlow):
-            self._make_room(now)
+            if not self._make_room(now):
+                self._refused(primary, rel)
+                return
             gflow = self.table.new_datagram(key, now, kind)
             self.host.classify(gflow, now)
         gflow.last_seen = now
@@ -232,7 +238,21 @@ class GeneralPath:
         flow.sniff = not self.host.classify(flow, now)
         return flow
 
-    def _make_room(self, now: float) -> None:
-        """Before a new flow: evict idle ones if the table is full, else ask for a checkpoint."""
-        if self.table.full() and not self.table.evict():
+    def _make_room(self, now: float) -> bool:
+        """Before a new flow: evict idle ones if the table is full, else ask for a checkpoint;
+        False past the hard cap (flowtable.py says why its frames are dropped)."""
+        table, held = self.table, self.ledger.held_bytes
+        if not table.full() and held < table.hard_held_bytes:
+            return True
+        admitted = table.admit(held)
+        if table.full() or not admitted:
             self.host.want_checkpoint(CheckpointReason.FLOW_TABLE, now)
+        return admitted
+
+    def _refused(self, primary: bool, rel: Rel) -> None:
+        """A new flow's frame(s) past the hard cap: dropped, counted, never released."""
+        frames = len(rel) if isinstance(rel, list) else 1
+        size = sum(len(d) - o for d, o in rel) if isinstance(rel, list) else len(rel[0]) - rel[1]
+        side = "primary" if primary else "secondary"
+        self.counters[f"admission_refused_{side}_frames"] += frames
+        self.counters[f"admission_refused_{side}_bytes"] += size

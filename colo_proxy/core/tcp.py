@@ -120,7 +120,8 @@ class TcpFlow(HeldCounts):
         self.q_ooo = False
         """Whether the queue may hold an entry ending before an earlier one's end."""
         self.q_scanned: tuple[object, ...] = ()
-        """What an out-of-order scan depends on, as of the last one: rescan only on news."""
+        """What an out-of-order scan depends on, as of the last one: rescan only on news
+        (reset by every entry queued while the queue is out of order)."""
         self.skipping = False
         """A reported differing region: skip it up to the first agreeing byte (continues)."""
         self.close_div = False
@@ -236,6 +237,8 @@ class TcpFlow(HeldCounts):
             if me.fin is None:
                 me.fin = stop
         self.queue.append(HeldFrame(stop, a, need, rel, now, off, plen, flen))
+        if self.q_ooo:
+            self.q_scanned = ()  # a new entry is news to the out-of-order scan
         # The caller accounts the held frame (host.hold, or inline in Proxy.feed_many).
         sec = self.sec
         if (
@@ -359,6 +362,8 @@ class TcpFlow(HeldCounts):
                 me.rst = stop
         ack = self.ack_offset(me, hdr)
         self.queue.append(HeldFrame(stop, ack, need, rel, now, off, plen, flen))
+        if self.q_ooo:
+            self.q_scanned = ()
         host.hold(self, flen)
         if self.diverged:
             return

@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from colo_proxy.config_args import parse_size
@@ -17,6 +18,7 @@ from colo_proxy.disk.engine import DEFAULT_MEMORY_CAP, DiskEngine
 from colo_proxy.disk.nbd import DEFAULT_MAX_CONNECTIONS
 from colo_proxy.disk.tls import server_context
 from colo_proxy.errors import ColoProxyError, ConfigError
+from colo_proxy.logfmt import setup_logging
 
 __all__ = ["add_parser", "configure", "main", "parse_size", "run"]
 
@@ -73,6 +75,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="event loop implementation (auto: uvloop when installed)")
     p.add_argument("--log-level", type=str.lower, default="info",
                    choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines as text (default) or one JSON object each")
+    p.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics on /metrics (host 127.0.0.1 unless given)")
     p.set_defaults(func=run)
 
 
@@ -98,9 +104,13 @@ async def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--secondary-export must differ from --export-name")
     engine = DiskEngine(image, state_dir, args.memory_cap, args.max_epoch_bytes)
     agent = DiskAgent(engine, config)
+    # Serving before the agent listens: whoever sees the agent up can scrape it.
+    stop_metrics = _serve_metrics(args.metrics, engine) if args.metrics else None
     try:
         await agent.start()
     except BaseException:
+        if stop_metrics is not None:
+            stop_metrics()
         await agent.close()
         raise
     loop = asyncio.get_running_loop()
@@ -111,14 +121,32 @@ async def _serve(args: argparse.Namespace) -> int:
         "NBD %s, QMP %s", image, engine.size, engine.replica.applied_epoch,
         engine.state.replayed,
         ", ".join(map(str, config.nbd)), ", ".join(map(str, config.qmp)))
-    await agent.wait_stopped()
+    try:
+        await agent.wait_stopped()
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
     await agent.close()
     return 0
 
 
+def _serve_metrics(addr: str, engine: DiskEngine) -> Callable[[], None]:
+    """The agent's epochs and buffered bytes, read on the loop at scrape time."""
+    from colo_proxy.metrics import disk_agent_registry, loop_snapshot, serve
+
+    def stats() -> dict[str, object]:
+        st = engine.status()
+        return {"disk_agent": {"sealed": st.sealed_epoch, "committed": st.committed_epoch,
+                               "applied": st.applied_epoch,
+                               "speculation": st.speculation_bytes,
+                               "overlay": st.overlay_bytes}}
+
+    return serve(addr, disk_agent_registry(loop_snapshot(asyncio.get_running_loop(), stats)))
+
+
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level, args.log_format,
+                  "%(asctime)s %(name)s %(levelname)s %(message)s")
     use_uvloop = args.loop == "uvloop" or (
         args.loop == "auto" and importlib.util.find_spec("uvloop") is not None)
     try:

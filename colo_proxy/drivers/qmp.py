@@ -43,6 +43,14 @@ MC periods.  When the policy moves the whole VM to MC,
 timer, ``x-checkpoint-delay``); the operator's value is read first and
 written back when the VM returns to COLO.  Setting the parameter also
 starts a checkpoint at once, which is what a switch wants anyway.
+
+TLS.  ``ssl`` (a client context, e.g. from ``disk.tls.client_context``) wraps
+the connection from its first byte, as QEMU's ``tls-creds`` on a QMP chardev
+does.  A handshake failure (wrong CA, refused client certificate) is logged as
+one error line and retried like any connection failure.  qemu.qmp's own
+``disconnect()`` hangs for ever on a TLS transport (asyncio 3.11, uvloop: see
+:class:`_Client`), so sessions are closed through that subclass, and every
+disconnect is bounded by ``CLOSE_TIMEOUT`` besides.
 """
 
 from __future__ import annotations
@@ -51,12 +59,13 @@ import asyncio
 import contextlib
 import enum
 import logging
+import ssl as _ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError, Runstate
 
 from colo_proxy.drivers.endpoints import Endpoint
 
@@ -66,6 +75,8 @@ MAX_BACKOFF = 5.0
 MAX_RESEND = 60.0
 COLO_MODES = ("primary", "secondary")
 CHECKPOINT_RUN_STATES = ("colo", "running")
+CLOSE_TIMEOUT = 5.0
+"""Seconds a disconnect may take before the session is abandoned (its socket closed)."""
 
 
 class FollowPolicy(enum.Enum):
@@ -94,12 +105,78 @@ class QmpStats:
     period_changes: int = 0
     checkpoint_period_ms: int | None = None
     """The x-checkpoint-delay we set for MC (None: the operator's is in force)."""
+    disconnects_abandoned: int = 0
     last_error: str = ""
     colo_status: dict[str, Any] = field(default_factory=dict)
     run_status: str = ""
 
 
 Callback = Callable[[], None]
+
+CONNECT_FAILURES = ("Failed to establish", "Failed to receive", "Did not understand",
+                    "Negotiation failed")
+"""How qemu.qmp's own ERROR lines about a failed connect begin."""
+
+
+def _not_a_connect_failure(record: logging.LogRecord) -> bool:
+    """qemu.qmp logs each failed connect at ERROR (on every retry); the driver reports
+    failures itself, once and then at most every MAX_BACKOFF."""
+    return not record.getMessage().startswith(CONNECT_FAILURES)
+
+
+class _Client(QMPClient):
+    """qemu.qmp's client with a disconnect that does not hang on TLS.
+
+    ``disconnect()`` flushes with ``qemu.qmp.util.flush``: it sets the transport's
+    write-buffer limits to (0, 0) and awaits ``drain()``.  CPython 3.11's SSL
+    transport (``asyncio.sslproto``) pauses its protocol when the buffered size
+    is ``>=`` the high-water mark, so with an empty buffer and high = 0 it pauses
+    at once and, nothing being written, never resumes: ``drain()`` waits for
+    ever (uvloop's SSL layer, a port of it, does the same).  Plain sockets test
+    ``>`` and never pause on an empty buffer.  Flushing at the normal limits is
+    enough: ``close()`` writes out what is buffered.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        if _not_a_connect_failure not in self.logger.filters:
+            self.logger.addFilter(_not_a_connect_failure)
+
+    async def _bh_flush_writer(self) -> None:
+        if not self._writer_task:
+            return
+        await self._outgoing.join()
+        if self._writer is not None:
+            await self._writer.drain()
+
+
+async def disconnect(client: QMPClient) -> bool:
+    """Disconnect, never raising; False if it was abandoned after CLOSE_TIMEOUT."""
+    try:
+        await asyncio.wait_for(client.disconnect(), CLOSE_TIMEOUT)
+    except TimeoutError:
+        log.warning("%s: QMP disconnect did not finish in %gs; abandoned",
+                    client.name, CLOSE_TIMEOUT)
+        return False
+    except Exception:  # the session is over, whatever went wrong
+        pass
+    return True
+
+
+def _connect_error(err: QMPError, tls: bool) -> tuple[bool, str]:
+    """Whether a connect failure is a TLS one, and its one-line description.
+
+    A server that refuses our certificate under TLS 1.3 does so after our side of
+    the handshake completed: we see the connection closed before the greeting.
+    """
+    cause = err.exc if isinstance(err, ConnectError) else err
+    text = " ".join(str(err).split())
+    if isinstance(cause, _ssl.SSLError):
+        return True, text
+    if tls and isinstance(cause, EOFError | ConnectionError):
+        return True, (f"{text} (the server closed the TLS session before its greeting: "
+                      "it refused our client certificate, or wants one)")
+    return False, text
 
 
 class QmpDriver:
@@ -117,6 +194,7 @@ class QmpDriver:
         request_timeout: float = 5.0,
         backoff: float = 0.1,
         checkpoint_delay: int | None = None,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         self.name = name
         self.endpoint = endpoint
@@ -133,6 +211,7 @@ class QmpDriver:
         self._resend_after = request_timeout
         self._in_checkpoint = False
         self._fixed_delay = checkpoint_delay
+        self._ssl = ssl
         self._wake = asyncio.Event()
         self._reported_held = False
         self._task: asyncio.Task[None] | None = None
@@ -154,9 +233,8 @@ class QmpDriver:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         client = self._client
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+        if client is not None and not await disconnect(client):
+            self.stats.disconnects_abandoned += 1
 
     @property
     def connected(self) -> bool:
@@ -232,17 +310,21 @@ class QmpDriver:
     async def _run(self) -> None:
         backoff = self._backoff
         while True:
-            client = QMPClient(self.name)
+            client = _Client(self.name)
             try:
-                await client.connect(self.endpoint.qmp_address())
+                await client.connect(self.endpoint.qmp_address(), ssl=self._ssl)
             except QMPError as err:
                 self.stats.connect_failures += 1
+                tls, text = _connect_error(err, self._ssl is not None)
+                self.stats.last_error = text
                 if self.stats.connect_failures == 1 or backoff >= MAX_BACKOFF:
-                    log.info(
-                        "%s: cannot connect to QMP %s: %s; retrying",
+                    log.log(
+                        logging.ERROR if tls else logging.INFO,
+                        "%s: cannot connect to QMP %s%s: %s; retrying",
                         self.name,
                         self.endpoint.describe(),
-                        err,
+                        " (TLS handshake failed)" if tls else "",
+                        text,
                     )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -255,8 +337,8 @@ class QmpDriver:
             finally:
                 self._client = None
                 self.connected_event.clear()
-                with contextlib.suppress(Exception):
-                    await client.disconnect()
+                if not await disconnect(client):
+                    self.stats.disconnects_abandoned += 1
             if self._in_checkpoint:
                 self._in_checkpoint = False
                 log.warning("%s: QEMU went away during a checkpoint; output stays held", self.name)

@@ -46,6 +46,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
@@ -89,6 +90,7 @@ class BridgeSettings:
     output_buffer: int = 64 * 1024 * 1024
     secondary_qmp: Endpoint | None = None
     disk_qmp: Endpoint | None = None
+    disk_tls_creds: Path | None = None
     busy_poll_us: int = 100
     fix_offloads: bool = False
     """Turn off offloads that make super-frames instead of refusing to start."""

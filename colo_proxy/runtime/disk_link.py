@@ -7,6 +7,12 @@ epoch N is released only once both happened, in either order
 (`colo_proxy.disk.gate.CommitGate`).  While the agent is unreachable or
 refuses, the request is retried with backoff and the output stays held:
 never released on the memory checkpoint alone.
+
+Between hosts the agent's QMP is a TCP listener with TLS (its ``--tls-creds``,
+QEMU's tls-creds-x509 model, client certificates required by default): give
+``--disk-tls-creds DIR`` (``ca-cert.pem``, and ``client-cert.pem`` plus
+``client-key.pem`` for mutual TLS); a handshake the agent or we refuse is one
+logged error line, retried, with output held meanwhile.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 from qemu.qmp import QMPError
 
 from colo_proxy.disk.gate import CommitGate
+from colo_proxy.disk.tls import client_context
 from colo_proxy.drivers.endpoints import Endpoint
 from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
 
@@ -31,8 +40,10 @@ class DiskLink:
     """Drives the disk agent's epochs in step with the VM checkpoints."""
 
     def __init__(self, endpoint: Endpoint, release: Callable[[], None],
-                 backoff: float = 0.05) -> None:
-        self.driver = QmpDriver("disk-qmp", endpoint, follow=FollowPolicy.NONE)
+                 backoff: float = 0.05, tls: ssl.SSLContext | Path | None = None) -> None:
+        if isinstance(tls, Path):
+            tls = client_context(tls)
+        self.driver = QmpDriver("disk-qmp", endpoint, follow=FollowPolicy.NONE, ssl=tls)
         self.gate = CommitGate()
         self._release = release
         self._backoff = backoff
@@ -92,6 +103,7 @@ class DiskLink:
             "released_epoch": self.gate.released_epoch,
             "agent_epoch": self._agent_epoch,
             "connected": self.driver.connected,
+            "disconnects_abandoned": self.driver.stats.disconnects_abandoned,
         }
 
     def _check_boot(self, boot_id: object) -> None:

@@ -45,6 +45,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 from qemu.qmp import ExecuteError, QMPError
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 
 DIVERGENCE_LOG_BURST = 20
 """Divergences logged in full per second; the rest are only counted."""
+
+LIMIT_LOG_INTERVAL = 10.0
+"""Seconds between two log lines about new flows refused at the flow table's hard cap."""
 
 DEFERRED_INPUT_LIMIT = 64 * 1024 * 1024
 """Bytes of input kept while the disk agent lags; beyond it input is dropped and counted
@@ -83,6 +87,8 @@ class HostSettings(Protocol):
     def secondary_qmp(self) -> Endpoint | None: ...
     @property
     def disk_qmp(self) -> Endpoint | None: ...
+    @property
+    def disk_tls_creds(self) -> Path | None: ...
     @property
     def qmp_follow(self) -> FollowPolicy: ...
     @property
@@ -136,7 +142,8 @@ class CoreHost:
             )
         self.disk_link: DiskLink | None = None
         if settings.disk_qmp is not None:
-            self.disk_link = DiskLink(settings.disk_qmp, self._disk_released)
+            self.disk_link = DiskLink(settings.disk_qmp, self._disk_released,
+                                      tls=settings.disk_tls_creds)
         self._deferred: deque[tuple[int, Side, list[Frame]]] = deque()
         self._deferred_bytes = 0
         self._vm_in_checkpoint = False
@@ -144,6 +151,8 @@ class CoreHost:
         self._timer_at: float | None = None
         self._log_window = 0.0
         self._logged_in_window = 0
+        self._refused_logged = 0
+        self._refused_log_at: float | None = None
         self._stopping = asyncio.Event()
 
     # ---- what a subclass provides ---------------------------------------------------------
@@ -344,6 +353,8 @@ class CoreHost:
             self._request(request)
         if out.divergences:
             self._log_divergences(out.divergences, now)
+        if proxy.counters["flows_refused"] != self._refused_logged:
+            self._log_refused(now)
         deadline = proxy.next_deadline()
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
             if self._timer is not None:
@@ -358,6 +369,23 @@ class CoreHost:
         now = self._clock()
         self.proxy.tick(now)
         self._after(now)
+
+    def _log_refused(self, now: float) -> None:
+        """New flows refused at the flow table's hard cap: one line per LIMIT_LOG_INTERVAL."""
+        if self._refused_log_at is not None and now - self._refused_log_at < LIMIT_LOG_INTERVAL:
+            return
+        counters, table = self.proxy.counters, self.proxy.table
+        refused = counters["flows_refused"]
+        log.warning(
+            "flow table at its hard cap (%d flows of %d, %d bytes held of %d): %d new flows "
+            "refused since the last such line, their frames dropped (%d primary in all), "
+            "until a checkpoint completes (%d checkpoint requests so far)",
+            len(table), table.hard_flows, self.proxy.ledger.held_bytes, table.hard_held_bytes,
+            refused - self._refused_logged, counters["admission_refused_primary_frames"],
+            self.counters["checkpoint_requests"],
+        )
+        self._refused_logged = refused
+        self._refused_log_at = now
 
     def _log_divergences(self, divergences: list[Divergence], now: float) -> None:
         if now - self._log_window >= 1.0:

@@ -75,6 +75,9 @@ class ReplayResult:
     epoch: float = 0.0
     """Capture time of the first frame (times above are relative to it)."""
     alignment: align.Alignment | None = None
+    config: Config | None = None
+    """The thresholds the replay ran with (explain names the one that fired)."""
+    checkpoint_latency: float = 0.0
     latency: dict[str, array[float]] = field(default_factory=dict)
     """Added release latency of each released primary frame (virtual seconds: release
     time minus arrival), by the VM's mode when it was released."""
@@ -102,7 +105,7 @@ class Replay:
         self.on_release = on_release
         self.batch_window = batch_window
         self.align_setting = align_setting
-        self.result = ReplayResult()
+        self.result = ReplayResult(config=config, checkpoint_latency=checkpoint_latency)
         self._done_at: float | None = None
         self._epoch: float | None = None
         self._vt = 0.0

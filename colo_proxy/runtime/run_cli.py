@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from colo_proxy.config_args import (
@@ -26,9 +27,12 @@ from colo_proxy.config_args import (
     read_toml,
     size_value,
 )
+from colo_proxy.disk.tls import client_context
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
+from colo_proxy.live_obs import HOST_OBS_KEYS, attach
+from colo_proxy.logfmt import setup_logging
 from colo_proxy.runtime.failover import FailoverSupervisor
 from colo_proxy.runtime.failover_cli import FAILOVER_KEYS, add_failover_flags, failover_settings
 from colo_proxy.runtime.host import CoreHost, ShutdownMode, print_report
@@ -49,6 +53,7 @@ HOST_KEYS: Keys = {
     "stats_interval": (float, 0.0),
     "loop": (str, "uvloop"),
     "log_level": (str, "info"),
+    **HOST_OBS_KEYS,
 }
 """Settings every live proxy (run, bridge) has, spelled the same way."""
 
@@ -60,6 +65,7 @@ RUN_KEYS: Keys = {
     "vnet_hdr": (bool, False),
     "secondary_qmp": (str, None),
     "disk_qmp": (str, None),
+    "disk_tls_creds": (str, None),
     "outdev_buffer": (int, 64 * 1024 * 1024),
     "listen_remote": (bool, False),
     **HOST_KEYS,
@@ -106,6 +112,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--disk-qmp",
         metavar="SPEC",
         help="disk replication agent's QMP socket: held output also waits for its epoch ack",
+    )
+    io.add_argument(
+        "--disk-tls-creds",
+        metavar="DIR",
+        help="TLS to --disk-qmp (the agent's --tls-creds), QEMU tls-creds-x509 client layout: "
+        "ca-cert.pem, and client-cert.pem + client-key.pem for a client certificate",
     )
     io.add_argument(
         "--outdev-buffer",
@@ -164,6 +176,15 @@ def add_host_flags(p: argparse.ArgumentParser, output: str) -> None:
         help="event loop implementation (uvloop)",
     )
     io.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    io.add_argument("--log-format", choices=["text", "json"], default=None,
+                    help="log lines as text (default) or one JSON object each")
+    io.add_argument("--metrics", metavar="[HOST:]PORT",
+                    help="serve Prometheus metrics on /metrics (host 127.0.0.1 unless given)")
+    io.add_argument("--save-divergences", metavar="DIR",
+                    help="write the frames around each divergence as a pcap pair in DIR "
+                         "(read by explain and replay)")
+    io.add_argument("--save-divergences-max-bytes", type=parse_size, default=None,
+                    metavar="BYTES", help="bound on what --save-divergences writes (64M)")
 
 
 def run_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,9 +259,21 @@ def settings_from_values(values: dict[str, Any]) -> RunSettings:
         vnet_hdr=bool(values["vnet_hdr"]),
         secondary_qmp=endpoint("secondary_qmp"),
         disk_qmp=endpoint("disk_qmp"),
+        disk_tls_creds=_disk_tls(values),
         outdev_buffer=int(values["outdev_buffer"]),
         **host_settings(values, "run"),
     )
+
+
+def _disk_tls(values: dict[str, Any]) -> Path | None:
+    """--disk-tls-creds, checked now (a bad directory is a one-line error at start)."""
+    if not values.get("disk_tls_creds"):
+        return None
+    if not values.get("disk_qmp"):
+        raise ConfigError("disk_tls_creds: needs --disk-qmp")
+    path = Path(values["disk_tls_creds"])
+    client_context(path)
+    return path
 
 
 def host_settings(values: dict[str, Any], command: str) -> dict[str, Any]:
@@ -280,22 +313,30 @@ def run(args: argparse.Namespace) -> int:
 def serve_and_report(make_host: Callable[[], CoreHost], values: dict[str, Any]) -> int:
     """Log set-up, the host on its loop until SIGINT/SIGTERM, the final report on stderr."""
     level = str(values["log_level"]).upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(level, str(values.get("log_format") or "text"))
     logging.getLogger("qemu.qmp").setLevel(max(logging.WARNING, logging.getLogger().level))
-    report = _run_loop(_serve(make_host), values["loop"])
+    report = _run_loop(_serve(make_host, values), values["loop"])
     print_report(report)
     return 0
 
 
-async def _serve(make_host: Callable[[], CoreHost]) -> dict[str, object]:
+async def _serve(make_host: Callable[[], CoreHost], values: dict[str, Any],
+                 ) -> dict[str, object]:
     host = make_host()
+    close_obs = attach(host, values)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stop, host, sig)
     loop.add_signal_handler(signal.SIGUSR1, _log_stats, host)
     loop.add_signal_handler(signal.SIGUSR2, host.enter_passthrough, "SIGUSR2")
     log.info("colo-proxy running (loop %s)", type(loop).__module__.split(".")[0])
-    return await host.serve()
+    try:
+        report = await host.serve()
+    except BaseException:
+        close_obs({})
+        raise
+    close_obs(report)
+    return report
 
 
 def _log_stats(host: CoreHost) -> None:

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import CheckpointRequest, Side
@@ -50,6 +51,7 @@ class RunSettings:
     qmp: Endpoint | None = None
     secondary_qmp: Endpoint | None = None
     disk_qmp: Endpoint | None = None
+    disk_tls_creds: Path | None = None
     qmp_follow: FollowPolicy = FollowPolicy.COLO
     qmp_request_timeout: float = 5.0
     outdev_buffer: int = 64 * 1024 * 1024

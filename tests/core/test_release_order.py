@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -144,3 +145,40 @@ def test_a_retransmission_behind_matched_segments_goes_out() -> None:
     assert len(out.released) == 5  # 4-5, then 6-9 that waited for them
     divergences += out.divergences
     assert proxy.held_frames() == 0 and divergences == []
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+def test_a_retransmission_below_the_agreed_offset_goes_out(fast: bool) -> None:
+    """Primary A, C, D; secondary A, C; primary B; secondary B (B and C go out); then the
+    primary resends B and C (the client lost them): both must go out again, D still waiting.
+
+    Found by the bridge's ring-overflow runs: the out-of-order scan was skipped because
+    nothing it depended on (agreed offset, the secondary's ACK) had changed, though the
+    queue had new entries.
+    """
+    p, s = TcpServerStream(isn=100), TcpServerStream(isn=90000)
+    a, b, c, d = (bytes([65 + i]) * MSS for i in range(4))
+    proxy = Proxy(Config(), fast_path=fast)
+    released: list[bytes] = []
+    now = 0.0
+
+    def feed(side: object, frame: bytes) -> None:
+        nonlocal now
+        now += TICK
+        proxy.feed(side, frame, now)  # type: ignore[arg-type]
+        released.extend(x[o:] for x, o in proxy.take_output().released)
+
+    feed(P, p.synack())
+    feed(S, s.synack())
+    data = dict(zip("ABCD", (a, b, c, d), strict=True))
+    pri = {k: p.data(i * MSS, v) for i, (k, v) in enumerate(data.items())}
+    sec = {k: s.data(i * MSS, v) for i, (k, v) in enumerate(data.items())}
+    for frame in (pri["A"], pri["C"], pri["D"], sec["A"], sec["C"], pri["B"], sec["B"]):
+        feed(P if frame in pri.values() else S, frame)
+    assert sorted(released[1:]) == sorted([pri["A"], pri["B"], pri["C"]])
+    again_b = p.data(MSS, b, ident=7)
+    again_c = p.data(2 * MSS, c, ident=8)
+    feed(P, again_b)
+    feed(P, again_c)
+    assert released[4:] == [again_b, again_c]
+    assert pri["D"] not in released

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime import run_cli
 from colo_proxy.runtime.failover import FailoverSettings
@@ -54,3 +55,35 @@ def test_defaults_follow_colo_ft() -> None:
 def test_errors(extra: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         settings([*BASE, "--failover", *extra])
+
+
+def test_data_path_and_secondary_outdev(tmp_path: Path) -> None:
+    extra = ["--heartbeat-dev", "unix:/tmp/hb.sock", "--heartbeat-guest-ip", "10.215.15.2",
+             "--secondary-outdev", "unix:/tmp/so.sock"]
+    flags = settings([*BASE, *QMPS, "--failover", *extra])
+    assert flags == FailoverSettings(
+        0.5, 3, ("f1",), ("red0",), ("m0",), None,
+        heartbeat_dev=parse_endpoint("unix:/tmp/hb.sock"), guest_ip=bytes([10, 215, 15, 2]),
+        secondary_outdev=parse_endpoint("unix:/tmp/so.sock"))
+    toml = tmp_path / "run.toml"
+    toml.write_text('[run]\nfailover = true\nheartbeat_dev = "unix:/tmp/hb.sock"\n'
+                    'heartbeat_guest_ip = "10.215.15.2"\nsecondary_outdev = "unix:/tmp/so.sock"\n')
+    assert settings([*BASE, *QMPS, "--config", str(toml)]) == flags
+    # explicit ids still win over the defaults that keep the output path
+    assert settings([*BASE, *QMPS, "--failover", *extra, "--failover-secondary-objects",
+                     "f2,f1"]).secondary_objects == ("f2", "f1")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--heartbeat-dev", "unix:/tmp/hb.sock"], "go together"),
+        (["--heartbeat-guest-ip", "10.0.0.1"], "go together"),
+        (["--heartbeat-dev", "unix:/tmp/hb.sock", "--heartbeat-guest-ip", "fe80::1"],
+         "heartbeat_guest_ip"),
+        (["--secondary-outdev", "tcp:0.0.0.0:4000,server"], "non-loopback"),
+    ],
+)
+def test_data_path_errors(extra: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings([*BASE, *QMPS, "--failover", *extra])

@@ -11,6 +11,7 @@ import pytest
 from colo_proxy.cli import main
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
+from colo_proxy.core.flowtable import HARD_FLOWS_FACTOR
 from colo_proxy.core.fragments import FRAGMENT_OVERHEAD, FragmentTable
 from colo_proxy.core.proxy import Proxy
 from colo_proxy.drivers.pcap import PcapWriter
@@ -99,20 +100,21 @@ def synack(i: int) -> bytes:
 def test_flow_table_full_of_holding_flows_does_not_scan_per_new_flow() -> None:
     cfg = Config(max_flows=512, max_hold_flows=1 << 20, max_hold_frames=1 << 20)
     proxy = Proxy(cfg)
-    frames = [synack(i) for i in range(4096)]
+    hard = cfg.max_flows * HARD_FLOWS_FACTOR  # up to the hard cap (test_flow_cap.py: past it)
+    frames = [synack(i) for i in range(hard)]
     for i, frame in enumerate(frames):
         proxy.feed(Side.PRIMARY, frame, i * 1e-5)
     stats = proxy.stats()
     # every flow holds its SYN-ACK, so none can be evicted: a checkpoint is asked
     # for, the limit hit is counted, and the frames stay held (never dropped)
-    assert stats["held_frames"] == 4096 and stats["flow_table_full"] >= 1
+    assert stats["held_frames"] == hard and stats["flow_table_full"] >= 1
     assert stats["checkpoints_requested_by_reason"]  # type: ignore[truthy-bool]
-    # ... without walking all the flows again for each of the 3584 new ones
+    # ... without walking all the flows again for each of the 1536 new ones
     assert stats["flow_evict_examined"] <= 4 * cfg.max_flows
-    assert stats["flows_over_limit"] >= 4096 - 2 * cfg.max_flows
+    assert stats["flows_over_limit"] >= hard - 2 * cfg.max_flows
     proxy.checkpoint_started(1.0)
     proxy.checkpoint_done(1.0)
-    assert len(proxy.take_output().released) == 4096 and proxy.held_frames() == 0
+    assert len(proxy.take_output().released) == hard and proxy.held_frames() == 0
     # after the checkpoint the table can be trimmed again
     proxy.feed(Side.PRIMARY, synack(5000), 1.1)
     assert proxy.stats()["flows_evicted"] >= 1

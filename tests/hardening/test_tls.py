@@ -10,19 +10,16 @@ import socket
 import ssl
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from colo_proxy.disk import nbd_proto as p
-from colo_proxy.disk.address import Address
-from colo_proxy.disk.agent import AgentConfig, DiskAgent
-from colo_proxy.disk.engine import DiskEngine
 from colo_proxy.disk.tls import server_context
 from colo_proxy.errors import ConfigError
 from tests.disk.agent_helpers import AgentProcess, short_tmpdir, start_agent
 from tests.disk.nbdwire import go_payload, option, parse_option_replies
+from tests.hardening.conftest import free_port, tls_agent
 
 # -- sans-IO ---------------------------------------------------------------------------
 
@@ -64,72 +61,12 @@ def test_without_tls_starttls_is_still_refused_politely() -> None:
     assert rtype == p.REP_ERR_POLICY
 
 
-# -- certificates ----------------------------------------------------------------------
-
-OPENSSL = shutil.which("openssl")
-
-
-def sh(*cmd: str, cwd: Path) -> None:
-    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_ca(d: Path, name: str) -> None:
-    (d / f"{name}.ext").write_text("basicConstraints=critical,CA:TRUE\n"
-                                   "keyUsage=critical,keyCertSign,cRLSign\n")
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem",
-       "-out", f"{name}-cert.pem", "-days", "2", "-subj", f"/CN={name}",
-       "-addext", "basicConstraints=critical,CA:TRUE",
-       "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-
-
-def make_leaf(d: Path, ca: str, name: str, purpose: str) -> None:
-    (d / f"{name}.ext").write_text(
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        f"extendedKeyUsage={purpose}\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem",
-       "-out", f"{name}.csr", "-subj", "/CN=localhost", cwd=d)
-    sh("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}-cert.pem", "-CAkey",
-       f"{ca}-key.pem", "-CAcreateserial", "-out", f"{name}-cert.pem", "-days", "2",
-       "-extfile", f"{name}.ext", cwd=d)
-
-
-@pytest.fixture(scope="module")
-def creds() -> Iterator[dict[str, Path]]:
-    """QEMU tls-creds-x509 directories: server, client, and a client of another CA."""
-    if OPENSSL is None:
-        pytest.skip("openssl not installed")
-    root = short_tmpdir()
-    work = root / "work"
-    work.mkdir()
-    make_ca(work, "ca")
-    make_ca(work, "rogue-ca")
-    make_leaf(work, "ca", "server", "serverAuth")
-    make_leaf(work, "ca", "client", "clientAuth")
-    make_leaf(work, "rogue-ca", "rogue", "clientAuth")
-    dirs = {n: root / n for n in ("server", "client", "rogue")}
-    for name, d in dirs.items():
-        d.mkdir()
-        ca = "rogue-ca" if name == "rogue" else "ca"
-        shutil.copy(work / f"{ca}-cert.pem", d / "ca-cert.pem")
-        role = "server" if name == "server" else "client"
-        shutil.copy(work / f"{name}-cert.pem", d / f"{role}-cert.pem")
-        shutil.copy(work / f"{name}-key.pem", d / f"{role}-key.pem")
-    # the rogue client trusts the real server's CA (it wants in), its own cert is foreign
-    shutil.copy(work / "ca-cert.pem", dirs["rogue"] / "ca-cert.pem")
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
+# -- certificates (the creds fixture is in conftest.py) ------------------------------
 
 
 def test_missing_credentials_are_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"server-cert\.pem"):
         server_context(tmp_path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def client_context(d: Path, with_cert: bool = True) -> ssl.SSLContext:
@@ -140,11 +77,8 @@ def client_context(d: Path, with_cert: bool = True) -> ssl.SSLContext:
 
 
 def qmp_query(port: int, ctx: ssl.SSLContext | None) -> dict[str, object]:
-    """qmp_capabilities then query-colo-disk over a blocking (TLS) socket.
-
-    (qemu.qmp's asyncio client hangs in disconnect() on any TLS server under
-    Python 3.11, so a plain socket client is used here.)
-    """
+    """qmp_capabilities then query-colo-disk over a blocking (TLS) socket, independent of
+    the QMP driver (test_disk_tls.py drives that one over TLS)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1") if ctx else raw
         with sock, sock.makefile("rwb") as f:
@@ -157,30 +91,16 @@ def qmp_query(port: int, ctx: ssl.SSLContext | None) -> dict[str, object]:
 
 
 def test_qmp_over_tls_needs_a_client_certificate(creds: dict[str, Path]) -> None:
-    work = short_tmpdir()
-    img = work / "img"
-    img.write_bytes(bytes(1 << 20))
-    port = free_port()
-
     async def main() -> None:
-        agent = DiskAgent(DiskEngine(img, work / "state"), AgentConfig(
-            nbd=(Address(path=str(work / "nbd")),),
-            qmp=(Address(host="127.0.0.1", port=port),), tls=server_context(creds["server"])))
-        await agent.start()
-        try:
+        async with tls_agent(creds["server"]) as port:
             status = await asyncio.to_thread(qmp_query, port, client_context(creds["client"]))
             assert status["phase"] == "replicating"
             for ctx in (client_context(creds["client"], with_cert=False),
                         client_context(creds["rogue"]), None):
                 with pytest.raises((OSError, ValueError)):  # TLS alert, EOF or garbage
                     await asyncio.to_thread(qmp_query, port, ctx)
-        finally:
-            await agent.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    asyncio.run(main())
 
 
 # -- a real QEMU client ------------------------------------------------------------------

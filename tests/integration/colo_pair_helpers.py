@@ -52,16 +52,21 @@ def running_pair(**opts: Any) -> Iterator[Any]:
     """A started pair with a booted guest; always stopped and removed."""
     require_pair()
     pair = cp.ColoPair(cp.PairOptions(cp.colo_qemu(), cp.guest_dir(), **opts))
+    keep = False
     try:
         pair.start()
         pair.wait_guest(180)
         yield pair
     except BaseException:
         print_tail(pair)
+        keep = os.environ.get("COLO_PAIR_KEEP") == "1"
         raise
     finally:
         pair.stop()
-        pair.cleanup()
+        if keep:  # for a post-mortem: logs, consoles, images
+            print(f"COLO_PAIR_KEEP: left {pair.w}")
+        else:
+            pair.cleanup()
 
 
 def print_tail(pair: Any) -> None:
@@ -111,12 +116,31 @@ def record_holes(records: dict[int, int]) -> list[int]:
     return sorted(set(range(1, max(records.values()) + 1)) - set(records.values()))
 
 
+VIRTIO_FIX = "0004-virtio-loaded-device-is-enabled-unless-stream-says-so.patch"
+
+
+def qemu_has_virtio_fix() -> bool:
+    """Whether the QEMU in use was built with tools/patches/0004 (its build stamp says)."""
+    qemu = cp.colo_qemu()
+    if qemu is None:
+        return False
+    stamp = os.path.join(os.path.dirname(os.path.dirname(qemu)), "stamp")
+    try:
+        with open(stamp) as f:
+            return VIRTIO_FIX in f.read()
+    except OSError:
+        return False
+
+
 def stuck_nic(pair: Any, role: str = "secondary") -> str | None:
     """Evidence that QEMU stopped serving the VM's virtio-net queues, or None.
 
-    Seen on this pair about one takeover in five (and in the reference's probes):
-    the guest keeps queueing TX buffers (its avail index moves) while QEMU's
-    last-avail index stays put, and nothing received reaches the guest.
+    Seen on this pair in about 4 of 10 takeovers before tools/patches/0004: the
+    guest keeps queueing TX buffers (its avail index moves) while QEMU's
+    last-avail index stays put, because the device was left *disabled* by a
+    checkpoint (``x-query-virtio-status`` says so): a COLO secondary whose guest
+    had bus mastering off at a checkpoint kept the flag, as the migration
+    stream only ever sets it.
     """
     mon = pair.mons[role]
     nets = [d["path"] for d in mon.cmd("x-query-virtio") if d["name"] == "virtio-net"]
@@ -132,6 +156,8 @@ def stuck_nic(pair: Any, role: str = "secondary") -> str | None:
     later = tx()
     if (later["last-avail-idx"] == first["last-avail-idx"]
             and later["shadow-avail-idx"] > later["last-avail-idx"]):
+        disabled = mon.cmd("x-query-virtio-status", path=nets[0]).get("disabled")
         return (f"{role} virtio-net TX queue not served: QEMU last-avail-idx "
-                f"{later['last-avail-idx']}, guest avail-idx {later['shadow-avail-idx']}")
+                f"{later['last-avail-idx']}, guest avail-idx {later['shadow-avail-idx']}, "
+                f"device disabled: {disabled}")
     return None

@@ -6,8 +6,11 @@ secondary's replica, the client runs in a network namespace
 through colo-proxy; a diverging answer makes colo-proxy request a checkpoint
 over QMP, QEMU's STOP/RESUME follow, the disk epoch advances, and the held
 answer reaches the client only after; ``kill -9`` of the primary runs the
-takeover and a transfer started before it completes with the right bytes;
-``kill -9`` of the secondary leaves the primary serving alone.  Figures are
+takeover and a transfer started before it completes with the right bytes, the
+new primary's answers still going out through colo-proxy; a primary whose
+QMP answers but whose NIC is down is lost on the data-path heartbeat, fenced
+and replaced the same way; ``kill -9`` of the secondary leaves the primary
+serving alone.  Figures are
 printed (``pytest -s``), never asserted on.
 """
 
@@ -24,6 +27,7 @@ from tests.integration.colo_pair_helpers import (
     checkpoint_figures,
     cp,
     image_records,
+    qemu_has_virtio_fix,
     record_holes,
     running_pair,
     stuck_nic,
@@ -59,22 +63,30 @@ def start_transfer(pair: Any) -> Any:
     return proc
 
 
-def transfer_across_kill(pair: Any, role: str) -> dict[str, Any]:
-    """kill -9 ``role`` in the middle of a slow /data download; it must complete intact."""
+def transfer_across_kill(pair: Any, role: str, how: str = "kill") -> dict[str, Any]:
+    """kill -9 ``role`` (or with ``how="link-off"`` take its NIC's link down, QMP still
+    answering) in the middle of a slow /data download; it must complete intact."""
     assert pair.get("/same", timeout=60)["body"] == SAME
     transfer = start_transfer(pair)
-    pair.kill(role)
+    if how == "kill":
+        pair.kill(role)
+    else:
+        pair.mons[role].cmd("human-monitor-command", **{"command-line": "set_link net0 off"})
     try:
         got: dict[str, Any] = cp.client_result(transfer, 180)
-    except RuntimeError:  # the client gave up: no byte for STALL_TIMEOUT seconds
+    except RuntimeError as err:  # the client gave up: no byte for STALL_TIMEOUT seconds
         survivor = "secondary" if role == "primary" else "primary"
         evidence = stuck_nic(pair, survivor)
         if evidence is None:
             raise
         # QEMU stopped serving the survivor's NIC (evidence above), so no proxy or
-        # takeover assertion can be reached; root cause not found yet (see the report)
+        # takeover assertion can be reached.  tools/patches/0004 fixes the cause; a
+        # QEMU built before it may still show it.
         print(pair.proxy_stats()["failover"])
-        pytest.xfail(f"known QEMU/virtio stall after kill -9 {role}: {evidence}")
+        if qemu_has_virtio_fix():
+            raise AssertionError(f"virtio stall despite patch 0004: {evidence}") from err
+        pytest.xfail(f"QEMU built without tools/patches/0004 (rebuild with "
+                     f"tools/build_colo_qemu.sh): {evidence}")
     assert got["bytes"] == len(cp.expected_data())
     assert got["sha256"] == expected_sha()
     return got
@@ -121,6 +133,9 @@ def test_colo_loop_checkpoint_on_divergence() -> None:
         assert after["disk_link"]["agent_epoch"] > (before["disk_link"]["agent_epoch"] or 0)
         assert after["disk_link"]["released_epoch"] == after["disk_link"]["vm_epoch"]
         assert after["failover"]["phase"] == "protected" and not after["failover"]["losses"]
+        # the data-path probes went through both guests (hbin -> m0 -> each NIC and back)
+        beats = after["failover"]["heartbeats"]
+        assert beats["primary"]["data"]["armed"] and beats["secondary"]["data"]["armed"]
 
         figures = checkpoint_figures(p.events)
         print(f"\nCOLO pair: {pair.timings}; checkpoints {figures}; "
@@ -128,7 +143,8 @@ def test_colo_loop_checkpoint_on_divergence() -> None:
               f"/same median {1000 * statistics.median(d for _, d in same):.0f} ms; "
               f"/cgi-bin/diverge (two diverging lines) {1000 * div_s:.0f} ms; "
               f"requests sent {after['primary-qmp']['requests_sent']}, "
-              f"disk epochs acked {after['disk_link']['disk_epoch_acked']}")
+              f"disk epochs acked {after['disk_link']['disk_epoch_acked']}, data-path probe "
+              f"replies {after['supervisor']['data_probe_replies']}")
 
 
 def test_kill_primary_secondary_takes_over() -> None:
@@ -136,19 +152,14 @@ def test_kill_primary_secondary_takes_over() -> None:
         got = transfer_across_kill(pair, "primary")
 
         st, fo = failover_state(pair, "promoted", "primary")
-        steps = {step["step"]: step for step in fo["steps"]}
-        for name in ("disk agent: colo-disk-failover", "secondary: x-colo-lost-heartbeat",
-                     "secondary: object-del f2", "secondary: object-del f1",
-                     "secondary: chardev-remove red1", "secondary: chardev-remove red0"):
-            assert steps[name]["ok"], steps[name]
+        steps = check_takeover(fo)
         # the disk holds the last epoch colo-proxy saw committed, nothing speculative
         disk_epoch = steps["disk agent: colo-disk-failover"]["result"]["epoch"]
         assert disk_epoch == st["disk_link"]["agent_epoch"]
         s = pair.mons["secondary"]
         assert s.cmd("query-colo-status")["mode"] == "none"
         assert s.cmd("query-status")["status"] == "running"
-        # the former secondary serves new connections, straight from its own netdev
-        assert pair.get("/same", timeout=60)["body"] == SAME
+        served_through_proxy(pair, st)
         records = image_records(str(pair.w / "secondary.img"))
         assert records
         holes = record_holes(records)
@@ -160,6 +171,46 @@ def test_kill_primary_secondary_takes_over() -> None:
         # The guest kept running through the takeover: its writes since the last
         # checkpoint (the agent's overlay) must all be on the disk, none missing.
         assert not holes, f"records {holes} missing from the secondary's disk after takeover"
+
+
+def check_takeover(fo: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The takeover's steps by name; the ones that matter succeeded, the output path stayed."""
+    steps = {step["step"]: step for step in fo["steps"]}
+    for name in ("disk agent: colo-disk-failover", "secondary: x-colo-lost-heartbeat",
+                 "secondary: f2 status on", "secondary: f3 status on",
+                 "secondary: object-del f1", "secondary: chardev-remove red0",
+                 "secondary: virtio devices enabled"):
+        assert steps[name]["ok"], steps[name]
+    # f2 (guest output -> colo-proxy) stays: the new primary is served through colo-proxy
+    assert "secondary: object-del f2" not in steps
+    return steps
+
+
+def served_through_proxy(pair: Any, before: dict[str, Any]) -> None:
+    """A new connection to the former secondary is answered, through colo-proxy."""
+    assert before["supervisor"]["failover_secondary_passed"] > 0  # the transfer's end
+    assert pair.get("/same", timeout=60)["body"] == SAME
+    after = pair.proxy_stats()
+    assert (after["secondary_outdev"]["frames_out"]
+            > before["secondary_outdev"]["frames_out"]), "the answer went around colo-proxy"
+
+
+def test_primary_network_dead_qmp_alive() -> None:
+    with running_pair(failover=True, checkpoint_delay_ms=2000) as pair:
+        got = transfer_across_kill(pair, "primary", how="link-off")
+
+        st, fo = failover_state(pair, "promoted", "primary")
+        assert fo["losses"][0]["via"] == "data"  # its QMP answered all along
+        steps = check_takeover(fo)
+        for fence in ("primary: stop (fence)", "primary: stop (fence, COLO over)"):
+            assert steps[fence]["ok"], steps[fence]
+        assert pair.mons["primary"].cmd("query-status")["running"] is False
+        assert pair.mons["secondary"].cmd("query-status")["status"] == "running"
+        served_through_proxy(pair, st)
+        print(f"\nprimary NIC down, QMP alive: lost on the data path after "
+              f"{fo['losses'][0]['silent_for']} s; heartbeats {fo['heartbeats']['primary']}; "
+              f"steps {[(k, v['seconds']) for k, v in steps.items()]}; transfer "
+              f"{got['bytes']} bytes in {got['t_end'] - got['t_start']:.1f} s")
 
 
 def test_kill_secondary_primary_goes_on() -> None:

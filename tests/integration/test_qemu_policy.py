@@ -19,6 +19,7 @@ from qemu.qmp import QMPClient
 
 from tests.integration.qemu_helpers import needs_qemu, recv_netdev_frames, send_netdev_frames
 from tests.integration.test_qemu_run import chain, guest_tcp_output
+from tests.metrics_helpers import by_name, free_port, scrape
 
 pytestmark = [pytest.mark.integration, needs_qemu]
 
@@ -79,13 +80,16 @@ def test_forced_mc_sets_the_period_and_releases_on_checkpoint(workdir: Path) -> 
 
 def test_auto_moves_to_mc_on_a_divergence_storm(workdir: Path) -> None:
     payload = bytes(i % 251 for i in range(3000))
+    port = free_port()
     args = ["--qmp-follow", "always", "--mode", "auto", "--vm-window", "0.5",
             "--vm-mc-checkpoint-rate", "1", "--flow-divergence-limit", "99",
             "--mc-period", "0.3", "--min-checkpoint-interval", "0",
-            "--log-level", "info"]  # fmt: skip
+            "--metrics", f"127.0.0.1:{port}", "--log-level", "info"]  # fmt: skip
+    modes = []
     with chain(workdir, False, args) as ch:
 
         async def scenario() -> None:
+            modes.append(by_name(await asyncio.to_thread(scrape, port), "colo_mode"))
             operator = await checkpoint_delay(ch.op_qmp)
             for i in range(12):
                 bad = bytearray(payload)
@@ -100,12 +104,15 @@ def test_auto_moves_to_mc_on_a_divergence_storm(workdir: Path) -> None:
                     break
             await wait_delay(ch.op_qmp, 300)
             assert operator != 300
+            modes.append(by_name(await asyncio.to_thread(scrape, port), "colo_mode"))
 
         asyncio.run(scenario())
         report = ch.stop_proxy()
     policy = report["core"]["policy"]
     assert policy["vm_mode"] == "mc" and policy["switches"] >= 1
     assert "mode switch: vm colo -> mc" in report["stderr"]
+    assert modes[0][(("mode", "colo"),)] == 1 and modes[0][(("mode", "mc"),)] == 0
+    assert modes[1][(("mode", "mc"),)] == 1 and modes[1][(("mode", "colo"),)] == 0
 
 
 def test_dirty_rate_is_measured_through_qmp(workdir: Path) -> None:

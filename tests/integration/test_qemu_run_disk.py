@@ -36,6 +36,10 @@ from tests.integration.qemu_helpers import (
     wait_chardev_connected,
 )
 from tests.integration.test_qemu_run import guest_tcp_output  # skips w/o scapy
+from tests.metrics_helpers import by_name, free_port, scrape
+
+METRICS_PORT = free_port()
+"""The proxy's --metrics port: colo_disk_epoch must move with the disk agent's epochs."""
 
 pytestmark = [pytest.mark.integration, needs_qemu]
 
@@ -129,6 +133,7 @@ def rig(workdir: Path) -> Iterator[Rig]:
             "--qmp", f"unix:{qmp}", "--disk-qmp", f"unix:{agent.qmp}",
             "--qmp-follow", "always", "--qmp-request-timeout", "60",
             "--min-checkpoint-interval", "0", "--log-level", "info",
+            "--metrics", f"127.0.0.1:{METRICS_PORT}",
         ]  # fmt: skip
         with log_path.open("wb") as log:
             proxy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=log)
@@ -153,6 +158,7 @@ def test_output_waits_for_resume_and_the_disk_agent(workdir: Path) -> None:
         client = r.qemu.ports["c0"]
         r.stats(lambda s: s["disk_link"]["connected"], "disk agent session")
         epoch0 = r.agent_epoch()
+        before = by_name(scrape(METRICS_PORT), "colo_disk_epoch")
 
         # round 1, agent up: a divergence holds the flow; the checkpoint releases it
         send_netdev_frames(r.qemu.ports["s0"], sec1)
@@ -164,6 +170,8 @@ def test_output_waits_for_resume_and_the_disk_agent(workdir: Path) -> None:
         assert r.agent_epoch() == epoch0 + 1  # the disk epoch was committed for it
         stats = r.stats(lambda s: s["disk_link"]["releases"] == 1, "round 1 release counted")
         assert stats["disk_link"]["disk_checkpoints_acked"] == 1
+        after = by_name(scrape(METRICS_PORT), "colo_disk_epoch")  # the metric moves with it
+        assert after[(("state", "released"),)] == before[(("state", "released"),)] + 1
 
         # round 2, agent killed: the VM checkpoint completes, the output stays held
         send_netdev_frames(r.qemu.ports["s0"], sec2)
