@@ -333,7 +333,7 @@ def proxy_round(lab: BridgeLab, args: argparse.Namespace, root: Path,
 
 
 def stall_test(lab: BridgeLab, args: argparse.Namespace, extra: list[str]) -> None:
-    proxy = Proxy(lab, extra)
+    proxy = Proxy(lab, extra, Path(args.before_root).resolve() if args.before_root else ROOT)
     done, stalls, rates = 0, 0, []
     try:
         for i in range(args.stall_test):
@@ -346,8 +346,10 @@ def stall_test(lab: BridgeLab, args: argparse.Namespace, extra: list[str]) -> No
         report = proxy.stop()
     finally:
         proxy.kill()
+    drops = sum(report.get(p, {}).get("ring_drops", 0)
+                for p in ("client-if", "primary-if", "secondary-if"))
     print(f"stall test: {done} transfers of {args.size} MB, {stalls} stalls, median "
-          f"{statistics.median(rates):.3f} Gbit/s; final counters "
+          f"{statistics.median(rates):.3f} Gbit/s, {drops} ring drops; final counters "
           f"{json.dumps(summary(report), sort_keys=True)}")
 
 
@@ -369,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="20 MB, one round, few pings")
     parser.add_argument("--proxy-args", default="", help="extra `colo-proxy bridge` flags")
     parser.add_argument("--before-root", default="", metavar="DIR",
-                        help="also run the colo-proxy in DIR (e.g. an export of main) each round")
+                        help="also run the colo-proxy in DIR (e.g. an export of main) each round; "
+                        "with --stall-test, run only that one")
     args = parser.parse_args(argv)
     reason = available()
     if reason is not None:

@@ -76,6 +76,7 @@ ETH_P_ALL = 0x0003
 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0
+TP_STATUS_LOSING = 1 << 2
 TP_STATUS_CSUMNOTREADY = 1 << 3
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
@@ -155,6 +156,8 @@ class PortStats:
     truncated_dropped: int = 0
     ring_packets: int = 0
     ring_drops: int = 0
+    ring_losses_seen: int = 0
+    """Frames that arrived flagged TP_STATUS_LOSING: the ring dropped frames just before."""
     ring_freezes: int = 0
     send_deferred: int = 0
     send_errors: int = 0
@@ -249,8 +252,11 @@ def parse_slots(
             append((raw[start : start + length] if raw is not None
                     else bytes(ring[start : start + length]), 0))
             taken += length
-        elif _usable(snaplen, length, tp_status, max_frame, stats):
-            _take(ring, at + mac, length, tp_status, tci, tpid, stats, out)
+        else:
+            if tp_status & TP_STATUS_LOSING:
+                stats.ring_losses_seen += 1
+            if _usable(snaplen, length, tp_status, max_frame, stats):
+                _take(ring, at + mac, length, tp_status, tci, tpid, stats, out)
         give_back(ring, at, TP_STATUS_KERNEL)
         head = head + 1 if head + 1 < slots else 0
     stats.bytes_in += taken
@@ -455,13 +461,17 @@ class PacketPort:
         stats = self.stats
         gso_before = stats.gso_dropped
         if spec.version == 2:
-            head = self._block
+            head, losses = self._block, stats.ring_losses_seen
             self._block = parse_slots(view, head, self._slots, self._slot, self._max_frame,
                                       stats, frames, self._map)
             if self._block == head and not frames:
                 self._socket_error()
             else:
                 stats.blocks += 1
+            if stats.ring_losses_seen != losses:
+                # count the drops now: reading the counters clears the flag, so the next
+                # flagged frame marks a new loss, and ring_drops tells the owner at once
+                self._collect_ring_stats()
             self._after_read(frames, gso_before)
             return
         for taken in range(spec.block_count):  # noqa: B007 - read after the loop

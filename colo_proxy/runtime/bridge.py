@@ -58,6 +58,7 @@ from colo_proxy.drivers.links import redirect_ingress, remove_ingress
 from colo_proxy.drivers.port_links import LinkFollower
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
+from colo_proxy.runtime.bridge_sack import HoleSacker
 from colo_proxy.runtime.host import DIVERGENCE_LOG_BURST, CoreHost, ShutdownMode
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,9 @@ class Bridge(CoreHost):
         super().__init__(config, settings, clock)
         self.settings = settings
         self.rewriter = SecondaryRewriter(config.max_flows, config.flow_idle_timeout)
+        self.sack_primary = HoleSacker(config.max_flows)
+        self.sack_secondary = HoleSacker(config.max_flows)
+        self._drops = 0
         self.counters["rewriter_errors"] = 0
         self.counters["secondary_neighbour_requests"] = 0
         self.counters["secondary_input_withheld"] = 0
@@ -230,16 +234,20 @@ class Bridge(CoreHost):
             self._forward_in_kernel()  # a re-created interface lost its filter (or target)
 
     def _send_released(self, frames: list[Frame]) -> None:
-        self.client.send(frames)
+        self.client.send(self.sack_secondary.released(frames, self._clock()))
 
     def _port_stats(self) -> dict[str, object]:
         out: dict[str, object] = {port.name: port.counters() for port in self.ports}
         out["rewriter"] = self.rewriter.stats()
+        out["sack_primary"] = self.sack_primary.stats()
+        out["sack_secondary"] = self.sack_secondary.stats()
         out["links"] = dict(self.links.counters)
         return out
 
     def _vm_checkpoint_done(self) -> None:
         self.rewriter.checkpoint_done()
+        self.sack_primary.forget()
+        self.sack_secondary.forget()
 
     # ---- frame paths --------------------------------------------------------------------
 
@@ -257,11 +265,24 @@ class Bridge(CoreHost):
 
         return on_frames
 
+    def _ring_losses(self) -> None:
+        """A ring dropped frames: the sackers follow every flow for a while (bridge_sack)."""
+        drops = sum(port.stats.ring_drops for port in self.ports)
+        if drops != self._drops:
+            self._drops = drops
+            now = self._clock()
+            self.sack_primary.activate(now)
+            self.sack_secondary.activate(now)
+
     def _from_client(self, frames: list[Frame]) -> None:
+        self._ring_losses()
         now = self._clock()
         self._feed(Side.CLIENT, frames)
         if not self._forwarding:
             self.primary.send(frames)
+        nudges = self.sack_primary.client_frames(frames)
+        if nudges:  # the primary's stream still has a hole: SACK past it again (bridge_sack)
+            self.primary.send(nudges)
         if self.proxy.secondary_paused:  # early notice: a resync is due, its state is void
             self.counters["secondary_input_withheld"] += len(frames)
             return
@@ -270,7 +291,7 @@ class Bridge(CoreHost):
             translated = [(to_secondary(data, now), 0) for data, _ in frames]
         except Exception:  # a rewriter bug: translate one by one, pass the failing frame as is
             translated = [(self._translate_one(data, now), 0) for data, _ in frames]
-        self.secondary.send(translated)
+        self.secondary.send(translated + self.sack_secondary.client_frames(translated))
 
     def _translate_one(self, data: bytes, now: float) -> bytes:
         try:
@@ -295,17 +316,28 @@ class Bridge(CoreHost):
 
     def _from_primary(self, frames: list[Frame]) -> None:
         self._client_first()
+        self._ring_losses()
+        now = self._clock()
         self._observe(self.rewriter.observe_primary, frames)
+        nudges, _ = self.sack_primary.guest_frames(frames, now)  # it gets every client ACK
+        if nudges:  # frames lost before us: the primary resends them at once (bridge_sack)
+            self.primary.send(nudges)
         self._feed(Side.PRIMARY, frames)
 
     def _from_secondary(self, frames: list[Frame]) -> None:
         self._client_first()
+        self._ring_losses()
         self._observe(self.rewriter.observe_secondary, frames)
         if self.passthrough_reason is None:
             asks = [f for f in frames if f[0][12:14] != IPV4 and neighbour_request(f[0])]
             if asks:  # the secondary must resolve its neighbours too (see the module's doc)
                 self.counters["secondary_neighbour_requests"] += len(asks)
                 self.client.send(asks)
+        nudges, probes = self.sack_secondary.guest_frames(frames, self._clock())
+        if nudges:  # frames lost before us: the secondary resends them at once (bridge_sack)
+            self.secondary.send(nudges)
+        if probes:  # the secondary missed the client's ACK: the client repeats it
+            self.client.send(probes)
         self._feed(Side.SECONDARY, frames)
 
     def _observe(self, observe: Callable[[bytes, float], None], frames: list[Frame]) -> None:

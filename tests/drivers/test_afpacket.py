@@ -25,6 +25,7 @@ from colo_proxy.core.framing import Frame
 from colo_proxy.drivers.afpacket import (
     RETRY_DELAY,
     TP_STATUS_CSUMNOTREADY,
+    TP_STATUS_LOSING,
     TP_STATUS_USER,
     TP_STATUS_VLAN_TPID_VALID,
     TP_STATUS_VLAN_VALID,
@@ -121,6 +122,14 @@ def test_parse_slots_takes_owned_slots_in_order_and_hands_them_back() -> None:
     assert [d for d, _ in out][2:] == [one, one]
 
 
+def test_a_frame_after_ring_drops_is_taken_and_the_loss_noticed() -> None:
+    one = ether(b"one")
+    ring = _slots([(one, len(one), TP_STATUS_USER | TP_STATUS_LOSING)], slots=2)
+    stats, out = PortStats(), []
+    assert parse_slots(memoryview(ring), 0, 2, 2048, 1522, stats, out) == 1
+    assert [d for d, _ in out] == [one] and stats.ring_losses_seen == 1
+
+
 def test_busy_poll_reads_ready_ports_until_they_go_quiet() -> None:
     class Port:
         def __init__(self, frames: int) -> None:
@@ -192,7 +201,7 @@ def veth() -> Iterator[Veth]:
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces and packet sockets")
     tag = secrets.token_hex(3)
-    v = Veth(f"br12a-{tag}", f"br12a{tag}h", f"br12a{tag}p")
+    v = Veth(f"b12a-{tag}", f"b12a{tag}h", f"b12a{tag}p")
     try:
         _sh("ip", "netns", "add", v.ns)
         _sh("ip", "netns", "exec", v.ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
@@ -253,6 +262,30 @@ def ns_udp_socket(v: Veth) -> socket.socket:
         return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     finally:
         popns()
+
+
+def test_ring_drops_are_counted_as_soon_as_a_frame_says_so(veth: Veth) -> None:
+    """A 2-slot ring overflows: the owner sees ring_drops grow in the very callback after it."""
+    seen: list[int] = []
+
+    async def main() -> None:
+        port = PacketPort("test", veth.host, lambda frames: seen.append(port.stats.ring_drops),
+                          RingSpec(block_size=4096, block_count=2))
+        port.open()
+        peer = peer_socket(veth)
+        for i in range(40):  # before the loop reads anything: the ring overflows
+            peer.send(ether(bytes([i])))
+        port.start()
+        await until(lambda: bool(seen), "a wake-up")
+        for i in range(3):  # room again: these say the ring lost frames before them
+            wakeups = len(seen)
+            peer.send(ether(bytes([i])))
+            await until(lambda: len(seen) > wakeups, "a later frame")  # noqa: B023
+        port.close()
+        peer.close()
+        assert seen[-1] > 0 and port.stats.ring_losses_seen >= 1
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("version", [2, 3])

@@ -16,7 +16,7 @@ import pytest
 from colo_proxy.config_args import config_from_args
 from colo_proxy.core.config import Config
 from colo_proxy.core.framing import Frame
-from colo_proxy.drivers.afpacket import RingSpec
+from colo_proxy.drivers.afpacket import PortStats, RingSpec
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
@@ -36,6 +36,7 @@ class FakePort:
     def __init__(self, name: str, ifname: str) -> None:
         self.name, self.ifname, self.mtu = name, ifname, 1500
         self.sent: list[bytes] = []
+        self.stats = PortStats()
         self.pending_frames = 0
         self.reading = False
 
@@ -173,6 +174,33 @@ def test_a_rewriter_failure_passes_the_frame_unchanged(sockdir: Path) -> None:
         bridge._from_client([(frame, 0), (frame, 0)])
         assert ports["secondary"].sent == [frame, frame]
         assert bridge.counters["rewriter_errors"] == 2
+
+    asyncio.run(main())
+
+
+def test_after_a_ring_drop_a_guests_hole_is_sacked_on_its_own_port(sockdir: Path) -> None:
+    """Secondary frames lost before us: its port gets the client's ACK with a SACK past them."""
+    async def main() -> None:
+        bridge, ports = make_bridge(sockdir)
+        bridge._from_client([(tcp(CLIENT, GUEST, 40000, 80, "S", 100), 0)])
+        bridge._from_primary([(tcp(GUEST, CLIENT, 80, 40000, "SA", 1000, 101), 0)])
+        bridge._from_secondary([(tcp(GUEST, CLIENT, 80, 40000, "SA", 5000, 101), 0)])
+        bridge._from_client([(tcp(CLIENT, GUEST, 40000, 80, "A", 101, 1001), 0)])
+        seg = [tcp(GUEST, CLIENT, 80, 40000, "PA", 5001 + i * 100, 101, b"x" * 100)
+               for i in range(4)]
+        bridge._from_secondary([(seg[0], 0)])
+        sent = len(ports["secondary"].sent)
+        bridge._from_secondary([(seg[2], 0)])  # no drop counted: nothing follows the flow
+        assert len(ports["secondary"].sent) == sent
+
+        ports["secondary"].stats.ring_drops += 1  # the ring dropped seg[1]
+        bridge._from_secondary([(seg[3], 0)])
+        nudge = scapy_all.Ether(ports["secondary"].sent[-1])
+        assert len(ports["secondary"].sent) == sent + 1
+        assert (nudge[scapy_all.IP].src, nudge[scapy_all.TCP].ack) == (CLIENT, 5001)
+        assert ("SAck", (5301, 5401)) in nudge[scapy_all.TCP].options  # tracked since the drop
+        assert ports["primary"].sent[-1] != ports["secondary"].sent[-1]
+        assert bridge._port_stats()["sack_secondary"]["sack_nudges_sent"] == 1  # type: ignore[index]
 
     asyncio.run(main())
 
