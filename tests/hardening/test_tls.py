@@ -21,8 +21,9 @@ from colo_proxy.disk.agent import AgentConfig, DiskAgent
 from colo_proxy.disk.engine import DiskEngine
 from colo_proxy.disk.tls import server_context
 from colo_proxy.errors import ConfigError
-from tests.disk.agent_helpers import AgentProcess, short_tmpdir, start_agent
+from tests.disk.agent_helpers import AgentProcess, start_agent
 from tests.disk.nbdwire import go_payload, option, parse_option_replies
+from tests.fakes import free_port, short_tmpdir
 
 # -- sans-IO ---------------------------------------------------------------------------
 
@@ -124,12 +125,6 @@ def creds() -> Iterator[dict[str, Path]]:
 def test_missing_credentials_are_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"server-cert\.pem"):
         server_context(tmp_path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def client_context(d: Path, with_cert: bool = True) -> ssl.SSLContext:
