@@ -35,7 +35,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from colo_proxy.core.framing import Frame, FrameDecoder, encode_frames
 from colo_proxy.drivers.endpoints import (
@@ -181,9 +181,11 @@ class Channel:
     @property
     def port(self) -> int:
         """The bound TCP port of a server (useful with port 0)."""
-        if self._server is None or not self._server.sockets:
+        # uvloop's Server.sockets is a list, asyncio's a tuple (and mypyc checks tuples)
+        sockets: Any = getattr(self._server, "sockets", None)
+        if not sockets:
             return self.endpoint.port
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(sockets[0].getsockname()[1])
 
     # ---- output -----------------------------------------------------------------------
 
