@@ -36,7 +36,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def until(cond: Callable[[], object], what: str, limit: float = 10.0) -> None:
+async def until(cond: Callable[[], object], what: str, limit: float = 30.0) -> None:
     """Poll ``cond`` on the running loop until it holds; fail after ``limit`` seconds.
 
     A bound on waiting for something that must happen, not a timed assertion.
