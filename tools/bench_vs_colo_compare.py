@@ -136,9 +136,13 @@ def run_impl(
         if pure:
             cmd = cmd.replace("-m colo_proxy.cli ", f"-m {PURE_MODULE} ", 1)
         impl_args = ["--impl", "cmd", "--cmd", prefix + cmd]
-    res = run_harness(
-        harness, ["run", "--dir", str(case_dir), "--json", str(report_path), *run_args, *impl_args]
-    )
+    for _attempt in range(2):  # once more if QEMU or the proxy did not start (a loaded host)
+        res = run_harness(harness, ["run", "--dir", str(case_dir), "--json", str(report_path),
+                                    *run_args, *impl_args])
+        if not res.returncode and report_path.exists():
+            break
+        print(f"  {case.key} {impl} {tag}: harness run failed; retrying: {res.stderr[-300:]}",
+              file=sys.stderr)
     if res.returncode or not report_path.exists():
         raise RuntimeError(f"{case.key} {impl} {tag}: harness run failed: {res.stderr[-800:]}")
     report: dict[str, Any] = json.loads(report_path.read_text())
