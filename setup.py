@@ -1,4 +1,4 @@
-"""Build hook: compile the typed core with mypyc when it can, else install pure Python.
+"""Build hook: compile the typed core (and run's chardev path) with mypyc when it can, else pure.
 
 The same .py files either way (as black and mypy ship).  COLO_PROXY_PURE=1, a
 missing C compiler or a missing mypyc gives the pure build, which passes every
@@ -45,9 +45,14 @@ COMPILED = [
     "colo_proxy/core/tcpside.py",
     "colo_proxy/core/verdicts.py",
     "colo_proxy/core/xen_notify.py",
+    # the chardev path of `colo-proxy run` around the core: endpoints, channels, record codec
+    "colo_proxy/drivers/endpoints.py",
+    "colo_proxy/drivers/qemu_socket.py",
 ]
 """The modules mypyc compiles (listed, so a new module is a decision, not an accident;
-keep colo_proxy.core.COMPILED_MODULES in step)."""
+keep colo_proxy.core.COMPILED_MODULES in step).  Not the runtime hosts: CoreHost and
+Supervisor are subclassed by interpreted classes (Bridge, FailoverSupervisor), which
+a compiled class forbids, and their per-read cost is a few calls per batch."""
 
 
 def _why_pure() -> str | None:

@@ -17,12 +17,12 @@ from colo_proxy.errors import ColoProxyError
 
 EXIT_USAGE = 2
 
-# Subcommands that live in their own packages: (module, attribute adding the parser).
-_PLUGGED = (
-    ("colo_proxy.runtime.run_cli", "add_parser"),
-    ("colo_proxy.runtime.bridge_cli", "add_parser"),
-    ("colo_proxy.disk.cli", "add_parser"),
-    ("colo_proxy.tools_cli", "add_parsers"),
+# Subcommands that live in their own packages: (names, module, attribute adding the parsers).
+_PLUGGED: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("run",), "colo_proxy.runtime.run_cli", "add_parser"),
+    (("bridge",), "colo_proxy.runtime.bridge_cli", "add_parser"),
+    (("disk-agent",), "colo_proxy.disk.cli", "add_parser"),
+    (("explain", "tune", "learn"), "colo_proxy.tools_cli", "add_parsers"),
 )
 
 
@@ -110,23 +110,43 @@ def _streams(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, with every available subcommand."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser, with every available subcommand.
+
+    When ``argv`` names a plugged subcommand, only that one's module is
+    imported (a live proxy's start-up CPU is mostly imports; ``run`` needs
+    neither the bridge's packet sockets nor the disk agent).
+    """
     parser = argparse.ArgumentParser(
         prog="colo-proxy",
         description="COLO-style packet comparison proxy for VM fault tolerance.",
     )
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="show the version and which core (compiled or pure) is in use")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_replay(sub)
     _add_streams(sub)
-    for module, attr in _PLUGGED:
+    chosen = next((a for a in (sys.argv[1:] if argv is None else argv)
+                   if not a.startswith("-")), None)
+    only = chosen if any(chosen in names for names, _, _ in _PLUGGED) else None
+    for names, module, attr in _PLUGGED:
+        if only is not None and only not in names:
+            continue
         try:
             mod = importlib.import_module(module)
         except ImportError:
             continue
         getattr(mod, attr)(sub)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """--version, worked out only when asked (it imports every core module)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(_version())
+        parser.exit()
 
 
 def _version() -> str:
@@ -139,7 +159,7 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `colo-proxy` command."""
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)

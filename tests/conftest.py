@@ -1,14 +1,18 @@
-"""Suite-wide guard: every test cleans up the processes it starts."""
+"""Suite-wide guard (every test cleans up the processes it starts) and the shared fixtures."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.fakes import Runner, short_tmpdir
 
 
 def live_children() -> set[int]:
@@ -46,3 +50,20 @@ def no_orphan_processes() -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.waitpid(pid, 0)
     pytest.fail(f"test left {len(left)} process(es) running: {names}")
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A fresh directory under /tmp (unix socket paths must stay under 108 bytes), removed after."""
+    d = short_tmpdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run_loop(request: pytest.FixtureRequest) -> Runner:
+    """Run each test on both loops: uvloop's transports are not asyncio.Transport subclasses."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.run  # type: ignore[no-any-return]
+    return asyncio.run

@@ -9,6 +9,12 @@ difference divided by the frames fed is the core's instructions per frame.
 
     tools/bench_instructions.py                 # every case, pure and compiled
     tools/bench_instructions.py --case tcp64 --builds pure
+
+Two cases measure what surrounds the core in ``colo-proxy run``: ``chardev``
+is QEMU's record framing (FrameDecoder.feed over reads of 64 KiB, then
+encode_frames of the released batch), per frame; ``startup`` is the
+interpreter work of starting ``run`` (imports, parser, settings, the
+Supervisor built), in instructions per start, over ``python -c pass``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ CASES = {
     "tcp64": "TCP 64 B, 50 flows",
     "udp1448": "UDP 1448 B, 50 flows",
     "mix10k": "TCP mix, 10k flows (4000 B each)",
+    "chardev": "record framing, 1448 B TCP frames: decode 64 KiB reads, encode batches",
+    "startup": "colo-proxy run start-up (per start, not per frame)",
 }
 
 
@@ -80,6 +88,12 @@ def child(case: str, frames: int, feed: bool, pure: bool) -> None:
         from colo_proxy.testing.purecore import force_pure_core
 
         force_pure_core()
+    if case == "startup":
+        child_startup(feed)
+        return
+    if case == "chardev":
+        child_chardev(frames, feed)
+        return
     from colo_proxy.core import build_kind
     from colo_proxy.core.config import Config
     from colo_proxy.core.events import Side
@@ -97,6 +111,60 @@ def child(case: str, frames: int, feed: bool, pure: bool) -> None:
             now += 1e-5
     fed = sum(len(run) for _, run in runs)
     print(f"{build_kind()} {fed} {released}")
+
+
+def child_startup(start: bool) -> None:
+    """What `colo-proxy run` does before its loop runs (``start``), else nothing."""
+    kind = "-"
+    if start:
+        import tempfile as tf
+
+        from colo_proxy.cli import build_parser
+        from colo_proxy.config_args import config_from_args
+        from colo_proxy.runtime import run_cli
+        from colo_proxy.runtime.supervisor import Supervisor
+
+        d = tf.mkdtemp(dir="/tmp")
+        argv = ["run", "--primary-in", f"unix:{d}/p,server", "--secondary-in",
+                f"unix:{d}/s,server", "--outdev", f"unix:{d}/o,server"]
+        try:
+            parser = build_parser(argv)  # type: ignore[call-arg,unused-ignore]
+        except TypeError:  # before build_parser took argv (to compare with older trees)
+            parser = build_parser()  # type: ignore[call-arg,unused-ignore]
+        args = parser.parse_args(argv)
+        values = run_cli.run_values(args)
+        config = config_from_args(args, extra_keys=frozenset(run_cli.RUN_KEYS) | {"run"})
+
+        async def build() -> None:
+            Supervisor(config, run_cli.settings_from_values(values))
+
+        import asyncio
+
+        asyncio.run(build())
+        os.rmdir(d)
+        proxy_file = sys.modules["colo_proxy.core.proxy"].__file__ or ""
+        kind = "pure" if proxy_file.endswith(".py") else "compiled"
+    print(f"{kind} 1 0")
+
+
+def child_chardev(frames: int, feed: bool) -> None:
+    """Decode ``frames`` 1448-byte records from 64 KiB reads and encode them back in batches."""
+    from colo_proxy.core import build_kind
+    from colo_proxy.core.framing import FrameDecoder, encode_frames
+
+    runs = build("tcp1448", frames)
+    records = [f for side, run in runs if side == 0 for f in run]
+    wire = encode_frames(records, False)
+    chunks = [wire[i:i + 65536] for i in range(0, len(wire), 65536)]
+    out = 0
+    if feed:
+        dec = FrameDecoder(False)
+        for chunk in chunks:
+            got = dec.feed(chunk)
+            if got:
+                encode_frames(got, False)
+                out += len(got)
+    print(f"{build_kind()} {len(records)} {out}")
 
 
 def callgrind(args: list[str]) -> tuple[int, str]:
@@ -130,6 +198,14 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         print("valgrind is not installed", file=sys.stderr)
         return 2
+    if "startup" in args.case:  # as installed: .pyc present (compileall writes them regardless
+        # of PYTHONDONTWRITEBYTECODE), else every start compiles the sources
+        import importlib.util
+
+        spec = importlib.util.find_spec("colo_proxy")
+        assert spec is not None and spec.submodule_search_locations is not None
+        subprocess.run([sys.executable, "-m", "compileall", "-q",
+                        *spec.submodule_search_locations], check=True, stdout=subprocess.DEVNULL)
     print(f"python {sys.version.split()[0]}; instructions per frame fed (callgrind, "
           f"feed minus build-only)")
     results: dict[tuple[str, str], float] = {}
@@ -145,7 +221,8 @@ def main() -> int:
                 return 1
             per = (total - base) / int(fed)
             results[(case, kind)] = per
-            print(f"{case:8} {kind:8} {per:10,.0f} instr/frame  ({fed} frames, "
+            unit = "instr/start" if case == "startup" else "instr/frame"
+            print(f"{case:8} {kind:8} {per:10,.0f} {unit}  ({fed} frames, "
                   f"{released} released)", flush=True)
     if set(args.builds) == {"pure", "compiled"}:
         for case in args.case:

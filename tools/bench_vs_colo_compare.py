@@ -15,13 +15,24 @@ implementation and the ratio colo-proxy / colo-compare:
   primary frame came out);
 * release latency p50 / p99 in ms (outdev read time minus the time the frame
   was handed to primary_in; unpaced, that includes queueing);
-* peak RSS in MiB of the implementation process.
+* peak RSS in MiB of the implementation process;
+* process CPU seconds of the implementation (user + system over its whole
+  life, from rusage) and that per released frame, in microseconds.
+
+Before the series it byte-compiles colo_proxy (an installed wheel ships its
+.pyc; an editable checkout under PYTHONDONTWRITEBYTECODE=1 recompiles every
+module at every start: ``--no-bytecode`` measures that) and measures the
+start-up CPU of ``colo-proxy run`` alone (started, listening, stopped), so
+CPU per frame can be read with and without it.  ``--pure`` runs the proxy on
+the pure-Python build where the compiled one is built
+(``python -m colo_proxy.testing.purecore``).
 
 Finally it prints the core's memory per 10,000 active TCP flows (tracemalloc
 around ``Proxy.feed_many``, no sockets).
 
     python3 tools/bench_vs_colo_compare.py --repeat 3
     python3 tools/bench_vs_colo_compare.py --only tcp1448 --repeat 1 --no-flows-memory
+    python3 tools/bench_vs_colo_compare.py --repeat 3 --pure    # the pure build
 
 Timing figures depend on the machine; compare them only within one series.
 """
@@ -32,9 +43,13 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -55,7 +70,8 @@ from bench_qemu import (  # noqa: E402
 
 MAXRSS = TOOLS / "maxrss.py"
 QEMU, PROXY = "colo-compare", "colo-proxy"
-METRICS = ("frames_s", "gbit_s", "p50_ms", "p99_ms", "rss_mib")
+METRICS = ("frames_s", "gbit_s", "p50_ms", "p99_ms", "rss_mib", "cpu_s", "cpu_us_frame")
+PURE_MODULE = "colo_proxy.testing.purecore"
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,8 @@ def qemu_wrapper(case_dir: Path, rss: Path, qemu: str, tag: str) -> Path:
 
 
 def run_impl(
-    harness: str, case_dir: Path, case: Case, impl: str, tag: str, qemu: str, extra: str
+    harness: str, case_dir: Path, case: Case, impl: str, tag: str, qemu: str, extra: str,
+    pure: bool = False,
 ) -> dict[str, Any]:
     """One ``harness.py run`` of one implementation; the report plus the maxrss record."""
     rss = case_dir / f"{impl}.{tag}.maxrss.json"
@@ -115,10 +132,17 @@ def run_impl(
     else:
         notify = "--no-notify" not in run_args
         prefix = f"{{python}} {shlex.quote(str(MAXRSS))} --out {shlex.quote(str(rss))} -- "
-        impl_args = ["--impl", "cmd", "--cmd", prefix + proxy_cmd(run_args, notify, extra)]
-    res = run_harness(
-        harness, ["run", "--dir", str(case_dir), "--json", str(report_path), *run_args, *impl_args]
-    )
+        cmd = proxy_cmd(run_args, notify, extra)
+        if pure:
+            cmd = cmd.replace("-m colo_proxy.cli ", f"-m {PURE_MODULE} ", 1)
+        impl_args = ["--impl", "cmd", "--cmd", prefix + cmd]
+    for _attempt in range(2):  # once more if QEMU or the proxy did not start (a loaded host)
+        res = run_harness(harness, ["run", "--dir", str(case_dir), "--json", str(report_path),
+                                    *run_args, *impl_args])
+        if not res.returncode and report_path.exists():
+            break
+        print(f"  {case.key} {impl} {tag}: harness run failed; retrying: {res.stderr[-300:]}",
+              file=sys.stderr)
     if res.returncode or not report_path.exists():
         raise RuntimeError(f"{case.key} {impl} {tag}: harness run failed: {res.stderr[-800:]}")
     report: dict[str, Any] = json.loads(report_path.read_text())
@@ -133,6 +157,7 @@ def metrics(report: dict[str, Any]) -> dict[str, Any]:
     released = report["released"]["count"]
     mbps = tp.get("released_MBps")
     steal = ((report.get("cpu") or {}).get("system") or {}).get("steal_s")
+    cpu = round(rss["cpu_user_s"] + rss["cpu_system_s"], 3) if rss else None
     return {
         "frames_s": tp.get("released_pps"),
         "gbit_s": mbps * 8 / 1000 if mbps else None,
@@ -144,7 +169,9 @@ def metrics(report: dict[str, Any]) -> dict[str, Any]:
         "verdict": report.get("verdict"),
         "notifications": (report.get("notifications") or {}).get("count", 0),
         "per_flow_inversions": (report.get("order") or {}).get("per_flow_inversions"),
-        "impl_lifetime_cpu_s": (round(rss["cpu_user_s"] + rss["cpu_system_s"], 3) if rss else None),
+        "impl_lifetime_cpu_s": cpu,
+        "cpu_s": cpu,
+        "cpu_us_frame": cpu / released * 1e6 if cpu is not None and released else None,
         "steal_s": steal,
     }
 
@@ -155,7 +182,7 @@ def median(values: list[Any]) -> float | None:
 
 
 def bench_case(
-    harness: str, out: Path, case: Case, repeat: int, qemu: str, extra: str
+    harness: str, out: Path, case: Case, repeat: int, qemu: str, extra: str, pure: bool = False
 ) -> dict[str, Any]:
     case_dir = out / case.key
     error = gen_case(harness, case_dir, case.gen)
@@ -166,7 +193,7 @@ def bench_case(
         order = (QEMU, PROXY) if r % 2 == 0 else (PROXY, QEMU)
         for impl in order:
             runs[impl].append(
-                metrics(run_impl(harness, case_dir, case, impl, f"r{r}", qemu, extra))
+                metrics(run_impl(harness, case_dir, case, impl, f"r{r}", qemu, extra, pure))
             )
     summary: dict[str, Any] = {"case": case.key, "label": case.label, "gen": case.gen}
     summary["run"] = case.run
@@ -190,7 +217,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 HEAD = (
     f"{'case':<24} {'implementation':<14} {'frames/s':>10} {'Gbit/s':>7} {'p50 ms':>8} "
-    f"{'p99 ms':>8} {'RSS MiB':>8}  released (min over runs)"
+    f"{'p99 ms':>8} {'RSS MiB':>8} {'CPU s':>6} {'CPU us/fr':>9}  released (min over runs)"
 )
 
 
@@ -213,7 +240,8 @@ def table(summaries: list[dict[str, Any]]) -> str:
                 f"{s['label'] if n == 0 else '':<24} {impl:<14} "
                 f"{_cell(med['frames_s'], 10, 0)} {_cell(med['gbit_s'], 7, 3)} "
                 f"{_cell(med['p50_ms'], 8, 2)} {_cell(med['p99_ms'], 8, 2)} "
-                f"{_cell(med['rss_mib'], 8, 1)}  {released}/{rows[0]['primary']}"
+                f"{_cell(med['rss_mib'], 8, 1)} {_cell(med['cpu_s'], 6, 2)} "
+                f"{_cell(med['cpu_us_frame'], 9, 2)}  {released}/{rows[0]['primary']}"
                 + (f" [{', '.join(flags)}]" if flags else "")
             )
         ratio = s["ratio"]
@@ -224,7 +252,8 @@ def table(summaries: list[dict[str, Any]]) -> str:
         )
         lines.append(
             f"{'':<24} {'ratio cp/cc':<14} {rate} {_cell(ratio['p50_ms'], 8, 2)} "
-            f"{_cell(ratio['p99_ms'], 8, 2)} {_cell(ratio['rss_mib'], 8, 2)}"
+            f"{_cell(ratio['p99_ms'], 8, 2)} {_cell(ratio['rss_mib'], 8, 2)} "
+            f"{_cell(ratio['cpu_s'], 6, 2)} {_cell(ratio['cpu_us_frame'], 9, 2)}"
         )
     return "\n".join(lines)
 
@@ -244,6 +273,37 @@ def runs_detail(summaries: list[dict[str, Any]]) -> str:
                 f"process CPU s [{cpu}]  host steal s [{steal}]"
             )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def byte_compile() -> None:
+    """Write colo_proxy's .pyc files, as installing a wheel does (compileall writes them
+    even under PYTHONDONTWRITEBYTECODE=1, which only stops the interpreter doing it)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "colo_proxy")],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def startup_cpu(pure: bool, runs: int = 5) -> list[float]:
+    """Process CPU seconds of `colo-proxy run` started, listening on its sockets, then stopped."""
+    out = []
+    module = PURE_MODULE if pure else "colo_proxy.cli"
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(dir="/tmp") as d:
+            cmd = [sys.executable, "-m", module, "run", "--log-level", "warning",
+                   "--primary-in", f"unix:{d}/p,server", "--secondary-in", f"unix:{d}/s,server",
+                   "--outdev", f"unix:{d}/o,server", "--notify-dev", f"unix:{d}/n,server"]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(f"{d}/s") and time.monotonic() < deadline:
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            out.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return out
 
 
 # ---------------------------------------------------------------- core memory per flow
@@ -302,6 +362,12 @@ def flows_memory(flows: int, payload_len: int = 1448, window: int = 32) -> dict[
     }
 
 
+def _build_kind() -> str:
+    res = subprocess.run([sys.executable, "-c", "from colo_proxy.core import build_kind; "
+                          "print(build_kind())"], capture_output=True, text=True)
+    return res.stdout.strip() or "unknown"
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -316,28 +382,42 @@ def main() -> int:
     p.add_argument("--flows", type=int, default=10_000, help="flows for the core memory figure")
     p.add_argument("--no-flows-memory", action="store_true")
     p.add_argument("--flows-memory-only", action="store_true")
+    p.add_argument("--pure", action="store_true",
+                   help="run the proxy on the pure-Python build (where the compiled one is built)")
+    p.add_argument("--no-bytecode", action="store_true",
+                   help="do not byte-compile colo_proxy first (every start compiles its source "
+                        "when no .pyc exists and PYTHONDONTWRITEBYTECODE is set)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     summaries: list[dict[str, Any]] = []
+    if not args.no_bytecode:
+        byte_compile()
     if not args.flows_memory_only:
+        starts = startup_cpu(args.pure)
         only = set(args.only.split(",")) if args.only else None
         selected = [c for c in cases(args.harness) if only is None or c.key in only]
         started = time.monotonic()
         for case in selected:
             summaries.append(
-                bench_case(args.harness, out, case, args.repeat, args.qemu, args.proxy_args)
+                bench_case(args.harness, out, case, args.repeat, args.qemu, args.proxy_args,
+                           args.pure)
             )
             (out / "summary.json").write_text(json.dumps(summaries, indent=1))
             print(f"  {case.key} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
         print(
             f"colo-proxy (cp) vs QEMU colo-compare (cc), harness {args.harness}, "
-            f"medians of {args.repeat} run(s) each, {os.cpu_count()} CPUs"
+            f"medians of {args.repeat} run(s) each, {os.cpu_count()} CPUs; colo-proxy build: "
+            f"{'pure' if args.pure else _build_kind()}"
+            f"{', no .pyc' if args.no_bytecode else ''}"
         )
         print(table(summaries))
         print("per run:")
         print(runs_detail(summaries))
+        print(f"colo-proxy run start-up alone (start, listen, SIGTERM): process CPU s median "
+              f"{statistics.median(starts):.3f} [{', '.join(f'{c:.3f}' for c in starts)}]")
+        (out / "startup.json").write_text(json.dumps(starts))
     if not args.no_flows_memory:
         mem = flows_memory(args.flows)
         print(

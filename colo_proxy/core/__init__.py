@@ -5,13 +5,20 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 
-COMPILED_MODULES = (
+_CORE = (
     "checkpoint", "checksum", "config", "datagram", "events", "fastparse", "flows", "flowtable",
     "fragments", "framing", "general", "heartbeat", "held", "ledger", "masks", "packet", "policy",
     "proxy", "reassembly", "rewrite", "rules", "seq", "tcp", "tcp_resync", "tcp_uncompared",
     "tcpside", "verdicts", "xen_notify",
 )
-"""The core modules setup.py compiles (keep in step with its COMPILED list)."""
+
+COMPILED_MODULES = (
+    *(f"{__name__}.{name}" for name in _CORE),
+    "colo_proxy.drivers.endpoints",
+    "colo_proxy.drivers.qemu_socket",
+)
+"""The modules setup.py compiles (keep in step with its COMPILED list): every core module,
+and the chardev drivers of `colo-proxy run`."""
 
 
 def compiled_modules() -> dict[str, bool]:
@@ -19,7 +26,7 @@ def compiled_modules() -> dict[str, bool]:
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     out = {}
     for name in COMPILED_MODULES:
-        module = importlib.import_module(f"{__name__}.{name}")
+        module = importlib.import_module(name)
         out[name] = str(getattr(module, "__file__", "")).endswith(suffixes)
     return out
 

@@ -16,7 +16,9 @@ produced and gets back every complete record as ``(data, offset)``, where
 untouched) and ``offset`` the vnet header length (0 without vnet support).
 It parses straight out of the incoming chunk through ``struct.unpack_from``
 and only copies a tail that ends mid-record, so a chunk holding hundreds of
-records costs one loop over them and no per-record buffer shuffling.
+records costs one loop over them and no per-record buffer shuffling; the
+record a read cut off is completed from just the bytes it lacks, not by
+joining the whole next chunk to it.
 
 Errors are decoder state, not exceptions: a zero length, a length over
 QEMU's 69632-byte limit (``NET_BUFSIZE``) or a vnet header length larger
@@ -112,26 +114,36 @@ class FrameDecoder:
         """
         if self._error is not None:
             return []
-        buf = self._buf
-        if buf:
-            if len(buf) + len(chunk) < self._need:
-                # Still inside one record: append (amortised O(1)), parse nothing.
-                buf += chunk
-                return []
-            buf += chunk
-            data = bytes(buf)
-        else:
-            data = bytes(chunk)
+        data = chunk if isinstance(chunk, bytes) else bytes(chunk)
         out: list[Frame] = []
-        pos = self._decode(data, out)
-        self._consumed += pos
-        self._buf = bytearray(data[pos:]) if pos < len(data) else bytearray()
+        start = 0
+        buf = self._buf
+        while buf:
+            # Finish the record cut by the previous read from just the bytes it lacks,
+            # instead of copying the whole chunk behind it (twice) as a join would.
+            take = self._need - len(buf)
+            if take > len(data) - start:
+                buf += memoryview(data)[start:]
+                return out
+            buf += memoryview(data)[start : start + take]
+            start += take
+            used = self._decode(bytes(buf), 0, out)
+            if self._error is not None:  # keep what follows, as pending_bytes says
+                buf += memoryview(data)[start:]
+                return out
+            if used:  # the whole record; otherwise only its header, and _need grew
+                self._consumed += used
+                buf.clear()
+        pos = self._decode(data, start, out)
+        self._consumed += pos - start
+        if pos < len(data):
+            self._buf = bytearray(memoryview(data)[pos:])
         return out
 
-    def _decode(self, data: bytes, out: list[Frame]) -> int:
-        """Append records from ``data`` to ``out``; return bytes consumed."""
+    def _decode(self, data: bytes, pos: int, out: list[Frame]) -> int:
+        """Append records from ``data[pos:]`` to ``out``; return where decoding stopped."""
         n = len(data)
-        pos = 0
+        start = pos
         header = self._header
         max_len = self._max_len
         append = out.append
@@ -140,7 +152,7 @@ class FrameDecoder:
             while n - pos >= 8:
                 length, vlen = unpack2(data, pos)
                 if length == 0 or length > max_len or vlen > length:
-                    self._fail(pos, length, vlen)
+                    self._fail(pos - start, length, vlen)
                     return pos
                 end = pos + 8 + length
                 if end > n:
@@ -153,7 +165,7 @@ class FrameDecoder:
             while n - pos >= header:
                 (length,) = unpack1(data, pos)
                 if length == 0 or length > max_len:
-                    self._fail(pos, length, 0)
+                    self._fail(pos - start, length, 0)
                     return pos
                 end = pos + 4 + length
                 if end > n:

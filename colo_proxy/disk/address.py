@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from colo_proxy.drivers.endpoints import is_loopback, unix_listener
+from colo_proxy.drivers.endpoints import (
+    Transport,
+    is_loopback,
+    parse_endpoint,
+    remove_stale_socket,
+    unix_listener,
+)
 from colo_proxy.errors import ConfigError
 
 
@@ -40,34 +43,21 @@ def check_local(addresses: tuple[Address, ...], allow_remote: bool) -> None:
 
 
 def parse_address(text: str) -> Address:
-    """Parse ``unix:PATH`` or ``tcp:HOST:PORT`` (IPv6 hosts in brackets)."""
-    kind, sep, rest = text.partition(":")
-    if not sep or not rest:
+    """Parse ``unix:PATH`` or ``tcp:HOST:PORT`` (IPv6 hosts in brackets).
+
+    The spelling of :func:`~colo_proxy.drivers.endpoints.parse_endpoint`, the
+    one endpoint parser; a listen address takes the kind prefix and no options.
+    """
+    kind, sep, _ = text.partition(":")
+    if not sep or kind not in ("unix", "tcp") or "," in text:
         raise ConfigError(f"address {text!r}: expected unix:PATH or tcp:HOST:PORT")
-    if kind == "unix":
-        return Address(path=rest)
-    if kind == "tcp":
-        host, sep, port = rest.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigError(f"address {text!r}: expected tcp:HOST:PORT")
-        return Address(host=host.strip("[]") or "127.0.0.1", port=int(port))
-    raise ConfigError(f"address {text!r}: unknown kind {kind!r} (unix or tcp)")
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket file nobody listens on (left by a killed agent); refuse a live one."""
-    if not os.path.exists(path):
-        return
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return
-        except OSError as err:
-            raise ConfigError(f"unix:{path} exists and is not a usable socket: {err}") from err
-    raise ConfigError(f"unix:{path} is in use by a running server")
+    try:
+        endpoint = parse_endpoint(text)
+    except ConfigError as err:
+        raise ConfigError(f"address {text!r}: {err}") from None
+    if endpoint.transport is Transport.UNIX:
+        return Address(path=endpoint.address)
+    return Address(host=endpoint.address, port=endpoint.port)
 
 
 async def listen(address: Address, factory: Callable[[], asyncio.BaseProtocol],
@@ -79,7 +69,7 @@ async def listen(address: Address, factory: Callable[[], asyncio.BaseProtocol],
     loop = asyncio.get_running_loop()
     try:
         if address.path is not None:
-            _remove_stale_socket(address.path)
+            remove_stale_socket(address.path)
             return await loop.create_unix_server(factory, sock=unix_listener(address.path),
                                                  ssl=tls)
         assert address.port is not None

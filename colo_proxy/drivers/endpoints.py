@@ -14,6 +14,11 @@ Locked down by default: ``tcp::PORT`` means 127.0.0.1 (QEMU would take every
 address), unix sockets we listen on are created 0600 whatever the umask, and
 a server keeps its first peer while that peer is alive: a second client is
 refused (counted) unless the endpoint says ``takeover=on``.
+
+This is the one parser of ``unix:``/``tcp:`` specs: the disk agent's listen
+addresses (:func:`colo_proxy.disk.address.parse_address`) are these specs
+without options, and every listener clears a leftover socket file the same
+way (:func:`remove_stale_socket`: probe first, unlink only a dead one).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import enum
 import ipaddress
 import os
 import socket
+import stat
 from dataclasses import dataclass
 
 from colo_proxy.errors import ConfigError
@@ -156,6 +162,34 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a name may resolve to anything: it needs the explicit flag
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink a socket file nobody listens on (left by a killed process); refuse a live one.
+
+    The probe (a connect) comes before the unlink, so a second instance
+    started on the same path fails with a clear error instead of silently
+    taking the path away from the first; a file that is not a socket is
+    never removed.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise ConfigError(f"unix:{path}: cannot inspect: {err.strerror or err}") from err
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"unix:{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        except OSError as err:
+            raise ConfigError(f"unix:{path} exists and is not a usable socket: {err}") from err
+    raise ConfigError(f"unix:{path} is in use by a running server")
 
 
 def unix_listener(path: str) -> socket.socket:

@@ -33,14 +33,19 @@ import contextlib
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from colo_proxy.core.framing import Frame, FrameDecoder, encode_frames
-from colo_proxy.drivers.endpoints import Endpoint, Transport, peer_alive, unix_listener
-from colo_proxy.errors import TransportError
+from colo_proxy.drivers.endpoints import (
+    Endpoint,
+    Transport,
+    peer_alive,
+    remove_stale_socket,
+    unix_listener,
+)
+from colo_proxy.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +136,7 @@ class Channel:
         if ep.server:
             try:
                 if ep.transport is Transport.UNIX:
-                    _remove_stale_socket(ep.address)
+                    remove_stale_socket(ep.address)
                     self._server = await loop.create_unix_server(
                         lambda: _ChannelProtocol(self), sock=unix_listener(ep.address)
                     )
@@ -139,7 +144,7 @@ class Channel:
                     self._server = await loop.create_server(
                         lambda: _ChannelProtocol(self), ep.address, ep.port, reuse_address=True
                     )
-            except OSError as err:
+            except (OSError, ConfigError) as err:
                 raise TransportError(
                     f"{self.name}: cannot listen on {ep.describe()}: {err}"
                 ) from err
@@ -176,9 +181,11 @@ class Channel:
     @property
     def port(self) -> int:
         """The bound TCP port of a server (useful with port 0)."""
-        if self._server is None or not self._server.sockets:
+        # uvloop's Server.sockets is a list, asyncio's a tuple (and mypyc checks tuples)
+        sockets: Any = getattr(self._server, "sockets", None)
+        if not sockets:
             return self.endpoint.port
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(sockets[0].getsockname()[1])
 
     # ---- output -----------------------------------------------------------------------
 
@@ -319,17 +326,6 @@ def _keepalive(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket file left by an earlier run (QEMU does the same)."""
-    try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise TransportError(f"cannot remove stale socket {path}: {err}") from err
 
 
 OnFrames = Callable[[list[Frame]], None]

@@ -13,32 +13,29 @@ from typing import Any
 from colo_proxy.config_args import add_config_flags, config_from_args, parse_size
 from colo_proxy.drivers.afpacket import RingSpec
 from colo_proxy.errors import ConfigError
+from colo_proxy.live_obs import HOST_OBS_KEYS
 from colo_proxy.runtime.bridge import Bridge, BridgeSettings
 from colo_proxy.runtime.run_cli import (
-    HOST_KEYS,
     Keys,
+    ProcessOptions,
     add_host_flags,
-    host_settings,
+    check_host_values,
+    disk_tls,
+    keys_of,
     section_values,
     serve_and_report,
+    settings_fields,
 )
 
 _RING = RingSpec()
 
+RING_RENAMES = {"ring_block_count": "ring_blocks"}
+"""Established spellings of BridgeSettings.ring's keys (``--ring-blocks``)."""
+
 BRIDGE_KEYS: Keys = {
-    "client_if": (str, None),
-    "primary_if": (str, None),
-    "secondary_if": (str, None),
-    "ring_block_size": (int, _RING.block_size),
-    "ring_blocks": (int, _RING.block_count),
-    "ring_retire_ms": (int, _RING.retire_ms),
-    "ring_version": (int, _RING.version),
-    "output_buffer": (int, 64 * 1024 * 1024),
-    "busy_poll_us": (int, 100),
-    "fix_offloads": (bool, False),
-    "kernel_forward": (bool, True),
-    **HOST_KEYS,
+    **keys_of(BridgeSettings, RING_RENAMES), **keys_of(ProcessOptions), **HOST_OBS_KEYS,
 }
+"""Every `bridge` setting: BridgeSettings' fields (the ring's flattened) and the process's."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,23 +88,10 @@ def settings_from_values(values: dict[str, Any]) -> BridgeSettings:
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
         raise ConfigError(f"bridge: {flags} required (flag or config file)")
-    ring = RingSpec(
-        block_size=int(values["ring_block_size"]),
-        block_count=int(values["ring_blocks"]),
-        retire_ms=int(values["ring_retire_ms"]),
-        version=int(values["ring_version"]),
-    )
-    settings = BridgeSettings(
-        client_if=str(values["client_if"]),
-        primary_if=str(values["primary_if"]),
-        secondary_if=str(values["secondary_if"]),
-        ring=ring,
-        output_buffer=int(values["output_buffer"]),
-        busy_poll_us=int(values["busy_poll_us"]),
-        fix_offloads=bool(values["fix_offloads"]),
-        kernel_forward=bool(values["kernel_forward"]),
-        **host_settings(values, "bridge"),
-    )
+    check_host_values(values, "bridge")
+    fields = settings_fields(BridgeSettings, values, RING_RENAMES)
+    fields["disk_tls_creds"] = disk_tls(values)
+    settings = BridgeSettings(**fields)
     settings.validate()
     return settings
 

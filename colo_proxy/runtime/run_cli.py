@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import enum
 import gc
 import json
 import logging
 import signal
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,7 @@ from colo_proxy.config_args import (
     size_value,
 )
 from colo_proxy.disk.tls import client_context
-from colo_proxy.drivers.endpoints import parse_endpoint
+from colo_proxy.drivers.endpoints import Endpoint, parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
 from colo_proxy.live_obs import HOST_OBS_KEYS, attach
@@ -43,34 +48,99 @@ log = logging.getLogger("colo_proxy.run")
 _ON_OFF = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False}
 
 Keys = dict[str, tuple[type, Any]]
-"""key -> (type, default); endpoints are strings parsed by parse_endpoint."""
+"""key -> (type, default); endpoints are strings parsed by parse_endpoint, enums their values."""
 
-HOST_KEYS: Keys = {
-    "qmp": (str, None),
-    "qmp_follow": (str, FollowPolicy.COLO.value),
-    "qmp_request_timeout": (float, 5.0),
-    "on_shutdown": (str, ShutdownMode.REPORT.value),
-    "stats_interval": (float, 0.0),
-    "loop": (str, "uvloop"),
-    "log_level": (str, "info"),
-    **HOST_OBS_KEYS,
-}
-"""Settings every live proxy (run, bridge) has, spelled the same way."""
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    """Settings of the process a live proxy runs in (run, bridge), not of the proxy."""
+
+    loop: str = "uvloop"
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class ListenOptions:
+    """`run` only: whether ,server endpoints may listen on non-loopback TCP addresses."""
+
+    listen_remote: bool = False
+
+
+def keys_of(cls: type, renames: Mapping[str, str] | None = None) -> Keys:
+    """The TOML/flag keys of a settings dataclass, one per field, declared nowhere else.
+
+    A nested dataclass field (``ring: RingSpec``) gives one key per field of
+    its own, prefixed with the field's name (``ring_block_size``); ``renames``
+    keeps an established spelling (``ring_block_count`` is ``ring_blocks``).
+    """
+    renames = renames or {}
+    out: Keys = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = _unwrap_optional(hints[f.name])
+        if kind is not Endpoint and isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            for sub, spec in keys_of(kind).items():
+                key = f"{f.name}_{sub}"
+                out[renames.get(key, key)] = spec
+            continue
+        default = None if f.default is dataclasses.MISSING else f.default
+        if kind is Endpoint or kind is Path:
+            out[f.name] = (str, None)
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            out[f.name] = (str, default.value if isinstance(default, enum.Enum) else None)
+        else:
+            out[f.name] = (kind, default)
+    return out
+
+
+def settings_fields(
+    cls: type, values: Mapping[str, Any], renames: Mapping[str, str] | None = None,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Keyword arguments for ``cls`` from key values (the inverse of :func:`keys_of`).
+
+    Endpoint specs are parsed, enum values looked up, nested dataclasses built;
+    a bad value is a ConfigError naming the key.
+    """
+    renames = renames or {}
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = _unwrap_optional(hints[f.name])
+        key = renames.get(prefix + f.name, prefix + f.name)
+        if kind is not Endpoint and isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            out[f.name] = kind(**settings_fields(kind, values, renames, f"{key}_"))
+            continue
+        value = values.get(key)
+        if kind is Endpoint:
+            value = parse_endpoint(value) if value else None
+        elif kind is Path:
+            value = Path(value) if value else None
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            try:
+                value = kind(value)
+            except ValueError as err:
+                raise ConfigError(f"{key}: {err}") from None
+        elif value is not None:
+            value = kind(value)
+        out[f.name] = value
+    return out
+
+
+def _unwrap_optional(kind: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if isinstance(kind, types.UnionType) and len(args) == 1 else kind
+
 
 RUN_KEYS: Keys = {
-    "primary_in": (str, None),
-    "secondary_in": (str, None),
-    "outdev": (str, None),
-    "notify_dev": (str, None),
-    "vnet_hdr": (bool, False),
-    "secondary_qmp": (str, None),
-    "disk_qmp": (str, None),
-    "disk_tls_creds": (str, None),
-    "outdev_buffer": (int, 64 * 1024 * 1024),
-    "listen_remote": (bool, False),
-    **HOST_KEYS,
+    **keys_of(RunSettings),
+    **keys_of(ListenOptions),
+    **keys_of(ProcessOptions),
+    **HOST_OBS_KEYS,
     **FAILOVER_KEYS,
 }
+"""Every `run` setting: RunSettings' fields, the listen and process options, failover's."""
 
 
 def _on_off(text: str) -> bool:
@@ -107,18 +177,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="on|off",
         help="records carry a vnet header length (vnet_hdr_support)",
     )
-    io.add_argument("--secondary-qmp", metavar="SPEC", help="secondary QEMU's QMP socket")
-    io.add_argument(
-        "--disk-qmp",
-        metavar="SPEC",
-        help="disk replication agent's QMP socket: held output also waits for its epoch ack",
-    )
-    io.add_argument(
-        "--disk-tls-creds",
-        metavar="DIR",
-        help="TLS to --disk-qmp (the agent's --tls-creds), QEMU tls-creds-x509 client layout: "
-        "ca-cert.pem, and client-cert.pem + client-key.pem for a client certificate",
-    )
     io.add_argument(
         "--outdev-buffer",
         type=parse_size,
@@ -143,6 +201,18 @@ def add_host_flags(p: argparse.ArgumentParser, output: str) -> None:
     """The flags every live proxy shares: QMP, shutdown, stats, loop, logging."""
     io = p.add_argument_group("checkpoints and operation")
     io.add_argument("--qmp", metavar="SPEC", help="primary QEMU's QMP socket")
+    io.add_argument("--secondary-qmp", metavar="SPEC", help="secondary QEMU's QMP socket")
+    io.add_argument(
+        "--disk-qmp",
+        metavar="SPEC",
+        help="disk replication agent's QMP socket: held output also waits for its epoch ack",
+    )
+    io.add_argument(
+        "--disk-tls-creds",
+        metavar="DIR",
+        help="TLS to --disk-qmp (the agent's --tls-creds), QEMU tls-creds-x509 client layout: "
+        "ca-cert.pem, and client-cert.pem + client-key.pem for a client certificate",
+    )
     io.add_argument(
         "--qmp-follow",
         choices=[f.value for f in FollowPolicy],
@@ -237,35 +307,22 @@ def settings_from_values(values: dict[str, Any]) -> RunSettings:
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
         raise ConfigError(f"run: {flags} required (flag or config file)")
-
-    def endpoint(key: str) -> Any:
-        spec = values.get(key)
-        return parse_endpoint(spec) if spec else None
-
     if values["outdev_buffer"] < 65536:
         raise ConfigError("outdev_buffer: must be at least 65536 bytes")
+    check_host_values(values, "run")
+    fields = settings_fields(RunSettings, values)
     if not values["listen_remote"]:
         for key in ("primary_in", "secondary_in", "outdev", "notify_dev"):
-            ep = endpoint(key)
+            ep = fields[key]
             if ep is not None and ep.remote_listener():
                 raise ConfigError(
                     f"{key}: {ep.describe()} listens on a non-loopback address; "
                     "give --listen-remote (listen_remote = true) to allow other hosts")
-    return RunSettings(
-        primary_in=endpoint("primary_in"),
-        secondary_in=endpoint("secondary_in"),
-        outdev=endpoint("outdev"),
-        notify_dev=endpoint("notify_dev"),
-        vnet_hdr=bool(values["vnet_hdr"]),
-        secondary_qmp=endpoint("secondary_qmp"),
-        disk_qmp=endpoint("disk_qmp"),
-        disk_tls_creds=_disk_tls(values),
-        outdev_buffer=int(values["outdev_buffer"]),
-        **host_settings(values, "run"),
-    )
+    fields["disk_tls_creds"] = disk_tls(values)
+    return RunSettings(**fields)
 
 
-def _disk_tls(values: dict[str, Any]) -> Path | None:
+def disk_tls(values: Mapping[str, Any]) -> Path | None:
     """--disk-tls-creds, checked now (a bad directory is a one-line error at start)."""
     if not values.get("disk_tls_creds"):
         return None
@@ -276,11 +333,11 @@ def _disk_tls(values: dict[str, Any]) -> Path | None:
     return path
 
 
-def host_settings(values: dict[str, Any], command: str) -> dict[str, Any]:
-    """The shared settings, validated, as keyword arguments for RunSettings/BridgeSettings."""
+def check_host_values(values: Mapping[str, Any], command: str) -> None:
+    """Check the settings every live proxy shares (ConfigError names the problem)."""
     try:
-        follow = FollowPolicy(values["qmp_follow"])
-        on_shutdown = ShutdownMode(values["on_shutdown"])
+        FollowPolicy(values["qmp_follow"])
+        ShutdownMode(values["on_shutdown"])
     except ValueError as err:
         raise ConfigError(f"{command}: {err}") from None
     if values["qmp_request_timeout"] <= 0 or values["stats_interval"] < 0:
@@ -290,13 +347,6 @@ def host_settings(values: dict[str, Any], command: str) -> dict[str, Any]:
     level = str(values["log_level"]).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log_level: unknown level {values['log_level']!r}")
-    return {
-        "qmp": parse_endpoint(values["qmp"]) if values["qmp"] else None,
-        "qmp_follow": follow,
-        "qmp_request_timeout": float(values["qmp_request_timeout"]),
-        "on_shutdown": on_shutdown,
-        "stats_interval": float(values["stats_interval"]),
-    }
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_compiled_list_matches_setup_py() -> None:
-    listed = re.findall(r'"colo_proxy/core/(\w+)\.py"', (ROOT / "setup.py").read_text())
-    assert sorted(listed) == sorted(COMPILED_MODULES)
-    assert {p.stem for p in (ROOT / "colo_proxy" / "core").glob("*.py")} - {"__init__"} == set(
-        COMPILED_MODULES
-    )
+    listed = re.findall(r'"(colo_proxy/[\w/]+)\.py"', (ROOT / "setup.py").read_text())
+    assert sorted(path.replace("/", ".") for path in listed) == sorted(COMPILED_MODULES)
+    core = {p.stem for p in (ROOT / "colo_proxy" / "core").glob("*.py")} - {"__init__"}
+    assert {f"colo_proxy.core.{name}" for name in core} <= set(COMPILED_MODULES)
 
 
 @pytest.mark.skipif("COLO_PROXY_EXPECT_COMPILED" not in os.environ,
@@ -40,3 +41,12 @@ def test_version_says_which_core(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"colo-proxy {__version__} ({build_kind()} core)"
+
+
+def test_the_pure_launcher_loads_no_compiled_module() -> None:
+    """`python -m colo_proxy.testing.purecore` (the benchmarks' pure build) is pure anywhere."""
+    res = subprocess.run(
+        [sys.executable, "-m", "colo_proxy.testing.purecore", "--version"],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    )
+    assert res.stdout.strip() == f"colo-proxy {__version__} (pure core)"

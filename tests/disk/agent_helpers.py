@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,6 @@ from colo_proxy.disk import nbd_proto as p
 from tests.disk.nbdwire import go_payload, option, request
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def short_tmpdir() -> Path:
-    """Unix socket paths must stay under 108 bytes: use /tmp, not pytest's tmp_path."""
-    return Path(tempfile.mkdtemp(prefix="cpd-", dir="/tmp"))
 
 
 @dataclass

@@ -9,9 +9,8 @@ every write-out.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,8 @@ from colo_proxy.disk.address import Address
 from colo_proxy.disk.agent import AgentConfig, DiskAgent
 from colo_proxy.disk.buffers import Export, Phase
 from colo_proxy.disk.engine import DiskEngine
-from tests.disk.agent_helpers import short_tmpdir
 
 SIZE = 1 << 20
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    d = short_tmpdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def gated(fn: Callable[..., Any], gate: threading.Event) -> Callable[..., Any]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
-from tests.disk.agent_helpers import NbdClient, short_tmpdir, start_agent
+from tests.disk.agent_helpers import NbdClient, start_agent
+from tests.fakes import short_tmpdir
 from tests.metrics_helpers import by_name, free_port, scrape
 
 

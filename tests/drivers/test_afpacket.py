@@ -38,7 +38,7 @@ from colo_proxy.drivers.afpacket import (
 )
 from colo_proxy.drivers.links import LinkInfo
 from colo_proxy.errors import ConfigError, TransportError
-from tests.drivers.test_qmp_colo_mode import until
+from tests.fakes import until
 
 SRC = bytes.fromhex("525400aa0001")
 DST = bytes.fromhex("525400aa0002")

@@ -23,7 +23,7 @@ from colo_proxy.errors import ConfigError
 from colo_proxy.runtime import bridge_cli
 from colo_proxy.runtime.bridge import Bridge, BridgeSettings, neighbour_request
 from colo_proxy.runtime.host import ShutdownMode
-from tests.drivers.test_qmp_colo_mode import FakePrimary, until
+from tests.fakes import FakeQmp, until
 
 scapy_all = pytest.importorskip("scapy.all")
 
@@ -105,7 +105,7 @@ class NoLinks:
 
 def test_frames_take_their_paths_and_a_checkpoint_resets_the_rewriter(sockdir: Path) -> None:
     async def main() -> None:
-        qemu = FakePrimary()
+        qemu = FakeQmp()
         server = await asyncio.start_unix_server(qemu.serve, f"{sockdir}/qmp")
         bridge, ports = make_bridge(sockdir)
         await bridge.start()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from pathlib import Path
+
 import pytest
 
-from colo_proxy.drivers.endpoints import Endpoint, Transport, parse_endpoint
-from colo_proxy.errors import ConfigError
+from colo_proxy.drivers.endpoints import Endpoint, Transport, parse_endpoint, remove_stale_socket
+from colo_proxy.drivers.qemu_socket import Channel
+from colo_proxy.errors import ConfigError, TransportError
 
 GOOD = [
     ("unix:/run/p.sock,server", Endpoint(Transport.UNIX, "/run/p.sock", 0, True)),
@@ -50,3 +55,42 @@ def test_parse_errors(spec: str) -> None:
 def test_describe_round_trips() -> None:
     for spec, want in GOOD:
         assert parse_endpoint(want.describe()) == want, spec
+
+
+def test_stale_socket_probe_never_removes_a_file_or_a_live_listener(sockdir: Path) -> None:
+    """One cleanup for every listener: a dead socket file goes, a live one or a plain file stays."""
+    plain = sockdir / "plain"
+    plain.write_text("not a socket")
+    with pytest.raises(ConfigError, match="not a socket"):
+        remove_stale_socket(str(plain))
+    assert plain.read_text() == "not a socket"
+    path = str(sockdir / "s")
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(path)
+    live.listen()
+    with pytest.raises(ConfigError, match="in use"):
+        remove_stale_socket(path)
+    live.close()  # the file stays, nobody listens: stale
+    remove_stale_socket(path)
+    assert not Path(path).exists()
+    remove_stale_socket(path)  # nothing there: nothing to do
+
+
+def test_run_channel_refuses_a_path_a_live_server_holds(sockdir: Path) -> None:
+    """`run` probes before unlinking too: a second instance cannot steal a live socket."""
+    path = f"{sockdir}/p"
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(path)
+    live.listen()
+
+    async def main() -> None:
+        ch = Channel("primary_in", parse_endpoint(f"unix:{path},server"))
+        with pytest.raises(TransportError, match="in use"):
+            await ch.start()
+        await ch.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        live.close()
+    assert Path(path).exists()

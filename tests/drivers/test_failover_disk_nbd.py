@@ -18,8 +18,7 @@ from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.runtime.failover import FailoverSettings, FailoverSupervisor
 from colo_proxy.runtime.supervisor import RunSettings
 from tests.disk.agent_helpers import start_agent
-from tests.drivers.test_qmp_colo_mode import FakePrimary
-from tests.drivers.test_supervisor import until
+from tests.fakes import FakeQmp, until
 
 PERIOD, MISSES = 0.1, 3
 
@@ -59,7 +58,7 @@ def test_a_dead_nbd_path_with_live_qmp_is_a_disk_loss(tmp_path: Path) -> None:
     d = tmp_path
 
     async def main() -> dict[str, Any]:
-        pri, sec = FakePrimary(), FakePrimary()
+        pri, sec = FakeQmp(), FakeQmp()
         servers = [await asyncio.start_unix_server(pri.serve, f"{d}/pqmp"),
                    await asyncio.start_unix_server(sec.serve, f"{d}/sqmp")]
         relay = Relay(agent.nbd)

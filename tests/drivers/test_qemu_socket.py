@@ -11,29 +11,9 @@ from pathlib import Path
 from colo_proxy.core.framing import Frame, encode_frames
 from colo_proxy.drivers.endpoints import Endpoint, Transport, parse_endpoint
 from colo_proxy.drivers.qemu_socket import Channel, RecordChannel
-from tests.drivers.conftest import Runner
+from tests.fakes import Runner, read_exactly, until
 
 ETH = bytes(range(64))
-
-
-
-
-
-
-
-
-async def wait_for(cond: object, what: str) -> None:
-    """Poll a condition (a callable) without asserting on time; give up after 10 s."""
-    assert callable(cond)
-    for _ in range(1000):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
-
-
-async def read_exactly(reader: asyncio.StreamReader, n: int) -> bytes:
-    return await asyncio.wait_for(reader.readexactly(n), 10)
 
 
 def test_server_survives_reconnect_and_bad_framing(sockdir: Path, run_loop: Runner) -> None:
@@ -48,15 +28,15 @@ def test_server_survives_reconnect_and_bad_framing(sockdir: Path, run_loop: Runn
         wire = encode_frames([(ETH, 0)] * 3, False)
         w.write(wire + wire[:7])
         await w.drain()
-        await wait_for(lambda: len(got) == 3, "three frames")
+        await until(lambda: len(got) == 3, "three frames")
         w.close()
-        await wait_for(lambda: not rc.channel.connected, "disconnect")
+        await until(lambda: not rc.channel.connected, "disconnect")
         assert rc.truncated_records == 1
         # 2nd peer: one good frame, then an oversized length: reset, frame kept
         r, w = await asyncio.open_unix_connection(f"{sockdir}/p")
         w.write(encode_frames([(ETH[:20], 0)], False) + struct.pack(">I", 70000) + b"x" * 10)
         await w.drain()
-        await wait_for(lambda: rc.framing_errors == 1, "framing error")
+        await until(lambda: rc.framing_errors == 1, "framing error")
         assert got[3] == (ETH[:20], 0)
         assert await asyncio.wait_for(r.read(), 10) == b""  # we reset it
         assert rc.channel.stats.resets == 1
@@ -64,7 +44,7 @@ def test_server_survives_reconnect_and_bad_framing(sockdir: Path, run_loop: Runn
         _, w = await asyncio.open_unix_connection(f"{sockdir}/p")
         w.write(wire)
         await w.drain()
-        await wait_for(lambda: len(got) == 7, "frames after reset")
+        await until(lambda: len(got) == 7, "frames after reset")
         assert rc.counters()["connects"] == 3
         w.close()
         await rc.channel.close()
@@ -92,7 +72,7 @@ def test_client_reconnects_and_pending_output_is_delivered(sockdir: Path, run_lo
         # server side drops us; the client comes back by itself
         w.close()
         r2, w2 = await asyncio.wait_for(accepted.get(), 10)
-        await wait_for(lambda: out.channel.connected, "reconnected")
+        await until(lambda: out.channel.connected, "reconnected")
         assert out.send([(ETH, 0)])
         assert await read_exactly(r2, 8 + len(ETH)) == struct.pack(">II", len(ETH), 0) + ETH
         assert out.channel.stats.connects == 2
@@ -113,7 +93,7 @@ def test_output_overflow_is_dropped_and_counted_never_blocking(
         srv.listen()
         ch = Channel("outdev", Endpoint(Transport.UNIX, path), max_buffer=1 << 20)
         await ch.start()
-        await wait_for(lambda: ch.connected, "connected")
+        await until(lambda: ch.connected, "connected")
         peer, _ = srv.accept()  # never reads
         chunk = b"z" * 65536
         results = [ch.write(chunk) for _ in range(200)]  # 13 MB into a 1 MB bound
@@ -135,12 +115,12 @@ def test_tcp_server_replaces_old_peer_with_takeover(run_loop: Runner) -> None:
         await ch.start()
         port = ch.port
         _, w1 = await asyncio.open_connection("127.0.0.1", port)
-        await wait_for(lambda: ch.connected, "first")
+        await until(lambda: ch.connected, "first")
         _, w2 = await asyncio.open_connection("127.0.0.1", port)
-        await wait_for(lambda: ch.stats.replaced == 1, "replaced")
+        await until(lambda: ch.stats.replaced == 1, "replaced")
         w2.write(b"abc")
         await w2.drain()
-        await wait_for(lambda: b"".join(data) == b"abc", "data from new peer")
+        await until(lambda: b"".join(data) == b"abc", "data from new peer")
         for w in (w1, w2):
             w.close()
             with contextlib.suppress(OSError):

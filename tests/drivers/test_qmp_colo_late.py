@@ -16,10 +16,10 @@ from typing import Any
 
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import QmpDriver
-from tests.drivers.test_qmp_colo_mode import FakePrimary, checkpoint_cycle, until
+from tests.fakes import FakeQmp, checkpoint_cycle, until
 
 
-class LatePrimary(FakePrimary):
+class LatePrimary(FakeQmp):
     """A primary that is not in COLO mode until ``mode`` says so."""
 
     mode = "none"

@@ -101,3 +101,28 @@ def test_bad_files_are_config_errors(tmp_path: Path, toml: str) -> None:
 def test_missing_endpoints_named() -> None:
     with pytest.raises(ConfigError, match="--secondary-in, --outdev"):
         run_cli.settings_from_values(run_cli.run_values(parse(["--primary-in", "unix:/a"])))
+
+
+@pytest.mark.parametrize("command", ["run", "bridge"])
+def test_every_setting_is_a_field_a_key_and_a_flag(command: str) -> None:
+    """Keys come from the settings dataclasses; each has exactly one flag, and no flag is extra."""
+    from dataclasses import fields
+
+    from colo_proxy.config_args import add_config_flags
+    from colo_proxy.runtime import bridge_cli
+    from colo_proxy.runtime.bridge import BridgeSettings
+    from colo_proxy.runtime.supervisor import RunSettings
+
+    module, settings, keys = (
+        (run_cli, RunSettings, run_cli.RUN_KEYS) if command == "run"
+        else (bridge_cli, BridgeSettings, bridge_cli.BRIDGE_KEYS)
+    )
+    parser = argparse.ArgumentParser()
+    module.add_parser(parser.add_subparsers(dest="command"))
+    core = argparse.ArgumentParser()
+    add_config_flags(core)
+    flags = set(vars(parser.parse_args([command]))) - set(vars(core.parse_args([])))
+    assert flags - {"command", "func"} == set(keys)
+    flattened = {k.split("_")[0] for k in keys if k.startswith("ring_")}
+    assert {f.name for f in fields(settings)} - flattened <= set(keys)
+    assert all(k in keys for k in ("loop", "log_level"))

@@ -6,7 +6,6 @@ secondary records, reads outdev and notify_dev.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from pathlib import Path
 
@@ -14,20 +13,13 @@ import pytest
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
-from colo_proxy.core.framing import Frame, FrameDecoder, encode_frames
 from colo_proxy.core.proxy import CoreFault
 from colo_proxy.core.xen_notify import encode_message
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.runtime.supervisor import RunSettings, ShutdownMode, Supervisor
-from tests.drivers.conftest import Runner
+from tests.fakes import RecordPeer, Runner, until
 
 scapy_all = pytest.importorskip("scapy.all")
-
-
-
-
-
-
 
 
 def segments(payload: bytes, dport: int = 40000) -> list[bytes]:
@@ -40,49 +32,6 @@ def segments(payload: bytes, dport: int = 40000) -> list[bytes]:
             / payload[off : off + 100]
         )  # fmt: skip
     return [bytes(f) for f in out]
-
-
-class Peer:
-    """The harness/Xen side of the four sockets."""
-
-    def __init__(self, d: Path, vnet: bool) -> None:
-        self.d, self.vnet = d, vnet
-        self.out_frames: list[Frame] = []
-        self.notify_text: list[str] = []
-
-    async def connect(self) -> None:
-        self.out_r, self.out_w = await asyncio.open_unix_connection(f"{self.d}/out")
-        self.ntf_r, self.ntf_w = await asyncio.open_unix_connection(f"{self.d}/ntf")
-        _, self.pin = await asyncio.open_unix_connection(f"{self.d}/pin")
-        _, self.sin = await asyncio.open_unix_connection(f"{self.d}/sin")
-        self.tasks = [asyncio.create_task(self._read_out()), asyncio.create_task(self._read_ntf())]
-
-    async def _read_out(self) -> None:
-        dec = FrameDecoder(self.vnet)
-        while chunk := await self.out_r.read(65536):
-            self.out_frames += dec.feed(chunk)
-
-    async def _read_ntf(self) -> None:
-        buf = b""
-        while chunk := await self.ntf_r.read(65536):
-            buf += chunk
-            while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
-                n = struct.unpack(">I", buf[:4])[0]
-                self.notify_text.append(buf[4 : 4 + n].decode())
-                buf = buf[4 + n :]
-
-    def frames(self, frames: list[bytes]) -> bytes:
-        vh = b"\x00" * 12 if self.vnet else b""
-        return encode_frames([(vh + f, len(vh)) for f in frames], self.vnet)
-
-
-async def until(cond: object, what: str) -> None:
-    assert callable(cond)
-    for _ in range(2000):
-        if cond():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def make_supervisor(d: Path, vnet: bool, mode: ShutdownMode) -> Supervisor:
@@ -107,7 +56,7 @@ def test_xen_notify_checkpoint_cycle(sockdir: Path, vnet: bool, run_loop: Runner
     async def main() -> None:
         sup = make_supervisor(sockdir, vnet, ShutdownMode.REPORT)
         await sup.start()
-        peer = Peer(sockdir, vnet)
+        peer = RecordPeer(sockdir, vnet)
         await peer.connect()
         peer.ntf_w.write(encode_message("COLO_USERSPACE_PROXY_INIT"))
         await until(lambda: peer.notify_text == ["COLO_COMPARE_GET_XEN_INIT"], "init reply")
@@ -151,7 +100,7 @@ def test_shutdown_reports_or_flushes_held_frames(
     async def main() -> None:
         sup = make_supervisor(sockdir, False, mode)
         await sup.start()
-        peer = Peer(sockdir, False)
+        peer = RecordPeer(sockdir, False)
         await peer.connect()
         peer.pin.write(peer.frames(pri))  # no secondary at all: everything is held
         await peer.pin.drain()
@@ -200,7 +149,7 @@ def test_core_exception_costs_one_frame_not_the_connection(sockdir: Path, run_lo
 
         sup.proxy = FeedManyOverride(sup.proxy, feed_many)  # type: ignore[assignment]
         await sup.start()
-        peer = Peer(sockdir, False)
+        peer = RecordPeer(sockdir, False)
         await peer.connect()
         peer.sin.write(peer.frames(frames))
         peer.pin.write(peer.frames(frames))
@@ -230,7 +179,7 @@ def test_core_fault_after_the_batch_is_counted_and_reading_goes_on(
 
         sup.proxy = FeedManyOverride(sup.proxy, feed_many)  # type: ignore[assignment]
         await sup.start()
-        peer = Peer(sockdir, False)
+        peer = RecordPeer(sockdir, False)
         await peer.connect()
         peer.pin.write(peer.frames(frames))
         await until(lambda: sup.primary_in.frames_in == len(frames), "primary read")
@@ -252,7 +201,7 @@ def test_passthrough_after_colo_exit_releases_held_and_later_frames(
     async def main() -> None:
         sup = make_supervisor(sockdir, False, ShutdownMode.REPORT)
         await sup.start()
-        peer = Peer(sockdir, False)
+        peer = RecordPeer(sockdir, False)
         await peer.connect()
         peer.pin.write(peer.frames(first))  # no secondary: all held
         await until(lambda: sup.proxy.held_frames() == len(first), "held")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,41 +19,8 @@ from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.runtime import run_cli
 from colo_proxy.runtime.supervisor import RunSettings, ShutdownMode, Supervisor
-from tests.drivers.test_qmp_colo_mode import FakePrimary
-from tests.drivers.test_supervisor import Peer, segments, until
-
-
-class FakeDiskAgent(FakePrimary):
-    """Answers the disk agent's commands; ``hold`` keeps checkpoint acks until ``ack()``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.epoch = 0
-        self.hold = False
-        self.held: list[tuple[asyncio.StreamWriter, dict[str, Any]]] = []
-
-    def answer(self, w: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-        cmd = msg["execute"]
-        if cmd == "query-colo-disk":
-            self.commands.append((cmd, None))
-            self.reply(w, msg, {"epoch": self.epoch, "boot-id": "boot-1"})
-        elif cmd == "colo-disk-checkpoint":
-            self.commands.append((cmd, msg["arguments"]))
-            self.held.append((w, msg))
-            if not self.hold:
-                self.ack()
-        else:
-            super().answer(w, msg)
-
-    def ack(self) -> None:
-        for w, msg in self.held:
-            self.epoch = msg["arguments"]["epoch"]
-            self.reply(w, msg, {"epoch": self.epoch})
-        self.held.clear()
-
-    @staticmethod
-    def reply(w: asyncio.StreamWriter, msg: dict[str, Any], ret: object) -> None:
-        w.write(json.dumps({"return": ret, "id": msg["id"]}).encode() + b"\r\n")
+from tests.drivers.test_supervisor import segments
+from tests.fakes import FakeDiskAgent, FakeQmp, RecordPeer, until
 
 
 def diverging(dport: int) -> tuple[list[bytes], list[bytes], int]:
@@ -84,7 +50,7 @@ def test_release_waits_for_resume_and_disk_ack_in_either_order(sockdir: Path) ->
     pri_b, sec_b, before_b = diverging(40001)
 
     async def main() -> None:
-        primary, disk = FakePrimary(), FakeDiskAgent()
+        primary, disk = FakeQmp(), FakeDiskAgent()
         servers = [
             await asyncio.start_unix_server(primary.serve, f"{sockdir}/qmp"),
             await asyncio.start_unix_server(disk.serve, f"{sockdir}/disk"),
@@ -93,7 +59,7 @@ def test_release_waits_for_resume_and_disk_ack_in_either_order(sockdir: Path) ->
         await sup.start()
         link, qmp = sup.disk_link, sup.qmp
         assert link is not None and qmp is not None
-        peer = Peer(sockdir, False)
+        peer = RecordPeer(sockdir, False)
         await peer.connect()
         await until(lambda: link.driver.connected and qmp.connected, "both QMP sessions")
 
@@ -153,13 +119,13 @@ def test_agent_unreachable_output_waits_until_shutdown_or_failover(
     pri_b, sec_b, _ = diverging(40001)
 
     async def main() -> tuple[dict[str, Any], list[bytes]]:
-        primary = FakePrimary()
+        primary = FakeQmp()
         server = await asyncio.start_unix_server(primary.serve, f"{sockdir}/qmp")
         sup = disk_supervisor(sockdir, "no-agent")  # nobody listens there
         await sup.start()
         qmp, link = sup.qmp, sup.disk_link
         assert qmp is not None and link is not None
-        peer = Peer(sockdir, False)
+        peer = RecordPeer(sockdir, False)
         await peer.connect()
         await until(lambda: qmp.connected, "primary QMP")
         peer.sin.write(peer.frames(sec_a))

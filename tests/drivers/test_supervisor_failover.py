@@ -22,8 +22,8 @@ from colo_proxy.core.heartbeat import probe_reply_seq
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.runtime.failover import FailoverSettings, FailoverSupervisor
 from colo_proxy.runtime.supervisor import RunSettings
-from tests.drivers.test_qmp_colo_mode import FakePrimary
-from tests.drivers.test_supervisor import segments, until
+from tests.drivers.test_supervisor import segments
+from tests.fakes import FakeQmp, until
 
 GUEST_IP = bytes([10, 215, 15, 2])
 GUEST_MAC = bytes.fromhex("525400150002")
@@ -82,7 +82,7 @@ class Guests:
         self.out_server.close()
 
 
-class FakeSecondary(FakePrimary):
+class FakeSecondary(FakeQmp):
     """Also answers the virtio queries, with its NIC enabled or (old QEMU) disabled."""
 
     def __init__(self, nic_disabled: bool) -> None:
@@ -123,8 +123,8 @@ def supervisor(d: Path) -> FailoverSupervisor:
 def test_dead_data_path_with_live_qmp_fails_over(
     sockdir: Path, dies: str, nic_disabled: bool
 ) -> None:
-    async def main() -> tuple[dict[str, Any], FakePrimary, FakePrimary]:
-        pri_qmp, sec_qmp = FakePrimary(), FakeSecondary(nic_disabled)
+    async def main() -> tuple[dict[str, Any], FakeQmp, FakeQmp]:
+        pri_qmp, sec_qmp = FakeQmp(), FakeSecondary(nic_disabled)
         servers = [await asyncio.start_unix_server(pri_qmp.serve, f"{sockdir}/pqmp"),
                    await asyncio.start_unix_server(sec_qmp.serve, f"{sockdir}/sqmp")]
         guests = Guests(sockdir)
@@ -190,7 +190,7 @@ def test_a_secondary_that_never_answers_the_data_path_is_reported(
     sockdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> dict[str, Any]:
-        pri_qmp, sec_qmp = FakePrimary(), FakeSecondary(False)
+        pri_qmp, sec_qmp = FakeQmp(), FakeSecondary(False)
         servers = [await asyncio.start_unix_server(pri_qmp.serve, f"{sockdir}/pqmp"),
                    await asyncio.start_unix_server(sec_qmp.serve, f"{sockdir}/sqmp")]
         guests = Guests(sockdir)

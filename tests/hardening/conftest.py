@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,10 +15,9 @@ from colo_proxy.disk.address import Address
 from colo_proxy.disk.agent import AgentConfig, DiskAgent
 from colo_proxy.disk.engine import DiskEngine
 from colo_proxy.disk.tls import server_context
-from tests.disk.agent_helpers import short_tmpdir
-from tests.drivers.conftest import run_loop, sockdir
+from tests.fakes import free_port, short_tmpdir
 
-__all__ = ["creds", "run_loop", "sockdir"]
+__all__ = ["creds", "free_port", "tls_agent"]
 
 
 def sh(*cmd: str, cwd: Path) -> None:
@@ -80,11 +78,6 @@ def creds() -> Iterator[dict[str, Path]]:
     yield dirs
     shutil.rmtree(root, ignore_errors=True)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

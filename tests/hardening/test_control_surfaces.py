@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +22,7 @@ from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qemu_socket import Channel
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime import run_cli
-from tests.drivers.conftest import Runner
-from tests.drivers.test_qemu_socket import wait_for
+from tests.fakes import Runner, free_port, until
 from tests.hardening.test_careless import agent, cli, image, one_line_error
 
 __all__ = ["image"]
@@ -110,7 +108,7 @@ def test_second_record_client_is_refused_not_a_takeover(sockdir: Path, run_loop:
         ch = Channel("outdev", parse_endpoint(f"unix:{sockdir}/o,server"), on_data=data.append)
         await ch.start()
         r1, w1 = await asyncio.open_unix_connection(f"{sockdir}/o")
-        await wait_for(lambda: ch.connected, "first peer")
+        await until(lambda: ch.connected, "first peer")
         r2, w2 = await asyncio.open_unix_connection(f"{sockdir}/o")
         assert await asyncio.wait_for(r2.read(), 10) == b""  # refused: closed at once
         assert ch.stats.refused == 1 and ch.stats.replaced == 0
@@ -118,11 +116,11 @@ def test_second_record_client_is_refused_not_a_takeover(sockdir: Path, run_loop:
         assert await asyncio.wait_for(r1.readexactly(12), 10) == b"to-the-first"
         w1.write(b"from-first")
         await w1.drain()
-        await wait_for(lambda: b"".join(data) == b"from-first", "first peer still read")
+        await until(lambda: b"".join(data) == b"from-first", "first peer still read")
         # a peer that hung up is replaced at once, even before we noticed its EOF
         w1.close()
         r3, w3 = await asyncio.open_unix_connection(f"{sockdir}/o")
-        await wait_for(lambda: ch.stats.connects == 2, "new peer after the first left")
+        await until(lambda: ch.stats.connects == 2, "new peer after the first left")
         ch.write(b"x")
         assert await asyncio.wait_for(r3.readexactly(1), 10) == b"x"
         for w in (w2, w3):
@@ -137,21 +135,15 @@ def test_takeover_is_an_explicit_policy(sockdir: Path, run_loop: Runner) -> None
         ch = Channel("outdev", parse_endpoint(f"unix:{sockdir}/o,server,takeover=on"))
         await ch.start()
         r1, w1 = await asyncio.open_unix_connection(f"{sockdir}/o")
-        await wait_for(lambda: ch.connected, "first peer")
+        await until(lambda: ch.connected, "first peer")
         _, w2 = await asyncio.open_unix_connection(f"{sockdir}/o")
-        await wait_for(lambda: ch.stats.replaced == 1, "replaced")
+        await until(lambda: ch.stats.replaced == 1, "replaced")
         assert await asyncio.wait_for(r1.read(), 10) == b""
         for w in (w1, w2):
             w.close()
         await ch.close()
 
     run_loop(main())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("allow", [False, True])

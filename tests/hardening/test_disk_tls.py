@@ -28,8 +28,8 @@ from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime import run_cli
 from colo_proxy.runtime.disk_link import DiskLink
-from tests.disk.agent_helpers import ROOT, AgentProcess, short_tmpdir, start_agent
-from tests.drivers.test_qmp_colo_mode import FakePrimary
+from tests.disk.agent_helpers import ROOT, AgentProcess, start_agent
+from tests.fakes import FakeQmp, short_tmpdir
 from tests.hardening.conftest import free_port, tls_agent
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
@@ -211,7 +211,7 @@ def agent_epoch(agent: AgentProcess) -> int:
 async def run_cycle(d: Path, port: int, tls_dir: Path, agent: AgentProcess,
                     connected_line: str) -> dict[str, Any]:
     """Start run, wait for ``connected_line`` in its log, one checkpoint, stop it."""
-    primary = FakePrimary()
+    primary = FakeQmp()
     server = await asyncio.start_unix_server(primary.serve, f"{d}/qmp")
     run = RunProcess(d, port, tls_dir)
     try:

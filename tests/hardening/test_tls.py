@@ -17,9 +17,10 @@ import pytest
 from colo_proxy.disk import nbd_proto as p
 from colo_proxy.disk.tls import server_context
 from colo_proxy.errors import ConfigError
-from tests.disk.agent_helpers import AgentProcess, short_tmpdir, start_agent
+from tests.disk.agent_helpers import AgentProcess, start_agent
 from tests.disk.nbdwire import go_payload, option, parse_option_replies
-from tests.hardening.conftest import free_port, tls_agent
+from tests.fakes import free_port, short_tmpdir
+from tests.hardening.conftest import tls_agent
 
 # -- sans-IO ---------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ netdev socket framing (``[u32 BE len][frame]``, never a vnet word).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -218,14 +217,3 @@ def guest_reply(isn: int, client_isn: int, payload: bytes, seg: int) -> list[byt
             / payload[off : off + seg]
         )  # fmt: skip
     return [bytes(f) for f in out]
-
-
-async def until(cond: object, what: str, limit: float = 30.0) -> None:
-    """Poll `cond` on the running loop until it holds; fail after `limit` seconds."""
-    assert callable(cond)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"gave up waiting for {what}")
-        await asyncio.sleep(0.01)

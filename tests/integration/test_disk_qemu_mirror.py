@@ -21,7 +21,8 @@ import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from colo_proxy.disk.gate import CommitGate
-from tests.disk.agent_helpers import AgentProcess, short_tmpdir, start_agent, tool, wait_event
+from tests.disk.agent_helpers import AgentProcess, start_agent, tool, wait_event
+from tests.fakes import short_tmpdir
 
 pytestmark = [
     pytest.mark.integration,

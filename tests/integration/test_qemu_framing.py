@@ -20,6 +20,7 @@ import pytest
 from colo_proxy.core.framing import Frame
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qemu_socket import RecordChannel
+from tests.fakes import until
 from tests.integration.qemu_helpers import (
     make_frames,
     needs_qemu,
@@ -27,7 +28,6 @@ from tests.integration.qemu_helpers import (
     running_qemu,
     send_netdev_frames,
     start_qemu,
-    until,
     wait_chardev_connected,
 )
 

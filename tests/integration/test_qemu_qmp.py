@@ -21,7 +21,8 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
-from tests.integration.qemu_helpers import QemuProcess, needs_qemu, start_qemu, until
+from tests.fakes import until
+from tests.integration.qemu_helpers import QemuProcess, needs_qemu, start_qemu
 
 pytestmark = [pytest.mark.integration, needs_qemu]
 
