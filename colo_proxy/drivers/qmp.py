@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp.message import Message
 
 from colo_proxy.drivers.endpoints import Endpoint
 
@@ -137,10 +138,20 @@ class _Client(QMPClient):
     enough: ``close()`` writes out what is buffered.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, nudge: bool = False) -> None:
         super().__init__(name)
+        self.nudge = nudge
+        """Follow every message with a newline of its own (TLS): QEMU's TLS chardev
+        (7.2, seen here) leaves the last TLS record it read in gnutls' buffer until
+        the socket is readable again, so a command alone is answered only when the
+        next one comes; the newline is that next record, and JSON ignores it."""
         if _not_a_connect_failure not in self.logger.filters:
             self.logger.addFilter(_not_a_connect_failure)
+
+    def _do_send(self, msg: Message) -> None:
+        super()._do_send(msg)
+        if self.nudge and self._writer is not None:
+            self._writer.write(b"\n")
 
     async def _bh_flush_writer(self) -> None:
         if not self._writer_task:
@@ -310,7 +321,7 @@ class QmpDriver:
     async def _run(self) -> None:
         backoff = self._backoff
         while True:
-            client = _Client(self.name)
+            client = _Client(self.name, nudge=self._ssl is not None)
             try:
                 await client.connect(self.endpoint.qmp_address(), ssl=self._ssl)
             except QMPError as err:

@@ -91,6 +91,7 @@ class BridgeSettings:
     secondary_qmp: Endpoint | None = None
     disk_qmp: Endpoint | None = None
     disk_tls_creds: Path | None = None
+    qmp_tls_creds: Path | None = None
     busy_poll_us: int = 100
     fix_offloads: bool = False
     """Turn off offloads that make super-frames instead of refusing to start."""

@@ -22,6 +22,7 @@ from colo_proxy.runtime.run_cli import (
     check_host_values,
     disk_tls,
     keys_of,
+    qmp_tls,
     section_values,
     serve_and_report,
     settings_fields,
@@ -91,6 +92,7 @@ def settings_from_values(values: dict[str, Any]) -> BridgeSettings:
     check_host_values(values, "bridge")
     fields = settings_fields(BridgeSettings, values, RING_RENAMES)
     fields["disk_tls_creds"] = disk_tls(values)
+    fields["qmp_tls_creds"] = qmp_tls(values)
     settings = BridgeSettings(**fields)
     settings.validate()
     return settings

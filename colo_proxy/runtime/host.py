@@ -54,6 +54,7 @@ from colo_proxy.core.config import Config
 from colo_proxy.core.events import CheckpointRequest, Divergence, ModeSwitch, Side
 from colo_proxy.core.framing import Frame
 from colo_proxy.core.proxy import CoreFault, Proxy
+from colo_proxy.disk.tls import client_context
 from colo_proxy.drivers.endpoints import Endpoint
 from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
 from colo_proxy.runtime.disk_link import DiskLink
@@ -90,6 +91,8 @@ class HostSettings(Protocol):
     @property
     def disk_tls_creds(self) -> Path | None: ...
     @property
+    def qmp_tls_creds(self) -> Path | None: ...
+    @property
     def qmp_follow(self) -> FollowPolicy: ...
     @property
     def qmp_request_timeout(self) -> float: ...
@@ -124,6 +127,10 @@ class CoreHost:
             "deferred_input_dropped_frames": 0,
         }
         self.passthrough_reason: str | None = None
+        qmp_tls = (
+            None if settings.qmp_tls_creds is None
+            else client_context(settings.qmp_tls_creds, "--qmp-tls-creds")
+        )
         self.qmp: QmpDriver | None = None
         if settings.qmp is not None:
             self.qmp = QmpDriver(
@@ -134,11 +141,12 @@ class CoreHost:
                 on_colo_exit=self._colo_exit,
                 follow=settings.qmp_follow,
                 request_timeout=settings.qmp_request_timeout,
+                ssl=qmp_tls,
             )
         self.secondary_qmp: QmpDriver | None = None
         if settings.secondary_qmp is not None:
             self.secondary_qmp = QmpDriver(
-                "secondary-qmp", settings.secondary_qmp, follow=FollowPolicy.NONE
+                "secondary-qmp", settings.secondary_qmp, follow=FollowPolicy.NONE, ssl=qmp_tls
             )
         self.disk_link: DiskLink | None = None
         if settings.disk_qmp is not None:

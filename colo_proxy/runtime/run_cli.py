@@ -214,6 +214,12 @@ def add_host_flags(p: argparse.ArgumentParser, output: str) -> None:
         "ca-cert.pem, and client-cert.pem + client-key.pem for a client certificate",
     )
     io.add_argument(
+        "--qmp-tls-creds",
+        metavar="DIR",
+        help="TLS to --qmp and --secondary-qmp (a QEMU QMP chardev with tls-creds), QEMU "
+        "tls-creds-x509 client layout: ca-cert.pem, client-cert.pem + client-key.pem",
+    )
+    io.add_argument(
         "--qmp-follow",
         choices=[f.value for f in FollowPolicy],
         default=None,
@@ -319,6 +325,7 @@ def settings_from_values(values: dict[str, Any]) -> RunSettings:
                     f"{key}: {ep.describe()} listens on a non-loopback address; "
                     "give --listen-remote (listen_remote = true) to allow other hosts")
     fields["disk_tls_creds"] = disk_tls(values)
+    fields["qmp_tls_creds"] = qmp_tls(values)
     return RunSettings(**fields)
 
 
@@ -330,6 +337,17 @@ def disk_tls(values: Mapping[str, Any]) -> Path | None:
         raise ConfigError("disk_tls_creds: needs --disk-qmp")
     path = Path(values["disk_tls_creds"])
     client_context(path)
+    return path
+
+
+def qmp_tls(values: Mapping[str, Any]) -> Path | None:
+    """--qmp-tls-creds, checked now like --disk-tls-creds."""
+    if not values.get("qmp_tls_creds"):
+        return None
+    if not values.get("qmp") and not values.get("secondary_qmp"):
+        raise ConfigError("qmp_tls_creds: needs --qmp or --secondary-qmp")
+    path = Path(values["qmp_tls_creds"])
+    client_context(path, "--qmp-tls-creds")
     return path
 
 

@@ -52,6 +52,8 @@ class RunSettings:
     secondary_qmp: Endpoint | None = None
     disk_qmp: Endpoint | None = None
     disk_tls_creds: Path | None = None
+    qmp_tls_creds: Path | None = None
+    """TLS (QEMU tls-creds-x509 client layout) to the QEMUs' QMP (--qmp, --secondary-qmp)."""
     qmp_follow: FollowPolicy = FollowPolicy.COLO
     qmp_request_timeout: float = 5.0
     outdev_buffer: int = 64 * 1024 * 1024
