@@ -128,7 +128,9 @@ class FrameDecoder:
             buf += memoryview(data)[start : start + take]
             start += take
             used = self._decode(bytes(buf), 0, out)
-            if self._error is not None:  # keep what follows, as pending_bytes says
+            if self.error is not None:  # keep what follows, as pending_bytes says
+                # (self.error, not self._error: mypy narrowed _error to None above, and
+                # mypyc would compile that read as a None, failing on a FramingError)
                 buf += memoryview(data)[start:]
                 return out
             if used:  # the whole record; otherwise only its header, and _need grew

@@ -447,6 +447,11 @@ class FailoverSupervisor(Supervisor):
                 await self._step(f"secondary: chardev-remove {dev}", sec, "chardev-remove",
                                  {"id": dev})
             await self._check_virtio(sec)
+            await self._ensure_running(sec)
+            # switches still send the guest's MAC to the old primary's port (a fenced
+            # primary keeps its tap): the new primary announces itself, as after a migration
+            await self._step("secondary: announce-self", sec, "announce-self",
+                             {"initial": 50, "max": 550, "rounds": 5, "step": 100})
         if lost.via is Via.DATA and self.qmp is not None:
             # a checkpoint the primary had under way when it was stopped ends in
             # vm_start(); none can complete now that the secondary left COLO
@@ -502,6 +507,17 @@ class FailoverSupervisor(Supervisor):
                              {"device": self.failover.mirror_job, "force": True})
         log.warning("primary continues alone (%.3fs): replication stopped, output passes through",
                     self._clock() - t0)
+
+    async def _ensure_running(self, sec: QmpDriver) -> None:
+        """The promoted secondary must run: a failover that caught it loading a checkpoint
+        (stopped in run state colo) leaves it stopped, and nothing else restarts it."""
+        try:
+            status = await asyncio.wait_for(sec.execute("query-status"), STEP_TIMEOUT)
+        except (TimeoutError, QMPError, OSError, EOFError):
+            return  # the next step's report says what is wrong with its QMP
+        state = status.get("status") if isinstance(status, dict) else None
+        if state != "running":
+            await self._step(f"secondary: cont (it was {state})", sec, "cont")
 
     async def _step(self, name: str, driver: QmpDriver, cmd: str,
                     args: dict[str, Any] | None = None) -> object:
