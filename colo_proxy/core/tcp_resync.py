@@ -93,14 +93,19 @@ def continued_evidently(flow: TcpFlow, host: FlowHost, now: float) -> bool:
     return False  # _continue ran progress
 
 
-def after_checkpoint(flow: TcpFlow, host: FlowHost, now: float, grace: float, mode: str) -> None:
-    """After a checkpoint: release everything held, then reset, continue or decide later."""
+def release_all(flow: TcpFlow, host: FlowHost) -> None:
+    """Everything queued goes out, in order (a checkpoint covers it); its waits are counted."""
     if flow.queue:
         run = flow.queue[flow.qh:]
         flow.queue, flow.qh = [], 0
         for e in run:
             host.waited(flow, e.time, 1)
         host.release_run(flow, run)
+
+
+def after_checkpoint(flow: TcpFlow, host: FlowHost, now: float, grace: float, mode: str) -> None:
+    """After a checkpoint: release everything held, then reset, continue or decide later."""
+    release_all(flow, host)
     flow.q_ooo = False
     p, s = flow.pri, flow.sec
     flow.ck_pos = max(p.high, p.stream.end, p.stream.base)
@@ -200,12 +205,7 @@ def continue_own(flow: TcpFlow, host: FlowHost, now: float) -> None:
     if flow.close_div:
         flow.mode = MODE_PASS  # the two connections closed differently: nothing to compare
         host.count("tcp_flows_passed_after_close_divergence")
-        if flow.queue:
-            run = flow.queue[flow.qh:]
-            flow.queue, flow.qh = [], 0
-            for e in run:
-                host.waited(flow, e.time, 1)
-            host.release_run(flow, run)
+        release_all(flow, host)
         return
     flow.mode = MODE_COMPARE
     if flow.pri.syn_opts is not None and flow.sec.syn_opts is not None:

@@ -13,6 +13,7 @@ from colo_proxy.core.flows import MODE_COMPARE, MODE_PASSTHROUGH, FlowHost, Rel
 from colo_proxy.core.held import NEED_NONE, HeldFrame
 from colo_proxy.core.packet import TCP_FIN, TCP_RST, TCP_SYN, TcpHeader
 from colo_proxy.core.policy import encrypted_kind
+from colo_proxy.core.tcpside import TcpSide
 
 if TYPE_CHECKING:
     from colo_proxy.core.tcp import TcpFlow
@@ -27,6 +28,16 @@ def sniff(flow: TcpFlow, host: FlowHost, head: bytes, now: float) -> None:
         if mode != MODE_COMPARE:
             flow.mode = mode
             flow.mc_gap = True
+
+
+def follow(me: TcpSide, flags: int, stop: int) -> None:
+    """A side's position and close, kept though its bytes are not compared."""
+    if stop > me.high:
+        me.high = stop
+    if flags & TCP_FIN and me.fin is None:
+        me.fin = stop
+    if flags & TCP_RST and me.rst is None:
+        me.rst = stop
 
 
 def primary_uncompared(
@@ -46,12 +57,7 @@ def primary_uncompared(
     off = flow.learn(me, flow.sec, hdr, data)
     plen = end - hdr.payload
     stop = off + plen
-    if stop > me.high:
-        me.high = stop
-    if flags & TCP_FIN and me.fin is None:
-        me.fin = stop
-    if flags & TCP_RST and me.rst is None:
-        me.rst = stop
+    follow(me, flags, stop)
     if flags & (TCP_FIN | TCP_RST):
         flow.closed = True
     ack = flow.ack_offset(me, hdr)
@@ -81,11 +87,5 @@ def secondary_uncompared(
         flow._decide_space(host, hdr.seq)
     off = flow.learn(me, flow.pri, hdr, data)
     flow.ack_offset(me, hdr)
-    stop = off + end - hdr.payload
-    if stop > me.high:
-        me.high = stop
-    if flags & TCP_FIN and me.fin is None:
-        me.fin = stop
-    if flags & TCP_RST and me.rst is None:
-        me.rst = stop
+    follow(me, flags, off + end - hdr.payload)
     flow.mc_gap = True
