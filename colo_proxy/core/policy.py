@@ -234,6 +234,7 @@ class VmPolicy:
         self.since: float | None = None
         """Where time_in was last brought up to date."""
         self.switched_at: float | None = None
+        """When the VM last switched (the dwell before the next one counts from it)."""
         self.time_in = {"colo": 0.0, "mc": 0.0}
         self.resyncs: deque[float] = deque()
         """When divergence-driven checkpoints were asked for (within the window)."""
@@ -251,8 +252,6 @@ class VmPolicy:
     def start(self, now: float) -> None:
         if self.since is None:
             self.since = now
-        if self.switched_at is None:
-            self.switched_at = now
 
     def requested(self, reason: CheckpointReason, now: float) -> None:
         """A checkpoint request went out (the divergence-driven ones are a signal)."""
@@ -273,7 +272,7 @@ class VmPolicy:
             self.resyncs.popleft()
         if self.forced != "auto":
             return None
-        since = self.switched_at if self.switched_at is not None else now
+        since = self.switched_at  # None: no switch yet, no dwell to wait out
         dirty_high = (
             self.cfg.vm_max_dirty_rate > 0 and self.dirty_rate is not None
             and self.dirty_rate > self.cfg.vm_max_dirty_rate
@@ -281,14 +280,14 @@ class VmPolicy:
         if self.mode == "mc":
             if dirty_high:
                 return self._switch(now, "colo", f"dirty rate {self.dirty_rate:g} MB/s")
-            if now - since >= self.dwell:
+            if since is None or now - since >= self.dwell:
                 self.probe_at = now
                 return self._switch(now, "colo", f"probe after {self.dwell:g} s in MC")
             return None
         if self.probe_at is not None and now - self.probe_at > 2 * window:
             self.probe_at = None  # the probe held: back to the shortest dwell
             self.dwell = self.cfg.vm_mc_min_time
-        if dirty_high or now - since < window:
+        if dirty_high or (since is not None and now - since < window):
             return None
         why = self._reason_for_mc(now)
         if why is None:

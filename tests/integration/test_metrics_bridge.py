@@ -20,13 +20,17 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
+from tests.disk.agent_helpers import start_agent
 from tests.integration.qemu_helpers import needs_qemu, start_qemu
 from tests.integration.test_bridge_live import SIZE, BridgeProcess, result, start_servers, stop_all
 from tests.metrics_helpers import LISTED, by_name, free_port, moved, scrape
 from tests.tools_loader import load_tool
 
 pytestmark = [pytest.mark.integration, needs_qemu]
-MOVING = [m for m in LISTED if m not in ("colo_mode", "colo_disk_epoch")]
+MOVING = LISTED
+"""Every listed metric moves here: a real disk agent takes the checkpoint's epoch
+(colo_disk_epoch), and one divergence checkpoint in a 5 s window is over the whole-VM
+threshold of 0.1/s, so the VM goes to MC at that checkpoint (colo_mode)."""
 SEND_TRUNCATED = (
     "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('eth0', 0)); "
     "s.send(bytes.fromhex('ffffffffffff525400c01002' '0800' '450007d0000100004006') + bytes(40))"
@@ -46,10 +50,15 @@ def lab() -> Iterator[Any]:
 def test_bridge_metrics_move(lab: Any, workdir: Path) -> None:
     qmp, op = f"{workdir}/qmp", f"{workdir}/op"
     qemu = start_qemu(workdir, [], ["-qmp", f"unix:{op},server=on,wait=off"], qmp)
+    image = workdir / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    agent = start_agent(workdir, image)
     port = free_port()
     proxy = None
     try:
         proxy = BridgeProcess(lab, "--qmp", f"unix:{qmp}", "--qmp-follow", "always",
+                              "--disk-qmp", f"unix:{agent.qmp}",
+                              "--vm-window", "5", "--vm-mc-checkpoint-rate", "0.1",
                               "--min-checkpoint-interval", "0", "--metrics", str(port))
         first = scrape(port)
         servers = start_servers(lab, "tcp-server", "--size", str(SIZE), "--timeout", "20",
@@ -77,6 +86,7 @@ def test_bridge_metrics_move(lab: Any, workdir: Path) -> None:
         if proxy is not None:
             proxy.kill()
         qemu.kill()
+        agent.kill()
     for name in LISTED:
         assert by_name(last, name), f"{name} missing"
     for name in MOVING:
@@ -84,3 +94,5 @@ def test_bridge_metrics_move(lab: Any, workdir: Path) -> None:
     assert by_name(held, "colo_held_bytes")[()] > 0
     assert by_name(last, "colo_checkpoint_duration_seconds_count")[()] >= 1
     assert report["core"]["malformed"], report["core"]
+    assert by_name(last, "colo_mode")[(("mode", "mc"),)] == 1
+    assert by_name(last, "colo_disk_epoch")[(("state", "released"),)] >= 1
