@@ -51,6 +51,9 @@ def require_pair() -> None:
 def running_pair(**opts: Any) -> Iterator[Any]:
     """A started pair with a booted guest; always stopped and removed."""
     require_pair()
+    # pure COLO: these tests show the loop (a divergence makes a checkpoint); the hybrid
+    # policy would move the guest's service to mc after a few, and the VM to MC periods
+    opts.setdefault("proxy_extra", ["--policy", "colo"])
     pair = cp.ColoPair(cp.PairOptions(cp.colo_qemu(), cp.guest_dir(), **opts))
     keep = False
     try:
