@@ -301,6 +301,33 @@ def retransmissions(pcap: Path) -> int:
 # --------------------------------------------------------------------------- capture
 
 
+def run_workload(lab: Lab, script: Path, variant: str, lag: float,
+                 dumps: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Run `script --client VARIANT` in both client namespaces, the secondary's `lag`
+    seconds later, then stop both captures; a capture that lost frames is Incomplete."""
+    start_at = time.time() + 1.0
+    clients = [
+        subprocess.Popen(
+            nsexec(lab.ns(tag, "client"), sys.executable, str(script.resolve()),
+                   "--client", variant, repr(start_at + delay)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for tag, delay in (("pri", 0.0), ("sec", lag))
+    ]
+    lab.procs.extend(clients)
+    for tag, c in zip(("pri", "sec"), clients, strict=True):
+        log = c.communicate(timeout=120)[0].decode()
+        lab.procs.remove(c)
+        if c.returncode != 0:
+            raise RuntimeError(f"{tag} client failed:\n{log}")
+    time.sleep(0.5)  # let tcpdump write the last frames
+    for tag in ("pri", "sec"):
+        stop_tcpdump(lab, dumps[tag])
+        err = dumps[tag].stderr.read().decode() if dumps[tag].stderr else ""
+        dropped = re.search(r"(\d+) packets? dropped by kernel", err)
+        if dropped and int(dropped.group(1)):
+            raise Incomplete(f"{tag}: tcpdump lost {dropped.group(1)} frames")
+
+
 def capture(variant: str, out: Path, prefix: str, lag: float) -> dict[str, Any]:
     server_port, conns = plan(variant)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,28 +341,9 @@ def capture(variant: str, out: Path, prefix: str, lag: float) -> dict[str, Any]:
                 add_loss(lab, tag, veths[tag])
             dumps[tag] = start_tcpdump(lab, tag, veths[tag], lab.workdir / f"{tag}.pcap",
                                        f"tcp port {server_port}", buffer_kib=65536)
-        start_at = time.time() + 1.0
-        clients = [
-            subprocess.Popen(
-                nsexec(lab.ns(tag, "client"), sys.executable, str(Path(__file__).resolve()),
-                       "--client", variant, repr(start_at + delay)),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for tag, delay in (("pri", 0.0), ("sec", lag))
-        ]
-        lab.procs.extend(clients)
-        for tag, c in zip(("pri", "sec"), clients, strict=True):
-            log = c.communicate(timeout=120)[0].decode()
-            lab.procs.remove(c)
-            if c.returncode != 0:
-                raise RuntimeError(f"{tag} client failed:\n{log}")
-        time.sleep(0.5)  # let tcpdump write the last frames
-        for tag in ("pri", "sec"):
-            stop_tcpdump(lab, dumps[tag])
-            err = dumps[tag].stderr.read().decode() if dumps[tag].stderr else ""
-            dropped = re.search(r"(\d+) packets? dropped by kernel", err)
-            if dropped and int(dropped.group(1)):
-                raise Incomplete(f"{tag}: tcpdump lost {dropped.group(1)} frames")
-            if variant == "lossy-real":
+        run_workload(lab, Path(__file__), variant, lag, dumps)
+        if variant == "lossy-real":
+            for tag in ("pri", "sec"):
                 facts[f"{tag}_lost_frames"] = lost_frames(lab, tag)
         for tag, name in (("pri", "primary"), ("sec", "secondary")):
             (out / f"{name}.pcap").write_bytes((lab.workdir / f"{tag}.pcap").read_bytes())

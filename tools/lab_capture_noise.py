@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import ssl
 import subprocess
@@ -49,7 +48,6 @@ from lab_capture import (
     sh,
     start_redis,
     start_tcpdump,
-    stop_tcpdump,
 )
 from lab_capture_indep import (
     FILE_MTIME,
@@ -61,6 +59,7 @@ from lab_capture_indep import (
     http_get,
     redis_cmds,
     run_conn,
+    run_workload,
 )
 from tshark_follow import expected_divergences
 
@@ -270,27 +269,7 @@ def capture(variant: str, out: Path, prefix: str) -> dict[str, Any]:
             start_server(lab, variant, tag)
             dumps[tag] = start_tcpdump(lab, tag, veth, lab.workdir / f"{tag}.pcap",
                                        f"tcp port {port}", buffer_kib=65536)
-        start_at = time.time() + 1.0
-        clients = [
-            subprocess.Popen(
-                nsexec(lab.ns(tag, "client"), sys.executable, str(Path(__file__).resolve()),
-                       "--client", variant, repr(start_at + delay)),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for tag, delay in (("pri", 0.0), ("sec", lag))
-        ]
-        lab.procs.extend(clients)
-        for tag, c in zip(("pri", "sec"), clients, strict=True):
-            log = c.communicate(timeout=120)[0].decode()
-            lab.procs.remove(c)
-            if c.returncode != 0:
-                raise RuntimeError(f"{tag} client failed:\n{log}")
-        time.sleep(0.5)  # let tcpdump write the last frames
-        for tag in ("pri", "sec"):
-            stop_tcpdump(lab, dumps[tag])
-            err = dumps[tag].stderr.read().decode() if dumps[tag].stderr else ""
-            dropped = re.search(r"(\d+) packets? dropped by kernel", err)
-            if dropped and int(dropped.group(1)):
-                raise Incomplete(f"{tag}: tcpdump lost {dropped.group(1)} frames")
+        run_workload(lab, Path(__file__), variant, lag, dumps)
         for tag, name in (("pri", "primary"), ("sec", "secondary")):
             time_order(lab.workdir / f"{tag}.pcap", out / f"{name}.pcap")
     return write_expected(variant, out, lag, len(conns))
