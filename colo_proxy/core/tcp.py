@@ -321,7 +321,6 @@ class TcpFlow(HeldCounts):
         if self.mode >= MODE_MC or (host.hold_all and self.mode != MODE_PASS):
             uncompared.primary_uncompared(self, host, hdr, data, end, rel, flen, now)
             return
-        me = self.pri
         flags = hdr.flags
         if flags & _FAST_FLAGS == TCP_ACK and host.fast_path:
             taken = self.fast_primary(
@@ -332,9 +331,7 @@ class TcpFlow(HeldCounts):
                 if taken == FAST_PROGRESS:
                     self.progress(host, now)
                 return
-        if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
-            self._new_incarnation(host)
-            me = self.pri
+        me = self.side_of(host, hdr, True)
         off = self.learn(me, self.sec, hdr, data)
         plen = end - hdr.payload
         stop = off + plen
@@ -384,7 +381,6 @@ class TcpFlow(HeldCounts):
         While the flow is diverged its bytes are still buffered: if the secondary
         goes on after the checkpoint (continues), comparison resumes from them.
         """
-        me = self.sec
         flags = hdr.flags
         if self.mode >= MODE_MC or (host.hold_all and self.mode != MODE_PASS):
             uncompared.secondary_uncompared(self, host, hdr, data, end)
@@ -402,10 +398,7 @@ class TcpFlow(HeldCounts):
                 return
         if self.mode == MODE_UNDECIDED:
             resync.decide_after_checkpoint(self, host, hdr, now)
-            me = self.sec
-        if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
-            self._new_incarnation(host)
-            me = self.sec
+        me = self.side_of(host, hdr, False)
         if not flags & TCP_SYN and not self.space_ok:
             if me.isn >= 0 and self.pri.isn < 0 and self.stash_bytes <= host.max_sec_buffer:
                 if not self.stash:
@@ -461,6 +454,15 @@ class TcpFlow(HeldCounts):
         """One side sent different bytes for the same offset; the first copy stays."""
         me.conflicts = me.stream.conflicts
         host.overlap_conflict(self, side, me.stream.last_conflict, now)
+
+    def side_of(self, host: FlowHost, hdr: TcpHeader, primary: bool) -> TcpSide:
+        """The side a segment is from; a SYN with a new ISN first starts a new connection
+        on the 4-tuple (so the side returned is the fresh one)."""
+        me = self.pri if primary else self.sec
+        if hdr.flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
+            self._new_incarnation(host)
+            me = self.pri if primary else self.sec
+        return me
 
     def _new_incarnation(self, host: FlowHost) -> None:
         """A SYN with a new ISN: the 4-tuple is reused for a new connection."""

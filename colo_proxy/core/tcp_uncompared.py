@@ -49,11 +49,8 @@ def primary_uncompared(
     The positions are still followed, so the flow can compare again after a
     checkpoint (the secondary then starts from the primary's position).
     """
-    me = flow.pri
     flags = hdr.flags
-    if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
-        flow._new_incarnation(host)
-        me = flow.pri
+    me = flow.side_of(host, hdr, True)
     off = flow.learn(me, flow.sec, hdr, data)
     plen = end - hdr.payload
     stop = off + plen
@@ -75,12 +72,9 @@ def secondary_uncompared(
     flow: TcpFlow, host: FlowHost, hdr: TcpHeader, data: bytes, end: int
 ) -> None:
     """The secondary's segment of a flow not compared now: positions only, then dropped."""
-    me = flow.sec
     flags = hdr.flags
     host.count("secondary_frames_dropped_uncompared_mode")
-    if flags & TCP_SYN and me.isn >= 0 and hdr.seq != me.isn:
-        flow._new_incarnation(host)
-        me = flow.sec
+    me = flow.side_of(host, hdr, False)
     if not flags & TCP_SYN and not flow.space_ok:
         if me.isn < 0 or flow.pri.isn < 0:
             return
