@@ -16,8 +16,8 @@ from typing import Any
 from colo_proxy.core.config import Config
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.runtime.failover import FailoverSettings, FailoverSupervisor
-from colo_proxy.runtime.supervisor import RunSettings
 from tests.disk.agent_helpers import start_agent
+from tests.drivers.test_supervisor_failover import run_settings
 from tests.fakes import FakeQmp, until
 
 PERIOD, MISSES = 0.1, 3
@@ -63,14 +63,7 @@ def test_a_dead_nbd_path_with_live_qmp_is_a_disk_loss(tmp_path: Path) -> None:
                    await asyncio.start_unix_server(sec.serve, f"{d}/sqmp")]
         relay = Relay(agent.nbd)
         await relay.start(d / "nbd-relay")
-        settings = RunSettings(
-            primary_in=parse_endpoint(f"unix:{d}/pin,server"),
-            secondary_in=parse_endpoint(f"unix:{d}/sin,server"),
-            outdev=parse_endpoint(f"unix:{d}/out,server"),
-            qmp=parse_endpoint(f"unix:{d}/pqmp"),
-            secondary_qmp=parse_endpoint(f"unix:{d}/sqmp"),
-            disk_qmp=parse_endpoint(f"unix:{agent.qmp}"),
-        )
+        settings = run_settings(d, disk_qmp=parse_endpoint(f"unix:{agent.qmp}"))
         failover = FailoverSettings(PERIOD, MISSES, ("f1",), ("red0",), ("m0",), None,
                                     disk_nbd=parse_endpoint(f"unix:{d}/nbd-relay"))
         sup = FailoverSupervisor(Config(compare_timeout=60.0), settings, failover)

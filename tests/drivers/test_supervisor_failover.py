@@ -101,14 +101,20 @@ class FakeSecondary(FakeQmp):
         w.write(json.dumps({"return": ret, "id": msg["id"]}).encode() + b"\r\n")
 
 
-def supervisor(d: Path) -> FailoverSupervisor:
-    settings = RunSettings(
+def run_settings(d: Path, **extra: Any) -> RunSettings:
+    """`run`'s settings for the scripted QEMUs' sockets in ``d``."""
+    return RunSettings(
         primary_in=parse_endpoint(f"unix:{d}/pin,server"),
         secondary_in=parse_endpoint(f"unix:{d}/sin,server"),
         outdev=parse_endpoint(f"unix:{d}/out,server"),
         qmp=parse_endpoint(f"unix:{d}/pqmp"),
         secondary_qmp=parse_endpoint(f"unix:{d}/sqmp"),
+        **extra,
     )
+
+
+def supervisor(d: Path) -> FailoverSupervisor:
+    settings = run_settings(d)
     failover = FailoverSettings(
         PERIOD, MISSES, ("f1",), ("red0",), ("m0",), None,
         heartbeat_dev=parse_endpoint(f"unix:{d}/hb"), guest_ip=GUEST_IP,
