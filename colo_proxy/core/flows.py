@@ -52,6 +52,8 @@ MODE_MC: Final = 3
 """Held until the next checkpoint, uncompared (an mc flow, the VM in MC, or a resync due)."""
 MODE_PASSTHROUGH: Final = 4
 """Released at once, uncompared: the operator's explicit choice."""
+MODE_NAMES: Final = ("compare", "compare", "passed_after_close", "mc", "passthrough")
+"""MODE_* by number, as reports name them (an undecided flow counts as compare)."""
 
 CLASS_COMPARE: Final = 0
 CLASS_MC: Final = 1

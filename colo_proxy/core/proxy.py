@@ -51,7 +51,7 @@ from colo_proxy.core.fastparse import (
     NEVER_FAST,
     SYN_MASK,
 )
-from colo_proxy.core.flows import CLASS_NAMES, MODE_MC, HeldCounts, Rel
+from colo_proxy.core.flows import CLASS_NAMES, MODE_MC, MODE_NAMES, HeldCounts, Rel
 from colo_proxy.core.flowtable import FlowTable
 from colo_proxy.core.general import GeneralPath
 from colo_proxy.core.held import HeldFrame
@@ -68,10 +68,6 @@ from colo_proxy.core.tcp import FAST_PROGRESS, TcpFlow
 from colo_proxy.core.verdicts import DivergenceLog
 
 __all__ = ["CheckpointState", "CoreFault", "Proxy"]
-
-_MODE_NAMES: Final = {0: "compare", 1: "compare", 2: "passed_after_close", 3: "mc",
-                      4: "passthrough"}
-"""flows.MODE_* by number, as reports name them (undecided flows count as compare)."""
 
 SETTLE_FLOWS: Final = 128
 """feed_many settles early once this many flows owe progress: a batch spread over
@@ -344,8 +340,11 @@ class Proxy:
 
         The one way drivers (live host, replay, test harness) collect output.
         """
-        switches, self.switches[:] = list(self.switches), []
-        self.switch_log.extend(switches)
+        switches: list[ModeSwitch] = []
+        if self.switches:  # rare: no copy on the batches without one
+            switches = self.switches[:]
+            self.switches.clear()  # the policies keep a reference to this list
+            self.switch_log.extend(switches)
         return CoreOutput(self.ledger.take(), self.checkpoints.take(), self.verdicts.take(),
                           switches)
 
@@ -436,7 +435,7 @@ class Proxy:
         ledger = self.ledger
         by_mode: Counter[str] = Counter()
         for flow in self.table.flows.values():
-            by_mode[_MODE_NAMES.get(flow.mode, "compare")] += 1
+            by_mode[MODE_NAMES[flow.mode]] += 1
         return {
             "vm_mode": vm.mode,
             "forced": vm.forced,
