@@ -367,21 +367,50 @@ def count_frames(pcap: Path) -> tuple[int, int, float]:
     return frames, server, first_syn
 
 
-def write_expected(variant: str, out: Path, lag: float, n_conns: int,
-                   facts: dict[str, Any]) -> dict[str, Any]:
-    pri, sec = out / "primary.pcap", out / "secondary.pcap"
+def tshark_verdicts(out: Path, n_conns: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The expected divergences of out/primary.pcap vs out/secondary.pcap by tshark's
+    reassembly, and its per-connection summary (which must hold n_conns connections)."""
     try:
-        divs, summary = expected_divergences(pri, sec, SERVER_IP)
+        divs, summary = expected_divergences(out / "primary.pcap", out / "secondary.pcap",
+                                             SERVER_IP)
     except ValueError as exc:  # a hole tshark could not fill, a connection missing
         raise Incomplete(str(exc)) from exc
     if len(summary) != n_conns:
         raise RuntimeError(f"expected {n_conns} connections, tshark found {len(summary)}")
-    pframes, pserver, psyn = count_frames(pri)
-    sframes, _sserver, ssyn = count_frames(sec)
-    # The true offset: the same event (the first client SYN) on both sides, to the ms.
+    return divs, summary
+
+
+def save_expected(out: Path, what: str, lag: float, divs: list[dict[str, Any]],
+                  args: list[str] | None = None) -> tuple[dict[str, Any], float]:
+    """Write out/expected.json for an independent recording pair; returns it and the
+    measured clock offset (the first client SYNs, to the ms; far from `lag`: Incomplete)."""
+    pframes, pserver, psyn = count_frames(out / "primary.pcap")
+    sframes, _sserver, ssyn = count_frames(out / "secondary.pcap")
     measured = round(ssyn - psyn, 3)
     if abs(measured - lag) > 0.25:
         raise Incomplete(f"first SYNs {measured:.3f} s apart, scheduled {lag} (overloaded?)")
+    expected: dict[str, Any] = {
+        "description": f"two independent recordings of real Linux stacks in namespaces; {what}; "
+                       f"the secondary's workload was scheduled {lag:g} s later (first client "
+                       f"SYNs {measured:.3f} s apart), its capture is not shifted; expected "
+                       "verdicts from tshark's reassembly",
+        "args": ["--guest", SERVER_IP, *(args or [])],
+        "primary_frames": pframes,
+        "secondary_frames": sframes,
+        "released_frames": pserver,
+        "held_frames": 0,
+        "divergences": divs,
+        "divergence_order": "any",
+        "clock_offset": measured,
+        "clock_offset_tolerance": 0.05,
+    }
+    (out / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+    return expected, measured
+
+
+def write_expected(variant: str, out: Path, lag: float, n_conns: int,
+                   facts: dict[str, Any]) -> dict[str, Any]:
+    divs, summary = tshark_verdicts(out, n_conns)
     if variant == "nginx-real":
         what = ("nginx 1.22 serving identical static files except big.bin (2 MiB, byte "
                 f"{BIG_FLIP} differs) on 4 connections (ports 41001-41004, 6 requests, "
@@ -394,6 +423,7 @@ def write_expected(variant: str, out: Path, lag: float, n_conns: int,
         what = ("redis-server 7, 4 concurrent connections (ports 41101-41104), per-connection "
                 "keys, QUIT closes -> identical answers, no divergence")
     else:
+        pri, sec = out / "primary.pcap", out / "secondary.pcap"
         facts["primary_retransmissions"] = retransmissions(pri)
         facts["secondary_retransmissions"] = retransmissions(sec)
         what = ("redis-server 7, two GETs of a 1 MiB value on one connection (port 41201); "
@@ -407,22 +437,7 @@ def write_expected(variant: str, out: Path, lag: float, n_conns: int,
                 "no divergence")
     if variant != "nginx-real" and divs:
         raise RuntimeError(f"{variant}: streams differ: {divs}")
-    expected: dict[str, Any] = {
-        "description": f"two independent recordings of real Linux stacks in namespaces; {what}; "
-                       f"the secondary's workload was scheduled {lag:g} s later (first client "
-                       f"SYNs {measured:.3f} s apart), its capture is not shifted; expected "
-                       "verdicts from tshark's reassembly",
-        "args": ["--guest", SERVER_IP],
-        "primary_frames": pframes,
-        "secondary_frames": sframes,
-        "released_frames": pserver,
-        "held_frames": 0,
-        "divergences": divs,
-        "divergence_order": "any",
-        "clock_offset": measured,
-        "clock_offset_tolerance": 0.05,
-    }
-    (out / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+    expected, measured = save_expected(out, what, lag, divs)
     return {"expected": expected, "connections": summary, "measured_offset": measured,
             **facts}
 

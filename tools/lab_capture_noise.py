@@ -55,13 +55,13 @@ from lab_capture_indep import (
     NGINX_CONF,
     Conn,
     Incomplete,
-    count_frames,
     http_get,
     redis_cmds,
     run_conn,
     run_workload,
+    save_expected,
+    tshark_verdicts,
 )
-from tshark_follow import expected_divergences
 
 TLS_PORT = 443
 ATTEMPTS = 3
@@ -293,38 +293,13 @@ def time_order(src: Path, dst: Path) -> None:
 
 
 def write_expected(variant: str, out: Path, lag: float, n_conns: int) -> dict[str, Any]:
-    pri, sec = out / "primary.pcap", out / "secondary.pcap"
-    try:
-        divs, summary = expected_divergences(pri, sec, SERVER_IP)
-    except ValueError as exc:  # a hole tshark could not fill, a connection missing
-        raise Incomplete(str(exc)) from exc
-    if len(summary) != n_conns:
-        raise RuntimeError(f"expected {n_conns} connections, tshark found {len(summary)}")
+    divs, summary = tshark_verdicts(out, n_conns)
     if variant == "bulk-real" and divs:
         raise RuntimeError(f"bulk-real: streams differ: {divs}")
     if variant in ("tls-real", "redis-time", "nginx-twin") and not divs:
         raise RuntimeError(f"{variant}: no difference at all (the servers were meant to differ)")
-    pframes, pserver, psyn = count_frames(pri)
-    sframes, _sserver, ssyn = count_frames(sec)
-    measured = round(ssyn - psyn, 3)
-    if abs(measured - lag) > 0.25:
-        raise Incomplete(f"first SYNs {measured:.3f} s apart, scheduled {lag} (overloaded?)")
-    expected: dict[str, Any] = {
-        "description": f"two independent recordings of real Linux stacks in namespaces; "
-                       f"{DESCRIPTION[variant]}; the secondary's workload was scheduled "
-                       f"{lag:g} s later (first client SYNs {measured:.3f} s apart), its capture "
-                       "is not shifted; expected verdicts from tshark's reassembly",
-        "args": ["--guest", SERVER_IP, *EXTRA_ARGS.get(variant, [])],
-        "primary_frames": pframes,
-        "secondary_frames": sframes,
-        "released_frames": pserver,
-        "held_frames": 0,
-        "divergences": divs,
-        "divergence_order": "any",
-        "clock_offset": measured,
-        "clock_offset_tolerance": 0.05,
-    }
-    (out / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+    expected, measured = save_expected(out, DESCRIPTION[variant], lag, divs,
+                                       EXTRA_ARGS.get(variant, []))
     return {"expected": expected, "connections": summary, "measured_offset": measured}
 
 
