@@ -56,7 +56,7 @@ SIOCOUTQ = 0x5411
 OFFLOADS = ("tx-checksum", "tx-tcp", "tx-generic-segmentation", "tx-udp-segmentation",
             "rx-gro", "tx-scatter-gather", "tx-gso")
 ROLES = ("client", "primary", "secondary")
-PREFIX = "b12"
+PREFIX = "b12b"
 """Every namespace and interface name starts with this (unique to the bridge lab)."""
 
 
