@@ -310,14 +310,32 @@ INGRESS = 0xFFFF0000
 ETH_P_ALL = 0x0003
 
 
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+PRIO_TCP, PRIO_IP, PRIO_ARP, PRIO_REST = 1, 2, 3, 4
+"""The client port's ingress filters, tried in this order (a redirect ends the search)."""
+
+
 def redirect_ingress(src: str, dst: str) -> None:
     """Every frame arriving on ``src`` leaves on ``dst`` in the kernel (tc ingress + mirred).
 
     Packet sockets on ``src`` still see each frame: the kernel hands it to
     them before tc's ingress hook runs.  An ingress qdisc already there is
-    replaced (a proxy that crashed left it).
+    replaced (a proxy that crashed left it).  IPv4 TCP and everything else
+    get separate filters, so :func:`mirror_untranslated` can add the
+    secondary's leg for what needs no translation between them.
     """
     off_loop(lambda: _redirect_ingress(src, dst))
+
+
+def _redirect(index: int, mirror: int = 0) -> list[dict[str, object]]:
+    actions: list[dict[str, object]] = []
+    if mirror:
+        actions.append({"kind": "mirred", "direction": "egress", "action": "mirror",
+                        "ifindex": mirror})
+    actions.append({"kind": "mirred", "direction": "egress", "action": "redirect",
+                    "ifindex": index})
+    return actions
 
 
 def _redirect_ingress(src: str, dst: str) -> None:
@@ -327,10 +345,58 @@ def _redirect_ingress(src: str, dst: str) -> None:
         src_index, dst_index = ipr.link_lookup(ifname=src)[0], ipr.link_lookup(ifname=dst)[0]
         _del_ingress(ipr, src_index)
         ipr.tc("add", "ingress", src_index, "ffff:")
-        ipr.tc("add-filter", "u32", src_index, parent=INGRESS, prio=1, protocol=ETH_P_ALL,
-               target=0x10001, keys=["0x0/0x0+0"],
-               action={"kind": "mirred", "direction": "egress", "action": "redirect",
-                       "ifindex": dst_index})
+        # IPv4 whose protocol byte (offset 9 of the IP header) is 6: TCP
+        ipr.tc("add-filter", "u32", src_index, parent=INGRESS, prio=PRIO_TCP,
+               protocol=ETH_P_IP, target=0x10001, keys=["0x06/0xff+9"],
+               action=_redirect(dst_index))
+        ipr.tc("add-filter", "u32", src_index, parent=INGRESS, prio=PRIO_REST,
+               protocol=ETH_P_ALL, target=0x10001, keys=["0x0/0x0+0"],
+               action=_redirect(dst_index))
+
+
+def mirror_untranslated(src: str, primary: str, secondary: str | None) -> None:
+    """Client frames that need no translation also reach ``secondary`` in the kernel.
+
+    ARP and IPv4 other than TCP (ICMP, UDP) pass to the secondary unchanged
+    (see :func:`needs_no_translation`), so tc copies them there as it
+    redirects them to ``primary``.  ``secondary`` None removes that leg
+    (the early notice withholds the client's input from the secondary); those
+    frames then fall through to the redirect to the primary alone.  Needs
+    :func:`redirect_ingress` first.
+    """
+    off_loop(lambda: _mirror_untranslated(src, primary, secondary))
+
+
+def _mirror_untranslated(src: str, primary: str, secondary: str | None) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        src_index, dst_index = ipr.link_lookup(ifname=src)[0], ipr.link_lookup(ifname=primary)[0]
+        for prio, proto in ((PRIO_IP, ETH_P_IP), (PRIO_ARP, ETH_P_ARP)):
+            with contextlib.suppress(NetlinkError):  # there was none
+                ipr.tc("del-filter", "u32", src_index, parent=INGRESS, prio=prio, protocol=proto,
+                       target=0x10001)
+            if secondary is not None:  # (only u32 is sure to be there: no matchall here)
+                mirror = ipr.link_lookup(ifname=secondary)[0]
+                ipr.tc("add-filter", "u32", src_index, parent=INGRESS, prio=prio,
+                       protocol=proto, target=0x10001, keys=["0x0/0x0+0"],
+                       action=_redirect(dst_index, mirror))
+
+
+def needs_no_translation(data: bytes) -> bool:
+    """Whether the kernel's secondary leg (:func:`mirror_untranslated`) carries this frame.
+
+    The same test as the filters: after at most one VLAN tag (the kernel
+    strips one before tc looks), ARP, or IPv4 whose protocol is not TCP.
+    """
+    at = 12
+    if data[12:14] in (b"\x81\x00", b"\x88\xa8"):
+        at = 16
+    kind = data[at : at + 2]
+    if kind == b"\x08\x06":
+        return True
+    return kind == b"\x08\x00" and len(data) > at + 11 and data[at + 11] != 6
 
 
 def remove_ingress(ifname: str) -> None:

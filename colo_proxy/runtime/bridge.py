@@ -15,7 +15,9 @@ the frame paths differ:
   client frames before it) and on secondary-if translated by the
   :class:`~colo_proxy.core.rewrite.SecondaryRewriter` (the client
   acknowledges the primary's sequence numbers and timestamps; the secondary's
-  kernel needs its own);
+  kernel needs its own).  What needs no translation (ARP, IPv4 other than
+  TCP) the kernel also copies to secondary-if (tc mirred mirror), so only
+  TCP takes the way through this process;
 * primary-if -> rewriter learns from it -> core (``Side.PRIMARY``); what the
   core releases goes out on client-if;
 * secondary-if -> rewriter learns from it -> core (``Side.SECONDARY``); never
@@ -29,6 +31,9 @@ the frame paths differ:
 Early notice: while a resync is due but the rate limit holds its checkpoint
 back (``Proxy.secondary_paused``), the client's input is withheld from the
 secondary (its state is about to be replaced) and the core drops its output.
+The kernel's copy to the secondary is removed then and put back after (one
+netlink exchange each way, soon after the state changes; if the filter
+cannot be changed, this process carries the secondary's input as before).
 
 A completed VM checkpoint (QMP ``RESUME``) also tells the rewriter: the
 secondary now runs with the primary's TCP state, so every offset is zero.
@@ -42,6 +47,7 @@ drained with a time limit and what remained is reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -54,7 +60,12 @@ from colo_proxy.core.framing import Frame
 from colo_proxy.core.rewrite import SecondaryRewriter
 from colo_proxy.drivers.afpacket import PacketPort, RingSpec, busy_poll
 from colo_proxy.drivers.endpoints import Endpoint
-from colo_proxy.drivers.links import redirect_ingress, remove_ingress
+from colo_proxy.drivers.links import (
+    mirror_untranslated,
+    needs_no_translation,
+    redirect_ingress,
+    remove_ingress,
+)
 from colo_proxy.drivers.port_links import LinkFollower
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.errors import ConfigError
@@ -97,7 +108,8 @@ class BridgeSettings:
     """Turn off offloads that make super-frames instead of refusing to start."""
     kernel_forward: bool = True
     """Client frames reach the primary in the kernel (tc mirred), not through us."""
-    """After a frame, look at the rings this long without sleeping (0: never)."""
+    kernel_mirror: bool = True
+    """With kernel_forward: what needs no translation reaches the secondary in the kernel too."""
 
     def validate(self) -> None:
         """Three distinct interfaces and a sane ring; ConfigError otherwise."""
@@ -150,6 +162,8 @@ class Bridge(CoreHost):
         ring, buf = settings.ring, settings.output_buffer
         self._busy_poll = settings.busy_poll_us / 1e6
         self._polling = False
+        self._cycling = False
+        self._owe_after = False
         self.client = PacketPort(
             "client-if", settings.client_if, self._woken(self._from_client), ring, buf
         )
@@ -163,7 +177,13 @@ class Bridge(CoreHost):
         self.links = LinkFollower(self.ports, settings.fix_offloads, self._reopened)
         self._kernel_forward = settings.kernel_forward and settings.ring.version == 2
         self._forwarding = False
+        self._mirror_wanted = self._kernel_forward and settings.kernel_mirror
+        self._mirror_installed = False
+        self._mirror_on = False
+        """Whether the kernel copies untranslated client frames to the secondary now."""
+        self._mirror_sync: asyncio.Handle | None = None
         self.counters["kernel_forward_installed"] = 0
+        self.counters["kernel_mirror_changes"] = 0
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_every = max(1.0, min(30.0, config.flow_idle_timeout / 4))
 
@@ -195,8 +215,11 @@ class Bridge(CoreHost):
 
     async def _close_inputs(self) -> None:
         self.links.close()
+        if self._mirror_sync is not None:
+            self._mirror_sync.cancel()
+            self._mirror_sync = None
         if self._forwarding:
-            self._forwarding = False
+            self._forwarding = self._mirror_on = self._mirror_installed = False
             try:
                 remove_ingress(self.client.ifname)
             except Exception as err:  # the interface may be gone: so is its qdisc
@@ -218,6 +241,7 @@ class Bridge(CoreHost):
 
     def _forward_in_kernel(self) -> None:
         """Client frames go to the primary by tc mirred: no decision, so no Python."""
+        self._mirror_installed = self._mirror_on = False
         try:
             redirect_ingress(self.client.ifname, self.primary.ifname)
         except Exception as err:  # then this process forwards them, as before
@@ -229,9 +253,53 @@ class Bridge(CoreHost):
         self.counters["kernel_forward_installed"] += 1
         log.info("client frames reach %s by tc ingress mirred on %s", self.primary.ifname,
                  self.client.ifname)
+        self._sync_mirror()
+
+    def _sync_mirror(self) -> None:
+        """Make the kernel's copy to the secondary follow the early notice.
+
+        Runs between callbacks (never inside a batch: the frames read while
+        putting the copy back are taken here, before any later batch, so the
+        secondary's input keeps its order).  Turning it on, frames already in
+        the client ring may have missed the copy: they are read and sent by
+        us before the bridge trusts the kernel with the rest.
+        """
+        self._mirror_sync = None
+        want = self._mirror_wanted and self._forwarding and not self.proxy.secondary_paused
+        if want == self._mirror_installed:
+            return
+        client, primary = self.client.ifname, self.primary.ifname
+        try:
+            if not want:
+                self._mirror_on = False  # from now on the secondary gets nothing from us either
+                mirror_untranslated(client, primary, None)
+                self._mirror_installed = False
+            else:
+                mirror_untranslated(client, primary, self.secondary.ifname)
+                self._mirror_installed = True
+                while self.client.ready():
+                    self._client_first()
+                self._mirror_on = True
+        except Exception as err:  # this process carries the secondary's input, as before
+            self._mirror_wanted = self._mirror_on = False
+            log.warning("cannot change the tc copy of %s to %s (%s): sending the secondary "
+                        "its input from here", client, self.secondary.ifname, err)
+            with contextlib.suppress(Exception):
+                mirror_untranslated(client, primary, None)
+            self._mirror_installed = False
+            return
+        self.counters["kernel_mirror_changes"] += 1
+        log.info("untranslated client frames %s %s in the kernel",
+                 "reach" if want else "no longer reach", self.secondary.ifname)
+
+    def _after(self, now: float) -> None:
+        super()._after(now)
+        if (self._mirror_sync is None and self._forwarding and self._mirror_wanted
+                and self.proxy.secondary_paused == self._mirror_installed):
+            self._mirror_sync = asyncio.get_running_loop().call_soon(self._sync_mirror)
 
     def _reopened(self, port: PacketPort) -> None:
-        if self._kernel_forward and port in (self.client, self.primary):
+        if self._kernel_forward:
             self._forward_in_kernel()  # a re-created interface lost its filter (or target)
 
     def _send_released(self, frames: list[Frame]) -> None:
@@ -253,10 +321,32 @@ class Bridge(CoreHost):
     # ---- frame paths --------------------------------------------------------------------
 
     def _woken(self, handler: Callable[[list[Frame]], None]) -> Callable[[list[Frame]], None]:
-        """``handler``, then a short busy poll of every ring after a small wake-up."""
+        """A wake-up's cycle: every ring read once, one settling, then a short busy poll.
+
+        Whichever socket woke us, the other rings are read too (client, then
+        primary, then secondary: a guest's answer never before the client frame
+        it answers), and the core's output is carried out once for the whole
+        cycle (:meth:`_feed`): one ``take_output``, one timer, one send of
+        every released frame, instead of one per ring.  At low load a cycle is
+        one frame; at high load every ring's backlog.  A read inside a cycle
+        (``_client_first``, the drain) only feeds.
+        """
 
         def on_frames(frames: list[Frame]) -> None:
-            handler(frames)
+            if self._cycling:
+                handler(frames)
+                return
+            self._cycling = True
+            try:
+                handler(frames)
+                for port in self.ports:
+                    if port.ready():
+                        port.read()
+            finally:
+                self._cycling = False
+            if self._owe_after:
+                self._owe_after = False
+                self._after(self._clock())
             if self._busy_poll and not self._polling and len(frames) <= BUSY_POLL_BATCH:
                 self._polling = True
                 try:
@@ -265,6 +355,15 @@ class Bridge(CoreHost):
                     self._polling = False
 
         return on_frames
+
+    def _feed(self, side: Side, frames: list[Frame]) -> None:
+        """Inside a cycle, compare only: the cycle carries out the output once at its end."""
+        if (not self._cycling or self.passthrough_reason is not None
+                or (self.disk_link is not None and self.disk_link.waiting)):
+            super()._feed(side, frames)
+            return
+        self._compare(side, frames, self._clock())
+        self._owe_after = True
 
     def _ring_losses(self) -> None:
         """A ring dropped frames: the sackers follow every flow for a while (bridge_sack)."""
@@ -287,6 +386,10 @@ class Bridge(CoreHost):
         if self.proxy.secondary_paused:  # early notice: a resync is due, its state is void
             self.counters["secondary_input_withheld"] += len(frames)
             return
+        if self._mirror_on:  # the kernel copied what needs no translation (links.py)
+            frames = [f for f in frames if not needs_no_translation(f[0])]
+            if not frames:
+                return
         to_secondary = self.rewriter.to_secondary
         try:
             translated = [(to_secondary(data, now), 0) for data, _ in frames]

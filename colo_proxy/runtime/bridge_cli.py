@@ -75,6 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     io.add_argument("--kernel-forward", action=argparse.BooleanOptionalAction, default=None,
                     help="client frames reach the primary by a tc ingress redirect in the "
                          "kernel (default on; ring version 2 only)")
+    io.add_argument("--kernel-mirror", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --kernel-forward, ARP and IPv4 other than TCP also reach the "
+                         "secondary in the kernel (a tc mirred copy; default on)")
     io.add_argument("--output-buffer", type=parse_size, default=None, metavar="BYTES",
                     help="bound on output waiting for an interface; beyond it output is "
                          "dropped and counted (64 MiB)")

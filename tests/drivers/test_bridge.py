@@ -289,3 +289,21 @@ def test_neighbour_requests_are_recognised() -> None:
     assert [neighbour_request(bytes(f)) for f in yes] == [True] * 4
     assert [neighbour_request(bytes(f)) for f in no] == [False] * 4
     assert not neighbour_request(bytes(eth)[:13])
+
+
+def test_the_kernels_secondary_leg_carries_what_needs_no_translation() -> None:
+    """The same test as the tc filters (links.py): ARP and IPv4 other than TCP, one tag deep."""
+    from colo_proxy.drivers.links import needs_no_translation
+
+    s = scapy_all
+    eth = s.Ether(src="52:54:00:00:00:02", dst="52:54:00:00:00:01")
+    tcp, udp = s.IP(dst=CLIENT) / s.TCP(), s.IP(dst=CLIENT) / s.UDP()
+    yes = [eth / s.ARP(op=1, pdst=CLIENT), eth / s.ARP(op=2), eth / udp,
+           eth / s.IP(dst=CLIENT) / s.ICMP(), eth / s.Dot1Q(vlan=5) / udp,
+           eth / s.Dot1AD(vlan=5) / s.ARP()]
+    no = [eth / tcp, eth / s.Dot1Q(vlan=5) / tcp, eth / s.Dot1AD(vlan=5) / tcp,
+          eth / s.Dot1AD(vlan=5) / s.Dot1Q(vlan=6) / udp,  # QinQ: tc sees the inner tag
+          eth / s.IPv6(dst="fe80::1") / s.UDP(), eth / s.IPv6(dst="fe80::1") / s.TCP()]
+    assert [needs_no_translation(bytes(f)) for f in yes] == [True] * len(yes)
+    assert [needs_no_translation(bytes(f)) for f in no] == [False] * len(no)
+    assert not needs_no_translation(bytes(eth / s.IP(dst=CLIENT))[:20])

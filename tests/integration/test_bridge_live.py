@@ -166,8 +166,10 @@ def test_tcp_fetch_through_the_bridge(lab: Any, bridge: Any) -> None:
     assert report["shutdown"]["held_frames_at_stop"] == 0
 
 
-def test_udp_echo_through_the_bridge(lab: Any, bridge: Any) -> None:
-    proxy = bridge()
+@pytest.mark.parametrize("mirror", [True, False], ids=["kernel-mirror", "no-kernel-mirror"])
+def test_udp_echo_through_the_bridge(lab: Any, bridge: Any, mirror: bool) -> None:
+    """UDP needs no translation: by default the kernel copies it to the secondary (tc mirred)."""
+    proxy = bridge() if mirror else bridge("--no-kernel-mirror")
     servers = start_servers(lab, "udp-echo", "--count", "20")
     client = result(lab.tool("client", "udp-client", "--host", lab.guest_ip, "--count", "20"))
     echoes = [result(s) for s in servers]
@@ -177,6 +179,13 @@ def test_udp_echo_through_the_bridge(lab: Any, bridge: Any) -> None:
     core = report["core"]
     assert core["divergences_by_kind"] == {}, proxy.log
     assert core["released_frames"] >= 20 and core["held_frames"] == 0
+    assert core["client_frames"] >= 20  # the core still sees every client frame
+    assert report["supervisor"]["kernel_mirror_changes"] == int(mirror)
+    if mirror:  # nothing went to the secondary through us: the kernel carried it all
+        assert report["secondary-if"]["frames_out"] == 0
+        assert report["rewriter"]["client_frames"] == 0
+    else:
+        assert report["secondary-if"]["frames_out"] >= 20
 
 
 def test_diverging_secondary_holds_the_primarys_bytes(lab: Any, bridge: Any) -> None:

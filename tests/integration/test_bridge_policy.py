@@ -73,5 +73,7 @@ def test_early_notice_withholds_the_secondarys_input(lab: Any, bridge: Any,
     assert core["policy"]["early_notices"] == 1
     assert core["checkpoint_state"] == "deferred"
     assert report["supervisor"]["secondary_input_withheld"] > 0
+    # the kernel's copy of untranslated frames to the secondary: on at start, off at the notice
+    assert report["supervisor"]["kernel_mirror_changes"] == 2, proxy.log
     assert core["secondary_frames_dropped_uncompared_mode"] > 0
     assert report["shutdown"]["held_frames_at_stop"] > 0  # held for the deferred checkpoint
