@@ -104,6 +104,7 @@ class BridgeSettings:
     disk_tls_creds: Path | None = None
     qmp_tls_creds: Path | None = None
     busy_poll_us: int = 100
+    """After a small wake-up, look at the rings this long without sleeping (0: never)."""
     fix_offloads: bool = False
     """Turn off offloads that make super-frames instead of refusing to start."""
     kernel_forward: bool = True
