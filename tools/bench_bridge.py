@@ -297,10 +297,14 @@ def series(lab: BridgeLab, args: argparse.Namespace, extra: list[str]) -> None:
     for i in range(args.repeat):
         for mode, how in modes.items():
             r = plain_round(lab, args) if how is None else proxy_round(lab, args, *how)
+            r["load_1min"] = os.getloadavg()[0]
             runs[mode].append(r)
             print(f"round {i + 1} {mode}: {json.dumps({k: round(v, 4) for k, v in r.items()})}",
                   flush=True)
     table(runs)
+    loads = [r["load_1min"] for rs in runs.values() for r in rs]
+    print(f"load average (1 min) after each round: {min(loads):.2f} to {max(loads):.2f}, "
+          f"median {statistics.median(loads):.2f} on {os.cpu_count()} CPUs")
 
 
 def plain_round(lab: BridgeLab, args: argparse.Namespace) -> dict[str, float]:
@@ -334,13 +338,14 @@ def proxy_round(lab: BridgeLab, args: argparse.Namespace, root: Path,
 
 def stall_test(lab: BridgeLab, args: argparse.Namespace, extra: list[str]) -> None:
     proxy = Proxy(lab, extra, Path(args.before_root).resolve() if args.before_root else ROOT)
-    done, stalls, rates = 0, 0, []
+    done, stalls, rates, loads = 0, 0, [], []
     try:
         for i in range(args.stall_test):
             r = bulk(lab, args.size * 1_000_000, args.idle, proxy)
             done += 1
             stalls += int(r["bulk_stalls"])
             rates.append(r["bulk_gbit_s"])
+            loads.append(os.getloadavg()[0])
             print(f"transfer {i + 1}: {r['bulk_gbit_s']:.3f} Gbit/s"
                   f"{' STALLED' if r['bulk_stalls'] else ''}", flush=True)
         report = proxy.stop()
@@ -350,7 +355,8 @@ def stall_test(lab: BridgeLab, args: argparse.Namespace, extra: list[str]) -> No
                 for p in ("client-if", "primary-if", "secondary-if"))
     print(f"stall test: {done} transfers of {args.size} MB, {stalls} stalls, median "
           f"{statistics.median(rates):.3f} Gbit/s, {drops} ring drops; final counters "
-          f"{json.dumps(summary(report), sort_keys=True)}")
+          f"{json.dumps(summary(report), sort_keys=True)}; load average (1 min) "
+          f"{min(loads):.2f} to {max(loads):.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
