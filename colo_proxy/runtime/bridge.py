@@ -278,7 +278,9 @@ class Bridge(CoreHost):
             else:
                 mirror_untranslated(client, primary, self.secondary.ifname)
                 self._mirror_installed = True
-                while self.client.ready():
+                for _ in range(64):  # bounded: a client that never pauses cannot hold us here
+                    if not self.client.ready():
+                        break
                     self._client_first()
                 self._mirror_on = True
         except Exception as err:  # this process carries the secondary's input, as before
