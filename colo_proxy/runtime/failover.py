@@ -30,7 +30,10 @@ When the core of that module declares a peer lost,
   ``x-colo-lost-heartbeat``, then ``object-del`` of the redirector that fed
   it the primary's input and ``chardev-remove`` of its chardev.  QEMU's
   failover turns every filter of the secondary off; the ones on the output
-  path through colo-proxy (``f2`` and ``f3``) are turned back on.  With
+  path through colo-proxy (``f2`` and ``f3``) are turned back on.  Then
+  every NIC of the secondary gets its link up (``set_link``): a checkpoint
+  taken while the primary's link was down left the secondary's down as well,
+  and a NIC whose link is down sends nothing.  With
   ``--secondary-outdev`` (a chardev feeding a ``filter-redirector`` on the
   secondary's output, ahead of its other filters), the new primary's output
   keeps coming to colo-proxy on ``secondary_in`` and goes out through that
@@ -122,6 +125,8 @@ class FailoverSettings:
     secondary_output_filters: tuple[str, ...] = ("f2", "f3")
     disk_nbd: Endpoint | None = None
     """The disk agent's NBD endpoint: its data path, probed with an NBD greeting."""
+    secondary_nics: tuple[str, ...] = ()
+    """The secondary's NICs whose link goes up at takeover; empty: what query-rx-filter lists."""
 
 
 class FailoverSupervisor(Supervisor):
@@ -448,6 +453,7 @@ class FailoverSupervisor(Supervisor):
                                  {"id": dev})
             await self._check_virtio(sec)
             await self._ensure_running(sec)
+            await self._links_up(sec)  # before announce-self: a down link drops its RARPs
             # switches still send the guest's MAC to the old primary's port (a fenced
             # primary keeps its tap): the new primary announces itself, as after a migration
             await self._step("secondary: announce-self", sec, "announce-self",
@@ -492,6 +498,37 @@ class FailoverSupervisor(Supervisor):
         if disabled:
             log.error("the new primary's virtio devices %s are DISABLED: they will ignore "
                       "their queues (QEMU without tools/patches/0004?)", disabled)
+
+    async def _links_up(self, sec: QmpDriver) -> None:
+        """Put the link of every NIC of the new primary up (``set_link``).
+
+        QEMU cannot migrate a NIC's link state, so a loaded virtio-net infers it
+        from the status bit in the stream: a checkpoint taken while the
+        primary's link was down (``set_link off``: its network cut at the NIC,
+        QMP alive) leaves the secondary's NIC down too.  A NIC whose link is
+        down drops everything it sends, announce-self's RARPs included, and its
+        guest sees no carrier: the promoted secondary would never send a frame.
+        The dead primary's link says nothing about the new primary's; a NIC that
+        is up already is left as it is (no config interrupt).  Without
+        ``failover_secondary_nics`` the NICs are the ones ``query-rx-filter`` lists.
+        """
+        nics = self.failover.secondary_nics
+        if not nics:
+            t = self._clock()
+            error = None
+            try:
+                found = await asyncio.wait_for(sec.execute("query-rx-filter"), STEP_TIMEOUT)
+                nics = tuple(str(nic["name"]) for nic in found
+                             if isinstance(nic, dict) and "name" in nic) \
+                    if isinstance(found, list) else ()
+            except (TimeoutError, QMPError, OSError, EOFError) as err:
+                error = str(err) or type(err).__name__
+            self.steps.append({"step": "secondary: query-rx-filter (its NICs)",
+                               "ok": error is None, "error": error, "result": list(nics),
+                               "seconds": round(self._clock() - t, 4)})
+        for nic in nics:
+            await self._step(f"secondary: set_link {nic} up", sec, "set_link",
+                             {"name": nic, "up": True})
 
     async def _primary_alone(self) -> None:
         t0 = self._clock()

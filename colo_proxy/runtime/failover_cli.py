@@ -23,6 +23,7 @@ FAILOVER_KEYS: dict[str, tuple[type, Any]] = {
     "heartbeat_disk_nbd": (str, None),
     "secondary_outdev": (str, None),
     "failover_secondary_output_filters": (str, "f2,f3"),
+    "failover_secondary_nics": (str, ""),
 }
 """key -> (type, default), merged into `run`'s keys ([run] table in TOML)."""
 
@@ -57,6 +58,10 @@ def add_failover_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--failover-secondary-output-filters", default=None, metavar="IDS",
                    help="with --secondary-outdev: the secondary's filters on that path, turned "
                         "back on after QEMU's failover turned them off (f2,f3)")
+    g.add_argument("--failover-secondary-nics", default=None, metavar="IDS",
+                   help="the secondary's NICs whose link is put up at takeover (a checkpoint "
+                        "taken while the primary's link was down copies that state); default: "
+                        "every NIC its query-rx-filter lists")
     g.add_argument("--failover-secondary-objects", default=None, metavar="IDS",
                    help="the secondary's redirectors to object-del at takeover "
                         "(f1 with --secondary-outdev, else f2,f1)")
@@ -84,7 +89,7 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
     out = values.get("secondary_outdev") or None
     defaults = {"failover_secondary_objects": "f1" if out else "f2,f1",
                 "failover_secondary_chardevs": "red0" if out else "red1,red0",
-                "failover_secondary_output_filters": "f2,f3"}
+                "failover_secondary_output_filters": "f2,f3", "failover_secondary_nics": ""}
 
     def ids(key: str) -> tuple[str, ...]:
         value = values.get(key)
@@ -118,4 +123,5 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
         guest_ip=guest_ip,
         secondary_outdev=endpoints.get("secondary_outdev"),
         secondary_output_filters=ids("failover_secondary_output_filters"),
+        secondary_nics=ids("failover_secondary_nics"),
     )
