@@ -9,9 +9,9 @@ answer reaches the client only after; ``kill -9`` of the primary runs the
 takeover and a transfer started before it completes with the right bytes, the
 new primary's answers still going out through colo-proxy; a primary whose
 QMP answers but whose NIC is down is lost on the data-path heartbeat, fenced
-and replaced the same way; ``kill -9`` of the secondary leaves the primary
-serving alone.  Figures are
-printed (``pytest -s``), never asserted on.
+and replaced the same way, even though a checkpoint copied its down link into
+the secondary's NIC; ``kill -9`` of the secondary leaves the primary serving
+alone.  Figures are printed (``pytest -s``), never asserted on.
 """
 
 from __future__ import annotations
@@ -173,7 +173,9 @@ def test_kill_primary_secondary_takes_over() -> None:
         print(f"\nkill -9 primary: loss declared after {fo['losses'][0]['silent_for']} s of "
               f"silence (period {fo['period']} s x {fo['misses']} misses); takeover steps "
               f"{[(k, v['seconds']) for k, v in steps.items()]}; transfer "
-              f"{got['bytes']} bytes in {got['t_end'] - got['t_start']:.1f} s; disk epoch "
+              f"{got['bytes']} bytes in {got['t_end'] - got['t_start']:.1f} s (held primary "
+              f"frames dropped at the switch: {st['supervisor']['failover_primary_dropped']}, "
+              f"the new primary's TCP resends them); disk epoch "
               f"{disk_epoch}, {len(records)} disk records, missing {holes}")
         # The guest kept running through the takeover: its writes since the last
         # checkpoint (the agent's overlay) must all be on the disk, none missing.
@@ -217,7 +219,8 @@ def test_primary_network_dead_qmp_alive() -> None:
         print(f"\nprimary NIC down, QMP alive: lost on the data path after "
               f"{fo['losses'][0]['silent_for']} s; heartbeats {fo['heartbeats']['primary']}; "
               f"steps {[(k, v['seconds']) for k, v in steps.items()]}; transfer "
-              f"{got['bytes']} bytes in {got['t_end'] - got['t_start']:.1f} s")
+              f"{got['bytes']} bytes in {got['t_end'] - got['t_start']:.1f} s (held primary "
+              f"frames dropped: {st['supervisor']['failover_primary_dropped']})")
 
 
 def test_kill_secondary_primary_goes_on() -> None:
