@@ -439,6 +439,7 @@ def http_get(host: str, path: str, rate: int, timeout: float) -> dict[str, Any]:
     sock = socket.create_connection((host, 80), timeout=timeout)
     if rate:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    port = sock.getsockname()[1]
     sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
     chunks: list[bytes] = []
     first = None
@@ -458,7 +459,7 @@ def http_get(host: str, path: str, rate: int, timeout: float) -> dict[str, Any]:
     cut, sep_len = min(ends) if ends else (len(raw), 0)
     head, body = raw[:cut], raw[cut + sep_len:]
     return {
-        "t_start": t0, "t_first_byte": first, "t_end": time.time(),
+        "t_start": t0, "t_first_byte": first, "t_end": time.time(), "port": port,
         "status": head.split(b"\r\n", 1)[0].decode(errors="replace"),
         "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(),
         "body": body[:512].decode(errors="replace"),

@@ -182,6 +182,69 @@ def test_kill_primary_secondary_takes_over() -> None:
         assert not holes, f"records {holes} missing from the secondary's disk after takeover"
 
 
+def test_held_answer_dropped_at_takeover_new_primary_answers() -> None:
+    """A diverging answer held when the primary dies is never released: the client gets
+    the new primary's own answer (its TCP resends what colo-proxy swallowed), once."""
+    # colo-proxy may ask for one checkpoint per 10 minutes: a later divergence stays held
+    with running_pair(failover=True, checkpoint_delay_ms=2000, proxy_extra=[
+            "--policy", "colo", "--min-checkpoint-interval", "600"]) as pair:
+        assert pair.get("/same", timeout=60)["body"] == SAME  # both guests serve
+        # this write forces a checkpoint (the secondary is the primary's copy), then no
+        # periodic one for 10 minutes
+        p, t = pair.mons["primary"], time.time()
+        p.cmd("migrate-set-parameters", **{"x-checkpoint-delay": 600_000})
+        cp.wait_for(lambda: p.named("RESUME", since=t), 30, "the checkpoint after /same")
+        answer, others = held_diverging_answer(pair)
+        pair.kill("primary")
+        got: dict[str, Any] = cp.client_result(answer, 120)
+        for other in others:  # held from a later byte: answered too, whole
+            assert cp.client_result(other, 120)["body"].count("\n") == 2
+
+        st, fo = failover_state(pair, "promoted", "primary")
+        check_takeover(fo)
+        assert st["supervisor"]["failover_primary_dropped"] > 0
+        # the first divergence of its flow: each side's bytes from the first differing one
+        line = next(x for x in pair.log("proxy").splitlines() if "divergence payload" in x
+                    and f"10.215.15.1:{got['port']} at" in x)
+        pri, sec = (bytes.fromhex(line.split(f" {side} ", 1)[1].split()[0])
+                    for side in ("primary", "secondary"))
+        body = got["body"].encode()
+        assert got["status"].endswith("200 OK") and len(body.split(b"\n")) == 3, got
+        assert sec in body and pri not in body, (line, body)  # the new primary's, whole
+        print(f"\nheld answer across kill -9: {st['supervisor']['failover_primary_dropped']} "
+              f"held primary frames dropped, {st['supervisor']['failover_secondary_passed']} "
+              f"new-primary frames passed; the client's answer came "
+              f"{got['t_end'] - got['t_start']:.1f} s after its request: {body!r}")
+
+
+def held_diverging_answer(pair: Any) -> tuple[Any, list[Any]]:
+    """A /cgi-bin/diverge client whose answer colo-proxy holds from its first diverging
+    byte (the checkpoint it wants is rate-limited), and earlier clients still waiting.
+
+    The first request may still get the one checkpoint allowed (its answer arrives, or
+    its second line diverges again after it): then the next one is held from its start.
+    """
+    waiting: list[Any] = []
+    for _ in range(3):
+        base = pair.proxy_stats()["core"]["divergences_by_kind"].get("payload", 0)
+        proc = pair.get("/cgi-bin/diverge", timeout=STALL_TIMEOUT, background=True)
+
+        def settled(proc: Any = proc, base: int = base) -> int | None:
+            core = pair.proxy_stats()["core"]
+            if proc.poll() is not None:
+                return -1
+            more = core["divergences_by_kind"].get("payload", 0) - base
+            return more if core["checkpoint_state"] == "deferred" and more else None
+
+        if cp.wait_for(settled, 60, "the diverging answer held or answered") == 1:
+            return proc, waiting
+        if proc.poll() is not None:
+            cp.client_result(proc, 10)
+        else:
+            waiting.append(proc)
+    raise AssertionError("no diverging answer held from its first byte in 3 requests")
+
+
 def check_takeover(fo: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The takeover's steps by name; the ones that matter succeeded, the output path stayed."""
     steps = {step["step"]: step for step in fo["steps"]}
