@@ -41,6 +41,9 @@ When the core of that module declares a peer lost,
   colo-proxy as before.  What it sends while the sequence runs waits and
   goes out once the secondary is promoted.  Without it, the redirector
   towards colo-proxy is deleted as well and the output leaves directly.
+  With ``--promoted-heartbeat-dev`` (a ``filter-redirector`` into the
+  secondary's guest, idle until then) the promoted secondary's data path is
+  probed on its own from then on; its loss is reported.
 * **secondary lost** -> the primary goes on alone: ``x-colo-lost-heartbeat``
   on the primary, everything held is released and primary output passes
   through (``enter_passthrough``; its redirectors stay, colo-proxy stays in the
@@ -127,6 +130,8 @@ class FailoverSettings:
     """The disk agent's NBD endpoint: its data path, probed with an NBD greeting."""
     secondary_nics: tuple[str, ...] = ()
     """The secondary's NICs whose link goes up at takeover; empty: what query-rx-filter lists."""
+    promoted_heartbeat_dev: Endpoint | None = None
+    """A redirector's chardev into the secondary's guest: its data probes after a takeover."""
 
 
 class FailoverSupervisor(Supervisor):
@@ -153,6 +158,11 @@ class FailoverSupervisor(Supervisor):
         carriers = {Peer.SECONDARY: Peer.PRIMARY} if Peer.SECONDARY in data else {}
         self.heartbeats = Heartbeats(tuple(peers), failover.period, failover.misses, data=data,
                                      carriers=carriers)
+        self.promoted_hb: RecordChannel | None = None
+        if self.heartbeat_dev is not None and failover.promoted_heartbeat_dev is not None:
+            self.promoted_hb = RecordChannel("promoted_heartbeat_dev",
+                                             failover.promoted_heartbeat_dev, settings.vnet_hdr,
+                                             None, 1024 * 1024)
         self.secondary_out: RecordChannel | None = None
         if failover.secondary_outdev is not None:
             self.secondary_out = RecordChannel("secondary_outdev", failover.secondary_outdev,
@@ -164,7 +174,7 @@ class FailoverSupervisor(Supervisor):
             "failover_primary_dropped": 0, "failover_secondary_dropped": 0,
             "failover_secondary_passed": 0, "failover_requests_ignored": 0,
             "data_probes_sent": 0, "data_probes_unsent": 0, "data_probe_replies": 0,
-            "data_probe_replies_stale": 0,
+            "data_probe_replies_stale": 0, "promoted_data_probes_sent": 0,
         })  # fmt: skip
         self._probe_seq = 0
         self.mute_secondary = False
@@ -186,14 +196,14 @@ class FailoverSupervisor(Supervisor):
     # ---- life cycle -----------------------------------------------------------------
 
     async def _open_ports(self) -> None:
-        for rc in (self.secondary_out, self.heartbeat_dev):
+        for rc in (self.secondary_out, self.heartbeat_dev, self.promoted_hb):
             if rc is not None:
                 await rc.channel.start()
         await super()._open_ports()
 
     async def _close_outputs(self) -> dict[str, object]:
         out = await super()._close_outputs()
-        for rc in (self.secondary_out, self.heartbeat_dev):
+        for rc in (self.secondary_out, self.heartbeat_dev, self.promoted_hb):
             if rc is not None:
                 out[f"{rc.name}_bytes_buffered_at_close"] = rc.channel.buffered_bytes()
                 await rc.channel.close()
@@ -201,7 +211,7 @@ class FailoverSupervisor(Supervisor):
 
     def _port_stats(self) -> dict[str, object]:
         out = super()._port_stats()
-        for rc in (self.secondary_out, self.heartbeat_dev):
+        for rc in (self.secondary_out, self.heartbeat_dev, self.promoted_hb):
             if rc is not None:
                 out[rc.name] = rc.counters()
         return out
@@ -291,8 +301,12 @@ class FailoverSupervisor(Supervisor):
             for probe in self.heartbeats.due(now):
                 if probe.via is Via.DATA and probe.peer is not Peer.DISK:
                     if probe.peer is Peer.PRIMARY:
-                        self._send_data_probe()
-                    continue  # the secondary's comes through the primary's filter-mirror
+                        self._send_data_probe(self.heartbeat_dev)
+                    elif self.phase is Phase.PROMOTED and self.promoted_hb is not None:
+                        self._send_data_probe(self.promoted_hb)  # the new primary's own
+                        self.counters["promoted_data_probes_sent"] += 1
+                    # else the secondary's comes through the primary's filter-mirror
+                    continue
                 if probe.via is Via.DATA:
                     task = asyncio.create_task(self._nbd_probe(probe))
                 else:
@@ -361,13 +375,13 @@ class FailoverSupervisor(Supervisor):
                 writer.close()
         self.heartbeats.answered(probe, self._clock())
 
-    def _send_data_probe(self) -> None:
-        """One ARP probe into the primary's input; unsent (not connected) is a miss."""
-        assert self.heartbeat_dev is not None and self.failover.guest_ip is not None
+    def _send_data_probe(self, dev: RecordChannel | None) -> None:
+        """One ARP probe into a guest's input; unsent (not connected) is a miss."""
+        assert dev is not None and self.failover.guest_ip is not None
         self._probe_seq = (self._probe_seq + 1) & 0xFFFF
         frame = arp_probe(self._probe_seq, self.failover.guest_ip)
-        vnet = VNET_HDR_LEN if self.heartbeat_dev.vnet_hdr else 0
-        if self.heartbeat_dev.channel.connected and self.heartbeat_dev.send(
+        vnet = VNET_HDR_LEN if dev.vnet_hdr else 0
+        if dev.channel.connected and dev.send(
                 [(bytes(vnet) + frame, vnet)]):
             self.counters["data_probes_sent"] += 1
         else:
@@ -463,6 +477,7 @@ class FailoverSupervisor(Supervisor):
             # vm_start(); none can complete now that the secondary left COLO
             await self._step("primary: stop (fence, COLO over)", self.qmp, "stop")
         self.phase = Phase.PROMOTED
+        self._probe_promoted()
         held, self._takeover_hold = self._takeover_hold, []
         if held:
             self._new_primary_output(held)
@@ -470,6 +485,21 @@ class FailoverSupervisor(Supervisor):
                     "output goes %s", self._clock() - t0,
                     "through colo-proxy (secondary_outdev)" if self.secondary_out is not None
                     else "out of its own netdev, around colo-proxy")
+
+    def _probe_promoted(self) -> None:
+        """From now on the new primary's data probes go straight into its guest.
+
+        Until the takeover they travelled through the primary's filter-mirror and a
+        silent primary excused them (the carrier rule); now the path is the new
+        primary's own, so its misses count and a dead path is reported (there is
+        no one left to fail over to).  The probe still outstanding went the old way.
+        """
+        if self.promoted_hb is None:
+            return
+        state = self.heartbeats.state.get(Probe(Peer.SECONDARY, Via.DATA))
+        if state is not None:
+            state.carrier = None
+            state.sent_at = None
 
     async def _check_virtio(self, sec: QmpDriver) -> None:
         """Report a virtio device the new primary's QEMU left disabled.

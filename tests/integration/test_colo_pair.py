@@ -250,6 +250,7 @@ def check_takeover(fo: dict[str, Any]) -> dict[str, dict[str, Any]]:
     steps = {step["step"]: step for step in fo["steps"]}
     for name in ("disk agent: colo-disk-failover", "secondary: x-colo-lost-heartbeat",
                  "secondary: f2 status on", "secondary: f3 status on",
+                 "secondary: hbs status on",
                  "secondary: object-del f1", "secondary: chardev-remove red0",
                  "secondary: virtio devices enabled", "secondary: set_link net0 up"):
         assert steps[name]["ok"], steps[name]
@@ -259,12 +260,17 @@ def check_takeover(fo: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def served_through_proxy(pair: Any, before: dict[str, Any]) -> None:
-    """A new connection to the former secondary is answered, through colo-proxy."""
+    """A new connection to the former secondary is answered, through colo-proxy, and its
+    data path is probed on its own (hbs) and answers."""
     assert before["supervisor"]["failover_secondary_passed"] > 0  # the transfer's end
     assert pair.get("/same", timeout=60)["body"] == SAME
     after = pair.proxy_stats()
     assert (after["secondary_outdev"]["frames_out"]
             > before["secondary_outdev"]["frames_out"]), "the answer went around colo-proxy"
+    data_before = before["failover"]["heartbeats"]["secondary"]["data"]
+    data_after = after["failover"]["heartbeats"]["secondary"]["data"]
+    assert after["supervisor"]["promoted_data_probes_sent"] > 0
+    assert data_after["answers"] > data_before["answers"] and not data_after["lost"]
 
 
 def test_primary_network_dead_qmp_alive() -> None:
