@@ -359,8 +359,7 @@ class ColoPair:
         if self.opts.promoted_through_proxy:
             flags += ["--secondary-outdev", f"unix:{self.w / 'sec_out.sock'}"]
             if self.opts.data_heartbeat:  # the new primary's own data probes (hbs)
-                flags += ["--promoted-heartbeat-dev", f"unix:{self.w / 'hb_s.sock'}",
-                          "--failover-secondary-output-filters", "f2,f3,hbs"]
+                flags += ["--promoted-heartbeat-dev", f"unix:{self.w / 'hb_s.sock'}"]
         return flags
 
     def _netns(self) -> None:

@@ -59,12 +59,10 @@ def add_failover_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--promoted-heartbeat-dev", default=None, metavar="ENDPOINT",
                    help="with --heartbeat-dev: chardev of a filter-redirector (queue=tx, indev) "
                         "on the secondary's netdev; after a takeover the new primary's "
-                        "data-path probes go in there (list its id in "
-                        "--failover-secondary-output-filters: QEMU's failover turns it off)")
+                        "data-path probes go in there")
     g.add_argument("--failover-secondary-output-filters", default=None, metavar="IDS",
-                   help="the secondary's filters turned back on after QEMU's failover turned "
-                        "them off: --secondary-outdev's path and --promoted-heartbeat-dev's "
-                        "redirector (f2,f3)")
+                   help="with --secondary-outdev: the secondary's filters on that path, turned "
+                        "back on after QEMU's failover turned them off (f2,f3)")
     g.add_argument("--failover-secondary-nics", default=None, metavar="IDS",
                    help="the secondary's NICs whose link is put up at takeover (a checkpoint "
                         "taken while the primary's link was down copies that state); default: "

@@ -250,7 +250,6 @@ def check_takeover(fo: dict[str, Any]) -> dict[str, dict[str, Any]]:
     steps = {step["step"]: step for step in fo["steps"]}
     for name in ("disk agent: colo-disk-failover", "secondary: x-colo-lost-heartbeat",
                  "secondary: f2 status on", "secondary: f3 status on",
-                 "secondary: hbs status on",
                  "secondary: object-del f1", "secondary: chardev-remove red0",
                  "secondary: virtio devices enabled", "secondary: set_link net0 up"):
         assert steps[name]["ok"], steps[name]
