@@ -266,10 +266,16 @@ def served_through_proxy(pair: Any, before: dict[str, Any]) -> None:
     after = pair.proxy_stats()
     assert (after["secondary_outdev"]["frames_out"]
             > before["secondary_outdev"]["frames_out"]), "the answer went around colo-proxy"
-    data_before = before["failover"]["heartbeats"]["secondary"]["data"]
-    data_after = after["failover"]["heartbeats"]["secondary"]["data"]
     assert after["supervisor"]["promoted_data_probes_sent"] > 0
-    assert data_after["answers"] > data_before["answers"] and not data_after["lost"]
+
+    def data_path() -> dict[str, Any]:
+        path: dict[str, Any] = pair.proxy_stats()["failover"]["heartbeats"]["secondary"]["data"]
+        return path
+
+    answered = before["failover"]["heartbeats"]["secondary"]["data"]["answers"]
+    cp.wait_for(lambda: data_path()["answers"] > answered, 20,
+                "the new primary to answer a data-path probe", interval=0.5)
+    assert not data_path()["lost"]
 
 
 def test_primary_network_dead_qmp_alive() -> None:
