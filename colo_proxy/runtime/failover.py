@@ -502,32 +502,36 @@ class FailoverSupervisor(Supervisor):
             state.sent_at = None
 
     async def _check_virtio(self, sec: QmpDriver) -> None:
-        """Report a virtio device the new primary's QEMU left disabled.
+        """Report a virtio device the new primary's QEMU left disabled or broken.
 
         A disabled device ignores its queues without a word: a QEMU without
         tools/patches/0004 could keep a COLO secondary's NIC disabled after a
-        checkpoint, and the new primary then never sends anything.  Saying so
-        turns a silent outage into a reported one.
+        checkpoint, and the new primary then never sends anything.  A broken one
+        (``virtio_error()``: its rings made no sense to QEMU) serves nothing either.
+        Saying so turns a silent outage into a reported one.
         """
         t = self._clock()
-        disabled: list[str] = []
+        bad: list[str] = []
         error = None
         try:
             devices = await asyncio.wait_for(sec.execute("x-query-virtio"), STEP_TIMEOUT)
             for dev in devices if isinstance(devices, list) else []:
                 status = await asyncio.wait_for(
                     sec.execute("x-query-virtio-status", {"path": dev["path"]}), STEP_TIMEOUT)
-                if isinstance(status, dict) and status.get("disabled"):
-                    disabled.append(f"{dev.get('name')} {dev['path']}")
+                if not isinstance(status, dict):
+                    continue
+                name = f"{dev.get('name')} {dev['path']}"
+                bad += [name] if status.get("disabled") else []
+                bad += [f"{name} (broken)"] if status.get("broken") else []
         except (TimeoutError, QMPError, OSError, EOFError, KeyError, TypeError) as err:
             error = str(err) or type(err).__name__
-        ok = error is None and not disabled
+        ok = error is None and not bad
         self.steps.append({"step": "secondary: virtio devices enabled", "ok": ok,
-                           "error": error or (f"disabled: {disabled}" if disabled else None),
-                           "result": disabled, "seconds": round(self._clock() - t, 4)})
-        if disabled:
-            log.error("the new primary's virtio devices %s are DISABLED: they will ignore "
-                      "their queues (QEMU without tools/patches/0004?)", disabled)
+                           "error": error or (f"disabled or broken: {bad}" if bad else None),
+                           "result": bad, "seconds": round(self._clock() - t, 4)})
+        if bad:
+            log.error("the new primary's virtio devices %s are DISABLED or BROKEN: they will "
+                      "ignore their queues (QEMU without tools/patches/0004?)", bad)
 
     async def _links_up(self, sec: QmpDriver) -> None:
         """Put the link of every NIC of the new primary up (``set_link``).
