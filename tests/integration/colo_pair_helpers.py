@@ -169,7 +169,7 @@ def stuck_nic(pair: Any, role: str = "secondary") -> str | None:
 def broken_nic(pair: Any, role: str) -> str | None:
     """Evidence that QEMU marked the VM's virtio-net *broken* (``virtio_error()``), or None.
 
-    Seen once in 27 link-off takeovers on this pair: the new primary's QEMU logged
+    Seen once in 34 link-off takeovers on this pair: the new primary's QEMU logged
     "virtio: zero sized buffers are not allowed" and "Guest moved used index from 256
     to 0" (its last-avail index and the ring in guest memory disagree); a broken device
     serves no queue, so the new primary sent nothing.  Not investigated to its cause.

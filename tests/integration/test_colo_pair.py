@@ -87,7 +87,7 @@ def transfer_across_kill(pair: Any, role: str, how: str = "kill") -> dict[str, A
         broken = broken_nic(pair, survivor)
         if broken is not None:
             # a QEMU bug of its own, not colo-proxy's (docs/colo-failover.md): seen once
-            # in 27 link-off takeovers, never investigated to its cause
+            # in 34 link-off takeovers, never investigated to its cause
             print(pair.proxy_stats()["failover"])
             pytest.xfail(f"known QEMU issue, not fixed: {broken}")
         evidence = stuck_nic(pair, survivor)
