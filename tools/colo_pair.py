@@ -15,13 +15,15 @@ disk agent, which only use unix sockets)::
                filter-redirector redire0 (colo-proxy outdev -> outdev.sock -> tap)
                disk0 raw file, blockdev-mirror (write-blocking) into the agent's
                ``replication`` export
-    secondary: f3 (after a takeover: colo-proxy -> sec_out.sock -> tap), f1 (red0 -> guest),
+    secondary: f3 (after a takeover: colo-proxy -> sec_out.sock -> tap), hbs (after a
+               takeover: colo-proxy's data probes -> hb_s.sock -> guest), f1 (red0 -> guest),
                f2 (guest output -> sec_in.sock -> colo-proxy), filter-rewriter rew0,
                disk0 = the agent's ``secondary`` export (NBD)
     colo-proxy run --qmp/--secondary-qmp/--disk-qmp, no colo-compare object; with
-    --failover also --heartbeat-dev hb.sock (ARP probes answered by both guests) and
+    --failover also --heartbeat-dev hb.sock (ARP probes answered by both guests),
     --secondary-outdev sec_out.sock (the promoted secondary's output goes out through
-    colo-proxy, as the primary's did).
+    colo-proxy, as the primary's did) and --promoted-heartbeat-dev hb_s.sock (its data
+    path is probed after the takeover too).
 
 Filter order matters: QEMU walks a netdev's filters head to tail for what the tap
 receives and tail to head for what the guest sends, and a redirector's injected frames
@@ -356,6 +358,8 @@ class ColoPair:
                       "--heartbeat-guest-ip", GUEST_IP]
         if self.opts.promoted_through_proxy:
             flags += ["--secondary-outdev", f"unix:{self.w / 'sec_out.sock'}"]
+            if self.opts.data_heartbeat:  # the new primary's own data probes (hbs)
+                flags += ["--promoted-heartbeat-dev", f"unix:{self.w / 'hb_s.sock'}"]
         return flags
 
     def _netns(self) -> None:
@@ -409,6 +413,11 @@ class ColoPair:
                 cmd += ["-chardev",
                         f"socket,id=sout0,path={w / 'sec_out.sock'},server=on,wait=off",
                         "-object", "filter-redirector,id=f3,netdev=hn0,queue=rx,indev=sout0"]
+                if o.data_heartbeat:  # idle until a takeover: then probes into the guest
+                    cmd += ["-chardev",
+                            f"socket,id=hbs0,path={w / 'hb_s.sock'},server=on,wait=off",
+                            "-object",
+                            "filter-redirector,id=hbs,netdev=hn0,queue=tx,indev=hbs0"]
             cmd += [
                 "-blockdev", f"driver=nbd,node-name=disk0,server.type=unix,"
                              f"server.path={w / 'agent.nbd'},export=secondary",
@@ -439,6 +448,7 @@ def http_get(host: str, path: str, rate: int, timeout: float) -> dict[str, Any]:
     sock = socket.create_connection((host, 80), timeout=timeout)
     if rate:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    port = sock.getsockname()[1]
     sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
     chunks: list[bytes] = []
     first = None
@@ -458,7 +468,7 @@ def http_get(host: str, path: str, rate: int, timeout: float) -> dict[str, Any]:
     cut, sep_len = min(ends) if ends else (len(raw), 0)
     head, body = raw[:cut], raw[cut + sep_len:]
     return {
-        "t_start": t0, "t_first_byte": first, "t_end": time.time(),
+        "t_start": t0, "t_first_byte": first, "t_end": time.time(), "port": port,
         "status": head.split(b"\r\n", 1)[0].decode(errors="replace"),
         "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(),
         "body": body[:512].decode(errors="replace"),

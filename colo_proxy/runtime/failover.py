@@ -30,7 +30,10 @@ When the core of that module declares a peer lost,
   ``x-colo-lost-heartbeat``, then ``object-del`` of the redirector that fed
   it the primary's input and ``chardev-remove`` of its chardev.  QEMU's
   failover turns every filter of the secondary off; the ones on the output
-  path through colo-proxy (``f2`` and ``f3``) are turned back on.  With
+  path through colo-proxy (``f2`` and ``f3``) are turned back on.  Then
+  every NIC of the secondary gets its link up (``set_link``): a checkpoint
+  taken while the primary's link was down left the secondary's down as well,
+  and a NIC whose link is down sends nothing.  With
   ``--secondary-outdev`` (a chardev feeding a ``filter-redirector`` on the
   secondary's output, ahead of its other filters), the new primary's output
   keeps coming to colo-proxy on ``secondary_in`` and goes out through that
@@ -38,6 +41,9 @@ When the core of that module declares a peer lost,
   colo-proxy as before.  What it sends while the sequence runs waits and
   goes out once the secondary is promoted.  Without it, the redirector
   towards colo-proxy is deleted as well and the output leaves directly.
+  With ``--promoted-heartbeat-dev`` (a ``filter-redirector`` into the
+  secondary's guest, idle until then) the promoted secondary's data path is
+  probed on its own from then on; its loss is reported.
 * **secondary lost** -> the primary goes on alone: ``x-colo-lost-heartbeat``
   on the primary, everything held is released and primary output passes
   through (``enter_passthrough``; its redirectors stay, colo-proxy stays in the
@@ -122,6 +128,10 @@ class FailoverSettings:
     secondary_output_filters: tuple[str, ...] = ("f2", "f3")
     disk_nbd: Endpoint | None = None
     """The disk agent's NBD endpoint: its data path, probed with an NBD greeting."""
+    secondary_nics: tuple[str, ...] = ()
+    """The secondary's NICs whose link goes up at takeover; empty: what query-rx-filter lists."""
+    promoted_heartbeat_dev: Endpoint | None = None
+    """A redirector's chardev into the secondary's guest: its data probes after a takeover."""
 
 
 class FailoverSupervisor(Supervisor):
@@ -148,6 +158,11 @@ class FailoverSupervisor(Supervisor):
         carriers = {Peer.SECONDARY: Peer.PRIMARY} if Peer.SECONDARY in data else {}
         self.heartbeats = Heartbeats(tuple(peers), failover.period, failover.misses, data=data,
                                      carriers=carriers)
+        self.promoted_hb: RecordChannel | None = None
+        if self.heartbeat_dev is not None and failover.promoted_heartbeat_dev is not None:
+            self.promoted_hb = RecordChannel("promoted_heartbeat_dev",
+                                             failover.promoted_heartbeat_dev, settings.vnet_hdr,
+                                             None, 1024 * 1024)
         self.secondary_out: RecordChannel | None = None
         if failover.secondary_outdev is not None:
             self.secondary_out = RecordChannel("secondary_outdev", failover.secondary_outdev,
@@ -159,7 +174,7 @@ class FailoverSupervisor(Supervisor):
             "failover_primary_dropped": 0, "failover_secondary_dropped": 0,
             "failover_secondary_passed": 0, "failover_requests_ignored": 0,
             "data_probes_sent": 0, "data_probes_unsent": 0, "data_probe_replies": 0,
-            "data_probe_replies_stale": 0,
+            "data_probe_replies_stale": 0, "promoted_data_probes_sent": 0,
         })  # fmt: skip
         self._probe_seq = 0
         self.mute_secondary = False
@@ -181,14 +196,14 @@ class FailoverSupervisor(Supervisor):
     # ---- life cycle -----------------------------------------------------------------
 
     async def _open_ports(self) -> None:
-        for rc in (self.secondary_out, self.heartbeat_dev):
+        for rc in (self.secondary_out, self.heartbeat_dev, self.promoted_hb):
             if rc is not None:
                 await rc.channel.start()
         await super()._open_ports()
 
     async def _close_outputs(self) -> dict[str, object]:
         out = await super()._close_outputs()
-        for rc in (self.secondary_out, self.heartbeat_dev):
+        for rc in (self.secondary_out, self.heartbeat_dev, self.promoted_hb):
             if rc is not None:
                 out[f"{rc.name}_bytes_buffered_at_close"] = rc.channel.buffered_bytes()
                 await rc.channel.close()
@@ -196,7 +211,7 @@ class FailoverSupervisor(Supervisor):
 
     def _port_stats(self) -> dict[str, object]:
         out = super()._port_stats()
-        for rc in (self.secondary_out, self.heartbeat_dev):
+        for rc in (self.secondary_out, self.heartbeat_dev, self.promoted_hb):
             if rc is not None:
                 out[rc.name] = rc.counters()
         return out
@@ -286,8 +301,12 @@ class FailoverSupervisor(Supervisor):
             for probe in self.heartbeats.due(now):
                 if probe.via is Via.DATA and probe.peer is not Peer.DISK:
                     if probe.peer is Peer.PRIMARY:
-                        self._send_data_probe()
-                    continue  # the secondary's comes through the primary's filter-mirror
+                        self._send_data_probe(self.heartbeat_dev)
+                    elif self.phase is Phase.PROMOTED and self.promoted_hb is not None:
+                        self._send_data_probe(self.promoted_hb)  # the new primary's own
+                        self.counters["promoted_data_probes_sent"] += 1
+                    # else the secondary's comes through the primary's filter-mirror
+                    continue
                 if probe.via is Via.DATA:
                     task = asyncio.create_task(self._nbd_probe(probe))
                 else:
@@ -356,13 +375,13 @@ class FailoverSupervisor(Supervisor):
                 writer.close()
         self.heartbeats.answered(probe, self._clock())
 
-    def _send_data_probe(self) -> None:
-        """One ARP probe into the primary's input; unsent (not connected) is a miss."""
-        assert self.heartbeat_dev is not None and self.failover.guest_ip is not None
+    def _send_data_probe(self, dev: RecordChannel | None) -> None:
+        """One ARP probe into a guest's input; unsent (not connected) is a miss."""
+        assert dev is not None and self.failover.guest_ip is not None
         self._probe_seq = (self._probe_seq + 1) & 0xFFFF
         frame = arp_probe(self._probe_seq, self.failover.guest_ip)
-        vnet = VNET_HDR_LEN if self.heartbeat_dev.vnet_hdr else 0
-        if self.heartbeat_dev.channel.connected and self.heartbeat_dev.send(
+        vnet = VNET_HDR_LEN if dev.vnet_hdr else 0
+        if dev.channel.connected and dev.send(
                 [(bytes(vnet) + frame, vnet)]):
             self.counters["data_probes_sent"] += 1
         else:
@@ -448,6 +467,7 @@ class FailoverSupervisor(Supervisor):
                                  {"id": dev})
             await self._check_virtio(sec)
             await self._ensure_running(sec)
+            await self._links_up(sec)  # before announce-self: a down link drops its RARPs
             # switches still send the guest's MAC to the old primary's port (a fenced
             # primary keeps its tap): the new primary announces itself, as after a migration
             await self._step("secondary: announce-self", sec, "announce-self",
@@ -457,6 +477,7 @@ class FailoverSupervisor(Supervisor):
             # vm_start(); none can complete now that the secondary left COLO
             await self._step("primary: stop (fence, COLO over)", self.qmp, "stop")
         self.phase = Phase.PROMOTED
+        self._probe_promoted()
         held, self._takeover_hold = self._takeover_hold, []
         if held:
             self._new_primary_output(held)
@@ -465,33 +486,83 @@ class FailoverSupervisor(Supervisor):
                     "through colo-proxy (secondary_outdev)" if self.secondary_out is not None
                     else "out of its own netdev, around colo-proxy")
 
+    def _probe_promoted(self) -> None:
+        """From now on the new primary's data probes go straight into its guest.
+
+        Until the takeover they travelled through the primary's filter-mirror and a
+        silent primary excused them (the carrier rule); now the path is the new
+        primary's own, so its misses count and a dead path is reported (there is
+        no one left to fail over to).  The probe still outstanding went the old way.
+        """
+        if self.promoted_hb is None:
+            return
+        state = self.heartbeats.state.get(Probe(Peer.SECONDARY, Via.DATA))
+        if state is not None:
+            state.carrier = None
+            state.sent_at = None
+
     async def _check_virtio(self, sec: QmpDriver) -> None:
-        """Report a virtio device the new primary's QEMU left disabled.
+        """Report a virtio device the new primary's QEMU left disabled or broken.
 
         A disabled device ignores its queues without a word: a QEMU without
         tools/patches/0004 could keep a COLO secondary's NIC disabled after a
-        checkpoint, and the new primary then never sends anything.  Saying so
-        turns a silent outage into a reported one.
+        checkpoint, and the new primary then never sends anything.  A broken one
+        (``virtio_error()``: its rings made no sense to QEMU) serves nothing either.
+        Saying so turns a silent outage into a reported one.
         """
         t = self._clock()
-        disabled: list[str] = []
+        bad: list[str] = []
         error = None
         try:
             devices = await asyncio.wait_for(sec.execute("x-query-virtio"), STEP_TIMEOUT)
             for dev in devices if isinstance(devices, list) else []:
                 status = await asyncio.wait_for(
                     sec.execute("x-query-virtio-status", {"path": dev["path"]}), STEP_TIMEOUT)
-                if isinstance(status, dict) and status.get("disabled"):
-                    disabled.append(f"{dev.get('name')} {dev['path']}")
+                if not isinstance(status, dict):
+                    continue
+                name = f"{dev.get('name')} {dev['path']}"
+                bad += [name] if status.get("disabled") else []
+                bad += [f"{name} (broken)"] if status.get("broken") else []
         except (TimeoutError, QMPError, OSError, EOFError, KeyError, TypeError) as err:
             error = str(err) or type(err).__name__
-        ok = error is None and not disabled
+        ok = error is None and not bad
         self.steps.append({"step": "secondary: virtio devices enabled", "ok": ok,
-                           "error": error or (f"disabled: {disabled}" if disabled else None),
-                           "result": disabled, "seconds": round(self._clock() - t, 4)})
-        if disabled:
-            log.error("the new primary's virtio devices %s are DISABLED: they will ignore "
-                      "their queues (QEMU without tools/patches/0004?)", disabled)
+                           "error": error or (f"disabled or broken: {bad}" if bad else None),
+                           "result": bad, "seconds": round(self._clock() - t, 4)})
+        if bad:
+            log.error("the new primary's virtio devices %s are DISABLED or BROKEN: they will "
+                      "ignore their queues (QEMU without tools/patches/0004?)", bad)
+
+    async def _links_up(self, sec: QmpDriver) -> None:
+        """Put the link of every NIC of the new primary up (``set_link``).
+
+        QEMU cannot migrate a NIC's link state, so a loaded virtio-net infers it
+        from the status bit in the stream: a checkpoint taken while the
+        primary's link was down (``set_link off``: its network cut at the NIC,
+        QMP alive) leaves the secondary's NIC down too.  A NIC whose link is
+        down drops everything it sends, announce-self's RARPs included, and its
+        guest sees no carrier: the promoted secondary would never send a frame.
+        The dead primary's link says nothing about the new primary's; a NIC that
+        is up already is left as it is (no config interrupt).  Without
+        ``failover_secondary_nics`` the NICs are the ones ``query-rx-filter`` lists.
+        """
+        nics = self.failover.secondary_nics
+        if not nics:
+            t = self._clock()
+            error = None
+            try:
+                found = await asyncio.wait_for(sec.execute("query-rx-filter"), STEP_TIMEOUT)
+                nics = tuple(str(nic["name"]) for nic in found
+                             if isinstance(nic, dict) and "name" in nic) \
+                    if isinstance(found, list) else ()
+            except (TimeoutError, QMPError, OSError, EOFError) as err:
+                error = str(err) or type(err).__name__
+            self.steps.append({"step": "secondary: query-rx-filter (its NICs)",
+                               "ok": error is None, "error": error, "result": list(nics),
+                               "seconds": round(self._clock() - t, 4)})
+        for nic in nics:
+            await self._step(f"secondary: set_link {nic} up", sec, "set_link",
+                             {"name": nic, "up": True})
 
     async def _primary_alone(self) -> None:
         t0 = self._clock()

@@ -23,6 +23,8 @@ FAILOVER_KEYS: dict[str, tuple[type, Any]] = {
     "heartbeat_disk_nbd": (str, None),
     "secondary_outdev": (str, None),
     "failover_secondary_output_filters": (str, "f2,f3"),
+    "failover_secondary_nics": (str, ""),
+    "promoted_heartbeat_dev": (str, None),
 }
 """key -> (type, default), merged into `run`'s keys ([run] table in TOML)."""
 
@@ -54,9 +56,17 @@ def add_failover_flags(p: argparse.ArgumentParser) -> None:
                    help="chardev of a filter-redirector (queue=rx, indev) at the head of the "
                         "secondary's filters: after a takeover its output goes out there, "
                         "through colo-proxy")
+    g.add_argument("--promoted-heartbeat-dev", default=None, metavar="ENDPOINT",
+                   help="with --heartbeat-dev: chardev of a filter-redirector (queue=tx, indev) "
+                        "on the secondary's netdev; after a takeover the new primary's "
+                        "data-path probes go in there")
     g.add_argument("--failover-secondary-output-filters", default=None, metavar="IDS",
                    help="with --secondary-outdev: the secondary's filters on that path, turned "
                         "back on after QEMU's failover turned them off (f2,f3)")
+    g.add_argument("--failover-secondary-nics", default=None, metavar="IDS",
+                   help="the secondary's NICs whose link is put up at takeover (a checkpoint "
+                        "taken while the primary's link was down copies that state); default: "
+                        "every NIC its query-rx-filter lists")
     g.add_argument("--failover-secondary-objects", default=None, metavar="IDS",
                    help="the secondary's redirectors to object-del at takeover "
                         "(f1 with --secondary-outdev, else f2,f1)")
@@ -84,7 +94,7 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
     out = values.get("secondary_outdev") or None
     defaults = {"failover_secondary_objects": "f1" if out else "f2,f1",
                 "failover_secondary_chardevs": "red0" if out else "red1,red0",
-                "failover_secondary_output_filters": "f2,f3"}
+                "failover_secondary_output_filters": "f2,f3", "failover_secondary_nics": ""}
 
     def ids(key: str) -> tuple[str, ...]:
         value = values.get(key)
@@ -93,6 +103,8 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
     hb_dev, guest = values.get("heartbeat_dev") or None, values.get("heartbeat_guest_ip") or None
     if (hb_dev is None) != (guest is None):
         raise ConfigError("run: --heartbeat-dev and --heartbeat-guest-ip go together")
+    if values.get("promoted_heartbeat_dev") and hb_dev is None:
+        raise ConfigError("run: --promoted-heartbeat-dev needs --heartbeat-dev")
     guest_ip = None
     if guest is not None:
         try:
@@ -100,7 +112,7 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
         except ValueError as err:
             raise ConfigError(f"heartbeat_guest_ip: {err}") from None
     endpoints = {k: parse_endpoint(v) for k in ("heartbeat_dev", "secondary_outdev",
-                                                "heartbeat_disk_nbd")
+                                                "heartbeat_disk_nbd", "promoted_heartbeat_dev")
                  if (v := values.get(k))}
     for key, ep in endpoints.items():
         if ep.remote_listener() and not values.get("listen_remote"):
@@ -118,4 +130,6 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
         guest_ip=guest_ip,
         secondary_outdev=endpoints.get("secondary_outdev"),
         secondary_output_filters=ids("failover_secondary_output_filters"),
+        secondary_nics=ids("failover_secondary_nics"),
+        promoted_heartbeat_dev=endpoints.get("promoted_heartbeat_dev"),
     )

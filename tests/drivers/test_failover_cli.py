@@ -44,6 +44,27 @@ def test_defaults_follow_colo_ft() -> None:
         0.5, 3, ("f2", "f1"), ("red1", "red0"), ("m0",), None)
 
 
+def test_promoted_heartbeat_dev() -> None:
+    """The new primary's data probes: an endpoint, only with the data-path heartbeat."""
+    hb = ["--heartbeat-dev", "unix:/tmp/hb.sock", "--heartbeat-guest-ip", "10.215.15.2"]
+    flags = settings([*BASE, *QMPS, "--failover", *hb,
+                      "--promoted-heartbeat-dev", "unix:/tmp/hbs.sock"])
+    assert flags is not None
+    assert flags.promoted_heartbeat_dev == parse_endpoint("unix:/tmp/hbs.sock")
+    with pytest.raises(ConfigError, match="needs --heartbeat-dev"):
+        settings([*BASE, *QMPS, "--failover", "--promoted-heartbeat-dev", "unix:/tmp/h.sock"])
+
+
+def test_secondary_nics(tmp_path: Path) -> None:
+    """Empty by default (the takeover asks query-rx-filter); named ones from flag or TOML."""
+    assert settings([*BASE, *QMPS, "--failover"]).secondary_nics == ()  # type: ignore[union-attr]
+    flags = settings([*BASE, *QMPS, "--failover", "--failover-secondary-nics", "net0,net1"])
+    assert flags is not None and flags.secondary_nics == ("net0", "net1")
+    toml = tmp_path / "run.toml"
+    toml.write_text('[run]\nfailover = true\nfailover_secondary_nics = "net0,net1"\n')
+    assert settings([*BASE, *QMPS, "--config", str(toml)]) == flags
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

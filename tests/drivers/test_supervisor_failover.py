@@ -91,13 +91,15 @@ class FakeSecondary(FakeQmp):
 
     def answer(self, w: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
         cmd = msg["execute"]
-        if cmd not in ("x-query-virtio", "x-query-virtio-status"):
+        if cmd not in ("x-query-virtio", "x-query-virtio-status", "query-rx-filter"):
             super().answer(w, msg)
             return
         self.commands.append((cmd, msg.get("arguments")))
         ret: Any = [{"name": "virtio-net", "path": "/machine/peripheral/net0/virtio-backend"}]
         if cmd == "x-query-virtio-status":
             ret = {"name": "virtio-net", "disabled": self.nic_disabled}
+        elif cmd == "query-rx-filter":
+            ret = [{"name": "net0", "main-mac": "52:54:00:15:00:02"}]
         w.write(json.dumps({"return": ret, "id": msg["id"]}).encode() + b"\r\n")
 
 
@@ -179,8 +181,11 @@ def test_dead_data_path_with_live_qmp_fails_over(
                          "secondary: x-colo-lost-heartbeat", "secondary: f2 status on",
                          "secondary: f3 status on", "secondary: object-del f1",
                          "secondary: chardev-remove red0", "secondary: virtio devices enabled",
+                         "secondary: query-rx-filter (its NICs)", "secondary: set_link net0 up",
                          "secondary: announce-self", "primary: stop (fence, COLO over)"]
         assert ("stop", None) in pri_qmp.commands
+        # a checkpoint may have copied the primary's down link into its NIC
+        assert ("set_link", {"name": "net0", "up": True}) in sec_qmp.commands
         assert ("qom-set", {"path": "/objects/f2", "property": "status", "value": "on"}) \
             in sec_qmp.commands
         # the redirector towards colo-proxy stays: the new primary's output comes through it

@@ -164,3 +164,19 @@ def stuck_nic(pair: Any, role: str = "secondary") -> str | None:
                 f"{later['last-avail-idx']}, guest avail-idx {later['shadow-avail-idx']}, "
                 f"device disabled: {disabled}")
     return None
+
+
+def broken_nic(pair: Any, role: str) -> str | None:
+    """Evidence that QEMU marked the VM's virtio-net *broken* (``virtio_error()``), or None.
+
+    Seen once in 34 link-off takeovers on this pair: the new primary's QEMU logged
+    "virtio: zero sized buffers are not allowed" and "Guest moved used index from 256
+    to 0" (its last-avail index and the ring in guest memory disagree); a broken device
+    serves no queue, so the new primary sent nothing.  Not investigated to its cause.
+    """
+    mon = pair.mons[role]
+    nets = [d["path"] for d in mon.cmd("x-query-virtio") if d["name"] == "virtio-net"]
+    if not nets or not mon.cmd("x-query-virtio-status", path=nets[0]).get("broken"):
+        return None
+    said = [x for x in pair.log(role).splitlines() if "virtio" in x or "index" in x]
+    return f"{role} virtio-net marked broken by QEMU; its log: {said[-4:]}"
