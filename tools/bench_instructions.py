@@ -33,6 +33,8 @@ CASES = {
     "tcp64": "TCP 64 B, 50 flows",
     "udp1448": "UDP 1448 B, 50 flows",
     "mix10k": "TCP mix, 10k flows (4000 B each)",
+    "mixconn": "whole connections as the harness's 10k-flow mix: SYN-ACK, ACK, 1448 + 1448 + "
+               "1104 B, FIN, ACK each, round robin over FRAMES/14 connections",
     "chardev": "record framing, 1448 B TCP frames: decode 64 KiB reads, encode batches",
     "startup": "colo-proxy run start-up (per start, not per frame)",
 }
@@ -57,6 +59,25 @@ def build(case: str, frames: int) -> list[tuple[int, list[tuple[bytes, int]]]]:
             frame = ipv4_frame(b"\x0a\0\0\x01", b"\x0a\0\0\x02", 17, l4, ident=i)
             pri.append(frame)
             sec.append(frame)
+    elif case == "mixconn":
+        conns = max(1, frames // 14)
+        block = bytes(rng.randrange(256) for _ in range(4000))
+        streams = []
+        for c in range(conns):
+            dst = bytes((10, 1 + (c >> 16), (c >> 8) & 0xFF, c & 0xFF))
+            p = TcpServerStream(dst=dst, dport=20000 + c % 25000, isn=rng.randrange(2**32))
+            s = TcpServerStream(dst=dst, dport=20000 + c % 25000,
+                                isn=(p.isn + 100000) % 2**32)
+            streams.append((p, s))
+        phases = [lambda t: t.synack(), lambda t: t.ack(0, 100),
+                  lambda t: t.data(0, block[:1448], 100),
+                  lambda t: t.data(1448, block[1448:2896], 100),
+                  lambda t: t.data(2896, block[2896:], 100),
+                  lambda t: t.fin(4000, 100), lambda t: t.ack(4001, 101)]
+        for phase in phases:
+            for p, s in streams:
+                pri.append(phase(p))
+                sec.append(phase(s))
     else:
         seg, conns, per_conn = {"tcp1448": (1448, 50, 0), "tcp64": (64, 50, 0),
                                 "mix10k": (1448, 10000, 3)}[case]

@@ -73,6 +73,8 @@ _FAST_FLAGS: Final = TCP_ACK | TCP_SYN | TCP_RST
 """Segments with ACK and neither SYN nor RST take the fast path (FIN is handled there)."""
 
 
+_PAST_CLOSE: Final = "data past the other side's close"
+
 COMPACT_AT: Final = 64
 """Entries behind a list's head index before it may be compacted."""
 
@@ -684,34 +686,41 @@ class TcpFlow(HeldCounts):
         host.diverge(self, DivergenceKind.PAYLOAD, at, primary, secondary, now)
 
     def _check_close(self, host: FlowHost, now: float) -> bool:
-        """False (and a divergence) when the two sides close differently."""
+        """False (and a divergence) when the two sides close differently.
+
+        Straight-line tests, no tuples to loop over: this runs on every batch of a
+        closing flow (a short connection's FIN and last ACK on both sides)."""
         p, s = self.pri, self.sec
-        for a, b in ((p, s), (s, p)):
-            for mark in (a.fin, a.rst):
-                if mark is not None and b.high > mark:
-                    return self._close_div(host, now, DivergenceKind.LENGTH, mark,
-                                           "data past the other side's close")
-        if p.fin is not None and s.fin is not None and p.fin != s.fin:
-            return self._close_div(host, now, DivergenceKind.CLOSE, p.fin, "FIN offsets differ")
-        if p.rst is not None and s.rst is not None and p.rst != s.rst:
-            return self._close_div(host, now, DivergenceKind.CLOSE, p.rst, "RST offsets differ")
-        for a, b, what in ((p, s, "secondary"), (s, p, "primary")):
-            if (
-                b.rst is not None and a.rst is None and a.syn_opts is not None
-                and b.syn_opts is None
-            ):
-                return self._close_div(  # refused at once: no need to wait for a timeout
-                    host, now, DivergenceKind.CLOSE, 0, f"{what} answered the SYN with RST"
-                )
-        if p.fin is not None and s.rst is not None and s.fin is None:
-            return self._close_div(
-                host, now, DivergenceKind.CLOSE, p.fin, "primary FIN, secondary RST"
+        pfin, prst, sfin, srst = p.fin, p.rst, s.fin, s.rst
+        if pfin is not None and s.high > pfin:
+            return self._close_div(host, now, DivergenceKind.LENGTH, pfin, _PAST_CLOSE)
+        if prst is not None and s.high > prst:
+            return self._close_div(host, now, DivergenceKind.LENGTH, prst, _PAST_CLOSE)
+        if sfin is not None and p.high > sfin:
+            return self._close_div(host, now, DivergenceKind.LENGTH, sfin, _PAST_CLOSE)
+        if srst is not None and p.high > srst:
+            return self._close_div(host, now, DivergenceKind.LENGTH, srst, _PAST_CLOSE)
+        if pfin is not None and sfin is not None and pfin != sfin:
+            return self._close_div(host, now, DivergenceKind.CLOSE, pfin, "FIN offsets differ")
+        if prst is not None and srst is not None and prst != srst:
+            return self._close_div(host, now, DivergenceKind.CLOSE, prst, "RST offsets differ")
+        if srst is not None and prst is None and p.syn_opts is not None and s.syn_opts is None:
+            return self._close_div(  # refused at once: no need to wait for a timeout
+                host, now, DivergenceKind.CLOSE, 0, "secondary answered the SYN with RST"
             )
-        if s.fin is not None and p.rst is not None and p.fin is None:
+        if prst is not None and srst is None and s.syn_opts is not None and p.syn_opts is None:
             return self._close_div(
-                host, now, DivergenceKind.CLOSE, p.rst, "primary RST, secondary FIN"
+                host, now, DivergenceKind.CLOSE, 0, "primary answered the SYN with RST"
             )
-        if (p.fin is not None and p.fin == s.fin) or (p.rst is not None and p.rst == s.rst):
+        if pfin is not None and srst is not None and sfin is None:
+            return self._close_div(
+                host, now, DivergenceKind.CLOSE, pfin, "primary FIN, secondary RST"
+            )
+        if sfin is not None and prst is not None and pfin is None:
+            return self._close_div(
+                host, now, DivergenceKind.CLOSE, prst, "primary RST, secondary FIN"
+            )
+        if (pfin is not None and pfin == sfin) or (prst is not None and prst == srst):
             self.closed = True
         return True
 

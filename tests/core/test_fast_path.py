@@ -7,6 +7,7 @@ from itertools import product
 
 import pytest
 
+from colo_proxy.core import fastparse
 from colo_proxy.core.config import Config
 from colo_proxy.core.fastparse import _FAST, FAST_FIELDS
 from colo_proxy.core.flows import FlowKey
@@ -74,3 +75,20 @@ def test_the_fast_parse_is_the_named_field_table() -> None:
     assert values["key"] == frame[14 + 12 : 14 + 24]
     assert values["seq"] == struct.unpack_from("!I", frame, 38)[0]
     assert values["flags"] == frame[47]
+
+
+def test_the_fast_offsets_are_the_named_field_table() -> None:
+    """feed_many reads each field at its OFF_* offset: the table's offset of that field."""
+    at = 0
+    offsets = {}
+    for code, name in FAST_FIELDS:
+        if name:
+            offsets[name] = at
+        at += struct.calcsize("!" + code)
+    assert offsets == {
+        "etype": fastparse.OFF_ETYPE, "vihl": fastparse.OFF_VIHL, "total": fastparse.OFF_TOTAL,
+        "frag": fastparse.OFF_FRAG, "proto": fastparse.OFF_PROTO, "key": fastparse.OFF_KEY,
+        "seq": fastparse.OFF_SEQ, "ack": fastparse.OFF_ACK, "doff": fastparse.OFF_DOFF,
+        "flags": fastparse.OFF_FLAGS,
+    }
+    assert offsets["seq"] - offsets["key"] == fastparse.KEY_LEN
