@@ -92,3 +92,26 @@ def test_the_fast_offsets_are_the_named_field_table() -> None:
         "flags": fastparse.OFF_FLAGS,
     }
     assert offsets["seq"] - offsets["key"] == fastparse.KEY_LEN
+
+
+def test_the_shared_empty_lists_stay_empty() -> None:
+    """Empty flows share tcpside.NO_TIMES/NO_STASH and reassembly's _NO_PIECES/_NO_STARTS;
+    out-of-order bytes, unmatched secondary bytes and stashed segments must each get a
+    list of their own, or one flow's would show up in every other."""
+    from colo_proxy.core import reassembly, tcpside
+    from colo_proxy.core.events import Side
+    from colo_proxy.testing.synth import TcpServerStream
+
+    proxy = Proxy(Config())
+    pri, sec = TcpServerStream(isn=1000), TcpServerStream(isn=900000)
+    proxy.feed(Side.SECONDARY, sec.synack(), 0.0)
+    proxy.feed(Side.SECONDARY, sec.data(0, b"first"), 0.0)  # the primary's ISN unknown
+    (flow,) = proxy.table.flows.values()
+    assert isinstance(flow, TcpFlow)
+    assert flow.stash and tcpside.NO_STASH == []
+    proxy.feed(Side.PRIMARY, pri.synack(), 0.0)  # replays the stash: "first" unmatched
+    proxy.feed(Side.PRIMARY, pri.data(10, b"gap"), 0.0)  # out of order
+    assert flow.pri.stream.ooo and flow.sec_times
+    for shared in (tcpside.NO_TIMES, tcpside.NO_STASH, reassembly._NO_PIECES,
+                   reassembly._NO_STARTS):
+        assert shared == []
