@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from colo_proxy.testing.synth import TcpServerStream
 
 CASES = {
     "tcp1448": "TCP 1448 B, 50 flows",
@@ -40,11 +45,22 @@ CASES = {
 }
 
 
+def _stream_pairs(rng: random.Random, conns: int) -> list[tuple[TcpServerStream, TcpServerStream]]:
+    """A primary and a secondary stream per connection, with ISNs 100000 apart."""
+    from colo_proxy.testing.synth import TcpServerStream
+
+    streams = []
+    for c in range(conns):
+        dst = bytes((10, 1 + (c >> 16), (c >> 8) & 0xFF, c & 0xFF))
+        p = TcpServerStream(dst=dst, dport=20000 + c % 25000, isn=rng.randrange(2**32))
+        s = TcpServerStream(dst=dst, dport=20000 + c % 25000, isn=(p.isn + 100000) % 2**32)
+        streams.append((p, s))
+    return streams
+
+
 def build(case: str, frames: int) -> list[tuple[int, list[tuple[bytes, int]]]]:
     """Same-side runs of (frame, 0) for a case: 32 frames per side per burst."""
-    import random
-
-    from colo_proxy.testing.synth import TcpServerStream, ipv4_frame
+    from colo_proxy.testing.synth import ipv4_frame
 
     rng = random.Random(7)
     pri: list[bytes] = []
@@ -62,34 +78,23 @@ def build(case: str, frames: int) -> list[tuple[int, list[tuple[bytes, int]]]]:
     elif case == "mixconn":
         conns = max(1, frames // 14)
         block = bytes(rng.randrange(256) for _ in range(4000))
-        streams = []
-        for c in range(conns):
-            dst = bytes((10, 1 + (c >> 16), (c >> 8) & 0xFF, c & 0xFF))
-            p = TcpServerStream(dst=dst, dport=20000 + c % 25000, isn=rng.randrange(2**32))
-            s = TcpServerStream(dst=dst, dport=20000 + c % 25000,
-                                isn=(p.isn + 100000) % 2**32)
-            streams.append((p, s))
-        phases = [lambda t: t.synack(), lambda t: t.ack(0, 100),
-                  lambda t: t.data(0, block[:1448], 100),
-                  lambda t: t.data(1448, block[1448:2896], 100),
-                  lambda t: t.data(2896, block[2896:], 100),
-                  lambda t: t.fin(4000, 100), lambda t: t.ack(4001, 101)]
-        for phase in phases:
-            for p, s in streams:
-                pri.append(phase(p))
-                sec.append(phase(s))
+        streams = _stream_pairs(rng, conns)
+        def connection(t: TcpServerStream) -> list[bytes]:
+            return [t.synack(), t.ack(0, 100), t.data(0, block[:1448], 100),
+                    t.data(1448, block[1448:2896], 100), t.data(2896, block[2896:], 100),
+                    t.fin(4000, 100), t.ack(4001, 101)]
+
+        both = [(connection(p), connection(s)) for p, s in streams]
+        for phase in range(7):  # round robin: every connection's first frame, then ...
+            for p_frames, s_frames in both:
+                pri.append(p_frames[phase])
+                sec.append(s_frames[phase])
     else:
         seg, conns, per_conn = {"tcp1448": (1448, 50, 0), "tcp64": (64, 50, 0),
                                 "mix10k": (1448, 10000, 3)}[case]
         per_conn = per_conn or max(1, frames // 2 // conns)
         block = bytes(rng.randrange(256) for _ in range(seg * 64))
-        streams = []
-        for c in range(conns):
-            dst = bytes((10, 1 + (c >> 16), (c >> 8) & 0xFF, c & 0xFF))
-            p = TcpServerStream(dst=dst, dport=20000 + c % 25000, isn=rng.randrange(2**32))
-            s = TcpServerStream(dst=dst, dport=20000 + c % 25000,
-                                isn=(p.isn + 100000) % 2**32)
-            streams.append((p, s))
+        streams = _stream_pairs(rng, conns)
         pri = [p.synack() for p, _ in streams]
         sec = [s.synack() for _, s in streams]
         for i in range(per_conn):
