@@ -82,13 +82,22 @@ def tune_gc() -> None:
     """Start-up is over: keep its objects out of every later collection, collect less often.
 
     gc.freeze moves what imports and set-up allocated (tens of thousands of objects) to the
-    permanent generation, so a full collection walks only the flows and what they hold.
-    Reference cycles are rare on the frame path (the core's records are plain objects), so
-    a larger young threshold mostly saves work; cycles are still collected.
+    permanent generation, so a full collection walks only the flows and what they hold;
+    once per process, after a collection (a process that starts many hosts, as the tests
+    do, must not freeze the garbage of earlier ones).  Reference cycles are rare on the
+    frame path (the core's records are plain objects), so a larger young threshold mostly
+    saves work; cycles are still collected.
     """
-    gc.freeze()  # (no collection first: start-up leaves little garbage, and it would cost CPU)
+    global _gc_frozen
+    if not _gc_frozen:
+        _gc_frozen = True
+        gc.collect()
+        gc.freeze()
     young, middle, old = gc.get_threshold()
     gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), middle, old)
+
+
+_gc_frozen = False
 
 
 class ShutdownMode(enum.Enum):
