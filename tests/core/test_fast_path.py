@@ -115,3 +115,11 @@ def test_the_shared_empty_lists_stay_empty() -> None:
     for shared in (tcpside.NO_TIMES, tcpside.NO_STASH, reassembly._NO_PIECES,
                    reassembly._NO_STARTS):
         assert shared == []
+
+
+def test_the_parse_knows_which_build_runs_it() -> None:
+    """feed_many unpacks with _FAST when interpreted, reads bytes in place when compiled:
+    the flag it asks must say which build this module really is."""
+    from colo_proxy.core import compiled_modules
+
+    assert (not compiled_modules()["colo_proxy.core.fastparse"]) == fastparse.INTERPRETED
