@@ -21,28 +21,46 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from colo_proxy.testing.synth import TcpServerStream
 
 CASES = {
     "tcp1448": "TCP 1448 B, 50 flows",
     "tcp64": "TCP 64 B, 50 flows",
     "udp1448": "UDP 1448 B, 50 flows",
     "mix10k": "TCP mix, 10k flows (4000 B each)",
+    "mixconn": "whole connections as the harness's 10k-flow mix: SYN-ACK, ACK, 1448 + 1448 + "
+               "1104 B, FIN, ACK each, round robin over FRAMES/14 connections",
     "chardev": "record framing, 1448 B TCP frames: decode 64 KiB reads, encode batches",
     "startup": "colo-proxy run start-up (per start, not per frame)",
 }
 
 
+def _stream_pairs(rng: random.Random, conns: int) -> list[tuple[TcpServerStream, TcpServerStream]]:
+    """A primary and a secondary stream per connection, with ISNs 100000 apart."""
+    from colo_proxy.testing.synth import TcpServerStream
+
+    streams = []
+    for c in range(conns):
+        dst = bytes((10, 1 + (c >> 16), (c >> 8) & 0xFF, c & 0xFF))
+        p = TcpServerStream(dst=dst, dport=20000 + c % 25000, isn=rng.randrange(2**32))
+        s = TcpServerStream(dst=dst, dport=20000 + c % 25000, isn=(p.isn + 100000) % 2**32)
+        streams.append((p, s))
+    return streams
+
+
 def build(case: str, frames: int) -> list[tuple[int, list[tuple[bytes, int]]]]:
     """Same-side runs of (frame, 0) for a case: 32 frames per side per burst."""
-    import random
-
-    from colo_proxy.testing.synth import TcpServerStream, ipv4_frame
+    from colo_proxy.testing.synth import ipv4_frame
 
     rng = random.Random(7)
     pri: list[bytes] = []
@@ -57,18 +75,26 @@ def build(case: str, frames: int) -> list[tuple[int, list[tuple[bytes, int]]]]:
             frame = ipv4_frame(b"\x0a\0\0\x01", b"\x0a\0\0\x02", 17, l4, ident=i)
             pri.append(frame)
             sec.append(frame)
+    elif case == "mixconn":
+        conns = max(1, frames // 14)
+        block = bytes(rng.randrange(256) for _ in range(4000))
+        streams = _stream_pairs(rng, conns)
+        def connection(t: TcpServerStream) -> list[bytes]:
+            return [t.synack(), t.ack(0, 100), t.data(0, block[:1448], 100),
+                    t.data(1448, block[1448:2896], 100), t.data(2896, block[2896:], 100),
+                    t.fin(4000, 100), t.ack(4001, 101)]
+
+        both = [(connection(p), connection(s)) for p, s in streams]
+        for phase in range(7):  # round robin: every connection's first frame, then ...
+            for p_frames, s_frames in both:
+                pri.append(p_frames[phase])
+                sec.append(s_frames[phase])
     else:
         seg, conns, per_conn = {"tcp1448": (1448, 50, 0), "tcp64": (64, 50, 0),
                                 "mix10k": (1448, 10000, 3)}[case]
         per_conn = per_conn or max(1, frames // 2 // conns)
         block = bytes(rng.randrange(256) for _ in range(seg * 64))
-        streams = []
-        for c in range(conns):
-            dst = bytes((10, 1 + (c >> 16), (c >> 8) & 0xFF, c & 0xFF))
-            p = TcpServerStream(dst=dst, dport=20000 + c % 25000, isn=rng.randrange(2**32))
-            s = TcpServerStream(dst=dst, dport=20000 + c % 25000,
-                                isn=(p.isn + 100000) % 2**32)
-            streams.append((p, s))
+        streams = _stream_pairs(rng, conns)
         pri = [p.synack() for p, _ in streams]
         sec = [s.synack() for _, s in streams]
         for i in range(per_conn):

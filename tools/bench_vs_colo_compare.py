@@ -12,7 +12,8 @@ implementation and the ratio colo-proxy / colo-compare:
 
 * released frames/s and Gbit/s (primary Ethernet frames read back from
   outdev, from the first byte offered to the last frame out; only when every
-  primary frame came out);
+  primary frame came out: a run that lost frames counts as failed, and the
+  table says how many runs and frames, rather than folding it into a median);
 * release latency p50 / p99 in ms (outdev read time minus the time the frame
   was handed to primary_in; unpaced, that includes queueing);
 * peak RSS in MiB of the implementation process;
@@ -236,6 +237,12 @@ def table(summaries: list[dict[str, Any]]) -> str:
             med, rows = s[impl]["median"], s[impl]["runs"]
             released = min(row["released"] for row in rows)
             flags = sorted({row["verdict"] for row in rows if row["verdict"] != "match"})
+            short = [row["primary"] - row["released"] for row in rows
+                     if row["released"] < row["primary"]]
+            if short:  # a run that lost frames is a failed run, not a slower one: say so
+                flags.append(f"{len(short)} of {len(rows)} runs lost frames "
+                             f"({', '.join(f'{n:,}' for n in short)}); frames/s is the "
+                             f"median of the complete runs")
             lines.append(
                 f"{s['label'] if n == 0 else '':<24} {impl:<14} "
                 f"{_cell(med['frames_s'], 10, 0)} {_cell(med['gbit_s'], 7, 3)} "

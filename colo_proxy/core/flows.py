@@ -8,7 +8,7 @@ tuples so a dictionary lookup per frame is all it costs.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from colo_proxy.core.events import CheckpointReason, DivergenceKind
 from colo_proxy.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, format_addr
@@ -63,8 +63,13 @@ CLASS_NAMES: Final = ("compare", "mc", "mask", "passthrough")
 """Flow classes by number, as rules.FLOW_MODES names them."""
 
 
-class FlowHost(Protocol):
-    """What a flow needs from the proxy: hold and release accounting, verdicts."""
+class FlowHost:
+    """What a flow needs from the proxy: hold and release accounting, verdicts.
+
+    Proxy is the one implementation.  A base class, not a Protocol: compiled, a flow's
+    calls back are then native (vtable) calls and its reads of these attributes struct
+    loads, where through a Protocol each was a method or attribute lookup by name (a
+    tenth of a short connection's instructions)."""
 
     max_sec_buffer: int
     """Secondary bytes (or datagram bytes) one flow may buffer unmatched."""
@@ -73,32 +78,41 @@ class FlowHost(Protocol):
     fast_path: bool
     """Whether segments may take fast_primary/fast_secondary (off: the general path only)."""
 
-    def hold(self, flow: HeldCounts, flen: int) -> None: ...
+    def hold(self, flow: HeldCounts, flen: int) -> None:
+        raise NotImplementedError
 
-    def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None: ...
+    def release(self, flow: HeldCounts, rel: Rel, flen: int, payload: int) -> None:
+        raise NotImplementedError
 
-    def release_run(self, flow: HeldCounts, run: list[HeldFrame]) -> None: ...
+    def release_run(self, flow: HeldCounts, run: list[HeldFrame]) -> None:
+        raise NotImplementedError
 
-    def release_unheld(self, rel: Rel) -> None: ...
+    def release_unheld(self, rel: Rel) -> None:
+        raise NotImplementedError
 
     def waited(self, flow: HeldCounts, since: float, frames: int) -> None:
         """Output held since `since` goes out at a checkpoint (added latency)."""
-        ...
+        raise NotImplementedError
 
-    def watch(self, flow: HeldCounts) -> None: ...
+    def watch(self, flow: HeldCounts) -> None:
+        raise NotImplementedError
 
     def diverge(
         self, flow: HeldCounts, kind: DivergenceKind, offset: int | None,
         primary: bytes, secondary: bytes, now: float, detail: str = "",
-    ) -> None: ...
+    ) -> None:
+        raise NotImplementedError
 
-    def want_checkpoint(self, reason: CheckpointReason, now: float) -> None: ...
+    def want_checkpoint(self, reason: CheckpointReason, now: float) -> None:
+        raise NotImplementedError
 
     def overlap_conflict(
         self, flow: HeldCounts, side: str, offset: int | None, now: float
-    ) -> None: ...
+    ) -> None:
+        raise NotImplementedError
 
-    def count(self, name: str, n: int = 1) -> None: ...
+    def count(self, name: str, n: int = 1) -> None:
+        raise NotImplementedError
 
     hold_all: bool
     """A resync is due and not yet allowed: hold every flow's output, compare nothing."""
@@ -107,15 +121,15 @@ class FlowHost(Protocol):
 
     def flow_mode(self, flow: HeldCounts, now: float) -> int:
         """The mode the flow takes after a checkpoint (policy, VM mode, cool-downs)."""
-        ...
+        raise NotImplementedError
 
     def encrypted(self, flow: HeldCounts, what: str, now: float) -> int:
         """A flow was recognised as TLS/SSH: the mode it takes now."""
-        ...
+        raise NotImplementedError
 
     def classify(self, flow: HeldCounts, now: float) -> bool:
         """A new flow: set its class and mode; True when no TLS/SSH check is wanted."""
-        ...
+        raise NotImplementedError
 
 
 class HeldCounts:

@@ -99,11 +99,13 @@ class FlowTable:
             self.counters["flows_over_limit"] += 1
         return True
 
-    def new_tcp(self, key: FlowKey, now: float) -> TcpFlow:
-        """A new TCP flow (the caller made room first: see full and evict)."""
+    def new_tcp(self, key: FlowKey, now: float, raw: bytes | None = None) -> TcpFlow:
+        """A new TCP flow (the caller made room first: see full and evict).
+
+        raw: fast_key(key), when the caller read it from the frame already."""
         flow = TcpFlow(key, now)
         if not key[1] and len(key[2]) == 4:
-            self.tcp4[fast_key(key)] = flow
+            self.tcp4[raw if raw is not None else fast_key(key)] = flow
         self.flows[key] = flow
         self.counters["flows_created"] += 1
         return flow

@@ -100,14 +100,15 @@ class GeneralPath:
         frame a second time: every new connection starts here.
         """
         if tflow is None:
-            key: FlowKey = (PROTO_TCP, (), raw[:4], raw[4:8], int.from_bytes(raw[8:10], "big"),
-                            int.from_bytes(raw[10:12], "big"))
+            key: FlowKey = (PROTO_TCP, (), raw[:4], raw[4:8], raw[8] << 8 | raw[9],
+                            raw[10] << 8 | raw[11])
             if not self._make_room(now):
                 self._refused(primary, frame)
                 return
-            tflow = self._new_tcp(key, now)
+            tflow = self._new_tcp(key, now, raw)
         tflow.last_seen = now
-        hdr = TcpHeader(tflow.key[4], tflow.key[5], seq, ack, flags, offset + 54, start)
+        key = tflow.key
+        hdr = TcpHeader(key[4], key[5], seq, ack, flags, offset + 54, start)
         if primary:
             tflow.on_primary(self.host, hdr, data, stop, frame, flen, now)
         else:
@@ -232,9 +233,11 @@ class GeneralPath:
         for one in rels:
             self._uncompared(primary, one, len(one[0]) - one[1], reason)
 
-    def _new_tcp(self, key: FlowKey, now: float) -> TcpFlow:
-        """A new TCP flow, classified (a flow no rule decided is watched for TLS/SSH)."""
-        flow = self.table.new_tcp(key, now)
+    def _new_tcp(self, key: FlowKey, now: float, raw: bytes | None = None) -> TcpFlow:
+        """A new TCP flow, classified (a flow no rule decided is watched for TLS/SSH).
+
+        raw: its fast-path key when the caller has it (see FlowTable.new_tcp)."""
+        flow = self.table.new_tcp(key, now, raw)
         flow.sniff = not self.host.classify(flow, now)
         return flow
 

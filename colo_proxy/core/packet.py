@@ -9,7 +9,7 @@ caller decides (and documents) what happens to it.
 from __future__ import annotations
 
 import struct
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, final
 
 ETH_IPV4: Final = 0x0800
 ETH_IPV6: Final = 0x86DD
@@ -71,18 +71,27 @@ class IpPacket(NamedTuple):
     more_frags: bool
 
 
-class TcpHeader(NamedTuple):
-    """The TCP fields the comparison needs."""
+@final
+class TcpHeader:
+    """The TCP fields the comparison needs.
 
-    sport: int
-    dport: int
-    seq: int
-    ack: int
-    flags: int
-    options: int
-    """Offset of the options (header start + 20)."""
-    payload: int
-    """Offset of the payload."""
+    A slotted class, not a NamedTuple: compiled, building one is a native call (a
+    NamedTuple's __new__ is interpreted code, and every new connection builds two)."""
+
+    __slots__ = ("ack", "dport", "flags", "options", "payload", "seq", "sport")
+
+    def __init__(
+        self, sport: int, dport: int, seq: int, ack: int, flags: int, options: int, payload: int
+    ) -> None:
+        self.sport = sport
+        self.dport = dport
+        self.seq = seq
+        self.ack = ack
+        self.flags = flags
+        self.options = options
+        """Offset of the options (header start + 20)."""
+        self.payload = payload
+        """Offset of the payload."""
 
 
 def parse_ip(data: bytes, off: int) -> IpPacket | str:

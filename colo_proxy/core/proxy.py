@@ -45,13 +45,26 @@ from colo_proxy.core.fastparse import (
     _FAST,
     ETH_IPV4,
     FAST_TCP_MASK,
+    INTERPRETED,
     IP_FRAGMENT_MASK,
     IPV4_NO_OPTIONS,
+    KEY_LEN,
     MIN_FAST_FRAME,
     NEVER_FAST,
+    OFF_ACK,
+    OFF_DOFF,
+    OFF_ETYPE,
+    OFF_FLAGS,
+    OFF_FRAG,
+    OFF_KEY,
+    OFF_PROTO,
+    OFF_SEQ,
+    OFF_TOTAL,
+    OFF_VIHL,
     SYN_MASK,
+    _u32,
 )
-from colo_proxy.core.flows import CLASS_NAMES, MODE_MC, MODE_NAMES, HeldCounts, Rel
+from colo_proxy.core.flows import CLASS_NAMES, MODE_MC, MODE_NAMES, FlowHost, HeldCounts, Rel
 from colo_proxy.core.flowtable import FlowTable
 from colo_proxy.core.general import GeneralPath
 from colo_proxy.core.held import HeldFrame
@@ -93,7 +106,7 @@ class CoreFault(Exception):
         self.__cause__ = cause
 
 
-class Proxy:
+class Proxy(FlowHost):
     """The sans-IO comparison core.  One instance per primary/secondary pair."""
 
     def __init__(self, config: Config | None = None, fast_path: bool = True) -> None:
@@ -148,7 +161,7 @@ class Proxy:
 
         The loop is the hot path: untagged IPv4 TCP segments with ACK and no
         SYN/RST (FIN allowed), and UDP datagrams, on flows already known, are handled
-        here with one struct unpack each; everything else takes the general
+        here, reading the header fields once; everything else takes the general
         path.  Each pair is kept by reference and handed back on release.
         """
         self._now = self.ledger.now = now
@@ -162,7 +175,6 @@ class Proxy:
             return
         primary = side is Side.PRIMARY
         self._side_frames[side] += len(frames)
-        unpack = _FAST.unpack_from
         table = self.table
         tcp4, udp4, window, general = table.tcp4, table.udp4, self._window, self.general.feed
         dirty: dict[TcpFlow, None] = {}
@@ -170,10 +182,7 @@ class Proxy:
         watch = table.watch
         max_flow_bytes = self.ledger.max_flow_bytes
         min_fast = MIN_FAST_FRAME if self.fast_path and not self.hold_all else NEVER_FAST
-        held = held_bytes = holding = 0  # hold() inlined: totals added when the batch ends
-        flow_over = False
-        fault: Exception | None = None
-        index = 0
+        unpack = _FAST.unpack_from
         etype: int
         vihl: int
         total: int
@@ -184,6 +193,10 @@ class Proxy:
         ack: int
         doff: int
         flags: int
+        held = held_bytes = holding = 0  # hold() inlined: totals added when the batch ends
+        flow_over = False
+        fault: Exception | None = None
+        index = 0
         try:
             for index, frame in enumerate(frames):  # noqa: B007 - read by the except clause
                 data, offset = frame
@@ -191,7 +204,22 @@ class Proxy:
                 if flen < min_fast:
                     general(primary, data, offset, frame, flen, now)
                     continue
-                etype, vihl, total, frag, proto, key, seq, ack, doff, flags = unpack(data, offset)
+                # the fields of fastparse.FAST_FIELDS (see there for why two ways)
+                if INTERPRETED:
+                    etype, vihl, total, frag, proto, key, seq, ack, doff, flags = unpack(
+                        data, offset
+                    )
+                else:
+                    etype = data[offset + OFF_ETYPE] << 8 | data[offset + OFF_ETYPE + 1]
+                    vihl = data[offset + OFF_VIHL]
+                    total = data[offset + OFF_TOTAL] << 8 | data[offset + OFF_TOTAL + 1]
+                    frag = data[offset + OFF_FRAG] << 8 | data[offset + OFF_FRAG + 1]
+                    proto = data[offset + OFF_PROTO]
+                    key = data[offset + OFF_KEY : offset + OFF_KEY + KEY_LEN]
+                    seq = _u32(data, offset + OFF_SEQ)
+                    ack = _u32(data, offset + OFF_ACK)
+                    doff = data[offset + OFF_DOFF]
+                    flags = data[offset + OFF_FLAGS]
                 if (
                     etype != ETH_IPV4 or vihl != IPV4_NO_OPTIONS or frag & IP_FRAGMENT_MASK
                     or not 40 <= total <= flen - 14

@@ -12,6 +12,14 @@ seen.
 from __future__ import annotations
 
 import bisect
+from typing import Final
+
+_NO_PIECES: Final[list[tuple[int, bytes]]] = []
+_NO_STARTS: Final[list[int]] = []
+"""Shared by every buffer with nothing out of order (nearly all of them): two lists fewer
+per stream to allocate, to keep in memory and for the collector to walk (four per TCP
+flow).  Never mutated: _insert_ooo gives a buffer lists of its own before its first
+piece; clearing or popping an empty list changes nothing."""
 
 
 class StreamBuffer:
@@ -25,8 +33,8 @@ class StreamBuffer:
     def __init__(self, base: int = 0) -> None:
         self.base = base
         self.buf = bytearray()
-        self.ooo: list[tuple[int, bytes]] = []
-        self.ooo_starts: list[int] = []
+        self.ooo: list[tuple[int, bytes]] = _NO_PIECES
+        self.ooo_starts: list[int] = _NO_STARTS
         self.ooo_bytes = 0
         self.conflicts = 0
         self.first_conflict: int | None = None
@@ -139,6 +147,8 @@ class StreamBuffer:
             )
             pos = covered_stop
             i += 1
+        if new_pieces and self.ooo is _NO_PIECES:
+            self.ooo, self.ooo_starts = [], []
         for piece in new_pieces:
             j = bisect.bisect_left(self.ooo_starts, piece[0])
             self.ooo.insert(j, piece)

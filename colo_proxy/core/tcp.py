@@ -61,7 +61,7 @@ from colo_proxy.core.masks import MASK_CONTEXT, masked_agree
 from colo_proxy.core.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHeader, tcp_syn_options
 from colo_proxy.core.policy import encrypted_kind
 from colo_proxy.core.seq import HALF32, MASK32, unwrap
-from colo_proxy.core.tcpside import MIDSTREAM_FIT, TcpSide
+from colo_proxy.core.tcpside import MIDSTREAM_FIT, NO_STASH, NO_TIMES, Stash, TcpSide
 
 # fast_primary / fast_secondary results.
 FAST_NO: Final = 0
@@ -72,6 +72,8 @@ FAST_PROGRESS: Final = 2
 _FAST_FLAGS: Final = TCP_ACK | TCP_SYN | TCP_RST
 """Segments with ACK and neither SYN nor RST take the fast path (FIN is handled there)."""
 
+
+_PAST_CLOSE: Final = "data past the other side's close"
 
 COMPACT_AT: Final = 64
 """Entries behind a list's head index before it may be compacted."""
@@ -108,13 +110,13 @@ class TcpFlow(HeldCounts):
         # when more than half of it is behind the head (amortised O(1) per entry).
         self.queue: list[HeldFrame] = []
         self.qh = 0
-        self.sec_times: list[tuple[int, float]] = []
+        self.sec_times: list[tuple[int, float]] = NO_TIMES
         self.th = 0
         self.hs_ok = False
         self.closed = False
         self.space_ok = False
         """Whether the secondary's sequence space is settled (see _decide_space)."""
-        self.stash: list[tuple[TcpHeader, bytes, int, float]] = []
+        self.stash: Stash = NO_STASH
         """Secondary segments waiting for the primary's ISN to settle the space."""
         self.stash_bytes = 0
         self.q_ooo = False
@@ -277,9 +279,7 @@ class TcpFlow(HeldCounts):
                 stream.buf += data[start:end]
                 pst = pri.stream
                 if stop > pst.base + len(pst.buf):  # else this batch's progress matches it
-                    if not self.sec_times:
-                        host.watch(self)
-                    self.sec_times.append((stop, now))
+                    self._sec_time(host, stop, now)
                 if len(stream.buf) > host.max_sec_buffer:
                     self._sec_buffer_full(host, now)
             else:
@@ -300,11 +300,18 @@ class TcpFlow(HeldCounts):
             me.high = stop
         if stop > me.stream.base:
             self._add(host, me, off, data, start, end, "secondary", now)
-            if not self.sec_times:
-                host.watch(self)
-            self.sec_times.append((stop, now))
+            self._sec_time(host, stop, now)
             if len(me.stream.buf) + me.stream.ooo_bytes > host.max_sec_buffer:
                 self._sec_buffer_full(host, now)
+
+    def _sec_time(self, host: FlowHost, stop: int, now: float) -> None:
+        """Secondary bytes up to `stop` wait unmatched since `now` (timeouts)."""
+        times = self.sec_times
+        if not times:
+            host.watch(self)
+            if times is NO_TIMES:
+                self.sec_times = times = []
+        times.append((stop, now))
 
     @staticmethod
     def _sec_buffer_full(host: FlowHost, now: float) -> None:
@@ -403,6 +410,8 @@ class TcpFlow(HeldCounts):
             if me.isn >= 0 and self.pri.isn < 0 and self.stash_bytes <= host.max_sec_buffer:
                 if not self.stash:
                     host.watch(self)
+                    if self.stash is NO_STASH:
+                        self.stash = []
                 self.stash.append((hdr, data, end, now))
                 self.stash_bytes += end - hdr.payload + 1
                 return
@@ -446,7 +455,7 @@ class TcpFlow(HeldCounts):
 
     def _replay_stash(self, host: FlowHost) -> None:
         """The primary's ISN is known: process the secondary segments kept back."""
-        stash, self.stash, self.stash_bytes = self.stash, [], 0
+        stash, self.stash, self.stash_bytes = self.stash, NO_STASH, 0
         for hdr, data, end, when in stash:
             self.on_secondary(host, hdr, data, end, when)
 
@@ -472,11 +481,11 @@ class TcpFlow(HeldCounts):
         host.count("tcp_connections_reused")
         self.pri = TcpSide()
         self.sec = TcpSide()
-        self.sec_times, self.th = [], 0
+        self.sec_times, self.th = NO_TIMES, 0
         self.hs_ok = False
         self.closed = False
         self.space_ok = False
-        self.stash, self.stash_bytes = [], 0
+        self.stash, self.stash_bytes = NO_STASH, 0
         if self.mode < MODE_MC:  # mc and passthrough belong to the 4-tuple, not the connection
             self.mode = MODE_COMPARE
         self.skipping = self.close_div = self.midstream = False
@@ -584,7 +593,7 @@ class TcpFlow(HeldCounts):
         while k < n and times[k][0] <= base:
             k += 1
         if k == n:
-            self.sec_times, self.th = [], 0
+            self.sec_times, self.th = NO_TIMES, 0
         elif k > h:
             self.th = _advance(times, k)
 
@@ -615,9 +624,13 @@ class TcpFlow(HeldCounts):
         if k == h:
             return
         if k == n:  # the common case: everything queued goes
-            run = q[h:] if h else q
-            self.queue, self.qh = [], 0
             self.q_ooo = False
+            if not h:
+                host.release_run(self, q)
+                q.clear()  # kept for the next segments: no new list per release
+                return
+            run = q[h:]
+            self.queue, self.qh = [], 0
         else:
             run = q[h:k]
             self.qh = _advance(q, k)
@@ -684,34 +697,41 @@ class TcpFlow(HeldCounts):
         host.diverge(self, DivergenceKind.PAYLOAD, at, primary, secondary, now)
 
     def _check_close(self, host: FlowHost, now: float) -> bool:
-        """False (and a divergence) when the two sides close differently."""
+        """False (and a divergence) when the two sides close differently.
+
+        Straight-line tests, no tuples to loop over: this runs on every batch of a
+        closing flow (a short connection's FIN and last ACK on both sides)."""
         p, s = self.pri, self.sec
-        for a, b in ((p, s), (s, p)):
-            for mark in (a.fin, a.rst):
-                if mark is not None and b.high > mark:
-                    return self._close_div(host, now, DivergenceKind.LENGTH, mark,
-                                           "data past the other side's close")
-        if p.fin is not None and s.fin is not None and p.fin != s.fin:
-            return self._close_div(host, now, DivergenceKind.CLOSE, p.fin, "FIN offsets differ")
-        if p.rst is not None and s.rst is not None and p.rst != s.rst:
-            return self._close_div(host, now, DivergenceKind.CLOSE, p.rst, "RST offsets differ")
-        for a, b, what in ((p, s, "secondary"), (s, p, "primary")):
-            if (
-                b.rst is not None and a.rst is None and a.syn_opts is not None
-                and b.syn_opts is None
-            ):
-                return self._close_div(  # refused at once: no need to wait for a timeout
-                    host, now, DivergenceKind.CLOSE, 0, f"{what} answered the SYN with RST"
-                )
-        if p.fin is not None and s.rst is not None and s.fin is None:
-            return self._close_div(
-                host, now, DivergenceKind.CLOSE, p.fin, "primary FIN, secondary RST"
+        pfin, prst, sfin, srst = p.fin, p.rst, s.fin, s.rst
+        if pfin is not None and s.high > pfin:
+            return self._close_div(host, now, DivergenceKind.LENGTH, pfin, _PAST_CLOSE)
+        if prst is not None and s.high > prst:
+            return self._close_div(host, now, DivergenceKind.LENGTH, prst, _PAST_CLOSE)
+        if sfin is not None and p.high > sfin:
+            return self._close_div(host, now, DivergenceKind.LENGTH, sfin, _PAST_CLOSE)
+        if srst is not None and p.high > srst:
+            return self._close_div(host, now, DivergenceKind.LENGTH, srst, _PAST_CLOSE)
+        if pfin is not None and sfin is not None and pfin != sfin:
+            return self._close_div(host, now, DivergenceKind.CLOSE, pfin, "FIN offsets differ")
+        if prst is not None and srst is not None and prst != srst:
+            return self._close_div(host, now, DivergenceKind.CLOSE, prst, "RST offsets differ")
+        if srst is not None and prst is None and p.syn_opts is not None and s.syn_opts is None:
+            return self._close_div(  # refused at once: no need to wait for a timeout
+                host, now, DivergenceKind.CLOSE, 0, "secondary answered the SYN with RST"
             )
-        if s.fin is not None and p.rst is not None and p.fin is None:
+        if prst is not None and srst is None and s.syn_opts is not None and p.syn_opts is None:
             return self._close_div(
-                host, now, DivergenceKind.CLOSE, p.rst, "primary RST, secondary FIN"
+                host, now, DivergenceKind.CLOSE, 0, "primary answered the SYN with RST"
             )
-        if (p.fin is not None and p.fin == s.fin) or (p.rst is not None and p.rst == s.rst):
+        if pfin is not None and srst is not None and sfin is None:
+            return self._close_div(
+                host, now, DivergenceKind.CLOSE, pfin, "primary FIN, secondary RST"
+            )
+        if sfin is not None and prst is not None and pfin is None:
+            return self._close_div(
+                host, now, DivergenceKind.CLOSE, prst, "primary RST, secondary FIN"
+            )
+        if (pfin is not None and pfin == sfin) or (prst is not None and prst == srst):
             self.closed = True
         return True
 

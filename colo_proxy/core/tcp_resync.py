@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from colo_proxy.core.flows import MODE_COMPARE, MODE_MC, MODE_PASS, MODE_UNDECIDED, FlowHost
 from colo_proxy.core.packet import TCP_SYN, TcpHeader
 from colo_proxy.core.seq import unwrap
-from colo_proxy.core.tcpside import MIDSTREAM_FIT, TcpSide
+from colo_proxy.core.tcpside import MIDSTREAM_FIT, NO_STASH, NO_TIMES, TcpSide
 
 if TYPE_CHECKING:
     from colo_proxy.core.tcp import TcpFlow
@@ -116,8 +116,8 @@ def after_checkpoint(flow: TcpFlow, host: FlowHost, now: float, grace: float, mo
         flow.mode = target
         flow.diverged = False
         flow.mc_gap = True
-        flow.sec_times, flow.th = [], 0
-        flow.stash, flow.stash_bytes = [], 0
+        flow.sec_times, flow.th = NO_TIMES, 0
+        flow.stash, flow.stash_bytes = NO_STASH, 0
         return
     if flow.mode == MODE_PASS:
         return
@@ -158,7 +158,7 @@ def close_gap(flow: TcpFlow, mode: str) -> None:
     pos = max(flow.ck_pos, s.high, s.stream.end)
     p.stream.skip_to(pos)
     s.stream.skip_to(pos)
-    flow.sec_times, flow.th = [], 0
+    flow.sec_times, flow.th = NO_TIMES, 0
 
 
 def forget_uncompared(flow: TcpFlow, host: FlowHost) -> None:
@@ -179,9 +179,9 @@ def reset_to_primary(flow: TcpFlow) -> None:
     """The checkpoint made the secondary a copy of the primary (at ck_pos)."""
     flow.mode = MODE_COMPARE
     flow.diverged = flow.skipping = flow.close_div = False
-    flow.sec_times, flow.th = [], 0
+    flow.sec_times, flow.th = NO_TIMES, 0
     flow.space_ok = True
-    flow.stash, flow.stash_bytes = [], 0
+    flow.stash, flow.stash_bytes = NO_STASH, 0
     p = flow.pri
     if p.isn < 0:
         flow.sec = TcpSide()

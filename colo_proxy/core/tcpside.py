@@ -8,12 +8,21 @@ from __future__ import annotations
 
 from typing import Final
 
+from colo_proxy.core.packet import TcpHeader
 from colo_proxy.core.reassembly import StreamBuffer
 
 MIDSTREAM_FIT: Final = 1 << 20
 """A mid-stream side within this many bytes of the other's position shares its space."""
 
 SynOptions = tuple[int, int, bool, bool]
+
+Stash = list[tuple[TcpHeader, bytes, int, float]]
+"""Secondary segments kept until the primary's ISN settles the sequence space."""
+
+NO_TIMES: Final[list[tuple[int, float]]] = []
+NO_STASH: Final[Stash] = []
+"""A TcpFlow's sec_times and stash while empty (nearly always: see reassembly._NO_PIECES).
+Never mutated: the two places that append give the flow a list of its own first."""
 
 class TcpSide:
     """What one guest sent on this flow."""

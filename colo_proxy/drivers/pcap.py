@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
-import dpkt
-
 from colo_proxy.errors import InputError
 
 LINKTYPE_NULL = 0
@@ -161,13 +159,14 @@ def _read_pcap(path: Path, stream: BinaryIO, info: ReadInfo) -> Iterator[tuple[f
             yield sec + frac * scale, frame
 
 
-_PCAPNG_ERRORS = (ValueError, dpkt.dpkt.Error, struct.error, *_STREAM_ERRORS)
-
-
 def _read_pcapng(path: Path, stream: BinaryIO, info: ReadInfo) -> Iterator[tuple[float, bytes]]:
+    import dpkt  # here, not at the top: dpkt imports all its protocols (a third of `run`'s
+    # start-up CPU), and `run` imports this module for PcapWriter whether it writes or not
+
+    pcapng_errors = (ValueError, dpkt.dpkt.Error, struct.error, *_STREAM_ERRORS)
     try:
         reader = dpkt.pcapng.Reader(stream)
-    except _PCAPNG_ERRORS as err:
+    except pcapng_errors as err:
         raise InputError(f"{path}: not a valid pcapng capture ({err})") from err
     linktype = reader.datalink()
     if linktype not in SUPPORTED_LINKTYPES:
@@ -191,7 +190,7 @@ def _read_pcapng(path: Path, stream: BinaryIO, info: ReadInfo) -> Iterator[tuple
                     if not math.isfinite(t):
                         t = 0.0
                 yield t, frame
-    except _PCAPNG_ERRORS as err:
+    except pcapng_errors as err:
         raise InputError(f"{path}: truncated or corrupt after record {count} ({err})") from err
 
 
@@ -237,6 +236,8 @@ class PcapWriter:
             self._file = Path(path).open("wb")  # noqa: SIM115 - closed by close()
         except OSError as err:
             raise InputError(f"{path}: cannot write: {err.strerror or err}") from err
+        import dpkt  # see _read_pcapng
+
         self._writer = dpkt.pcap.Writer(
             self._file, snaplen=SNAPLEN, linktype=LINKTYPE_ETHERNET, nano=True
         )

@@ -18,12 +18,19 @@ Bytes read are handed straight to ``on_data`` from ``data_received``, so
 reading never waits for anything; decoding and the core run synchronously
 in that callback on the loop thread.  Writing never blocks either: asyncio
 transports buffer what the kernel does not take.  That buffer is bounded by
-``max_buffer``: output that would go over it (or arrives while no peer is
-connected and the pending queue is full) is dropped, counted and logged once
-per episode.  Pausing the reader instead would deadlock a QEMU that writes
-``primary_in`` and reads ``outdev`` from the same main loop (reference
-section 1).  While no peer is connected, output waits in a pending queue
-(same bound) and is written on the next connection.
+``max_buffer``.  An output given ``throttles`` (``run``'s outdev: primary_in
+and secondary_in) that goes over it while its peer is taking output pauses
+reading those inputs until it drains to half the bound: backpressure, as
+colo-compare's blocking write gives, without a frame lost to a reader that is
+slow but reading (meanwhile it may hold up to twice the bound: what the reads
+already taken release).  If the peer takes nothing for ``THROTTLE_STALL_S``
+the inputs resume: that peer may be waiting for us to read what it writes (a
+QEMU that writes ``primary_in`` and reads ``outdev`` from one main loop
+deadlocks otherwise, reference section 1), and output past the bound is
+dropped, counted and logged once per episode, as it is on an output without
+throttles (or while no peer is connected and the pending queue is full).
+While no peer is connected, output waits in a pending queue (same bound) and
+is written on the next connection.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF = 0.05
 MAX_BACKOFF = 2.0
+THROTTLE_POLL_S = 0.01
+"""While an output holds its inputs paused, how often it checks its draining."""
+THROTTLE_STALL_S = 0.2
+"""An output whose peer takes nothing for this long lets its inputs go (see above)."""
 
 
 @dataclass(slots=True)
@@ -67,6 +78,10 @@ class ChannelStats:
     bytes_out: int = 0
     dropped_writes: int = 0
     dropped_bytes: int = 0
+    throttles: int = 0
+    """Times this output paused its inputs (over its bound, its peer reading)."""
+    throttle_stalls: int = 0
+    """Times it let them go because its peer took nothing for THROTTLE_STALL_S."""
 
 
 class _ChannelProtocol(asyncio.Protocol):
@@ -126,6 +141,17 @@ class Channel:
         self._client_task: asyncio.Task[None] | None = None
         self._closed = False
         self.connected_event = asyncio.Event()
+        self.throttles: list[Channel] = []
+        """Inputs to pause while this output is over its bound and its peer drains it
+        (empty: output over the bound is dropped at once)."""
+        self._throttling = False
+        self._stalled = False
+        """The peer took nothing while the inputs were paused: drop, do not pause again,
+        until the output is back under its bound."""
+        self._mark = 0
+        self._mark_time = 0.0
+        self._reading_paused = False
+        """(An input) reading paused by an output's throttle; kept across reconnections."""
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -200,7 +226,8 @@ class Channel:
         """Queue ``data`` without ever blocking; False if it was dropped (counted)."""
         if not data:
             return True
-        if self.buffered_bytes() + len(data) > self._max_buffer:
+        size = self.buffered_bytes() + len(data)
+        if size > self._max_buffer and not self._may_exceed(size):
             self.stats.dropped_writes += 1
             self.stats.dropped_bytes += len(data)
             if not self._overflowing:
@@ -212,6 +239,8 @@ class Channel:
                     "connected" if self.connected else "not connected",
                 )
             return False
+        if self._stalled and size <= self._max_buffer:
+            self._stalled = False
         if self._overflowing:
             self._overflowing = False
             log.warning(
@@ -227,6 +256,65 @@ class Channel:
             self._pending.append(data)
             self._pending_bytes += len(data)
         return True
+
+    def _may_exceed(self, size: int) -> bool:
+        """Over the bound: pause the inputs (if any, and the peer is not stalled) and take
+        up to twice the bound; False: drop."""
+        if self._stalled:
+            return False
+        if not self.throttles or self._current is None or self._closed:
+            return False
+        if not self._throttling:
+            self._throttle()
+        return size <= 2 * self._max_buffer
+
+    def _throttle(self) -> None:
+        self._throttling = True
+        self.stats.throttles += 1
+        for channel in self.throttles:
+            channel.pause_reading()
+        loop = asyncio.get_running_loop()
+        self._mark, self._mark_time = self.buffered_bytes(), loop.time()
+        log.info("%s: output over %d bytes: inputs paused until it drains", self.name,
+                 self._max_buffer)
+        loop.call_later(THROTTLE_POLL_S, self._throttle_check)
+
+    def _throttle_check(self) -> None:
+        size = self.buffered_bytes()
+        if self._current is None or self._closed or size <= self._max_buffer // 2:
+            self._unthrottle(stalled=False)
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if size < self._mark:
+            self._mark, self._mark_time = size, now
+        elif now - self._mark_time >= THROTTLE_STALL_S:
+            self.stats.throttle_stalls += 1
+            log.warning("%s: peer took no output for %.1f s with the inputs paused: resuming "
+                        "them (it may be waiting to write them); output past the bound is "
+                        "dropped until it drains", self.name, THROTTLE_STALL_S)
+            self._unthrottle(stalled=True)
+            return
+        loop.call_later(THROTTLE_POLL_S, self._throttle_check)
+
+    def _unthrottle(self, stalled: bool) -> None:
+        self._throttling = False
+        self._stalled = stalled
+        for channel in self.throttles:
+            channel.resume_reading()
+
+    def pause_reading(self) -> None:
+        """Stop reading this input until resume_reading (an output's backpressure)."""
+        self._reading_paused = True
+        cur = self._current
+        if cur is not None and cur.transport is not None and not cur.transport.is_closing():
+            cur.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        cur = self._current
+        if cur is not None and cur.transport is not None and not cur.transport.is_closing():
+            cur.transport.resume_reading()
 
     def reset(self, reason: str) -> None:
         """Drop the current connection (a broken stream); the peer may reconnect."""
@@ -261,6 +349,9 @@ class Channel:
         self._current = proto
         self.stats.connects += 1
         log.info("%s: peer connected (%s)", self.name, self.endpoint.describe())
+        if self._reading_paused:
+            assert proto.transport is not None
+            proto.transport.pause_reading()
         if self._pending:
             assert proto.transport is not None
             proto.transport.writelines(self._pending)

@@ -84,6 +84,7 @@ class Supervisor(CoreHost):
             "secondary_in", settings.secondary_in, vnet, self._secondary
         )
         self.outdev = RecordChannel("outdev", settings.outdev, vnet, None, settings.outdev_buffer)
+        self.outdev.channel.throttles = [self.primary_in.channel, self.secondary_in.channel]
         self.notify: Channel | None = None
         self._notify_decoder = NotifyDecoder()
         self._notify_owed = False

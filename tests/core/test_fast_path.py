@@ -7,6 +7,7 @@ from itertools import product
 
 import pytest
 
+from colo_proxy.core import fastparse
 from colo_proxy.core.config import Config
 from colo_proxy.core.fastparse import _FAST, FAST_FIELDS
 from colo_proxy.core.flows import FlowKey
@@ -74,3 +75,51 @@ def test_the_fast_parse_is_the_named_field_table() -> None:
     assert values["key"] == frame[14 + 12 : 14 + 24]
     assert values["seq"] == struct.unpack_from("!I", frame, 38)[0]
     assert values["flags"] == frame[47]
+
+
+def test_the_fast_offsets_are_the_named_field_table() -> None:
+    """feed_many reads each field at its OFF_* offset: the table's offset of that field."""
+    at = 0
+    offsets = {}
+    for code, name in FAST_FIELDS:
+        if name:
+            offsets[name] = at
+        at += struct.calcsize("!" + code)
+    assert offsets == {
+        "etype": fastparse.OFF_ETYPE, "vihl": fastparse.OFF_VIHL, "total": fastparse.OFF_TOTAL,
+        "frag": fastparse.OFF_FRAG, "proto": fastparse.OFF_PROTO, "key": fastparse.OFF_KEY,
+        "seq": fastparse.OFF_SEQ, "ack": fastparse.OFF_ACK, "doff": fastparse.OFF_DOFF,
+        "flags": fastparse.OFF_FLAGS,
+    }
+    assert offsets["seq"] - offsets["key"] == fastparse.KEY_LEN
+
+
+def test_the_shared_empty_lists_stay_empty() -> None:
+    """Empty flows share tcpside.NO_TIMES/NO_STASH and reassembly's _NO_PIECES/_NO_STARTS;
+    out-of-order bytes, unmatched secondary bytes and stashed segments must each get a
+    list of their own, or one flow's would show up in every other."""
+    from colo_proxy.core import reassembly, tcpside
+    from colo_proxy.core.events import Side
+    from colo_proxy.testing.synth import TcpServerStream
+
+    proxy = Proxy(Config())
+    pri, sec = TcpServerStream(isn=1000), TcpServerStream(isn=900000)
+    proxy.feed(Side.SECONDARY, sec.synack(), 0.0)
+    proxy.feed(Side.SECONDARY, sec.data(0, b"first"), 0.0)  # the primary's ISN unknown
+    (flow,) = proxy.table.flows.values()
+    assert isinstance(flow, TcpFlow)
+    assert flow.stash and tcpside.NO_STASH == []
+    proxy.feed(Side.PRIMARY, pri.synack(), 0.0)  # replays the stash: "first" unmatched
+    proxy.feed(Side.PRIMARY, pri.data(10, b"gap"), 0.0)  # out of order
+    assert flow.pri.stream.ooo and flow.sec_times
+    for shared in (tcpside.NO_TIMES, tcpside.NO_STASH, reassembly._NO_PIECES,
+                   reassembly._NO_STARTS):
+        assert shared == []
+
+
+def test_the_parse_knows_which_build_runs_it() -> None:
+    """feed_many unpacks with _FAST when interpreted, reads bytes in place when compiled:
+    the flag it asks must say which build this module really is."""
+    from colo_proxy.core import compiled_modules
+
+    assert (not compiled_modules()["colo_proxy.core.fastparse"]) == fastparse.INTERPRETED
