@@ -36,7 +36,11 @@ the primary runs alone.
 
 ``checkpoint_delay`` overrides the value written on a request (by default
 the current ``x-checkpoint-delay`` is read and written back, so an operator's
-change made meanwhile is kept).
+change made meanwhile is kept; QMP has no compare-and-set, so a change that
+lands between a request's read and its write, one round trip, is overwritten).
+A request sent while the COLO mode last read is not COLO asks for the mode
+again first: COLO may have begun since (no event says so), and a request
+outside COLO is accepted and never obeyed (``requests_outside_colo``).
 
 MC periods.  When the policy moves the whole VM to MC,
 :meth:`set_checkpoint_period` has QEMU checkpoint every MC period (its own
@@ -97,6 +101,8 @@ class QmpStats:
     requests_wanted: int = 0
     requests_sent: int = 0
     requests_resent: int = 0
+    requests_outside_colo: int = 0
+    """Requests sent while QEMU (asked again then) was not in COLO mode: none checkpoints."""
     request_errors: int = 0
     stops: int = 0
     resumes: int = 0
@@ -517,7 +523,11 @@ class QmpDriver:
         self._pending = False
         self._sent_at = time.monotonic()
         self.stats.requests_sent += 1
+        if not self._in_colo():  # the mode read at connect may be stale (COLO began since)
+            with contextlib.suppress(ExecuteError):
+                await self._refresh(client)
         if not self._in_colo():
+            self.stats.requests_outside_colo += 1
             log.warning(
                 "%s: checkpoint requested but QEMU is not in COLO mode (%s): "
                 "it accepts the request and does not checkpoint; output stays held",

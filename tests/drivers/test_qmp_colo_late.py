@@ -56,3 +56,25 @@ def test_colo_begun_after_connect_is_followed(sockdir: Path) -> None:
         server.close()
 
     asyncio.run(main())
+
+
+def test_request_after_colo_began_is_not_called_outside_colo(sockdir: Path) -> None:
+    """The mode read at connect is asked again before a request is called futile."""
+
+    async def main() -> None:
+        fake = LatePrimary()
+        server = await asyncio.start_unix_server(fake.serve, f"{sockdir}/qmp")
+        drv = QmpDriver("primary", parse_endpoint(f"unix:{sockdir}/qmp"))
+        drv.start()
+        await until(lambda: drv.connected, "session")
+        drv.request_checkpoint()  # before COLO: QEMU takes it and will not checkpoint
+        await until(lambda: drv.stats.requests_sent == 1, "first request")
+        assert drv.stats.requests_outside_colo == 1
+        fake.mode = "primary"  # COLO begins; nothing tells the driver
+        await until(lambda: drv.stats.requests_sent == 2, "the request sent again")
+        assert drv.stats.requests_outside_colo == 1
+        assert drv.stats.colo_status["mode"] == "primary"
+        await drv.close()
+        server.close()
+
+    asyncio.run(main())
