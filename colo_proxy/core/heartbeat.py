@@ -225,6 +225,17 @@ class Heartbeats:
             times.append(st.next_at if st.sent_at is None else st.sent_at + self.period)
         return min(times) if times else None
 
+    def reroute(self, probe: Probe) -> None:
+        """``probe`` now travels its own path: no carrier excuses its misses any more.
+
+        After a takeover the secondary's data probe no longer goes through the
+        (dead) primary.  The one outstanding went the old way and is forgotten.
+        """
+        st = self.state.get(probe)
+        if st is not None:
+            st.carrier = None
+            st.sent_at = None
+
     def armed(self, peer: Peer) -> bool:
         """Whether ``peer`` answered on every path it is probed on."""
         return all(st.armed for probe, st in self.state.items() if probe.peer is peer)

@@ -494,12 +494,8 @@ class FailoverSupervisor(Supervisor):
         primary's own, so its misses count and a dead path is reported (there is
         no one left to fail over to).  The probe still outstanding went the old way.
         """
-        if self.promoted_hb is None:
-            return
-        state = self.heartbeats.state.get(Probe(Peer.SECONDARY, Via.DATA))
-        if state is not None:
-            state.carrier = None
-            state.sent_at = None
+        if self.promoted_hb is not None:
+            self.heartbeats.reroute(Probe(Peer.SECONDARY, Via.DATA))
 
     async def _check_virtio(self, sec: QmpDriver) -> None:
         """Report a virtio device the new primary's QEMU left disabled or broken.

@@ -144,6 +144,16 @@ def test_carried_probe_fails_when_the_carrier_answers() -> None:
     assert [(x.peer, x.via) for x in lost] == [(Peer.SECONDARY, Via.DATA)]
 
 
+def test_rerouted_probe_counts_its_own_misses() -> None:
+    # after a takeover the secondary's probe no longer goes through the dead primary:
+    # its misses count although the primary stays silent
+    hb = data_paths()
+    hb.reroute(SEC_DATA)
+    lost = drive(hb, 10.0, {PRI: 3.01, PRI_DATA: 3.01, SEC_DATA: 3.01})
+    assert (Peer.SECONDARY, Via.DATA) in [(x.peer, x.via) for x in lost]
+    hb.reroute(Probe(Peer.DISK, Via.DATA))  # a probe not watched: nothing to do
+
+
 def test_arp_probe_and_its_reply() -> None:
     guest = bytes([10, 215, 15, 2])
     probe = arp_probe(0x1_2345, guest)  # numbers wrap at 16 bits
