@@ -68,9 +68,9 @@ def test_link_down_up_and_a_recreated_interface_are_reopened(lab: Any, bridge: A
     "each guest's holes, probes the client for ACKs the secondary missed and keeps released "
     "TSvals monotonic (runtime/bridge_sack.py): fetches get further (0.013 MB before; 2 of 11 "
     "complete, then 2 of 8 with the per-wake-up cycle; the others 0.01-2.4 MB), but still "
-    "stall. The core keeps a primary resend queued below the agreed offset when neither "
-    "base nor the secondary's ACK changes (q_scanned in _release_ready), and with that fixed "
-    "too, 3 of 4 fetches still stalled (docs/bench-issue12.md)",
+    "stall (it passes some runs, mostly inside full suites). The core's release of a primary "
+    "resend queued below the agreed offset was fixed (q_scanned), and 3 of 4 fetches still "
+    "stalled after that (docs/bench-issue12.md)",
     strict=False,
 )
 def test_ring_overflow_is_recovered_without_a_stall(lab: Any, bridge: Any) -> None:
