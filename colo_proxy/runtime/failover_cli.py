@@ -93,12 +93,13 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
     # with --secondary-outdev the output path (f2 -> colo-proxy -> its outdev) stays
     out = values.get("secondary_outdev") or None
     defaults = {"failover_secondary_objects": "f1" if out else "f2,f1",
-                "failover_secondary_chardevs": "red0" if out else "red1,red0",
-                "failover_secondary_output_filters": "f2,f3", "failover_secondary_nics": ""}
+                "failover_secondary_chardevs": "red0" if out else "red1,red0"}
 
     def ids(key: str) -> tuple[str, ...]:
         value = values.get(key)
-        return tuple(x for x in str(defaults[key] if value is None else value).split(",") if x)
+        if value is None:  # the two above depend on --secondary-outdev; the rest are fixed
+            value = defaults.get(key, FAILOVER_KEYS[key][1])
+        return tuple(x for x in str(value or "").split(",") if x)
 
     hb_dev, guest = values.get("heartbeat_dev") or None, values.get("heartbeat_guest_ip") or None
     if (hb_dev is None) != (guest is None):
