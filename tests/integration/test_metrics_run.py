@@ -93,4 +93,8 @@ def test_run_metrics_move_and_divergence_is_saved(workdir: Path,
     assert main(["replay", str(case / "primary.pcap"), str(case / "secondary.pcap"),
                  "--json"]) == 0
     replayed = json.loads(capsys.readouterr().out)
-    assert [d["offset"] for d in replayed["divergences"]] == [12345]
+    # The pair holds what had arrived when the divergence was found.  On a loaded machine
+    # the secondary's later segments may not have arrived yet: the cut secondary then ends
+    # early and replay also reports the primary's bytes past that end (CI saw 14000).
+    offsets = [d["offset"] for d in replayed["divergences"]]
+    assert offsets[0] == 12345 and all(o > 12345 for o in offsets[1:]), offsets
