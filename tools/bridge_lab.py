@@ -8,7 +8,9 @@
 The primary and secondary guests get the same MAC and IP address, as a COLO
 pair does.  IPv6 is off in the namespaces and on the host ends (no router
 solicitations or MLD noise), and segmentation, GRO and checksum offloads are
-off on all six veth ends (pyroute2's ethtool), as bridge mode needs.
+off on all six veth ends (pyroute2's ethtool), as the plain-bridge baseline
+of issue 12 is defined; ``BridgeLab(offloads=True)`` or :meth:`BridgeLab.set_offloads`
+turns them on (bridge mode takes the super-frames whole, with virtio_net_hdr).
 :class:`BridgeLab` builds all of it and always removes it.
 
 Subcommands run inside a namespace (``ip netns exec NS python3 bridge_lab.py ...``)
@@ -55,8 +57,10 @@ CLIENT_MAC = "52:54:00:c0:10:01"
 SIOCOUTQ = 0x5411
 OFFLOADS = ("tx-checksum", "tx-tcp", "tx-generic-segmentation", "tx-udp-segmentation",
             "rx-gro", "tx-scatter-gather", "tx-gso")
+NEVER_ON = ("rx-gro-list", "rx-udp-gro-forwarding", "rx-gro-hw", "tx-gso-list")
+"""Offloads left alone when turning them on: not veth defaults, and not what bridge mode carries."""
 ROLES = ("client", "primary", "secondary")
-PREFIX = "b12b"
+PREFIX = os.environ.get("BRIDGE_LAB_PREFIX", "b12b")
 """Every namespace and interface name starts with this (unique to the bridge lab)."""
 
 
@@ -84,14 +88,14 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def offloads_off(ifname: str, on: bool = False) -> None:
-    """ethtool -K IF tso off gso off gro off tx off (what bridge mode needs on every end)."""
+    """ethtool -K IF tso off gso off gro off tx off (``on``: all of them on, but NEVER_ON)."""
     from pyroute2.ethtool import Ethtool
 
     ethtool = Ethtool()
     try:
         features = ethtool.get_features(ifname)
         for name, feature in features.features.items():
-            if name.startswith(OFFLOADS) and feature.available:
+            if name.startswith(OFFLOADS) and feature.available and not (on and name in NEVER_ON):
                 feature.enable = on
         ethtool.set_features(ifname, features)
     finally:
@@ -106,6 +110,8 @@ class BridgeLab:
     subnet: str = ""
     ns: dict[str, str] = field(default_factory=dict)
     ifs: dict[str, str] = field(default_factory=dict)
+    offloads: bool = False
+    """Offloads on every veth end (TSO/GSO/GRO/checksum): the guests send super-frames."""
 
     def __post_init__(self) -> None:
         if not self.subnet:
@@ -152,8 +158,8 @@ class BridgeLab:
         ns, host, guest = self.ns[role], self.ifs[role], self.ifs[role] + "g"
         _sh("ip", "link", "add", host, "type", "veth", "peer", "name", guest)
         _sh("sysctl", "-qw", f"net.ipv6.conf.{host}.disable_ipv6=1", check=False)
-        offloads_off(host)
-        offloads_off(guest)
+        offloads_off(host, self.offloads)
+        offloads_off(guest, self.offloads)
         _sh("ip", "link", "set", guest, "netns", ns)
         mac = CLIENT_MAC if role == "client" else GUEST_MAC
         ip = self.client_ip if role == "client" else self.guest_ip
@@ -194,6 +200,15 @@ class BridgeLab:
         _, err = proc.communicate(timeout=30)
         if proc.returncode:
             raise RuntimeError(f"offloads in {role}: {err}")
+
+    def set_offloads(self, on: bool) -> None:
+        """Offloads on or off on all six veth ends (the bench switches between its modes)."""
+        if on == self.offloads:
+            return
+        for role in ROLES:
+            offloads_off(self.ifs[role], on)
+            self.guest_offloads(role, on)
+        self.offloads = on
 
     def kill_tcp(self, port: int) -> None:
         """Abort every TCP socket on ``port`` in every namespace (``ss -K``).

@@ -32,6 +32,21 @@ What the kernel did to a frame on the way is undone before anyone sees it:
 * a frame cut short by the ring (``tp_snaplen < tp_len``) is dropped and
   counted.
 
+That is without ``vnet``.  With ``vnet=True`` (``PACKET_VNET_HDR``, the
+default of bridge mode where the kernel has it) offloads need not be off:
+each frame comes with its ``virtio_net_hdr`` (:mod:`.vnet`) and is handed on
+as ``(header + frame, VNET_LEN)``.  A frame with an open checksum keeps it
+open (``NEEDS_CSUM``; whoever receives it finishes it), and a TCP GSO
+super-frame is taken whole: the core compares it as the byte range it is.
+Slots stay sized for the MTU, so a super-frame does not fit one: the ring
+gets its head (``TP_STATUS_COPY``) and, with ``PACKET_COPY_THRESH``, the
+kernel queues the whole frame on the socket, where it is read (``recv``)
+when its slot comes up, so frames keep their order.  The socket's receive
+buffer (``copy_buffer``, 32 MiB) bounds that memory: beyond it the kernel
+only fills the slot, and the cut frame is dropped and counted
+(``truncated_dropped``).  Super-frames of other kinds (UDP GSO) are dropped
+and counted (``gso_dropped``).
+
 Sends go through a mapped transmit ring (:mod:`.afpacket_tx`): a batch is
 copied into its slots and handed over with one ``send()``.  Frames the
 interface cannot carry (over its MTU) are dropped and counted before the
@@ -57,8 +72,10 @@ from dataclasses import dataclass
 
 from colo_proxy.core.checksum import complete_checksum
 from colo_proxy.core.framing import Frame
+from colo_proxy.drivers import vnet as vnethdr
 from colo_proxy.drivers.afpacket_tx import RETRY_ERRNOS, TxRing
 from colo_proxy.drivers.links import link_info
+from colo_proxy.drivers.vnet import TCP_GSO, VNET_LEN
 from colo_proxy.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
@@ -67,8 +84,11 @@ SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
+PACKET_COPY_THRESH = 7
 PACKET_VERSION = 10
+PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+SO_RCVBUFFORCE = 33
 PACKET_MR_PROMISC = 1
 TPACKET_V2 = 1
 TPACKET_V3 = 2
@@ -76,11 +96,17 @@ ETH_P_ALL = 0x0003
 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0
+TP_STATUS_COPY = 1 << 1
 TP_STATUS_LOSING = 1 << 2
 TP_STATUS_CSUMNOTREADY = 1 << 3
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
+TP_STATUS_CSUM_VALID = 1 << 7
 TP_STATUS_GSO_TCP = 1 << 8
+VNET_PASSED = TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID | TP_STATUS_GSO_TCP
+"""Status bits a vnet socket's frame may carry and still be taken as is (its header says it)."""
+COPY_MAX = 65536 + 512
+"""The largest frame (vnet header included) read from the socket queue: IP's 64 KiB limit."""
 
 RETRY_DELAY = 0.0005
 """Seconds before retrying output the kernel could not take yet."""
@@ -159,6 +185,13 @@ class PortStats:
     ring_losses_seen: int = 0
     """Frames that arrived flagged TP_STATUS_LOSING: the ring dropped frames just before."""
     ring_freezes: int = 0
+    super_frames_in: int = 0
+    """TCP GSO/GRO super-frames received whole (vnet only)."""
+    super_frames_copied: int = 0
+    """Frames too big for a slot, read whole from the socket queue (vnet only)."""
+    csum_partial_in: int = 0
+    """Frames passed on with their checksum left open (vnet: NEEDS_CSUM)."""
+    super_frames_out: int = 0
     send_deferred: int = 0
     send_errors: int = 0
     send_oversize: int = 0
@@ -263,6 +296,75 @@ def parse_slots(
     return head
 
 
+def parse_slots_vnet(
+    ring: memoryview, head: int, slots: int, slot: int, stats: PortStats, out: list[Frame],
+    raw: mmap.mmap, recv: Callable[[], bytes | None],
+) -> int:
+    """:func:`parse_slots` for a vnet socket: frames as ``(virtio_net_hdr + frame, VNET_LEN)``.
+
+    The kernel wrote each frame's header just before its MAC header.  A slot
+    flagged ``TP_STATUS_COPY`` holds only the head of a frame too big for it:
+    the whole frame is the next one on the socket queue (``recv``).
+    """
+    unpack, give_back, append = _FRAME2.unpack_from, _U32.pack_into, out.append
+    taken = supers = partial = 0
+    for _ in range(slots):
+        at = head * slot
+        tp_status, length, snaplen, mac, _net, _sec, _nsec, tci, tpid = unpack(ring, at)
+        if not tp_status & TP_STATUS_USER:
+            break
+        start = at + mac
+        if tp_status & TP_STATUS_CSUMNOTREADY:
+            partial += 1
+        if (tp_status & ~VNET_PASSED == TP_STATUS_USER and snaplen == length
+                and ring[start - 9] & 0x7F in TCP_GSO):
+            append((raw[start - VNET_LEN : start + length], VNET_LEN))
+            taken += length
+            if tp_status & TP_STATUS_GSO_TCP:
+                supers += 1
+        else:
+            if tp_status & TP_STATUS_LOSING:
+                stats.ring_losses_seen += 1
+            data: bytes | None = None
+            if tp_status & TP_STATUS_COPY:
+                data = recv()
+                if data is not None and len(data) != length + VNET_LEN:
+                    stats.truncated_dropped += 1
+                    data = None
+                elif data is not None:
+                    stats.super_frames_copied += 1
+            elif snaplen < length:
+                stats.truncated_dropped += 1
+            else:
+                data = raw[start - VNET_LEN : start + length]
+            if data is not None:
+                if data[1] & 0x7F not in TCP_GSO:
+                    stats.gso_dropped += 1
+                else:
+                    if tp_status & TP_STATUS_GSO_TCP:
+                        supers += 1
+                    if tp_status & TP_STATUS_VLAN_VALID:
+                        data = _with_tag(data, tp_status, tci, tpid)
+                        stats.vlan_reinserted += 1
+                    append((data, VNET_LEN))
+                    taken += len(data) - VNET_LEN
+        give_back(ring, at, TP_STATUS_KERNEL)
+        head = head + 1 if head + 1 < slots else 0
+    stats.bytes_in += taken
+    stats.super_frames_in += supers
+    stats.csum_partial_in += partial
+    return head
+
+
+def _with_tag(data: bytes, tp_status: int, tci: int, tpid: int) -> bytes:
+    """A vnet frame with the VLAN tag the kernel stripped put back (its header moved by 4)."""
+    if not tp_status & TP_STATUS_VLAN_TPID_VALID or not tpid:
+        tpid = 0x8100
+    mac = VNET_LEN + 12
+    return (vnethdr.shifted(data[:VNET_LEN], 4) + data[VNET_LEN:mac]
+            + _VLAN.pack(tpid, tci & 0xFFFF) + data[mac:])
+
+
 def busy_poll(ports: Sequence[PacketPort], budget: float, limit: float) -> int:
     """Read the ports' rings without sleeping for ``budget`` seconds after the last frame.
 
@@ -295,6 +397,31 @@ def busy_poll(ports: Sequence[PacketPort], budget: float, limit: float) -> int:
             pause()
 
 
+_VNET_WORKS: list[bool] = []
+
+
+def vnet_supported() -> bool:
+    """Whether this kernel gives a TPACKET_V2 receive ring and a TX ring virtio_net_hdrs.
+
+    Asked once (a throwaway socket, no interface): where it fails, bridge mode
+    falls back to needing offloads off.
+    """
+    if not _VNET_WORKS:
+        try:
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
+                sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+                sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+                sock.setsockopt(SOL_PACKET, PACKET_COPY_THRESH, 1)
+                page = mmap.PAGESIZE
+                sock.setsockopt(SOL_PACKET, PACKET_RX_RING, _REQ2.pack(page, 2, 2048,
+                                                                       page // 2048 * 2))
+            _VNET_WORKS.append(True)
+        except OSError as err:
+            log.info("packet sockets here take no virtio_net_hdr with a ring (%s)", err)
+            _VNET_WORKS.append(False)
+    return _VNET_WORKS[0]
+
+
 class PacketPort:
     """An interface the proxy reads whole batches from and writes frames to."""
 
@@ -305,6 +432,8 @@ class PacketPort:
         on_frames: OnFrames | None,
         ring: RingSpec | None = None,
         max_pending: int = 64 * 1024 * 1024,
+        vnet: bool = False,
+        copy_buffer: int = 32 * 1024 * 1024,
     ) -> None:
         self.name = name
         self.ifname = ifname
@@ -330,6 +459,9 @@ class PacketPort:
         self._retry_delay = RETRY_DELAY
         self._gso_logged = False
         self._overflowing = False
+        self.vnet = vnet and self._ring_spec.version == 2
+        """Frames carry their virtio_net_hdr (offloads accepted); V2 rings only."""
+        self._copy_buffer = copy_buffer
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -361,7 +493,8 @@ class PacketPort:
         self._sock = sock
         if not info.up:
             log.warning("%s: interface %s is down: nothing will pass", self.name, self.ifname)
-        layout = (f"{self._slots} slots of {self._slot} bytes (TPACKET_V2)" if spec.version == 2
+        layout = (f"{self._slots} slots of {self._slot} bytes (TPACKET_V2"
+                  f"{', vnet_hdr: offloads accepted' if self.vnet else ''})" if spec.version == 2
                   else f"{spec.block_count} x {spec.block_size >> 10} KiB blocks, retire "
                        f"{spec.retire_ms} ms (TPACKET_V3)")
         log.info("%s: %s (index %d, mtu %d), ring %s", self.name, self.ifname, info.index,
@@ -376,6 +509,10 @@ class PacketPort:
                                   f"multiple of the {self._slot}-byte slot MTU {self.mtu} needs")
             self._slots = spec.block_size // self._slot * spec.block_count
             sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            if self.vnet:  # before the ring: the kernel refuses it after
+                sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+                sock.setsockopt(SOL_PACKET, PACKET_COPY_THRESH, 1)
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self._copy_buffer)
             req = _REQ2.pack(spec.block_size, spec.block_count, self._slot, self._slots)
         else:
             frame_size = 2048
@@ -396,7 +533,7 @@ class PacketPort:
         sock.setblocking(False)
         self._max_frame = self.mtu + 14 + VLAN_HEADROOM
         self._send_limit = self.mtu + 14
-        self._tx = TxRing(self.ifname, self.mtu)
+        self._tx = TxRing(self.ifname, self.mtu, vnet=self.vnet)
 
     def reopen(self) -> None:
         """Close and open again (the interface came back, was re-created or changed MTU).
@@ -469,8 +606,12 @@ class PacketPort:
         gso_before = stats.gso_dropped
         if spec.version == 2:
             head, losses = self._block, stats.ring_losses_seen
-            self._block = parse_slots(view, head, self._slots, self._slot, self._max_frame,
-                                      stats, frames, self._map)
+            if self.vnet and self._map is not None:
+                self._block = parse_slots_vnet(view, head, self._slots, self._slot, stats,
+                                               frames, self._map, self._recv_copy)
+            else:
+                self._block = parse_slots(view, head, self._slots, self._slot,
+                                          self._max_frame, stats, frames, self._map)
             if self._block == head and not frames:
                 self._socket_error()
             else:
@@ -495,7 +636,12 @@ class PacketPort:
 
     def _after_read(self, frames: list[Frame], gso_before: int) -> None:
         stats = self.stats
-        if stats.gso_dropped != gso_before and not self._gso_logged:
+        if stats.gso_dropped != gso_before and not self._gso_logged and self.vnet:
+            self._gso_logged = True
+            log.error("%s: dropped a super-frame that is not TCP (UDP GSO) from %s: turn "
+                      "tx-udp-segmentation off at its sender (counted as gso_dropped)",
+                      self.name, self.ifname)
+        elif stats.gso_dropped != gso_before and not self._gso_logged:
             self._gso_logged = True
             log.error(
                 "%s: dropped a frame larger than %s's MTU (%d): segmentation offload is on "
@@ -506,6 +652,16 @@ class PacketPort:
         if frames and self._on_frames is not None:
             stats.frames_in += len(frames)
             self._on_frames(frames)
+
+    def _recv_copy(self) -> bytes | None:
+        """The whole frame of a ``TP_STATUS_COPY`` slot, from the socket queue."""
+        if self._sock is None:
+            return None
+        try:
+            return self._sock.recv(COPY_MAX, socket.MSG_DONTWAIT)
+        except OSError:
+            self.stats.socket_errors += 1
+            return None
 
     def ready(self) -> bool:
         """Whether a frame waits in the ring (V2: one memory read, no system call)."""
@@ -561,6 +717,8 @@ class PacketPort:
             return
         if self._pending:
             self._queue(frames)
+        elif self.vnet:
+            self._send_vnet(ring, frames)
         else:
             put, stats, limit = ring.put, self.stats, self._send_limit
             for index, (data, offset) in enumerate(frames):
@@ -578,6 +736,44 @@ class PacketPort:
                 stats.frames_out += 1
                 stats.bytes_out += size
         self._kick(ring)
+
+    def _send_vnet(self, ring: TxRing, frames: Sequence[Frame]) -> None:
+        """:meth:`send` with a virtio_net_hdr before each frame (its own, or zeros)."""
+        stats, limit, slot_max = self.stats, self._send_limit, ring.max_data
+        put, zero = ring.put, vnethdr.ZERO
+        for index, (data, offset) in enumerate(frames):
+            frame = data if offset == VNET_LEN else zero + (data[offset:] if offset else data)
+            size = len(frame) - VNET_LEN
+            if size > limit and not frame[1] and not (
+                size <= limit + 4 and frame[VNET_LEN + 12 : VNET_LEN + 14] == b"\x81\x00"
+            ):
+                self._refuse(size)  # over the MTU and not a super-frame
+                continue
+            if size < 14:
+                self._refuse(size)
+                continue
+            if len(frame) <= slot_max:
+                if not put(frame):
+                    self._queue(frames[index:])
+                    return
+            else:
+                err = ring.send_big(frame)
+                if err is not None:
+                    if err.errno in RETRY_ERRNOS:
+                        self._queue(frames[index:])
+                        return
+                    self._send_failed(err)
+                    continue
+                stats.super_frames_out += 1
+            stats.frames_out += 1
+            stats.bytes_out += size
+
+    def _wire(self, data: bytes, offset: int) -> bytes:
+        """A frame as this port's ring takes it (vnet: its header, or zeros, in front)."""
+        bare = data[offset:] if offset else data
+        if self.vnet:
+            return data if offset == VNET_LEN else vnethdr.ZERO + bare
+        return bare
 
     def _refuse(self, size: int) -> None:
         """A frame the interface cannot carry (over its MTU, or a runt): counted, logged once."""
@@ -599,7 +795,7 @@ class PacketPort:
     def _queue(self, frames: Sequence[Frame]) -> None:
         """The ring is full: keep the rest in order, within the bound."""
         for data, offset in frames:
-            frame = data[offset:] if offset else data
+            frame = self._wire(data, offset)
             if self._pending_bytes + len(frame) > self._max_pending:
                 self.stats.send_overflow_dropped += 1
                 if not self._overflowing:
@@ -622,7 +818,7 @@ class PacketPort:
         if ring is None:
             return
         pending, stats = self._pending, self.stats
-        while pending and ring.put(pending[0]):
+        while pending and self._put_queued(ring, pending[0]):
             frame = pending.popleft()
             self._pending_bytes -= len(frame)
             stats.frames_out += 1
@@ -630,6 +826,19 @@ class PacketPort:
         if not pending:
             self._overflowing = False
         self._kick(ring)
+
+    def _put_queued(self, ring: TxRing, frame: bytes) -> bool:
+        """One queued frame to the kernel; False when it must wait (ring full, pushback)."""
+        if len(frame) <= ring.max_data:
+            return ring.put(frame)
+        err = ring.send_big(frame)
+        if err is not None and err.errno in RETRY_ERRNOS:
+            return False
+        if err is not None:
+            self._send_failed(err)  # dropped: it never will go (counted as a send error)
+        else:
+            self.stats.super_frames_out += 1
+        return True
 
     def _send_failed(self, err: OSError) -> None:
         self.stats.send_errors += 1

@@ -17,6 +17,14 @@ reach the ring and counted by the caller.
 
 The socket is separate from the receive socket (a socket has one TPACKET
 version, and this one never receives: protocol 0).
+
+With ``vnet=True`` (``PACKET_VNET_HDR``) every slot starts with a 10-byte
+``virtio_net_hdr`` (:mod:`.vnet`): a frame whose checksum the sender left
+to the hardware, or a GSO super-frame, goes out with its flags and the
+kernel (or the receiving veth/tap) finishes it.  Slots stay sized for the
+MTU; a frame too big for a slot (a super-frame) is sent whole by
+:meth:`TxRing.send_big` on a second socket, after the ring was emptied,
+so the interface still gets frames in the order they were put.
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ SOL_PACKET = 263
 PACKET_LOSS = 14
 PACKET_TX_RING = 13
 PACKET_VERSION = 10
+PACKET_VNET_HDR = 15
 TPACKET_V2 = 1
+VNET_LEN = 10
+"""sizeof(struct virtio_net_hdr): the prefix of every frame on a vnet socket."""
 
 TP_STATUS_AVAILABLE = 0
 TP_STATUS_SEND_REQUEST = 1
@@ -45,9 +56,9 @@ _STATUS_LEN = struct.Struct("=II")  # tp_status, tp_len
 RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.ENOBUFS, errno.EINTR))
 
 
-def slot_size(mtu: int) -> int:
+def slot_size(mtu: int, vnet: bool = False) -> int:
     """The smallest power-of-two slot, at least 2 KiB, holding a frame of this MTU."""
-    need = DATA_OFFSET + mtu + 14 + 8
+    need = DATA_OFFSET + mtu + 14 + 8 + (VNET_LEN if vnet else 0)
     size = 2048
     while size < need:
         size *= 2
@@ -57,16 +68,25 @@ def slot_size(mtu: int) -> int:
 class TxRing:
     """The mapped transmit ring of one interface."""
 
-    def __init__(self, ifname: str, mtu: int, ring_bytes: int = 4 << 20) -> None:
-        self.slot = slot_size(mtu)
+    def __init__(
+        self, ifname: str, mtu: int, ring_bytes: int = 4 << 20, vnet: bool = False
+    ) -> None:
+        self.vnet = vnet
+        self.slot = slot_size(mtu, vnet)
         block = max(self.slot, 1 << 16)
         blocks = max(1, ring_bytes // block)
         self.slots = blocks * block // self.slot
         self.max_data = self.slot - DATA_OFFSET
         self.wrong_format = 0
         self._head = 0
+        self._big: socket.socket | None = None
         self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
+            if vnet:
+                self._sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+                self._big = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+                self._big.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+                self._big.bind((ifname, 0))
             self._sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
             self._sock.setsockopt(SOL_PACKET, PACKET_LOSS, 1)
             self._sock.setsockopt(
@@ -77,6 +97,8 @@ class TxRing:
             self._sock.bind((ifname, 0))
         except OSError:
             self._sock.close()
+            if self._big is not None:
+                self._big.close()
             raise
         self._view = memoryview(self._map)
 
@@ -103,6 +125,24 @@ class TxRing:
             return err
         return None
 
+    def send_big(self, frame: bytes) -> OSError | None:
+        """Send one frame too big for a slot (vnet: header included) after the ring's.
+
+        The ring is kicked first and must be empty afterwards: otherwise the
+        big frame would overtake frames put before it.  Returns the error
+        (``EAGAIN`` when the ring still holds frames): the caller keeps it.
+        """
+        err = self.kick()
+        if err is not None:
+            return err
+        if self.busy() or self._big is None:
+            return OSError(errno.EAGAIN, "ring not empty yet")
+        try:
+            self._big.send(frame, socket.MSG_DONTWAIT)
+        except OSError as big_err:
+            return big_err
+        return None
+
     def busy(self) -> bool:
         """Whether a filled slot still waits for the kernel (a kick is owed)."""
         before = (self._head - 1) % self.slots * self.slot
@@ -121,3 +161,5 @@ class TxRing:
         self._view.release()
         self._map.close()
         self._sock.close()
+        if self._big is not None:
+            self._big.close()

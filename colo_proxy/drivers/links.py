@@ -7,8 +7,11 @@ answers the first and its multicast groups deliver the second as events,
 without hand-packed ioctls.
 
 Offloads: a frame that the kernel coalesced (GRO/LRO) or that a sender
-handed down unsegmented (TSO/GSO) is bigger than the wire carries; the proxy
-can neither compare it segment by segment nor send it on.  :func:`offloads_on`
+handed down unsegmented (TSO/GSO) is bigger than the wire carries.  A port
+with ``virtio_net_hdr`` (the default) takes TCP super-frames whole and sends
+them on whole, so only what it cannot carry matters (:data:`NOT_CARRIED`:
+fraglist GRO/GSO, UDP GRO forwarding); without it (``--offloads off``, or a
+kernel without vnet rings) every feature below does.  :func:`offloads_on`
 names the features that would produce such frames on an interface we read,
 and :func:`turn_off` switches them off (``--fix-offloads``).
 """
@@ -45,6 +48,15 @@ TX_SEGMENTATION = (
     "tx-gso-list",
 )
 """Features of a sender (a veth's peer) that hand its frames over unsegmented."""
+
+NOT_CARRIED: tuple[tuple[str, ...], tuple[str, ...]] = (
+    ("rx-gro-list", "rx-udp-gro-forwarding"), ())
+"""(receive, sender) features whose super-frames a virtio_net_hdr port cannot carry:
+fraglist GRO has no virtio_net_hdr type; UDP GRO would merge datagrams the core
+compares one by one.  No sender feature: a veth's ``tx-gso-list`` (on by default)
+only lets it take fraglist frames, which a guest's own stack does not make (its
+UDP GSO, which it makes only when an application asks, is dropped and counted)."""
+ALL_OFFLOADS = (RX_COALESCING, TX_SEGMENTATION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,23 +128,28 @@ def _link_info(ifname: str | None = None, index: int = 0) -> LinkInfo | None:
         return _info(msgs[0]) if msgs else None
 
 
-def offloads_on(info: LinkInfo) -> list[Offload]:
+def offloads_on(
+    info: LinkInfo, features: tuple[Iterable[str], Iterable[str]] = ALL_OFFLOADS
+) -> list[Offload]:
     """The features that would hand the proxy super-frames on ``info``; [] when none.
 
     Checks the interface's own receive coalescing and, for a veth, its peer's
     segmentation offloads, entering the peer's namespace when it has a name
     under /run/netns.  (A guest behind a tap is out of reach: its super-frames
-    are caught as they arrive, counted and logged with the fix.)
+    are caught as they arrive, counted and logged with the fix.)  ``features``
+    is (receive, sender) names: :data:`ALL_OFFLOADS`, or :data:`NOT_CARRIED`
+    for a port that takes super-frames.
     """
-    return off_loop(lambda: _offloads_on(info))
+    return off_loop(lambda: _offloads_on(info, features))
 
 
-def _offloads_on(info: LinkInfo) -> list[Offload]:
-    found = [Offload(info.name, f) for f in _enabled(info.name, RX_COALESCING)]
+def _offloads_on(info: LinkInfo, features: tuple[Iterable[str], Iterable[str]]) -> list[Offload]:
+    rx, tx = tuple(features[0]), tuple(features[1])
+    found = [Offload(info.name, f) for f in _enabled(info.name, rx)]
     if info.peer_index:
         netns = None if info.peer_netnsid is None else _netns_name(info.peer_netnsid)
         if info.peer_netnsid is None or netns is not None:
-            found += off_loop(lambda: _peer_offloads(info.peer_index, netns))
+            found += off_loop(lambda: _peer_offloads(info.peer_index, netns, tx))
         else:
             log.info("%s: its veth peer is in a namespace without a name under %s: its "
                      "offloads cannot be checked (super-frames are still counted)",
@@ -140,14 +157,14 @@ def _offloads_on(info: LinkInfo) -> list[Offload]:
     return found
 
 
-def _peer_offloads(index: int, netns: str | None) -> list[Offload]:
+def _peer_offloads(index: int, netns: str | None, tx: tuple[str, ...]) -> list[Offload]:
     """On a thread of its own (it may enter ``netns`` and never leave)."""
     if netns is not None:
         _enter(netns)
     peer = _link_info(index=index)
     if peer is None:
         return []
-    return [Offload(peer.name, f, netns) for f in _enabled(peer.name, TX_SEGMENTATION)]
+    return [Offload(peer.name, f, netns) for f in _enabled(peer.name, tx)]
 
 
 def _netns_name(nsid: int) -> str | None:
@@ -384,15 +401,16 @@ def _mirror_untranslated(src: str, primary: str, secondary: str | None) -> None:
                        action=_redirect(dst_index, mirror))
 
 
-def needs_no_translation(data: bytes) -> bool:
+def needs_no_translation(data: bytes, offset: int = 0) -> bool:
     """Whether the kernel's secondary leg (:func:`mirror_untranslated`) carries this frame.
 
     The same test as the filters: after at most one VLAN tag (the kernel
     strips one before tc looks), ARP, or IPv4 whose protocol is not TCP.
+    The frame starts at ``offset`` (a virtio_net_hdr before it).
     """
-    at = 12
-    if data[12:14] in (b"\x81\x00", b"\x88\xa8"):
-        at = 16
+    at = offset + 12
+    if data[at : at + 2] in (b"\x81\x00", b"\x88\xa8"):
+        at += 4
     kind = data[at : at + 2]
     if kind == b"\x08\x06":
         return True

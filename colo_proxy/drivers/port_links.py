@@ -5,7 +5,9 @@ QEMU re-creates has a new index (the old socket is bound to nothing), an
 interface that went down and up may have been reconfigured, an MTU change
 changes the ring's slot size; and any of them may come back with offloads
 on.  :class:`LinkFollower` checks offloads before the ports open (refusing
-to start, naming interface and feature, unless told to fix them), then
+to start, naming interface and feature, unless told to fix them; a port
+with virtio_net_hdr takes TCP super-frames, so only the few features it
+cannot carry count there: links.NOT_CARRIED), then
 watches link events and re-opens a port whose interface came back,
 re-checking its offloads first.  Re-opening is deferred by a few
 milliseconds so one burst of events (create, set MTU, set up) costs one
@@ -19,7 +21,16 @@ import logging
 from collections.abc import Callable, Sequence
 
 from colo_proxy.drivers.afpacket import PacketPort
-from colo_proxy.drivers.links import LinkEvent, LinkWatch, Offload, link_info, offloads_on, turn_off
+from colo_proxy.drivers.links import (
+    ALL_OFFLOADS,
+    NOT_CARRIED,
+    LinkEvent,
+    LinkWatch,
+    Offload,
+    link_info,
+    offloads_on,
+    turn_off,
+)
 from colo_proxy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,12 +61,14 @@ class LinkFollower:
             info = link_info(port.ifname)
             if info is None:
                 raise ConfigError(f"{port.name}: no interface named {port.ifname!r}")
-            found = offloads_on(info)
+            found = offloads_on(info, _features(port))
             if found and not self.fix_offloads:
+                how = ("" if port.vnet else
+                       " (or let the bridge take super-frames: --offloads accept)")
                 raise ConfigError(f"{port.name}: {_describe(found)} on: bridge mode cannot "
                                   f"compare or forward the super-frames they make; turn them "
                                   f"off (ethtool -K IF gro off tso off gso off) or start with "
-                                  f"--fix-offloads")
+                                  f"--fix-offloads{how}")
             if found:
                 turn_off(found)
                 self.counters["offloads_fixed"] += len(found)
@@ -111,7 +124,7 @@ class LinkFollower:
         if port.is_open and (info.index, info.mtu) == (port.ifindex, port.mtu) and not info.up:
             return
         try:
-            found = offloads_on(info)
+            found = offloads_on(info, _features(port))
             if found and self.fix_offloads:
                 turn_off(found)
                 self.counters["offloads_fixed"] += len(found)
@@ -130,6 +143,11 @@ class LinkFollower:
         self.counters["reopens"] += 1
         log.warning("%s: %s is back (index %d, mtu %d, %s): re-opened", port.name, port.ifname,
                     info.index, info.mtu, "up" if info.up else "down")
+
+
+def _features(port: PacketPort) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What to check on ``port``: all offloads, or only those its vnet header cannot carry."""
+    return NOT_CARRIED if port.vnet else ALL_OFFLOADS
 
 
 def _describe(found: list[Offload]) -> str:

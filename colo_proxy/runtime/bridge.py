@@ -28,6 +28,19 @@ the frame paths differ:
   the core drops the secondary's uncompared frames, so without this a
   secondary whose neighbour cache is cold never answers a new connection.
 
+Offloads (``--offloads accept``, the default where the kernel can): the
+ports read and write frames with their ``virtio_net_hdr``
+(:mod:`colo_proxy.drivers.vnet`), so the guests' and the client's TSO/GSO
+super-frames and open checksums pass whole, as ``(header + frame, 10)``
+pairs; the core compares TCP as byte streams, so a 64 KiB super-frame costs
+it about what a 1.5 KiB frame does, and the secondary may segment
+differently.  The rewriter changes only ack, SACK edges and TSecr: a frame
+whose checksum field holds just the pseudo-header sum (an open checksum) is
+left so, and the receiver finishes it over the new bytes.  The sackers
+(:mod:`.bridge_sack`) read bare frames: while active they get copies
+without the header, checksums completed.  ``--offloads off`` is the old
+way: offloads must be off (checked; ``--fix-offloads``).
+
 Early notice: while a resync is due but the rate limit holds its checkpoint
 back (``Proxy.secondary_paused``), the client's input is withheld from the
 secondary (its state is about to be replaced) and the core drops its output.
@@ -58,7 +71,7 @@ from colo_proxy.core.config import Config
 from colo_proxy.core.events import Side
 from colo_proxy.core.framing import Frame
 from colo_proxy.core.rewrite import SecondaryRewriter
-from colo_proxy.drivers.afpacket import PacketPort, RingSpec, busy_poll
+from colo_proxy.drivers.afpacket import PacketPort, RingSpec, busy_poll, vnet_supported
 from colo_proxy.drivers.endpoints import Endpoint
 from colo_proxy.drivers.links import (
     mirror_untranslated,
@@ -68,6 +81,7 @@ from colo_proxy.drivers.links import (
 )
 from colo_proxy.drivers.port_links import LinkFollower
 from colo_proxy.drivers.qmp import FollowPolicy
+from colo_proxy.drivers.vnet import plain
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime.bridge_sack import HoleSacker
 from colo_proxy.runtime.host import DIVERGENCE_LOG_BURST, CoreHost, ShutdownMode
@@ -107,6 +121,9 @@ class BridgeSettings:
     """After a small wake-up, look at the rings this long without sleeping (0: never)."""
     fix_offloads: bool = False
     """Turn off offloads that make super-frames instead of refusing to start."""
+    offloads: str = "accept"
+    """accept: take super-frames and open checksums whole (virtio_net_hdr) where the kernel
+    can; off: they must be off (refused, or turned off with fix_offloads)."""
     kernel_forward: bool = True
     """Client frames reach the primary in the kernel (tc mirred), not through us."""
     kernel_mirror: bool = True
@@ -122,17 +139,22 @@ class BridgeSettings:
             )
         if self.output_buffer < 65536:
             raise ConfigError("output_buffer: must be at least 65536 bytes")
+        if self.offloads not in OFFLOAD_MODES:
+            raise ConfigError(f"offloads {self.offloads!r}: must be one of "
+                              f"{', '.join(OFFLOAD_MODES)}")
         if not 0 <= self.busy_poll_us <= 10_000:
             raise ConfigError(f"busy_poll_us {self.busy_poll_us}: must be 0..10000")
         self.ring.validate()
 
 
 IPV4 = b"\x08\x00"
+OFFLOAD_MODES = ("accept", "off")
 
 
-def neighbour_request(data: bytes) -> bool:
-    """Whether a frame is an ARP request or an IPv6 neighbour/router solicitation."""
-    at, size = 12, len(data)
+def neighbour_request(data: bytes, offset: int = 0) -> bool:
+    """Whether a frame (from ``offset``) is an ARP request or an IPv6 neighbour/router
+    solicitation."""
+    at, size = offset + 12, len(data)
     while size >= at + 4 and (data[at], data[at + 1]) in ((0x81, 0x00), (0x88, 0xA8)):
         at += 4  # 802.1Q / 802.1ad tags
     if size < at + 10:
@@ -161,18 +183,26 @@ class Bridge(CoreHost):
         self.counters["secondary_neighbour_requests"] = 0
         self.counters["secondary_input_withheld"] = 0
         ring, buf = settings.ring, settings.output_buffer
+        self._vnet = vnet = (settings.offloads == "accept" and ring.version == 2
+                             and vnet_supported())
+        if settings.offloads == "accept" and not vnet:
+            log.warning("offloads: super-frames cannot be taken here (ring version %d, or no "
+                        "virtio_net_hdr on packet rings): offloads must be off", ring.version)
         self._busy_poll = settings.busy_poll_us / 1e6
         self._polling = False
         self._cycling = False
         self._owe_after = False
         self.client = PacketPort(
-            "client-if", settings.client_if, self._woken(self._from_client), ring, buf
+            "client-if", settings.client_if, self._woken(self._from_client), ring, buf,
+            vnet=vnet,
         )
         self.primary = PacketPort(
-            "primary-if", settings.primary_if, self._woken(self._from_primary), ring, buf
+            "primary-if", settings.primary_if, self._woken(self._from_primary), ring, buf,
+            vnet=vnet,
         )
         self.secondary = PacketPort(
-            "secondary-if", settings.secondary_if, self._woken(self._from_secondary), ring, buf
+            "secondary-if", settings.secondary_if, self._woken(self._from_secondary), ring, buf,
+            vnet=vnet,
         )
         self.ports = (self.client, self.primary, self.secondary)
         self.links = LinkFollower(self.ports, settings.fix_offloads, self._reopened)
@@ -383,29 +413,66 @@ class Bridge(CoreHost):
         self._feed(Side.CLIENT, frames)
         if not self._forwarding:
             self.primary.send(frames)
-        nudges = self.sack_primary.client_frames(frames)
+        nudges = self._sack_client(self.sack_primary, frames)
         if nudges:  # the primary's stream still has a hole: SACK past it again (bridge_sack)
             self.primary.send(nudges)
         if self.proxy.secondary_paused:  # early notice: a resync is due, its state is void
             self.counters["secondary_input_withheld"] += len(frames)
             return
         if self._mirror_on:  # the kernel copied what needs no translation (links.py)
-            frames = [f for f in frames if not needs_no_translation(f[0])]
+            frames = [f for f in frames if not needs_no_translation(*f)]
             if not frames:
                 return
         to_secondary = self.rewriter.to_secondary
+        translated: list[Frame]
         try:
-            translated = [(to_secondary(data, now), 0) for data, _ in frames]
+            if self._vnet:
+                translated = [self._translate_vnet(data, offset, now) for data, offset in frames]
+            else:
+                translated = [(to_secondary(data, now), 0) for data, _ in frames]
         except Exception:  # a rewriter bug: translate one by one, pass the failing frame as is
-            translated = [(self._translate_one(data, now), 0) for data, _ in frames]
-        self.secondary.send(translated + self.sack_secondary.client_frames(translated))
+            translated = [self._translate_one(data, offset, now) for data, offset in frames]
+        self.secondary.send(translated + self._sack_client(self.sack_secondary, translated))
 
-    def _translate_one(self, data: bytes, now: float) -> bytes:
+    def _translate_vnet(self, data: bytes, offset: int, now: float) -> Frame:
+        """The rewriter on the frame behind the virtio_net_hdr; the header stays as it was.
+
+        An open checksum stays open: the rewriter leaves a field holding only
+        the pseudo-header sum alone (the addresses and length it covers do
+        not change), and the receiver sums the new ack and options itself.
+        """
+        if not offset:
+            return self.rewriter.to_secondary(data, now), 0
+        frame = data[offset:]
+        out = self.rewriter.to_secondary(frame, now)
+        return (data, offset) if out is frame else (data[:offset] + out, offset)
+
+    def _translate_one(self, data: bytes, offset: int, now: float) -> Frame:
         try:
-            return self.rewriter.to_secondary(data, now)
+            if self._vnet:
+                return self._translate_vnet(data, offset, now)
+            return self.rewriter.to_secondary(data, now), 0
         except Exception:
-            self._rewriter_error("to_secondary", data)
-            return data
+            self._rewriter_error("to_secondary", data[offset:])
+            return data, offset
+
+    def _bare(self, sacker: HoleSacker, frames: list[Frame]) -> list[Frame] | None:
+        """What a sacker may read of ``frames``: as is, bare copies (vnet), or None (skip).
+
+        The sackers parse frames from byte 0 and rewrite checksums
+        incrementally; with vnet headers they get bare frames with complete
+        checksums, only while active (the copies cost; idle they need nothing
+        but the client's latest frame, which the next client frame gives).
+        """
+        if not self._vnet:
+            return frames
+        if not sacker.active:
+            return None
+        return [(plain(data, offset), 0) for data, offset in frames]
+
+    def _sack_client(self, sacker: HoleSacker, frames: list[Frame]) -> list[Frame]:
+        bare = self._bare(sacker, frames)
+        return sacker.client_frames(bare) if bare is not None else []
 
     def _client_first(self) -> None:
         """Feed client frames already in the ring before a guest's answer to them.
@@ -426,7 +493,9 @@ class Bridge(CoreHost):
         self._ring_losses()
         now = self._clock()
         self._observe(self.rewriter.observe_primary, frames)
-        nudges, _ = self.sack_primary.guest_frames(frames, now)  # it gets every client ACK
+        bare = self._bare(self.sack_primary, frames)
+        nudges = self.sack_primary.guest_frames(bare, now)[0] if bare is not None else []
+        # (the primary gets every client ACK: no probes for it)
         if nudges:  # frames lost before us: the primary resends them at once (bridge_sack)
             self.primary.send(nudges)
         self._feed(Side.PRIMARY, frames)
@@ -436,11 +505,14 @@ class Bridge(CoreHost):
         self._ring_losses()
         self._observe(self.rewriter.observe_secondary, frames)
         if self.passthrough_reason is None:
-            asks = [f for f in frames if f[0][12:14] != IPV4 and neighbour_request(f[0])]
+            asks = [f for f in frames
+                    if f[0][f[1] + 12 : f[1] + 14] != IPV4 and neighbour_request(*f)]
             if asks:  # the secondary must resolve its neighbours too (see the module's doc)
                 self.counters["secondary_neighbour_requests"] += len(asks)
                 self.client.send(asks)
-        nudges, probes = self.sack_secondary.guest_frames(frames, self._clock())
+        bare = self._bare(self.sack_secondary, frames)
+        nudges, probes = (self.sack_secondary.guest_frames(bare, self._clock())
+                          if bare is not None else ([], []))
         if nudges:  # frames lost before us: the secondary resends them at once (bridge_sack)
             self.secondary.send(nudges)
         if probes:  # the secondary missed the client's ACK: the client repeats it
@@ -449,7 +521,13 @@ class Bridge(CoreHost):
 
     def _observe(self, observe: Callable[[bytes, float], None], frames: list[Frame]) -> None:
         now = self._clock()
-        for data, _ in frames:
+        for data, offset in frames:
+            if offset:  # the rewriter reads bare frames; plain TCP segments teach it nothing
+                at = offset + 14
+                if (len(data) >= at + 40 and data[at - 2] == 8 and data[at - 1] == 0
+                        and data[at] == 0x45 and data[at + 9] == 6 and not data[at + 33] & 7):
+                    continue
+                data = data[offset:]
             try:
                 observe(data, now)
             except Exception:  # a rewriter bug costs what it learns from this frame only

@@ -48,8 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "Sit between the client side and two guests' taps/veths: client frames go to both "
             "guests (translated for the secondary), the primary's output is released to the "
             "client once the secondary produced the same; checkpoints through QMP. Needs root "
-            "or CAP_NET_RAW, and segmentation offloads off where the frames come from "
-            "(checked at start; --fix-offloads turns them off)."
+            "or CAP_NET_RAW. TSO/GSO/GRO super-frames and open checksums pass whole "
+            "(virtio_net_hdr on the packet sockets; --offloads off: they must be off, "
+            "checked at start, and --fix-offloads turns them off)."
         ),
     )
     io = p.add_argument_group("interfaces")
@@ -69,9 +70,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     io.add_argument("--busy-poll-us", type=int, default=None, metavar="US",
                     help="after a frame, look at the rings US microseconds more without "
                          "sleeping: saves a wake-up per hop (100; 0 never)")
+    io.add_argument("--offloads", choices=("accept", "off"), default=None,
+                    help="accept (default where the kernel can): super-frames and open "
+                         "checksums pass whole, compared as byte streams; off: offloads must "
+                         "be off on the interfaces and their veth peers (checked at start)")
     io.add_argument("--fix-offloads", action="store_true", default=None,
-                    help="turn off GRO/LRO on the three interfaces and segmentation offloads "
-                         "on their veth peers (logged) instead of refusing to start")
+                    help="turn off what the --offloads mode cannot take (off: GRO/LRO on the "
+                         "three interfaces and segmentation offloads on their veth peers; "
+                         "accept: only fraglist and UDP GRO) instead of refusing to start")
     io.add_argument("--kernel-forward", action=argparse.BooleanOptionalAction, default=None,
                     help="client frames reach the primary by a tc ingress redirect in the "
                          "kernel (default on; ring version 2 only)")
