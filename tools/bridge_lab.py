@@ -19,7 +19,10 @@ and print one JSON line:
 * ``tcp-server``: accept one connection, read a request line, send ``--size``
   deterministic bytes (byte ``--diverge-at`` flipped), half-close, read to EOF,
   then wait until the client acknowledged everything (``SIOCOUTQ`` 0);
-* ``tcp-client``: fetch from a server, compare with the expected bytes;
+* ``tcp-client``: fetch from a server, compare with the expected bytes
+  (``--sha256``: and report their sha256);
+* ``tcp-sink`` / ``tcp-upload``: the other way, the client sends ``--size``
+  bytes, the server answers with their length and sha256;
 * ``udp-echo`` / ``udp-client``: answer / send numbered datagrams;
 * ``tcp-echo`` / ``tcp-pingpong``: request/response round trips on one connection
   (p50, p99, rate);
@@ -311,6 +314,7 @@ def tcp_client(args: argparse.Namespace) -> int:
     sock.sendall(b"FETCH\n")
     sock.settimeout(args.idle)
     received, prefix_ok = 0, True
+    digest = hashlib.sha256() if args.sha256 else None
     result: dict[str, object] = {"eof": False}
     start = time.monotonic()
     try:
@@ -321,6 +325,8 @@ def tcp_client(args: argparse.Namespace) -> int:
                 break
             if prefix_ok:
                 prefix_ok = chunk == payload(len(chunk), start=received)
+            if digest is not None:
+                digest.update(chunk)
             received += len(chunk)
     except TimeoutError:
         result["idle_timeout"] = True
@@ -331,6 +337,64 @@ def tcp_client(args: argparse.Namespace) -> int:
     prefix_ok = prefix_ok and received <= args.size
     result.update(received=received, complete=prefix_ok and received == args.size,
                   prefix_ok=prefix_ok, seconds=elapsed)
+    if digest is not None:
+        result["sha256"] = digest.hexdigest()
+    _emit(result)
+    return 0
+
+
+def stream_sha256(size: int) -> str:
+    """The sha256 of the first ``size`` bytes of the stream :func:`payload` makes."""
+    digest = hashlib.sha256()
+    for start in range(0, size, len(BLOCK)):
+        digest.update(payload(min(len(BLOCK), size - start), start=start))
+    return digest.hexdigest()
+
+
+def tcp_sink(args: argparse.Namespace) -> int:
+    """Take one upload to EOF; answer and report its length and sha256."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", args.port))
+    srv.listen(1)
+    srv.settimeout(args.timeout)
+    _emit({"listening": args.port})
+    digest, received = hashlib.sha256(), 0
+    result: dict[str, object] = {}
+    try:
+        conn, _ = srv.accept()
+        conn.settimeout(args.timeout)
+        while chunk := conn.recv(262144):
+            digest.update(chunk)
+            received += len(chunk)
+        conn.sendall(f"{received} {digest.hexdigest()}\n".encode())
+        conn.shutdown(socket.SHUT_WR)
+        result["unacked"] = _wait_acked(conn, args.timeout)
+        conn.close()
+    except OSError as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+    result.update(received=received, sha256=digest.hexdigest())
+    _emit(result)
+    return 0
+
+
+def tcp_upload(args: argparse.Namespace) -> int:
+    """Send ``--size`` bytes of the stream, half-close, report the server's answer."""
+    sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    result: dict[str, object] = {}
+    start = time.monotonic()
+    try:
+        for at in range(0, args.size, len(BLOCK)):
+            sock.sendall(payload(min(len(BLOCK), args.size - at), start=at))
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        result["answer"] = answer.decode(errors="replace").strip()
+    except OSError as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+    result.update(sent=args.size, seconds=time.monotonic() - start)
+    sock.close()
     _emit(result)
     return 0
 
@@ -471,16 +535,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     programs = {tcp_server: (8080, 60.0), tcp_client: (8080, 60.0), udp_echo: (7777, 60.0),
                 udp_client: (7777, 10.0), tcp_echo: (7070, 60.0), tcp_pingpong: (7070, 10.0),
-                icmp_ping: (0, 1.0)}
+                icmp_ping: (0, 1.0), tcp_sink: (9090, 60.0), tcp_upload: (9090, 60.0)}
     for func, (port, timeout) in programs.items():
         p = sub.add_parser(func.__name__.replace("_", "-"), help=func.__doc__)
         p.add_argument("--port", type=int, default=port)
         p.add_argument("--timeout", type=float, default=timeout)
-        if func in (tcp_server, tcp_client, tcp_pingpong):
+        if func in (tcp_server, tcp_client, tcp_pingpong, tcp_upload):
             p.add_argument("--size", type=int, default=64 if func is tcp_pingpong else 300_000)
-        if func not in (tcp_server, tcp_client, tcp_echo):
+        if func not in (tcp_server, tcp_client, tcp_echo, tcp_sink, tcp_upload):
             p.add_argument("--count", type=int, default=20)
-        if func in (tcp_client, udp_client, tcp_pingpong, icmp_ping):
+        if func in (tcp_client, udp_client, tcp_pingpong, icmp_ping, tcp_upload):
             p.add_argument("--host", required=True)
         p.set_defaults(func=func)
     sub.choices["tcp-server"].add_argument("--diverge-at", type=int, default=-1)
@@ -490,6 +554,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.choices["icmp-ping"].add_argument("--interval", type=float, default=0.01)
     sub.choices["tcp-client"].add_argument(
         "--idle", type=float, default=60.0, help="give up after S seconds of silence"
+    )
+    sub.choices["tcp-client"].add_argument(
+        "--sha256", action="store_true", help="also report the sha256 of what arrived"
     )
     p = sub.add_parser("offloads", help="turn an interface's offloads on or off")
     p.add_argument("ifname")

@@ -63,6 +63,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,7 @@ from colo_proxy.drivers.port_links import LinkFollower
 from colo_proxy.drivers.qmp import FollowPolicy
 from colo_proxy.drivers.vnet import plain
 from colo_proxy.errors import ConfigError
-from colo_proxy.runtime.bridge_sack import HoleSacker
+from colo_proxy.runtime.bridge_sack import RECENT_BATCHES, HoleSacker
 from colo_proxy.runtime.host import DIVERGENCE_LOG_BURST, CoreHost, ShutdownMode
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,10 @@ class Bridge(CoreHost):
         self.sack_primary = HoleSacker(config.max_flows)
         self.sack_secondary = HoleSacker(config.max_flows)
         self._drops = 0
+        self._recent: tuple[deque[list[Frame]], deque[list[Frame]]] = (
+            deque(maxlen=RECENT_BATCHES), deque(maxlen=RECENT_BATCHES))
+        """vnet: the last client batches (as the primary, as the secondary got them), kept by
+        reference while the sackers are idle; they read them bare once a ring drops frames."""
         self.counters["rewriter_errors"] = 0
         self.counters["secondary_neighbour_requests"] = 0
         self.counters["secondary_input_withheld"] = 0
@@ -404,8 +409,14 @@ class Bridge(CoreHost):
         if drops != self._drops:
             self._drops = drops
             now = self._clock()
-            self.sack_primary.activate(now)
-            self.sack_secondary.activate(now)
+            for sacker, recent in zip((self.sack_primary, self.sack_secondary), self._recent,
+                                      strict=True):
+                was_active = sacker.active
+                sacker.activate(now)
+                if not was_active and recent:  # what they would have kept themselves
+                    for batch in recent:
+                        sacker.client_frames([(plain(d, o), 0) for d, o in batch])
+                    recent.clear()
 
     def _from_client(self, frames: list[Frame]) -> None:
         self._ring_losses()
@@ -413,7 +424,7 @@ class Bridge(CoreHost):
         self._feed(Side.CLIENT, frames)
         if not self._forwarding:
             self.primary.send(frames)
-        nudges = self._sack_client(self.sack_primary, frames)
+        nudges = self._sack_client(self.sack_primary, frames, 0)
         if nudges:  # the primary's stream still has a hole: SACK past it again (bridge_sack)
             self.primary.send(nudges)
         if self.proxy.secondary_paused:  # early notice: a resync is due, its state is void
@@ -432,7 +443,7 @@ class Bridge(CoreHost):
                 translated = [(to_secondary(data, now), 0) for data, _ in frames]
         except Exception:  # a rewriter bug: translate one by one, pass the failing frame as is
             translated = [self._translate_one(data, offset, now) for data, offset in frames]
-        self.secondary.send(translated + self._sack_client(self.sack_secondary, translated))
+        self.secondary.send(translated + self._sack_client(self.sack_secondary, translated, 1))
 
     def _translate_vnet(self, data: bytes, offset: int, now: float) -> Frame:
         """The rewriter on the frame behind the virtio_net_hdr; the header stays as it was.
@@ -470,9 +481,12 @@ class Bridge(CoreHost):
             return None
         return [(plain(data, offset), 0) for data, offset in frames]
 
-    def _sack_client(self, sacker: HoleSacker, frames: list[Frame]) -> list[Frame]:
+    def _sack_client(self, sacker: HoleSacker, frames: list[Frame], which: int) -> list[Frame]:
         bare = self._bare(sacker, frames)
-        return sacker.client_frames(bare) if bare is not None else []
+        if bare is None:
+            self._recent[which].append(frames)
+            return []
+        return sacker.client_frames(bare)
 
     def _client_first(self) -> None:
         """Feed client frames already in the ring before a guest's answer to them.

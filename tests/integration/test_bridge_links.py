@@ -22,10 +22,14 @@ pytestmark = pytest.mark.integration
 
 
 def test_offloads_on_at_start_refuse_to_start_or_are_fixed(lab: Any, bridge: Any) -> None:
-    """A client whose veth segments (TSO on): named and refused, or fixed with --fix-offloads."""
+    """--offloads off, a client whose veth segments (TSO on): named and refused, or fixed.
+
+    (By default the bridge takes super-frames: test_bridge_offloads.)
+    """
     lab.guest_offloads("client", True)
     refused = subprocess.run(
-        [sys.executable, "-m", "colo_proxy.cli", "bridge", *lab.bridge_args()],
+        [sys.executable, "-m", "colo_proxy.cli", "bridge", *lab.bridge_args(),
+         "--offloads", "off"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert refused.returncode != 0
@@ -33,7 +37,7 @@ def test_offloads_on_at_start_refuse_to_start_or_are_fixed(lab: Any, bridge: Any
     assert f"netns {lab.ns['client']}" in refused.stderr and "--fix-offloads" in refused.stderr
     assert "bridge up" not in refused.stderr
 
-    proxy = bridge("--fix-offloads")
+    proxy = bridge("--offloads", "off", "--fix-offloads")
     assert "--fix-offloads: turned" in proxy.log and "tx-tcp-segmentation" in proxy.log
     client = fetch(lab, 8080)
     report = proxy.stop()

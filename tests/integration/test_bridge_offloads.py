@@ -1,0 +1,146 @@
+"""`colo-proxy bridge` with offloads ON on every veth end: super-frames pass whole.
+
+Same lab as test_bridge_live (tools/bridge_lab.py), built with
+``offloads=True``: the namespaces' TCP stacks hand their veths 64 KiB TSO/GSO
+super-frames with open checksums, and the bridge (``--offloads accept``, its
+default) reads and sends them with their virtio_net_hdr.  Counters prove the
+super-frames were there; sha256 and the servers' reports prove the bytes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration import test_bridge_live as live
+from tests.integration.test_bridge_live import ROOT, BridgeProcess, result, start_servers, stop_all
+
+lab_tool = live.lab_tool
+
+pytestmark = pytest.mark.integration
+
+SIZE = 3_000_000
+
+
+@pytest.fixture
+def lab(lab_tool: Any) -> Iterator[Any]:
+    reason = lab_tool.available()
+    if reason is not None:
+        pytest.skip(reason)
+    with lab_tool.BridgeLab(offloads=True) as built:
+        yield built
+
+
+@pytest.fixture
+def bridge(lab: Any) -> Iterator[Any]:
+    started: list[BridgeProcess] = []
+
+    def start(*extra: str) -> BridgeProcess:
+        started.append(BridgeProcess(lab, *extra))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+def test_bulk_fetch_with_offloads_on_passes_super_frames_whole(
+    lab: Any, bridge: Any, lab_tool: Any
+) -> None:
+    """Every byte arrives (sha256), both guests' super-frames were compared whole."""
+    proxy = bridge("--log-level", "info")
+    assert "vnet_hdr: offloads accepted" in proxy.log
+    servers = start_servers(lab, "tcp-server", "--size", str(SIZE), "--timeout", "30")
+    client = result(lab.tool("client", "tcp-client", "--host", lab.guest_ip, "--size",
+                             str(SIZE), "--sha256", "--idle", "10"))
+    primary, secondary = (result(s) for s in servers)
+    report = proxy.stop()
+    assert client["complete"] and client["eof"], (client, proxy.log)
+    assert client["sha256"] == lab_tool.stream_sha256(SIZE)
+    for server in (primary, secondary):  # the secondary took the translated client ACKs
+        assert server["sent"] == SIZE and server["eof"] and server["unacked"] == 0, server
+    for guest in ("primary-if", "secondary-if"):
+        assert report[guest]["super_frames_in"] > 0, report[guest]
+        assert report[guest]["gso_dropped"] == 0 and report[guest]["truncated_dropped"] == 0
+    # the released super-frames left whole, and far fewer frames than 1448-byte segments
+    assert report["client-if"]["super_frames_out"] > 0
+    assert report["primary-if"]["frames_in"] < SIZE // 1448
+    core = report["core"]
+    assert core["divergences_by_kind"] == {}, proxy.log
+    assert core["released_payload_bytes"] >= SIZE and core["held_frames"] == 0
+    assert report["client-if"]["send_oversize"] == 0 and report["client-if"]["send_errors"] == 0
+
+
+def test_a_divergence_inside_a_super_frame_is_detected(lab: Any, bridge: Any) -> None:
+    """One flipped byte in the secondary's stream, in the middle of a super-frame."""
+    diverge_at = 1_500_000
+    proxy = bridge()
+    servers = start_servers(
+        lab, "tcp-server", "--size", str(SIZE), "--timeout", "20",
+        secondary=("--diverge-at", str(diverge_at)),
+    )
+    client = result(lab.tool("client", "tcp-client", "--host", lab.guest_ip, "--size",
+                             str(SIZE), "--idle", "3"))
+    report = proxy.stop()
+    stop_all(servers)
+    assert client["prefix_ok"] and not client["complete"], client
+    assert 0 < client["received"] <= diverge_at  # the diverging byte never reached the client
+    assert report["secondary-if"]["super_frames_in"] > 0
+    assert report["primary-if"]["super_frames_in"] > 0
+    core = report["core"]
+    assert core["divergences_by_kind"].get("payload", 0) >= 1, proxy.log
+    # reported at the flipped byte, though it sits inside a 64 KiB frame
+    assert f"at offset {diverge_at}" in proxy.log, proxy.log
+    assert report["shutdown"]["held_frames_at_stop"] > 0
+
+
+@pytest.mark.parametrize("client_offloads", [True, False], ids=["open-csum", "full-csum"])
+def test_client_uploads_reach_the_secondary_translated(
+    lab: Any, bridge: Any, lab_tool: Any, client_offloads: bool
+) -> None:
+    """Client -> guests with the guests' offloads on: the rewriter's frames are taken.
+
+    open-csum: the client's frames carry open checksums (and are super-frames);
+    the rewriter shifts their ack/SACK/TSecr and leaves the field as it is.
+    full-csum: the client's offloads are off; the checksum is updated.  Either
+    way the secondary's kernel must accept every translated frame: it gets
+    every byte (sha256) and the connection closes cleanly on both guests.
+    """
+    if not client_offloads:
+        lab.guest_offloads("client", False)
+        lab_tool.offloads_off(lab.ifs["client"], False)
+    proxy = bridge()
+    servers = start_servers(lab, "tcp-sink", "--timeout", "30")
+    client = result(lab.tool("client", "tcp-upload", "--host", lab.guest_ip, "--size",
+                             str(SIZE)))
+    primary, secondary = (result(s) for s in servers)
+    report = proxy.stop()
+    want = f"{SIZE} {lab_tool.stream_sha256(SIZE)}"
+    assert client.get("answer") == want, (client, proxy.log)
+    for server in (primary, secondary):
+        assert server["received"] == SIZE and server["unacked"] == 0, server
+        assert server["sha256"] == lab_tool.stream_sha256(SIZE)
+    rewriter = report["rewriter"]
+    assert rewriter["rewritten_frames"] > 0 and rewriter["ended_rst"] == 0
+    if client_offloads:
+        assert report["client-if"]["super_frames_in"] > 0
+        assert rewriter["partial_checksums"] > 0
+    else:
+        assert report["client-if"]["super_frames_in"] == 0
+        assert rewriter["partial_checksums"] == 0
+    assert report["core"]["divergences_by_kind"] == {}, proxy.log
+
+
+def test_offloads_off_mode_still_refuses_super_frames(lab: Any) -> None:
+    """``--offloads off`` is the old behaviour: with TSO on it names the feature and stops."""
+    refused = subprocess.run(
+        [sys.executable, "-m", "colo_proxy.cli", "bridge", *lab.bridge_args(), "--offloads",
+         "off"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "tx-tcp-segmentation" in refused.stderr and "--fix-offloads" in refused.stderr
+    assert "bridge up" not in refused.stderr
