@@ -19,6 +19,12 @@ seconds is a stall: it is printed at once with the proxy's counters (asked for
 with SIGUSR1).  ``--stall-test N`` runs N consecutive bulk transfers through one
 proxy instead (``--hog`` keeps a CPU busy beside it).  Figures, never assertions.
 
+``--super-frames``: the proxy (this tree) runs with offloads ON on every veth
+end, so the namespaces hand it TSO/GSO super-frames (it takes them whole, with
+virtio_net_hdr); the plain bridge and ``--before-root`` still run with them
+off, the baseline issue 12 defines, and a plain bridge with them on
+(``plain-on``) is printed beside for context.  Ratios are to ``plain``.
+
 Usage (root): ``python3 tools/bench_bridge.py [--repeat N] [--size MB] [--redis] [--hog]``
 """
 
@@ -131,7 +137,8 @@ def summary(stats: dict[str, Any]) -> dict[str, Any]:
     out["ports"] = {
         name: {k: v for k, v in port.items() if k in (
             "frames_in", "frames_out", "ring_drops", "gso_dropped", "send_deferred",
-            "send_errors", "send_overflow_dropped", "pending_frames") and v}
+            "send_errors", "send_overflow_dropped", "pending_frames", "super_frames_in",
+            "super_frames_out", "truncated_dropped", "send_oversize") and v}
         for name, port in ports.items()
     }
     out["supervisor"] = {k: v for k, v in stats.get("supervisor", {}).items() if v}
@@ -277,8 +284,9 @@ def table(runs: dict[str, list[dict[str, float]]]) -> None:
             cells.append(f"{b:,.3f} | {b / a:.3f}" if a else f"{b:,.3f} | -")
             cells.append(f"{b - a:+.3f} ms" if kind == "lat" else "")
         print(f"| {label} | {a:,.3f} | {' | '.join(cells)} |")
-    for key in ("bulk_stalls", "ring_drops", "divergences", "proxy_cpu_s", "bulk_cpu_pct"):
-        total = key in ("bulk_stalls", "ring_drops", "divergences")
+    for key in ("bulk_stalls", "ring_drops", "divergences", "super_frames_in", "proxy_cpu_s",
+                "bulk_cpu_pct"):
+        total = key in ("bulk_stalls", "ring_drops", "divergences", "super_frames_in")
         cells = []
         for m in proxies:
             values = [r.get(key, 0.0) for r in runs[m]]
@@ -290,12 +298,16 @@ def table(runs: dict[str, list[dict[str, float]]]) -> None:
 
 def series(lab: BridgeLab, args: argparse.Namespace, extra: list[str]) -> None:
     modes: dict[str, tuple[Path, list[str]] | None] = {"plain": None}
+    offloads = {"plain": False, "plain-on": True, "before": False, "proxy": args.super_frames}
+    if args.super_frames:
+        modes["plain-on"] = None
     if args.before_root:
         modes["before"] = (Path(args.before_root).resolve(), [])
     modes["proxy"] = (ROOT, extra)
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     for i in range(args.repeat):
         for mode, how in modes.items():
+            lab.set_offloads(offloads[mode])
             r = plain_round(lab, args) if how is None else proxy_round(lab, args, *how)
             r["load_1min"] = os.getloadavg()[0]
             runs[mode].append(r)
@@ -328,6 +340,8 @@ def proxy_round(lab: BridgeLab, args: argparse.Namespace, root: Path,
         proxy.kill()
     r["ring_drops"] = sum(report[p]["ring_drops"]
                           for p in ("client-if", "primary-if", "secondary-if"))
+    r["super_frames_in"] = sum(report[p].get("super_frames_in", 0)
+                               for p in ("client-if", "primary-if", "secondary-if"))
     kinds = report["core"]["divergences_by_kind"]
     r["divergences"] = sum(kinds.values())
     if kinds:
@@ -337,6 +351,7 @@ def proxy_round(lab: BridgeLab, args: argparse.Namespace, root: Path,
 
 
 def stall_test(lab: BridgeLab, args: argparse.Namespace, extra: list[str]) -> None:
+    lab.set_offloads(args.super_frames)
     proxy = Proxy(lab, extra, Path(args.before_root).resolve() if args.before_root else ROOT)
     done, stalls, rates, loads = 0, 0, [], []
     try:
@@ -354,7 +369,8 @@ def stall_test(lab: BridgeLab, args: argparse.Namespace, extra: list[str]) -> No
     drops = sum(report.get(p, {}).get("ring_drops", 0)
                 for p in ("client-if", "primary-if", "secondary-if"))
     print(f"stall test: {done} transfers of {args.size} MB, {stalls} stalls, median "
-          f"{statistics.median(rates):.3f} Gbit/s, {drops} ring drops; final counters "
+          f"{statistics.median(rates):.3f} Gbit/s (min {min(rates):.3f}, max "
+          f"{max(rates):.3f}), {drops} ring drops; final counters "
           f"{json.dumps(summary(report), sort_keys=True)}; load average (1 min) "
           f"{min(loads):.2f} to {max(loads):.2f}")
 
@@ -375,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-test", type=int, default=0, metavar="N",
                         help="N consecutive bulk transfers through one proxy, nothing else")
     parser.add_argument("--quick", action="store_true", help="20 MB, one round, few pings")
+    parser.add_argument("--super-frames", action="store_true",
+                        help="the proxy runs with offloads on (takes super-frames whole); "
+                        "plain and --before-root stay off; plain-on is printed for context")
     parser.add_argument("--proxy-args", default="", help="extra `colo-proxy bridge` flags")
     parser.add_argument("--before-root", default="", metavar="DIR",
                         help="also run the colo-proxy in DIR (e.g. an export of main) each round; "
@@ -390,8 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     global CC
     CC = args.cc
     with BridgeLab() as lab, guest_servers(lab, args.redis), cpu_hog(args.hog):
-        print(f"plain Linux bridge vs colo-proxy bridge {' '.join(extra)}; MTU 1500, offloads "
-              f"off; {args.size} MB fetches{', CPU hog' if args.hog else ''}", flush=True)
+        how = ("offloads off, but ON for the proxy (super-frames) and plain-on"
+               if args.super_frames else "offloads off")
+        print(f"plain Linux bridge vs colo-proxy bridge {' '.join(extra)}; MTU 1500, {how}; "
+              f"{args.size} MB fetches{', CPU hog' if args.hog else ''}", flush=True)
         if args.stall_test:
             stall_test(lab, args, extra)
         else:
