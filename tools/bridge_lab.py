@@ -92,13 +92,18 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def offloads_off(ifname: str, on: bool = False) -> None:
     """ethtool -K IF tso off gso off gro off tx off (``on``: all of them on, but NEVER_ON)."""
+    set_features(ifname, OFFLOADS, on)
+
+
+def set_features(ifname: str, prefixes: tuple[str, ...], on: bool) -> None:
+    """Every available feature whose name starts with one of ``prefixes`` on or off."""
     from pyroute2.ethtool import Ethtool
 
     ethtool = Ethtool()
     try:
         features = ethtool.get_features(ifname)
         for name, feature in features.features.items():
-            if name.startswith(OFFLOADS) and feature.available and not (on and name in NEVER_ON):
+            if name.startswith(prefixes) and feature.available and not (on and name in NEVER_ON):
                 feature.enable = on
         ethtool.set_features(ifname, features)
     finally:
@@ -197,9 +202,12 @@ class BridgeLab:
         """Remove the plain bridge (its ports stay, up, ready for the proxy)."""
         _sh("ip", "link", "del", self.plain_bridge, check=False)
 
-    def guest_offloads(self, role: str, on: bool) -> None:
-        """Turn the offloads of ``role``'s ``eth0`` (the veth peer of its host end) on or off."""
-        proc = self.tool(role, "offloads", "eth0", "--on" if on else "--off")
+    def guest_offloads(self, role: str, on: bool, *prefixes: str) -> None:
+        """Turn the offloads of ``role``'s ``eth0`` (the veth peer of its host end) on or off.
+
+        ``prefixes``: only the features whose names start so (all offloads without).
+        """
+        proc = self.tool(role, "offloads", "eth0", *prefixes, "--on" if on else "--off")
         _, err = proc.communicate(timeout=30)
         if proc.returncode:
             raise RuntimeError(f"offloads in {role}: {err}")
@@ -526,7 +534,7 @@ def icmp_ping(args: argparse.Namespace) -> int:
 
 
 def _offloads_cmd(args: argparse.Namespace) -> int:
-    offloads_off(args.ifname, args.on)
+    set_features(args.ifname, tuple(args.prefixes) or OFFLOADS, args.on)
     return 0
 
 
@@ -560,6 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p = sub.add_parser("offloads", help="turn an interface's offloads on or off")
     p.add_argument("ifname")
+    p.add_argument("prefixes", nargs="*", help="only features starting so (all offloads)")
     p.add_argument("--on", dest="on", action="store_true")
     p.add_argument("--off", dest="on", action="store_false")
     p.set_defaults(func=_offloads_cmd)
