@@ -158,3 +158,23 @@ def test_offloads_off_mode_still_refuses_super_frames(lab: Any) -> None:
     assert refused.returncode != 0
     assert "tx-tcp-segmentation" in refused.stderr and "--fix-offloads" in refused.stderr
     assert "bridge up" not in refused.stderr
+
+
+def test_a_recreated_interface_is_reopened_taking_super_frames(lab: Any, bridge: Any,
+                                                                lab_tool: Any) -> None:
+    """A re-created primary veth (offloads on again) is re-checked and re-opened with vnet."""
+    proxy = bridge("--log-level", "info")
+    lab.recreate("primary")  # as QEMU re-creates a tap: a new index, its offloads on
+    proxy.wait_for("re-opened")
+    servers = start_servers(lab, "tcp-server", "--size", str(SIZE), "--timeout", "30")
+    client = result(lab.tool("client", "tcp-client", "--host", lab.guest_ip, "--size",
+                             str(SIZE), "--sha256", "--idle", "10"))
+    stop_all(servers)
+    report = proxy.stop()
+    assert client["complete"] and client["sha256"] == lab_tool.stream_sha256(SIZE), client
+    reopened = [line for line in proxy.lines
+                if "primary-if:" in line and "vnet_hdr: offloads accepted" in line]
+    assert len(reopened) >= 2, proxy.log  # at start, and again at each re-open
+    assert report["primary-if"]["reopens"] >= 1 and report["links"]["offloads_left_on"] == 0
+    assert report["primary-if"]["super_frames_in"] > 0
+    assert report["core"]["divergences_by_kind"] == {}, proxy.log
