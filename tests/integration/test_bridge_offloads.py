@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from tests.integration import test_bridge_live as live
-from tests.integration.test_bridge_live import ROOT, BridgeProcess, result, start_servers, stop_all
+from tests.integration.test_bridge_live import ROOT, result, start_servers, stop_all
 
-lab_tool = live.lab_tool
+lab_tool, bridge = live.lab_tool, live.bridge  # the fixtures, shared (bridge uses our lab)
 
 pytestmark = pytest.mark.integration
 
@@ -36,19 +36,6 @@ def lab(lab_tool: Any) -> Iterator[Any]:
         pytest.skip(reason)
     with lab_tool.BridgeLab(offloads=True) as built:
         yield built
-
-
-@pytest.fixture
-def bridge(lab: Any) -> Iterator[Any]:
-    started: list[BridgeProcess] = []
-
-    def start(*extra: str) -> BridgeProcess:
-        started.append(BridgeProcess(lab, *extra))
-        return started[-1]
-
-    yield start
-    for proc in started:
-        proc.kill()
 
 
 def test_bulk_fetch_with_offloads_on_passes_super_frames_whole(
