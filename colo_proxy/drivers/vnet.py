@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from typing import Final, NamedTuple
 
-from colo_proxy.core.checksum import complete_checksum
+from colo_proxy.core.checksum import complete_checksum, ones_sum
 
 VNET_LEN: Final = 10
 F_NEEDS_CSUM: Final = 1
@@ -92,3 +92,22 @@ def plain(data: bytes, offset: int) -> bytes:
         if isinstance(fixed, bytes):
             return fixed
     return frame
+
+
+def reopened(frame: bytes) -> bytes:
+    """An untagged IPv4 TCP ``frame`` whose checksum field holds the pseudo-header sum again.
+
+    What a sender with checksum offload leaves there (and what a GSO super-frame's
+    segmentation starts from): for a frame that was made whole by :func:`plain`,
+    changed, and goes back out behind its ``NEEDS_CSUM`` header.  Other frames are
+    returned as they are.
+    """
+    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return frame
+    ihl = (frame[14] & 0x0F) * 4
+    length = int.from_bytes(frame[16:18], "big") - ihl
+    at = 14 + ihl + 16
+    if length < 20 or len(frame) < at + 2:
+        return frame
+    pseudo = ones_sum(frame[26:34] + struct.pack("!xBH", 6, length))
+    return frame[:at] + struct.pack("!H", pseudo) + frame[at + 2 :]

@@ -38,7 +38,9 @@ differently.  The rewriter changes only ack, SACK edges and TSecr: a frame
 whose checksum field holds just the pseudo-header sum (an open checksum) is
 left so, and the receiver finishes it over the new bytes.  The sackers
 (:mod:`.bridge_sack`) read bare frames: while active they get copies
-without the header, checksums completed.  ``--offloads off`` is the old
+without the header, checksums completed; a released frame whose TSval they
+raised goes out behind its own header, its checksum field set back to the
+pseudo-header sum if that header leaves it open.  ``--offloads off`` is the old
 way: offloads must be off (checked; ``--fix-offloads``).
 
 Early notice: while a resync is due but the rate limit holds its checkpoint
@@ -82,7 +84,7 @@ from colo_proxy.drivers.links import (
 )
 from colo_proxy.drivers.port_links import LinkFollower
 from colo_proxy.drivers.qmp import FollowPolicy
-from colo_proxy.drivers.vnet import plain
+from colo_proxy.drivers.vnet import F_NEEDS_CSUM, plain, reopened
 from colo_proxy.errors import ConfigError
 from colo_proxy.runtime.bridge_sack import RECENT_BATCHES, HoleSacker
 from colo_proxy.runtime.host import DIVERGENCE_LOG_BURST, CoreHost, ShutdownMode
@@ -341,7 +343,32 @@ class Bridge(CoreHost):
             self._forward_in_kernel()  # a re-created interface lost its filter (or target)
 
     def _send_released(self, frames: list[Frame]) -> None:
-        self.client.send(self.sack_secondary.released(frames, self._clock()))
+        sacker = self.sack_secondary
+        if self._vnet and sacker.active:
+            self.client.send(self._released_vnet(frames))
+        else:
+            self.client.send(sacker.released(frames, self._clock()))
+
+    def _released_vnet(self, frames: list[Frame]) -> list[Frame]:
+        """The sacker's TSval fix (bridge_sack) on vnet frames: it reads and edits bare ones.
+
+        A frame it changed goes out behind its own header again; if that header
+        leaves the checksum open (a super-frame, or an offloaded one), the field
+        is set back to the pseudo-header sum the receiver starts from.
+        """
+        bare = [(plain(data, offset), 0) for data, offset in frames]
+        out = self.sack_secondary.released(bare, self._clock())
+        if out is bare:
+            return frames
+        sent: list[Frame] = []
+        for (data, offset), before, after in zip(frames, bare, out, strict=True):
+            if after is before or not offset:
+                sent.append((data, offset) if after is before else after)
+            elif data[0] & F_NEEDS_CSUM:
+                sent.append((data[:offset] + reopened(after[0]), offset))
+            else:
+                sent.append((data[:offset] + after[0], offset))
+        return sent
 
     def _port_stats(self) -> dict[str, object]:
         out: dict[str, object] = {port.name: port.counters() for port in self.ports}
