@@ -7,8 +7,11 @@ bounded, never asserted on.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -64,17 +67,18 @@ def test_link_down_up_and_a_recreated_interface_are_reopened(lab: Any, bridge: A
 
 
 @pytest.mark.xfail(
-    reason="with rings of 4 slots every port drops 20-40% of its frames; the bridge now SACKs "
-    "each guest's holes, probes the client for ACKs the secondary missed and keeps released "
-    "TSvals monotonic (runtime/bridge_sack.py): fetches get further (0.013 MB before; 2 of 11 "
-    "complete, then 2 of 8 with the per-wake-up cycle; the others 0.01-2.4 MB), but still "
-    "stall (it passes some runs, mostly inside full suites). The core's release of a primary "
-    "resend queued below the agreed offset was fixed (q_scanned), and 3 of 4 fetches still "
-    "stalled after that (docs/bench-issue12.md)",
+    reason="rings of 4 slots drop 20-40% of all frames; since the secondary's sacker echoes its "
+    "resends' TSvals (bridge_sack.py, echo_recent) 12 of 14 runs passed (0 of 4 without it); "
+    "the 2 others still ended in a compare timeout, which needs a checkpoint this lab cannot "
+    "take (one at the stream's last segment and FIN: docs/bench-issue12.md)",
     strict=False,
 )
 def test_ring_overflow_is_recovered_without_a_stall(lab: Any, bridge: Any) -> None:
-    """Rings of 4 slots drop frames under a bulk fetch; TCP resends them and the fetch ends."""
+    """Rings of 4 slots drop 20-40% of all frames; TCP resends them and the fetch ends.
+
+    Rings this small overflow all the time, not in a burst: the harsh case.
+    The burst that production sees is the next test.
+    """
     proxy = bridge("--ring-block-size", "4096", "--ring-blocks", "2")
     size = 3_000_000
     client = fetch(lab, 8080, size=size, idle=20.0)
@@ -82,4 +86,28 @@ def test_ring_overflow_is_recovered_without_a_stall(lab: Any, bridge: Any) -> No
     drops = sum(report[p]["ring_drops"] for p in ("client-if", "primary-if", "secondary-if"))
     assert drops > 0, "the rings never overflowed: the test proves nothing"
     assert client["complete"], (client, report["core"], proxy.log)
+    assert report["core"]["divergences_by_kind"] == {}, proxy.log
+
+
+def test_a_proxy_descheduled_under_load_overflows_its_rings_and_recovers(
+    lab: Any, bridge: Any
+) -> None:
+    """What overflows rings in production: the proxy stops running for a moment (here SIGSTOP,
+    0.4 s, three times) while both guests keep sending; every lost frame comes back in time."""
+    proxy = bridge("--ring-block-size", "65536", "--ring-blocks", "8")  # 256 slots per ring
+    client: dict[str, Any] = {}
+    fetcher = threading.Thread(
+        target=lambda: client.update(fetch(lab, 8080, size=100_000_000, idle=20.0))
+    )
+    fetcher.start()
+    for _ in range(3):
+        time.sleep(1.0)
+        proxy.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.4)
+        proxy.proc.send_signal(signal.SIGCONT)
+    fetcher.join(timeout=300)
+    report = proxy.stop()
+    drops = {p: report[p]["ring_drops"] for p in ("client-if", "primary-if", "secondary-if")}
+    assert sum(drops.values()) > 0, "the rings never overflowed: the test proves nothing"
+    assert client.get("complete"), (client, drops, report["core"], proxy.log)
     assert report["core"]["divergences_by_kind"] == {}, proxy.log
