@@ -19,7 +19,7 @@ received past the hole.  The guest marks the hole lost and resends it (RACK,
 or three segments SACKed).  The client's own ACKs move ``contig`` on: what
 the client acknowledged the guest sent, or it would still be held.
 
-Two more repairs of the same situation, for the secondary's sacker:
+Three more repairs of the same situation, for the secondary's sacker:
 
 * a probe: when the secondary resends data the proxy already had, the
   client's ACK was lost on its way (the client ring dropped it) and the
@@ -27,7 +27,11 @@ Two more repairs of the same situation, for the secondary's sacker:
   client again, which answers at once with its current ACK;
 * monotonic TSvals: a frame released late (after its hole was filled) may
   carry an older TSval than frames released before it, and the client's
-  PAWS check would drop it: its TSval is raised (see :meth:`released`).
+  PAWS check would drop it: its TSval is raised (see :meth:`released`);
+* the secondary's own timestamp echoed: the client's frames echo the
+  primary's TSvals, older than a resend of the secondary's, which makes
+  Linux undo its loss recovery; their TSecr is raised to the secondary's
+  TS.recent (``echo_recent``, see :meth:`client_frames`).
 
 All this costs per-frame work, and holes come from drops only: the sacker
 is idle (each call returns at once) until the bridge tells it that a ring
