@@ -32,6 +32,38 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
     return total or (0xFFFF if any(data) else 0)
 
 
+CSUM_MOD: Final = 0xFFFF
+"""Ones'-complement sums are sums mod 0xFFFF (2**16 == 1 there), so whole
+32-bit fields and addresses can be added without splitting them into words."""
+
+
+def tcp_pseudo_sum(src: bytes, dst: bytes, tcp_len: int) -> int:
+    """The TCP pseudo-header's ones'-complement sum, mod 0xFFFF (IPv4 and IPv6 alike)."""
+    return (int.from_bytes(src, "big") + int.from_bytes(dst, "big") + _TCP + tcp_len) % CSUM_MOD
+
+
+def tcp_checksum_partial(
+    data: bytes | bytearray, src: bytes, dst: bytes, l4: int, l4_end: int, csum: int
+) -> bool:
+    """True when the checksum field holds only the pseudo-header sum (offload pending).
+
+    Such a field must not be updated for header changes: the device sums the
+    new words itself.  A complete checksum equals that sum by chance once in
+    65535 frames, so a match is confirmed by checking that the field is not a
+    valid full checksum.
+    """
+    pseudo = tcp_pseudo_sum(src, dst, l4_end - l4)
+    if csum % CSUM_MOD != pseudo:
+        return False
+    return (pseudo + ones_sum(memoryview(data)[l4:l4_end])) % CSUM_MOD != 0
+
+
+def updated_checksum(csum: int, delta: int) -> int:
+    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), with `delta` = sum of (m' - m)."""
+    folded = ((csum ^ 0xFFFF) + delta) % CSUM_MOD
+    return 0xFFFF - (folded or 0xFFFF)  # a nonzero sum folds to 0xFFFF, never to 0
+
+
 def _l4_location(frame: bytes | bytearray) -> tuple[int, int, bytes, int] | str:
     """(L4 start, L4 length, pseudo-header without length/proto, protocol), or why not."""
     at = 12

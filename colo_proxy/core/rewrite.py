@@ -44,7 +44,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from colo_proxy.core.checksum import ones_sum
+from colo_proxy.core.checksum import tcp_checksum_partial, updated_checksum
 from colo_proxy.core.events import Side
 from colo_proxy.core.packet import (
     PASS_REASONS,
@@ -85,9 +85,6 @@ COUNTERS: Final = (
 
 _U16: Final = struct.Struct("!H")
 _U32: Final = struct.Struct("!I")
-_CSUM_MOD: Final = 0xFFFF
-"""Ones'-complement sums are sums mod 0xFFFF (2**16 == 1 there), so whole
-32-bit fields and addresses can be added without splitting them into words."""
 
 _FIN_CLIENT: Final = 1
 _FIN_PRIMARY: Final = 2
@@ -197,31 +194,6 @@ def _shift_options(buf: bytearray, sack: int, ts: int, ack_off: int, ts_off: int
     if ts != -1 and ts_off > 0 and _U32.unpack_from(buf, ts + 6)[0]:
         delta += _shift32(buf, ts + 6, ts_off)
     return delta
-
-
-def _pseudo_sum(src: bytes, dst: bytes, tcp_len: int) -> int:
-    """The TCP pseudo-header's ones'-complement sum, mod 0xFFFF (IPv4 and IPv6 alike)."""
-    return (int.from_bytes(src, "big") + int.from_bytes(dst, "big") + PROTO_TCP + tcp_len) % (
-        _CSUM_MOD
-    )
-
-
-def _is_partial(data: bytes, src: bytes, dst: bytes, l4: int, l4_end: int, csum: int) -> bool:
-    """True when the checksum field holds only the pseudo-header sum (offload pending).
-
-    A complete checksum equals that sum by chance once in 65535 frames, so a
-    match is confirmed by checking that the field is not a valid full checksum.
-    """
-    pseudo = _pseudo_sum(src, dst, l4_end - l4)
-    if csum % _CSUM_MOD != pseudo:
-        return False
-    return (pseudo + ones_sum(memoryview(data)[l4:l4_end])) % _CSUM_MOD != 0
-
-
-def _updated_checksum(csum: int, delta: int) -> int:
-    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), with `delta` = sum of (m' - m)."""
-    folded = ((csum ^ 0xFFFF) + delta) % _CSUM_MOD
-    return 0xFFFF - (folded or 0xFFFF)  # a nonzero sum folds to 0xFFFF, never to 0
 
 
 class SecondaryRewriter:
@@ -364,10 +336,10 @@ class SecondaryRewriter:
         delta = _shift_options(buf, found[0], found[1], conn.ack_off, conn.ts_off)
         delta += _shift32(buf, l4 + 8, conn.ack_off)
         csum = _U16.unpack_from(frame, l4 + 16)[0]
-        if _is_partial(frame, src, dst, l4, l4_end, csum):
+        if tcp_checksum_partial(frame, src, dst, l4, l4_end, csum):
             self._counts["partial_checksums"] += 1
         else:
-            _U16.pack_into(buf, l4 + 16, _updated_checksum(csum, delta))
+            _U16.pack_into(buf, l4 + 16, updated_checksum(csum, delta))
         self._counts["rewritten_frames"] += 1
         return bytes(buf)
 

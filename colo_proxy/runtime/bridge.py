@@ -180,7 +180,7 @@ class Bridge(CoreHost):
         self.settings = settings
         self.rewriter = SecondaryRewriter(config.max_flows, config.flow_idle_timeout)
         self.sack_primary = HoleSacker(config.max_flows)
-        self.sack_secondary = HoleSacker(config.max_flows)
+        self.sack_secondary = HoleSacker(config.max_flows, echo_recent=True)
         self._drops = 0
         self._recent: tuple[deque[list[Frame]], deque[list[Frame]]] = (
             deque(maxlen=RECENT_BATCHES), deque(maxlen=RECENT_BATCHES))

@@ -19,7 +19,7 @@ received past the hole.  The guest marks the hole lost and resends it (RACK,
 or three segments SACKed).  The client's own ACKs move ``contig`` on: what
 the client acknowledged the guest sent, or it would still be held.
 
-Two more repairs of the same situation, for the secondary's sacker:
+Three more repairs of the same situation, for the secondary's sacker:
 
 * a probe: when the secondary resends data the proxy already had, the
   client's ACK was lost on its way (the client ring dropped it) and the
@@ -27,7 +27,11 @@ Two more repairs of the same situation, for the secondary's sacker:
   client again, which answers at once with its current ACK;
 * monotonic TSvals: a frame released late (after its hole was filled) may
   carry an older TSval than frames released before it, and the client's
-  PAWS check would drop it: its TSval is raised (see :meth:`released`).
+  PAWS check would drop it: its TSval is raised (see :meth:`released`);
+* the secondary's own timestamp echoed: the client's frames echo the
+  primary's TSvals, older than a resend of the secondary's, which makes
+  Linux undo its loss recovery; their TSecr is raised to the secondary's
+  TS.recent (``echo_recent``, see :meth:`client_frames`).
 
 All this costs per-frame work, and holes come from drops only: the sacker
 is idle (each call returns at once) until the bridge tells it that a ring
@@ -51,7 +55,12 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
-from colo_proxy.core.checksum import complete_checksum, ones_sum
+from colo_proxy.core.checksum import (
+    complete_checksum,
+    ones_sum,
+    tcp_checksum_partial,
+    updated_checksum,
+)
 from colo_proxy.core.framing import Frame
 from colo_proxy.core.seq import HALF32, MASK32, seq_diff
 
@@ -84,13 +93,23 @@ MAX_BLOCKS: Final = 3
 class _Stream:
     """The secondary's data on one flow as the proxy received it (unwrapped offsets)."""
 
-    __slots__ = ("contig", "ranges")
+    __slots__ = ("contig", "ranges", "recent")
 
     def __init__(self, contig: int) -> None:
         self.contig = contig
         """End of the data received without a gap (a 64-bit sequence number)."""
         self.ranges: list[list[int]] = []
         """Received [start, end) past ``contig``, sorted and disjoint: non-empty means a hole."""
+        self.recent = -1
+        """TS.recent as a receiver keeps it (RFC 7323 4.3): the newest TSval of a segment
+        that started at or below ``contig``; -1 while unknown."""
+
+    def saw_tsval(self, start: int, tsval: int) -> None:
+        """A segment from ``start`` carried ``tsval``: keep it if it reached the left edge."""
+        if start <= self.contig and (
+            self.recent == -1 or ((tsval - self.recent + HALF32) & MASK32) - HALF32 > 0
+        ):
+            self.recent = tsval
 
     def add(self, start: int, end: int) -> None:
         """Data [start, end) arrived; merge it and move ``contig`` over what is now whole."""
@@ -137,17 +156,21 @@ def _unwrap(seq: int, near: int) -> int:
 class HoleSacker:
     """Finds holes in the secondary's streams and builds the ACKs that SACK past them."""
 
-    def __init__(self, max_flows: int = 65536) -> None:
+    def __init__(self, max_flows: int = 65536, echo_recent: bool = False) -> None:
         self.max_flows = max_flows
+        self.echo_recent = echo_recent
+        """Raise the TSecr of the client's frames to the guest's TS.recent (see
+        :meth:`client_frames`): only for a guest whose client frames pass through here."""
         self._streams: dict[bytes, _Stream] = {}
         self._templates: dict[bytes, bytes] = {}
         self._released: dict[bytes, bytes] = {}
         self._tsval: dict[bytes, int] = {}
-        self._recent: deque[Sequence[Frame]] = deque(maxlen=RECENT_BATCHES)
+        self._recent: deque[list[Frame]] = deque(maxlen=RECENT_BATCHES)
         self.active = False
         self._until = 0.0
         self.counters = {"activations": 0, "sack_holes_seen": 0, "sack_nudges_sent": 0,
-                         "sack_no_template": 0, "client_probes_sent": 0, "tsval_raised": 0}
+                         "sack_no_template": 0, "client_probes_sent": 0, "tsval_raised": 0,
+                         "tsecr_raised": 0}
 
     def activate(self, now: float) -> None:
         """A ring dropped frames: follow every flow from now on (see the module's doc)."""
@@ -169,33 +192,58 @@ class HoleSacker:
             return True
         return False
 
-    def client_frames(self, frames: Sequence[Frame]) -> list[Frame]:
+    def client_frames(self, frames: list[Frame]) -> list[Frame]:
         """Remember the client's latest frame per flow (as this guest gets it); SACKs to add.
 
         Each client ACK on a flow whose guest stream has a hole is followed by
         our SACK of what arrived past it: when the guest's resend of the hole
         is lost again, no data of its own arrives to make us SACK, and its
         timer backs off past ``compare_timeout`` (seen: 2 s) unless told again.
+
+        With ``echo_recent``, a frame whose TSecr is older than the guest's
+        TS.recent is replaced in ``frames`` by one echoing TS.recent.  Why: the
+        client echoes the primary's TSval, translated.  When the proxy released
+        data only once the guest resent it, that echo predates the guest's
+        resend, and Linux takes it for proof that the timeout was spurious
+        (Eifel, RFC 3522: ``tcp_packet_delayed``): it undoes the loss state,
+        keeps the rest of the hole in flight and resends one segment per
+        timeout, past ``compare_timeout`` (seen in captures of the ring-overflow
+        test).  A real receiver would have echoed the resend's TSval.
         """
         if not self.active:
             self._recent.append(frames)
             return []
         templates, streams = self._templates, self._streams
         holed: dict[bytes, _Stream] | None = None
-        for data, _ in frames:
+        for i, (data, _) in enumerate(frames):
             if (len(data) >= 54 and data[23] == _TCP and data[14] == 0x45
                     and data[12:14] == b"\x08\x00"):
                 key = data[26:38]
+                guest_key = key[4:8] + key[0:4] + key[10:12] + key[8:10]
+                stream = streams.get(guest_key)
+                if stream is not None and self.echo_recent and stream.recent != -1:
+                    raised = self._echo_recent(data, stream.recent)
+                    if raised is not data:
+                        frames[i] = (raised, 0)
+                        data = raised
                 if len(templates) >= self.max_flows:
                     templates.clear()
                 templates[key] = data
-                guest_key = key[4:8] + key[0:4] + key[10:12] + key[8:10]
-                stream = streams.get(guest_key)
                 if stream is not None and stream.ranges:
                     if holed is None:
                         holed = {}
                     holed[guest_key] = stream
         return self._nudges(holed) if holed else []
+
+    def _echo_recent(self, data: bytes, recent: int) -> bytes:
+        """``data`` with its TSecr raised to ``recent`` when older (else ``data`` itself)."""
+        if len(data) < 66 or data[46] < 0x80 or data[54:58] != _TS_AT_54 or not data[47] & _ACK:
+            return data
+        tsecr = int.from_bytes(data[62:66], "big")
+        if not tsecr or ((recent - tsecr + HALF32) & MASK32) - HALF32 <= 0:
+            return data
+        self.counters["tsecr_raised"] += 1
+        return _with_u32(data, 62, tsecr, recent)
 
     def released(self, frames: list[Frame], now: float) -> list[Frame]:
         """Frames the core released, their timestamps made monotonic per flow; remembered.
@@ -226,7 +274,7 @@ class HoleSacker:
                         highest.clear()
                     highest[key] = tsval
                 elif tsval != top:
-                    data = _with_tsval(data, tsval, top)
+                    data = _with_u32(data, 58, tsval, top)
                     if out is frames:
                         out = list(frames)
                     out[i] = (data, 0)
@@ -278,6 +326,8 @@ class HoleSacker:
             contig = stream.contig
             start = contig + (((seq - contig + HALF32) & MASK32) - HALF32)  # unwrapped
             end = start + size
+            if doff >= 0x80 and data[54:58] == _TS_AT_54:
+                stream.saw_tsval(start, int.from_bytes(data[58:62], "big"))
             if not stream.ranges and start <= contig < end:
                 stream.contig = end  # the common case: in order
                 continue
@@ -380,11 +430,16 @@ def _timestamp(frame: bytes, start: int, end: int) -> bytes:
     return b""
 
 
-def _with_tsval(frame: bytes, old: int, new: int) -> bytes:
-    """``frame`` with the TSval at byte 58 set to ``new`` and its TCP checksum updated."""
+def _with_u32(frame: bytes, at: int, old: int, new: int) -> bytes:
+    """``frame`` with the 32-bit field at ``at`` set to ``new`` and its TCP checksum updated.
+
+    A checksum left to offload (only the pseudo-header sum) is left alone: the
+    device sums the new field itself.
+    """
     buf = bytearray(frame)
-    buf[58:62] = new.to_bytes(4, "big")
+    buf[at : at + 4] = new.to_bytes(4, "big")
     csum = int.from_bytes(frame[50:52], "big")
-    folded = ((csum ^ 0xFFFF) + (new - old)) % 0xFFFF  # RFC 1624, 2**16 == 1 mod 0xFFFF
-    buf[50:52] = (0xFFFF - (folded or 0xFFFF)).to_bytes(2, "big")
+    l4_end = 14 + int.from_bytes(frame[16:18], "big")
+    if not tcp_checksum_partial(frame, frame[26:30], frame[30:34], 34, l4_end, csum):
+        buf[50:52] = updated_checksum(csum, new - old).to_bytes(2, "big")
     return bytes(buf)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from colo_proxy.core.checksum import tcp_pseudo_sum
 from colo_proxy.runtime.bridge_sack import ACTIVE_FOR, HoleSacker
 
 scapy_all = pytest.importorskip("scapy.all")
@@ -30,11 +31,11 @@ def guest_seg(offset: int, size: int = MSS, tsval: int = 500, flags: str = "PA")
     return bytes(pkt)
 
 
-def client_ack(offset: int, payload: bytes = b"", tsval: int = 901) -> bytes:
+def client_ack(offset: int, payload: bytes = b"", tsval: int = 901, tsecr: int = 500) -> bytes:
     """The client's ACK of guest bytes up to ``offset`` (as translated for this guest)."""
     pkt = (Ether(src=CMAC, dst=GMAC) / IP(src=CLIENT, dst=GUEST)
            / TCP(sport=40000, dport=8080, seq=70, ack=(ISN + 1 + offset) % 2**32, flags="A",
-                 window=501, options=[("NOP", None), ("NOP", None), ("Timestamp", (tsval, 500))])
+                 window=501, options=[("NOP", None), ("NOP", None), ("Timestamp", (tsval, tsecr))])
            / Raw(payload))
     return bytes(pkt)
 
@@ -66,9 +67,9 @@ def feed(
     return [f for f, _ in nudges], [f for f, _ in probes]
 
 
-def active() -> HoleSacker:
+def active(echo_recent: bool = False) -> HoleSacker:
     """A sacker told that a ring dropped frames at time 0."""
-    sacker = HoleSacker()
+    sacker = HoleSacker(echo_recent=echo_recent)
     sacker.activate(0.0)
     return sacker
 
@@ -193,3 +194,62 @@ def test_each_client_ack_on_a_holed_flow_brings_the_sack_again() -> None:
     assert sack_blocks(pkt) == [(2000, 3000)] and dict(pkt[TCP].options)["Timestamp"] == (905, 500)
     feed(sacker, guest_seg(1000))  # the hole is filled: ACKs pass alone again
     assert sacker.client_frames([(client_ack(3000), 0)]) == []
+
+
+def echoed(frames: list[tuple[bytes, int]]) -> int:
+    """The TSecr of the one (checksum-checked) client frame in ``frames``."""
+    (frame, _), = frames
+    return int(dict(checked(frame)[TCP].options)["Timestamp"][1])
+
+
+def test_the_clients_echo_is_raised_to_the_guests_resend() -> None:
+    """Released only after the guest resent a hole, the client's echo predates the resend:
+    raised to it, or Linux takes the resend for spurious and undoes its loss recovery."""
+    sacker = active(echo_recent=True)
+    feed(sacker, guest_seg(0, tsval=500))
+    frames = [(client_ack(1000, tsecr=500), 0)]
+    original = frames[0]
+    assert sacker.client_frames(frames) == [] and frames[0] is original  # TS.recent is 500
+    feed(sacker, guest_seg(2000, tsval=510))  # past the hole: TS.recent does not move
+    frames = [(client_ack(1000, tsecr=500), 0)]
+    original = frames[0]
+    nudges = sacker.client_frames(frames)
+    assert frames[0] is original
+    feed(sacker, guest_seg(1000, tsval=700))  # the resend fills the hole
+    frames = [(client_ack(3000, tsecr=500), 0)]
+    assert sacker.client_frames(frames) == []
+    assert echoed(frames) == 700
+    assert checked(frames[0][0])[TCP].ack == (ISN + 1 + 3000) % 2**32
+    assert sacker.stats()["tsecr_raised"] == 1
+    newer = [(client_ack(3000, tsecr=800), 0)]
+    sacker.client_frames(newer)
+    assert echoed(newer) == 800  # a newer echo is kept
+    for at, tsval in ((3000, 2**31 + 600), (4000, 2**32 - 5), (5000, 10)):  # the clock wraps
+        feed(sacker, guest_seg(at, tsval=tsval))
+    wrapped = [(client_ack(6000, tsecr=2**32 - 5), 0)]
+    sacker.client_frames(wrapped)
+    assert echoed(wrapped) == 10
+    assert len(nudges) == 1  # the hole was SACKed meanwhile, from the raised frame too
+
+
+def test_the_echo_is_left_alone_without_echo_recent() -> None:
+    """The primary gets the client's frames from the kernel: its sacker changes none."""
+    sacker = active()
+    feed(sacker, guest_seg(0, tsval=500))
+    feed(sacker, guest_seg(1000, tsval=700))
+    frames = [(client_ack(2000, tsecr=500), 0)]
+    sacker.client_frames(frames)
+    assert echoed(frames) == 500 and sacker.stats()["tsecr_raised"] == 0
+
+
+def test_a_checksum_left_to_offload_is_not_updated() -> None:
+    """A field holding only the pseudo-header sum: the device sums the new TSecr itself."""
+    sacker = active(echo_recent=True)
+    feed(sacker, guest_seg(0, tsval=700))
+    full = bytearray(client_ack(1000, tsecr=500))
+    pseudo = tcp_pseudo_sum(bytes(full[26:30]), bytes(full[30:34]), len(full) - 34)
+    full[50:52] = pseudo.to_bytes(2, "big")
+    frames = [(bytes(full), 0)]
+    sacker.client_frames(frames)
+    out = frames[0][0]
+    assert out[50:52] == full[50:52] and int.from_bytes(out[62:66], "big") == 700
