@@ -169,6 +169,19 @@ def neighbour_request(data: bytes, offset: int = 0) -> bool:
     return False
 
 
+def _behind(data: bytes, offset: int, changed: bytes) -> Frame:
+    """``changed`` (a bare frame a sacker edited from ``(data, offset)``) behind that header.
+
+    A header that leaves the checksum open gets the field set back to the
+    pseudo-header sum: the sacker worked on a copy whose checksum was complete.
+    """
+    if not offset:
+        return changed, 0
+    if data[0] & F_NEEDS_CSUM:
+        changed = reopened(changed)
+    return data[:offset] + changed, offset
+
+
 class Bridge(CoreHost):
     """The core between three interfaces (``colo-proxy bridge``)."""
 
@@ -360,15 +373,8 @@ class Bridge(CoreHost):
         out = self.sack_secondary.released(bare, self._clock())
         if out is bare:
             return frames
-        sent: list[Frame] = []
-        for (data, offset), before, after in zip(frames, bare, out, strict=True):
-            if after is before or not offset:
-                sent.append((data, offset) if after is before else after)
-            elif data[0] & F_NEEDS_CSUM:
-                sent.append((data[:offset] + reopened(after[0]), offset))
-            else:
-                sent.append((data[:offset] + after[0], offset))
-        return sent
+        return [(data, offset) if after is before else _behind(data, offset, after[0])
+                for (data, offset), before, after in zip(frames, bare, out, strict=True)]
 
     def _port_stats(self) -> dict[str, object]:
         out: dict[str, object] = {port.name: port.counters() for port in self.ports}
@@ -509,11 +515,20 @@ class Bridge(CoreHost):
         return [(plain(data, offset), 0) for data, offset in frames]
 
     def _sack_client(self, sacker: HoleSacker, frames: list[Frame], which: int) -> list[Frame]:
+        """The sacker's client_frames; a frame it replaced (TS.recent echo) is replaced in
+        ``frames`` too, behind the original's header."""
         bare = self._bare(sacker, frames)
         if bare is None:
             self._recent[which].append(frames)
             return []
-        return sacker.client_frames(bare)
+        if bare is frames:
+            return sacker.client_frames(frames)
+        before = list(bare)
+        nudges = sacker.client_frames(bare)
+        for i, (old, new) in enumerate(zip(before, bare, strict=True)):
+            if new is not old:
+                frames[i] = _behind(*frames[i], new[0])
+        return nudges
 
     def _client_first(self) -> None:
         """Feed client frames already in the ring before a guest's answer to them.

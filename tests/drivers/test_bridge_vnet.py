@@ -57,3 +57,26 @@ def test_released_super_frames_get_monotonic_tsvals_behind_their_own_header(
         assert bridge._port_stats()["sack_secondary"]["tsval_raised"] == 2  # type: ignore[index]
 
     asyncio.run(main())
+
+
+def test_a_client_frame_the_sacker_replaces_keeps_its_header(sockdir: Path) -> None:
+    """TS.recent echo (bridge_sack) on a vnet client frame with an open checksum."""
+    from tests.drivers.test_bridge_sack import client_ack, guest_seg
+
+    async def main() -> None:
+        bridge, _ports = make_bridge(sockdir)
+        bridge._vnet = True
+        sacker = bridge.sack_secondary
+        sacker.activate(bridge._clock())
+        for at, tsval in ((0, 500), (2000, 510), (1000, 700)):  # a hole, then its resend
+            sacker.guest_frames([(guest_seg(at, tsval=tsval), 0)], bridge._clock())
+        csum = vnet.VnetHeader(vnet.F_NEEDS_CSUM, 0, 0, 0, 34, 16).pack()
+        frames = [(csum + open_checksum(client_ack(3000, tsecr=500)), 10)]
+        bridge._sack_client(sacker, frames, 1)
+        data, offset = frames[0]
+        assert offset == 10 and data[:10] == csum
+        assert data[10:] == open_checksum(data[10:])  # still open, as its header says
+        assert complete_checksum(data[10:]) == client_ack(3000, tsecr=700)
+        assert sacker.stats()["tsecr_raised"] == 1
+
+    asyncio.run(main())
