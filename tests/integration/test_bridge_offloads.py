@@ -9,8 +9,11 @@ super-frames were there; sha256 and the servers' reports prove the bytes.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -163,5 +166,52 @@ def test_a_recreated_interface_is_reopened_taking_super_frames(lab: Any, bridge:
                 if "primary-if:" in line and "vnet_hdr: offloads accepted" in line]
     assert len(reopened) >= 2, proxy.log  # at start, and again at each re-open
     assert report["primary-if"]["reopens"] >= 1 and report["links"]["offloads_left_on"] == 0
+    assert report["primary-if"]["super_frames_in"] > 0
+    assert report["core"]["divergences_by_kind"] == {}, proxy.log
+
+
+def test_ring_overflow_with_super_frames_is_recovered(lab: Any, bridge: Any) -> None:
+    """test_bridge_links' ring-overflow case with offloads on: 4-slot rings (super-frames
+    come whole through the socket queue behind their slot); every loss is recovered
+    (compare timeout 10 s, as there)."""
+    proxy = bridge("--ring-block-size", "4096", "--ring-blocks", "2", "--compare-timeout", "10")
+    client = live.fetch(lab, 8080, size=SIZE, idle=20.0)
+    report = proxy.stop()
+    drops = sum(report[p]["ring_drops"] for p in ("client-if", "primary-if", "secondary-if"))
+    assert drops > 0, "the rings never overflowed: the test proves nothing"
+    assert client["complete"], (client, report["core"], proxy.log)
+    assert report["primary-if"]["super_frames_in"] > 0
+    assert report["core"]["divergences_by_kind"] == {}, proxy.log
+
+
+@pytest.mark.xfail(
+    reason="with 8-slot rings and three 0.4 s SIGSTOPs under a 400 MB fetch of super-frames, "
+    "2 of 6 runs completed; the others stalled (one looked at: 371.7 MB, then 20 s of "
+    "silence), not analysed. With the default rings (8,192 slots) or 256 slots nothing "
+    "overflows at all under the same stops: the window in flight is a few hundred "
+    "super-frames (docs/bench-issue12.md, bridge12c)",
+    strict=False,
+)
+def test_a_stopped_proxy_loses_super_frames_and_recovers(lab: Any, bridge: Any) -> None:
+    """The production case with offloads on: the proxy stops three times for 0.4 s under a
+    fetch (SIGSTOP) while the guests keep sending super-frames; every loss comes back.
+    Rings of 8 slots: with 256 (test_bridge_links' size) nothing overflows."""
+    proxy = bridge("--ring-block-size", "8192", "--ring-blocks", "2", "--compare-timeout", "10")
+    client: dict[str, Any] = {}
+    fetcher = threading.Thread(
+        target=lambda: client.update(live.fetch(lab, 8080, size=400_000_000, idle=20.0))
+    )
+    fetcher.start()
+    for _ in range(3):
+        time.sleep(0.3)
+        proxy.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.4)
+        proxy.proc.send_signal(signal.SIGCONT)
+    fetcher.join(timeout=300)
+    report = proxy.stop()
+    lost = {p: report[p]["ring_drops"] + report[p]["truncated_dropped"]
+            for p in ("client-if", "primary-if", "secondary-if")}
+    assert sum(lost.values()) > 0, "nothing overflowed: the test proves nothing"
+    assert client.get("complete"), (client, lost, report["core"], proxy.log)
     assert report["primary-if"]["super_frames_in"] > 0
     assert report["core"]["divergences_by_kind"] == {}, proxy.log
