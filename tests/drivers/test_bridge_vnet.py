@@ -80,3 +80,16 @@ def test_a_client_frame_the_sacker_replaces_keeps_its_header(sockdir: Path) -> N
         assert sacker.stats()["tsecr_raised"] == 1
 
     asyncio.run(main())
+
+
+def test_the_offloads_mode_is_a_flag_and_checked() -> None:
+    from colo_proxy.errors import ConfigError
+    from colo_proxy.runtime.bridge import BridgeSettings
+    from tests.drivers.test_bridge import settings_of
+
+    ifs = ["--client-if", "eth1", "--primary-if", "tap0", "--secondary-if", "tap1"]
+    assert settings_of(ifs)[0].offloads == "accept"
+    settings = settings_of([*ifs, "--offloads", "off", "--fix-offloads"])[0]
+    assert settings.offloads == "off" and settings.fix_offloads
+    with pytest.raises(ConfigError, match="offloads 'on'"):
+        BridgeSettings("a", "b", "c", offloads="on").validate()
