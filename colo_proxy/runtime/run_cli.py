@@ -34,7 +34,7 @@ from colo_proxy.config_args import (
 )
 from colo_proxy.disk.tls import client_context
 from colo_proxy.drivers.endpoints import Endpoint, parse_endpoint
-from colo_proxy.drivers.qmp import FollowPolicy
+from colo_proxy.drivers.qmp_follow import FollowPolicy
 from colo_proxy.errors import ConfigError
 from colo_proxy.live_obs import HOST_OBS_KEYS, attach
 from colo_proxy.logfmt import setup_logging
