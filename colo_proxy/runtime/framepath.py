@@ -15,14 +15,27 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Final, final
+from typing import Final, Protocol, final
 
 from colo_proxy.core.events import CoreOutput, Side
 from colo_proxy.core.framing import Frame
-from colo_proxy.core.proxy import CoreFault, Proxy
+from colo_proxy.core.proxy import CoreFault
 
 PRIMARY: Final = Side.PRIMARY
 SECONDARY: Final = Side.SECONDARY
+
+
+class Core(Protocol):
+    """What the path calls on the core: a Proxy, or what stands in for one (live_obs's
+    TapProxy wraps it for --metrics; tests make a core fail).  A protocol, so the
+    compiled path takes either (a Proxy-typed attribute would refuse the stand-ins)."""
+
+    @property
+    def counters(self) -> dict[str, int]: ...
+    def feed_many(self, side: Side, frames: list[Frame], now: float) -> object: ...
+    def take_output(self) -> CoreOutput: ...
+    def next_deadline(self) -> float | None: ...
+    def tick(self, now: float) -> object: ...
 
 
 @final
@@ -31,7 +44,7 @@ class FramePath:
 
     def __init__(
         self,
-        proxy: Proxy,
+        proxy: Core,
         clock: Callable[[], float],
         send: Callable[[list[Frame]], object],
         rare: Callable[[CoreOutput, float], None],
@@ -40,6 +53,7 @@ class FramePath:
         host_after: Callable[[float], None],
     ) -> None:
         self.proxy = proxy
+        """The host's core (the host sets this again when its ``proxy`` is replaced)."""
         self.clock = clock
         self.send = send
         """Released frames out (the host's _send_released, or run's outdev directly)."""

@@ -140,7 +140,7 @@ class CoreHost:
     def __init__(
         self, config: Config, settings: HostSettings, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.proxy = Proxy(config)
+        self._proxy = Proxy(config)
         self._clock = clock
         self._on_shutdown = settings.on_shutdown
         self._stats_interval = settings.stats_interval
@@ -189,7 +189,7 @@ class CoreHost:
         self._deferred: deque[tuple[int, Side, list[Frame]]] = deque()
         self._deferred_bytes = 0
         self._vm_in_checkpoint = False
-        self._path = FramePath(self.proxy, clock, self._send_released, self._after_rare,
+        self._path = FramePath(self._proxy, clock, self._send_released, self._after_rare,
                                self._core_error, self._feed, self._after)
         """The per-read work, compiled; reads bypass it (to _feed) with a disk link."""
         self._path.bypass = self.disk_link is not None
@@ -197,6 +197,17 @@ class CoreHost:
         self._logged_in_window = 0
         self._refused_log_at: float | None = None
         self._stopping = asyncio.Event()
+
+    @property
+    def proxy(self) -> Proxy:
+        """The core.  Replacing it (live_obs wraps it to observe) replaces it on the per-read
+        path too."""
+        return self._proxy
+
+    @proxy.setter
+    def proxy(self, value: Proxy) -> None:
+        self._proxy = value
+        self._path.proxy = value
 
     # ---- what a subclass provides ---------------------------------------------------------
 
