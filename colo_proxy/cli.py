@@ -13,7 +13,6 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from colo_proxy.config_args import add_config_flags, config_from_args
 from colo_proxy.errors import ColoProxyError
 
 EXIT_USAGE = 2
@@ -50,11 +49,14 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="feed each side's frames that arrived within S seconds as one batch, "
                         "as live reads would (faster; times move by up to S; keep S below "
                         "the capture's checkpoint round trip; default 0: frame by frame)")
+    from colo_proxy.config_args import add_config_flags
+
     add_config_flags(p)
     p.set_defaults(func=_replay)
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from colo_proxy.config_args import config_from_args
     from colo_proxy.drivers.align import parse_align
     from colo_proxy.drivers.guest import parse_guest
     from colo_proxy.drivers.output import atomic_output
@@ -167,8 +169,15 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `colo-proxy` command."""
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    collecting = gc.isenabled()
+    gc.disable()  # the imports and parsers of start-up make tens of thousands of objects and
+    # no garbage: collections walking them cost `run` more than its own set-up
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+    finally:
+        if collecting:
+            gc.enable()
     try:
         result: int = args.func(args)
     except ColoProxyError as err:

@@ -17,8 +17,8 @@ At shutdown ``outdev`` is drained with a time limit and whatever it could
 not deliver is reported.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: RunSettings' annotations stay objects, so
+# run_cli.keys_of (typing.get_type_hints) need not compile and evaluate each at start-up.
 import logging
 import time
 from collections.abc import Callable
