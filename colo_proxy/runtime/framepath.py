@@ -73,20 +73,18 @@ class FramePath:
 
     def feed_primary(self, frames: list[Frame]) -> None:
         """One read's frames from primary_in (a RecordChannel's on_frames)."""
-        if self.bypass:
-            self.host_feed(PRIMARY, frames)
-            return
-        now = self.clock()
-        self.compare(PRIMARY, frames, now)
-        self.after(now)
+        self.feed(PRIMARY, frames)
 
     def feed_secondary(self, frames: list[Frame]) -> None:
         """One read's frames from secondary_in."""
+        self.feed(SECONDARY, frames)
+
+    def feed(self, side: Side, frames: list[Frame]) -> None:
         if self.bypass:
-            self.host_feed(SECONDARY, frames)
+            self.host_feed(side, frames)
             return
         now = self.clock()
-        self.compare(SECONDARY, frames, now)
+        self.compare(side, frames, now)
         self.after(now)
 
     def compare(self, side: Side, frames: list[Frame], now: float) -> None:
