@@ -116,9 +116,10 @@ def _streams(args: argparse.Namespace) -> int:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser, with every available subcommand.
 
-    When ``argv`` names a plugged subcommand, only that one's module is
-    imported (a live proxy's start-up CPU is mostly imports; ``run`` needs
-    neither the bridge's packet sockets nor the disk agent).
+    When ``argv`` names a plugged subcommand, only that one's parser is built
+    and only its module imported (a live proxy's start-up CPU is mostly
+    imports; ``run`` needs neither the bridge's packet sockets, the disk agent,
+    nor replay's parser of every core flag).
     """
     parser = argparse.ArgumentParser(
         prog="colo-proxy",
@@ -127,11 +128,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_VersionAction, nargs=0,
                         help="show the version and which core (compiled or pure) is in use")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_replay(sub)
-    _add_streams(sub)
     chosen = next((a for a in (sys.argv[1:] if argv is None else argv)
                    if not a.startswith("-")), None)
     only = chosen if any(chosen in names for names, _, _ in _PLUGGED) else None
+    if only is None:  # replay's parser carries every core flag: not built for `run`
+        _add_replay(sub)
+        _add_streams(sub)
     collecting = gc.isenabled()
     gc.disable()  # imports make tens of thousands of objects and no garbage: without this,
     # collections walking them were a seventh of `run`'s start-up instructions
