@@ -48,11 +48,13 @@ COMPILED = [
     # the chardev path of `colo-proxy run` around the core: endpoints, channels, record codec
     "colo_proxy/drivers/endpoints.py",
     "colo_proxy/drivers/qemu_socket.py",
+    # the per-read path of the live hosts around the core (feed, drain, send, timer)
+    "colo_proxy/runtime/framepath.py",
 ]
 """The modules mypyc compiles (listed, so a new module is a decision, not an accident;
 keep colo_proxy.core.COMPILED_MODULES in step).  Not the runtime hosts: CoreHost and
 Supervisor are subclassed by interpreted classes (Bridge, FailoverSupervisor), which
-a compiled class forbids, and their per-read cost is a few calls per batch."""
+a compiled class forbids; their per-read work lives in runtime/framepath.py, compiled."""
 
 
 def _why_pure() -> str | None:

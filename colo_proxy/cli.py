@@ -13,7 +13,6 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from colo_proxy.config_args import add_config_flags, config_from_args
 from colo_proxy.errors import ColoProxyError
 
 EXIT_USAGE = 2
@@ -50,11 +49,14 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="feed each side's frames that arrived within S seconds as one batch, "
                         "as live reads would (faster; times move by up to S; keep S below "
                         "the capture's checkpoint round trip; default 0: frame by frame)")
+    from colo_proxy.config_args import add_config_flags
+
     add_config_flags(p)
     p.set_defaults(func=_replay)
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from colo_proxy.config_args import config_from_args
     from colo_proxy.drivers.align import parse_align
     from colo_proxy.drivers.guest import parse_guest
     from colo_proxy.drivers.output import atomic_output
@@ -114,9 +116,10 @@ def _streams(args: argparse.Namespace) -> int:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser, with every available subcommand.
 
-    When ``argv`` names a plugged subcommand, only that one's module is
-    imported (a live proxy's start-up CPU is mostly imports; ``run`` needs
-    neither the bridge's packet sockets nor the disk agent).
+    When ``argv`` names a plugged subcommand, only that one's parser is built
+    and only its module imported (a live proxy's start-up CPU is mostly
+    imports; ``run`` needs neither the bridge's packet sockets, the disk agent,
+    nor replay's parser of every core flag).
     """
     parser = argparse.ArgumentParser(
         prog="colo-proxy",
@@ -125,11 +128,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_VersionAction, nargs=0,
                         help="show the version and which core (compiled or pure) is in use")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_replay(sub)
-    _add_streams(sub)
     chosen = next((a for a in (sys.argv[1:] if argv is None else argv)
                    if not a.startswith("-")), None)
     only = chosen if any(chosen in names for names, _, _ in _PLUGGED) else None
+    if only is None:  # replay's parser carries every core flag: not built for `run`
+        _add_replay(sub)
+        _add_streams(sub)
     collecting = gc.isenabled()
     gc.disable()  # imports make tens of thousands of objects and no garbage: without this,
     # collections walking them were a seventh of `run`'s start-up instructions
@@ -167,8 +171,15 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `colo-proxy` command."""
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    collecting = gc.isenabled()
+    gc.disable()  # the imports and parsers of start-up make tens of thousands of objects and
+    # no garbage: collections walking them cost `run` more than its own set-up
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+    finally:
+        if collecting:
+            gc.enable()
     try:
         result: int = args.func(args)
     except ColoProxyError as err:

@@ -15,7 +15,6 @@ Every byte option takes one size syntax (`65536`, `512K`, `64M`, `2G`).
 from __future__ import annotations
 
 import argparse
-import tomllib
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -98,6 +97,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def read_toml(path: str) -> dict[str, Any]:
     """A whole TOML document; unreadable or invalid files are ConfigErrors."""
+    import tomllib  # here, not at the top: most starts read no file (its regexes cost)
+
     try:
         with Path(path).open("rb") as fh:
             return tomllib.load(fh)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from colo_proxy.observe import DivergenceSaver, Observer, TapProxy
+if TYPE_CHECKING:  # imported when a flag asks for it: a plain start never loads observe
+    from colo_proxy.observe import Observer
 
 HOST_OBS_KEYS: dict[str, tuple[type, Any]] = {
     "metrics": (str, None),
@@ -28,6 +29,8 @@ def attach(host: Any, values: Mapping[str, Any]) -> Callable[[dict[str, object]]
     saver = None
     stop_server: Callable[[], None] | None = None
     if values.get("save_divergences"):
+        from colo_proxy.observe import DivergenceSaver
+
         saver = DivergenceSaver(str(values["save_divergences"]),
                                 int(values.get("save_divergences_max_bytes") or 0))
         observers.append(saver)
@@ -39,6 +42,8 @@ def attach(host: Any, values: Mapping[str, Any]) -> Callable[[dict[str, object]]
         observers.append(live)
         stop_server = serve(str(values["metrics"]), live.registry)
     if observers:
+        from colo_proxy.observe import TapProxy
+
         host.proxy = TapProxy(host.proxy, observers)
 
     def close(report: dict[str, object]) -> None:

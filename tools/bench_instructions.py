@@ -15,6 +15,19 @@ is QEMU's record framing (FrameDecoder.feed over reads of 64 KiB, then
 encode_frames of the released batch), per frame; ``startup`` is the
 interpreter work of starting ``run`` (imports, parser, settings, the
 Supervisor built), in instructions per start, over ``python -c pass``.
+
+Two more measure the real process, ``python -m colo_proxy.cli run`` (with
+``--notify-dev``, as tools/bench_vs_colo_compare.py starts it) under
+callgrind, whole life: ``runstart`` is started, listening, SIGTERM (every
+instruction of the process, ``python`` itself included; ``python -c pass`` is
+printed beside it); ``runpaced`` is what one paced frame costs the whole host
+path (uvloop's callbacks, the chardev decoder, the core, take_output, the
+outdev write, timers): a feeder connects to the three sockets and, frame by
+frame, writes one record to primary_in, one to secondary_in and waits for it
+on outdev (lock step, so every frame is its own wake-ups, as at 1k frames/s);
+the figure is (instructions with FRAMES frames - with 0 frames) / FRAMES.
+
+    tools/bench_instructions.py --case runstart runpaced --builds compiled --frames 400
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +57,12 @@ CASES = {
                "1104 B, FIN, ACK each, round robin over FRAMES/14 connections",
     "chardev": "record framing, 1448 B TCP frames: decode 64 KiB reads, encode batches",
     "startup": "colo-proxy run start-up (per start, not per frame)",
+    "runstart": "the real `colo-proxy run` process: start, listen, SIGTERM (whole process)",
+    "runpaced": "the real `colo-proxy run`: one TCP 1448 B frame per side in lock step, "
+                "whole host path per frame",
 }
+PROCESS_CASES = ("runstart", "runpaced")
+"""Cases measured on the real `colo-proxy run` process rather than inside a child."""
 
 
 def _stream_pairs(rng: random.Random, conns: int) -> list[tuple[TcpServerStream, TcpServerStream]]:
@@ -193,6 +213,81 @@ def child_chardev(frames: int, feed: bool) -> None:
     print(f"{build_kind()} {len(records)} {out}")
 
 
+def _wait_for(path: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"colo-proxy run did not listen on {path}")
+        time.sleep(0.05)
+
+
+def _read_records(sock: socket.socket, want: int, buf: bytearray) -> bytearray:
+    """Read from outdev until ``want`` whole records (4-byte length + data) arrived."""
+    while True:
+        got, at = 0, 0
+        while at + 4 <= len(buf):
+            n = int.from_bytes(buf[at:at + 4], "big")
+            if at + 4 + n > len(buf):
+                break
+            at += 4 + n
+            got += 1
+        if got >= want:
+            return buf[at:]
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("outdev closed")
+        buf += chunk
+
+
+def process_instructions(case: str, frames: int, pure: bool) -> tuple[int, str]:
+    """Whole-life instructions of `colo-proxy run` under callgrind; and its build kind."""
+    from colo_proxy.core.framing import encode_frames
+
+    module = "colo_proxy.testing.purecore" if pure else "colo_proxy.cli"
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:
+        out = Path(d) / "callgrind.out"
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+               "-m", module, "run", "--log-level", "warning", "--compare-timeout", "3",
+               "--primary-in", f"unix:{d}/p,server", "--secondary-in", f"unix:{d}/s,server",
+               "--outdev", f"unix:{d}/o,server", "--notify-dev", f"unix:{d}/n,server"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_for(f"{d}/s", proc)
+            if case == "runpaced":
+                socks = {}
+                for name in ("o", "p", "s"):
+                    sk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sk.connect(f"{d}/{name}")
+                    socks[name] = sk
+                rng = random.Random(7)
+                block = bytes(rng.randrange(256) for _ in range(1448 * 64))
+                (p, s), = _stream_pairs(rng, 1)
+                buf = bytearray()
+                for i in range(frames + 1):  # the SYN-ACK first, then `frames` data segments
+                    if i == 0:
+                        pair = (p.synack(), s.synack())
+                    else:
+                        chunk = block[(i % 64) * 1448:(i % 64 + 1) * 1448]
+                        pair = (p.data((i - 1) * 1448, chunk), s.data((i - 1) * 1448, chunk))
+                    socks["p"].sendall(encode_frames([(pair[0], 0)], False))
+                    socks["s"].sendall(encode_frames([(pair[1], 0)], False))
+                    buf = _read_records(socks["o"], 1, buf)
+                for sk in socks.values():
+                    sk.close()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        m = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
+        if m is None:
+            raise RuntimeError(f"no totals in the callgrind output: {err.decode()[-500:]}")
+        return int(m.group(1)), err.decode()[-300:]
+
+
 def callgrind(args: list[str]) -> tuple[int, str]:
     """Total instructions of a child run, and what it printed."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +297,37 @@ def callgrind(args: list[str]) -> tuple[int, str]:
              sys.executable, __file__, *args],
             capture_output=True, text=True, check=True,
         )
+        m = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
+        if m is None:
+            raise RuntimeError("no totals in the callgrind output")
+        return int(m.group(1)), proc.stdout.strip()
+
+
+def process_case(case: str, frames: int, pure: bool) -> float:
+    """Print and return a process case's figure (instructions per start, or per frame)."""
+    from colo_proxy.core import build_kind
+
+    kind = "pure" if pure else build_kind()
+    if case == "runstart":
+        total, _ = process_instructions(case, 0, pure)
+        bare, _ = callgrind_cmd([sys.executable, "-c", "pass"])
+        print(f"{case:8} {kind:8} {total:13,} instr/process  (python -c pass: {bare:,})",
+              flush=True)
+        return float(total)
+    base, _ = process_instructions(case, 0, pure)
+    total, _ = process_instructions(case, frames, pure)
+    per = (total - base) / frames
+    print(f"{case:8} {kind:8} {per:10,.0f} instr/frame  ({frames} frames in lock step; "
+          f"process {total:,}, with none {base:,})", flush=True)
+    return per
+
+
+def callgrind_cmd(cmd: list[str]) -> tuple[int, str]:
+    """Total instructions of any command under callgrind, and what it printed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        proc = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                               *cmd], capture_output=True, text=True, check=True)
         m = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
         if m is None:
             raise RuntimeError("no totals in the callgrind output")
@@ -224,8 +350,9 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         print("valgrind is not installed", file=sys.stderr)
         return 2
-    if "startup" in args.case:  # as installed: .pyc present (compileall writes them regardless
-        # of PYTHONDONTWRITEBYTECODE), else every start compiles the sources
+    if {"startup", *PROCESS_CASES} & set(args.case):
+        # as installed: .pyc present (compileall writes them regardless of
+        # PYTHONDONTWRITEBYTECODE), else every start compiles the sources
         import importlib.util
 
         spec = importlib.util.find_spec("colo_proxy")
@@ -238,6 +365,9 @@ def main() -> int:
     for case in args.case:
         for kind in args.builds:
             pure = "1" if kind == "pure" else "0"
+            if case in PROCESS_CASES:
+                results[(case, kind)] = process_case(case, args.frames, kind == "pure")
+                continue
             base, _ = callgrind(["--child", case, str(args.frames), "0", pure])
             total, said = callgrind(["--child", case, str(args.frames), "1", pure])
             loaded, fed, released = said.split()

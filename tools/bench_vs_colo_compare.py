@@ -23,8 +23,11 @@ implementation and the ratio colo-proxy / colo-compare:
 Before the series it byte-compiles colo_proxy (an installed wheel ships its
 .pyc; an editable checkout under PYTHONDONTWRITEBYTECODE=1 recompiles every
 module at every start: ``--no-bytecode`` measures that) and measures the
-start-up CPU of ``colo-proxy run`` alone (started, listening, stopped), so
-CPU per frame can be read with and without it.  ``--pure`` runs the proxy on
+start-up CPU of ``colo-proxy run`` alone (started, listening, stopped), and of
+QEMU with the harness's colo-compare objects the same way, so CPU per frame can
+be read with and without it: a steady-state figure (whole-life median minus
+start-up median, for both) is printed beside the whole-life table, never
+instead of it.  ``--pure`` runs the proxy on
 the pure-Python build where the compiled one is built
 (``python -m colo_proxy.testing.purecore``).
 
@@ -292,6 +295,22 @@ def byte_compile() -> None:
                    check=True, stdout=subprocess.DEVNULL)
 
 
+def _start_listen_stop(cmd: list[str], ready: list[str]) -> float:
+    """Process CPU seconds of ``cmd`` started, until every ``ready`` path exists, then SIGTERM."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not all(os.path.exists(p) for p in ready):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
 def startup_cpu(pure: bool, runs: int = 5) -> list[float]:
     """Process CPU seconds of `colo-proxy run` started, listening on its sockets, then stopped."""
     out = []
@@ -301,16 +320,50 @@ def startup_cpu(pure: bool, runs: int = 5) -> list[float]:
             cmd = [sys.executable, "-m", module, "run", "--log-level", "warning",
                    "--primary-in", f"unix:{d}/p,server", "--secondary-in", f"unix:{d}/s,server",
                    "--outdev", f"unix:{d}/o,server", "--notify-dev", f"unix:{d}/n,server"]
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 30
-            while not os.path.exists(f"{d}/s") and time.monotonic() < deadline:
-                time.sleep(0.002)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            out.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+            out.append(_start_listen_stop(cmd, [f"{d}/s"]))
     return out
+
+
+def qemu_startup_cpu(qemu: str, runs: int = 5) -> list[float]:
+    """Process CPU seconds of QEMU with the harness's colo-compare objects, started, listening on
+    its chardevs, then stopped: colo-compare's start-up, measured as ``startup_cpu`` measures
+    colo-proxy's (the harness's command line: -machine none, four socket chardevs, an
+    iothread, the colo-compare object)."""
+    out = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(dir="/tmp") as d:
+            cmd = [qemu, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
+                   "-name", "colo-harness,debug-threads=on",
+                   "-qmp", f"unix:{d}/qmp,server=on,wait=off"]
+            for cid in ("pin", "sin", "out", "ntf"):
+                cmd += ["-chardev", f"socket,id={cid},path={d}/{cid},server=on,wait=off"]
+            cmd += ["-object", "iothread,id=iothread0", "-object",
+                    "colo-compare,id=comp0,primary_in=pin,secondary_in=sin,outdev=out,"
+                    "iothread=iothread0,notify_dev=ntf"]
+            out.append(_start_listen_stop(cmd, [f"{d}/{n}" for n in
+                                                ("qmp", "pin", "sin", "out", "ntf")]))
+    return out
+
+
+def steady_state(summaries: list[dict[str, Any]], starts: dict[str, float]) -> str:
+    """Whole-life CPU minus the implementation's start-up alone (both measured the same way):
+    what the traffic itself cost, beside (never instead of) the whole-life figure."""
+    lines = ["steady state (median whole-life CPU minus median start-up alone; derived, "
+             "not measured in the same process):"]
+    for s in summaries:
+        per = {}
+        for impl in (QEMU, PROXY):
+            med = s[impl]["median"]
+            released = min(row["released"] for row in s[impl]["runs"])
+            if med["cpu_s"] is None or not released:
+                continue
+            cpu = med["cpu_s"] - starts[impl]
+            per[impl] = cpu / released * 1e6
+            lines.append(f"  {s['case']:<8} {impl:<13} {cpu:6.3f} s  {per[impl]:8.2f} us/frame")
+        if len(per) == 2 and per[QEMU] > 0:
+            lines.append(f"  {s['case']:<8} {'ratio cp/cc':<13} {per[PROXY] / per[QEMU]:6.2f}x")
+        s["steady_state_us_frame"] = per
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- core memory per flow
@@ -403,6 +456,7 @@ def main() -> int:
         byte_compile()
     if not args.flows_memory_only:
         starts = startup_cpu(args.pure)
+        qemu_starts = qemu_startup_cpu(args.qemu)
         only = set(args.only.split(",")) if args.only else None
         selected = [c for c in cases(args.harness) if only is None or c.key in only]
         started = time.monotonic()
@@ -424,7 +478,13 @@ def main() -> int:
         print(runs_detail(summaries))
         print(f"colo-proxy run start-up alone (start, listen, SIGTERM): process CPU s median "
               f"{statistics.median(starts):.3f} [{', '.join(f'{c:.3f}' for c in starts)}]")
-        (out / "startup.json").write_text(json.dumps(starts))
+        print(f"colo-compare (QEMU) start-up alone (start, listen, SIGTERM): process CPU s median "
+              f"{statistics.median(qemu_starts):.3f} "
+              f"[{', '.join(f'{c:.3f}' for c in qemu_starts)}]")
+        print(steady_state(summaries, {QEMU: statistics.median(qemu_starts),
+                                       PROXY: statistics.median(starts)}))
+        (out / "startup.json").write_text(json.dumps({PROXY: starts, QEMU: qemu_starts}))
+        (out / "summary.json").write_text(json.dumps(summaries, indent=1))
     if not args.no_flows_memory:
         mem = flows_memory(args.flows)
         print(

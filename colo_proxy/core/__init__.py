@@ -16,9 +16,10 @@ COMPILED_MODULES = (
     *(f"{__name__}.{name}" for name in _CORE),
     "colo_proxy.drivers.endpoints",
     "colo_proxy.drivers.qemu_socket",
+    "colo_proxy.runtime.framepath",
 )
 """The modules setup.py compiles (keep in step with its COMPILED list): every core module,
-and the chardev drivers of `colo-proxy run`."""
+the chardev drivers of `colo-proxy run` and the hosts' per-read path."""
 
 
 def compiled_modules() -> dict[str, bool]:

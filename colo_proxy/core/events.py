@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final, final
 
 
 class Side(enum.IntEnum):
@@ -92,19 +93,31 @@ class ModeSwitch:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@final
 class CoreOutput:
     """Everything the core produced since the last drain (Proxy.take_output).
 
     The driver acts on it in this order: send `released` to the client, carry
-    out `requests`, report `divergences`.
+    out `requests`, report `divergences`.  A plain slotted class, not a frozen
+    dataclass: one is built per drain (per read, live), and a frozen
+    dataclass's generated ``__init__`` stays interpreted (``object.__setattr__``
+    per field) even when compiled.
     """
 
-    released: list[tuple[bytes, int]]
-    """Primary frames safe to send to the client, as (data, offset), in order."""
-    requests: list[CheckpointRequest]
-    """Checkpoint requests the driver must carry out."""
-    divergences: list[Divergence]
-    """Divergences seen since the last drain."""
-    switches: list[ModeSwitch]
-    """Mode switches since the last drain (the whole VM's: set QEMU's checkpoint period)."""
+    __slots__ = ("divergences", "released", "requests", "switches")
+
+    def __init__(self, released: list[tuple[bytes, int]], requests: list[CheckpointRequest],
+                 divergences: list[Divergence], switches: list[ModeSwitch]) -> None:
+        self.released: Final = released
+        """Primary frames safe to send to the client, as (data, offset), in order."""
+        self.requests: Final = requests
+        """Checkpoint requests the driver must carry out."""
+        self.divergences: Final = divergences
+        """Divergences seen since the last drain."""
+        self.switches: Final = switches
+        """Mode switches since the last drain (the whole VM's: set QEMU's checkpoint
+        period)."""
+
+    def __repr__(self) -> str:
+        return (f"CoreOutput(released={self.released!r}, requests={self.requests!r}, "
+                f"divergences={self.divergences!r}, switches={self.switches!r})")

@@ -443,6 +443,8 @@ class RecordChannel:
         self.decoder = FrameDecoder(vnet_hdr)
         self.frames_in = 0
         self.frames_out = 0
+        self.dropped_frames = 0
+        """Frames of batches the channel dropped (``send`` returned False)."""
         self.framing_errors = 0
         self.truncated_records = 0
         self.discarded_bytes = 0
@@ -495,6 +497,8 @@ class RecordChannel:
         ok = self.channel.write(encode_frames(frames, self.vnet_hdr))
         if ok:
             self.frames_out += len(frames)
+        else:
+            self.dropped_frames += len(frames)
         return ok
 
     def counters(self) -> dict[str, int]:

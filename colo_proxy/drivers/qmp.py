@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import ssl as _ssl
 import time
@@ -73,6 +72,9 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
 
 from colo_proxy.drivers.endpoints import Endpoint
+from colo_proxy.drivers.qmp_follow import FollowPolicy
+
+__all__ = ["FollowPolicy", "QmpDriver", "QmpStats", "disconnect"]
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +84,6 @@ COLO_MODES = ("primary", "secondary")
 CHECKPOINT_RUN_STATES = ("colo", "running")
 CLOSE_TIMEOUT = 5.0
 """Seconds a disconnect may take before the session is abandoned (its socket closed)."""
-
-
-class FollowPolicy(enum.Enum):
-    """Which STOP/RESUME pairs are fed to the core as checkpoints."""
-
-    NONE = "none"
-    COLO = "colo"
-    ALWAYS = "always"
 
 
 @dataclass(slots=True)

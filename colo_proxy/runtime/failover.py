@@ -68,9 +68,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from qemu.qmp import QMPError
+from typing import TYPE_CHECKING, Any
 
 from colo_proxy.core.config import Config
 from colo_proxy.core.events import CheckpointRequest, Side
@@ -89,8 +87,18 @@ from colo_proxy.core.heartbeat import (
 )
 from colo_proxy.drivers.endpoints import Endpoint
 from colo_proxy.drivers.qemu_socket import RecordChannel
-from colo_proxy.drivers.qmp import QmpDriver
 from colo_proxy.runtime.supervisor import RunSettings, Supervisor
+
+if TYPE_CHECKING:
+    from colo_proxy.drivers.qmp import QmpDriver
+
+
+def _qmp_error() -> type[Exception]:
+    """qemu.qmp's base error, imported when an except clause needs it: `run` without
+    failover flags never loads qemu.qmp (its drivers, which raise it, import it first)."""
+    from qemu.qmp import QMPError
+
+    return QMPError
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +347,7 @@ class FailoverSupervisor(Supervisor):
     async def _probe(self, probe: Probe, driver: QmpDriver) -> None:
         try:
             await asyncio.wait_for(driver.execute("query-status"), self.failover.period)
-        except (TimeoutError, QMPError, OSError, EOFError):
+        except (TimeoutError, _qmp_error(), OSError, EOFError):
             lost = self.heartbeats.failed(probe, self._clock())
             if lost is not None:
                 self._lost(lost)
@@ -519,7 +527,7 @@ class FailoverSupervisor(Supervisor):
                 name = f"{dev.get('name')} {dev['path']}"
                 bad += [name] if status.get("disabled") else []
                 bad += [f"{name} (broken)"] if status.get("broken") else []
-        except (TimeoutError, QMPError, OSError, EOFError, KeyError, TypeError) as err:
+        except (TimeoutError, _qmp_error(), OSError, EOFError, KeyError, TypeError) as err:
             error = str(err) or type(err).__name__
         ok = error is None and not bad
         self.steps.append({"step": "secondary: virtio devices enabled", "ok": ok,
@@ -551,7 +559,7 @@ class FailoverSupervisor(Supervisor):
                 nics = tuple(str(nic["name"]) for nic in found
                              if isinstance(nic, dict) and "name" in nic) \
                     if isinstance(found, list) else ()
-            except (TimeoutError, QMPError, OSError, EOFError) as err:
+            except (TimeoutError, _qmp_error(), OSError, EOFError) as err:
                 error = str(err) or type(err).__name__
             self.steps.append({"step": "secondary: query-rx-filter (its NICs)",
                                "ok": error is None, "error": error, "result": list(nics),
@@ -580,7 +588,7 @@ class FailoverSupervisor(Supervisor):
         (stopped in run state colo) leaves it stopped, and nothing else restarts it."""
         try:
             status = await asyncio.wait_for(sec.execute("query-status"), STEP_TIMEOUT)
-        except (TimeoutError, QMPError, OSError, EOFError):
+        except (TimeoutError, _qmp_error(), OSError, EOFError):
             return  # the next step's report says what is wrong with its QMP
         state = status.get("status") if isinstance(status, dict) else None
         if state != "running":
@@ -593,7 +601,7 @@ class FailoverSupervisor(Supervisor):
         error = None
         try:
             result = await asyncio.wait_for(driver.execute(cmd, args), STEP_TIMEOUT)
-        except (TimeoutError, QMPError, OSError, EOFError) as err:
+        except (TimeoutError, _qmp_error(), OSError, EOFError) as err:
             error = str(err) or type(err).__name__
         took = self._clock() - t
         self.steps.append({"step": name, "ok": error is None, "error": error,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from colo_proxy.drivers.endpoints import parse_endpoint
 from colo_proxy.errors import ConfigError
-from colo_proxy.runtime.failover import FailoverSettings
+
+if TYPE_CHECKING:  # imported when failover is on: plain `run` never loads the failover host
+    from colo_proxy.runtime.failover import FailoverSettings
 
 FAILOVER_KEYS: dict[str, tuple[type, Any]] = {
     "failover": (bool, False),
@@ -119,6 +121,8 @@ def failover_settings(values: dict[str, Any]) -> FailoverSettings | None:
         if ep.remote_listener() and not values.get("listen_remote"):
             raise ConfigError(f"{key}: {ep.describe()} listens on a non-loopback address; "
                               "give --listen-remote (listen_remote = true) to allow other hosts")
+    from colo_proxy.runtime.failover import FailoverSettings
+
     return FailoverSettings(
         period=float(period),
         misses=int(misses),

@@ -47,18 +47,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
-
-from qemu.qmp import ExecuteError, QMPError
+from typing import TYPE_CHECKING, Protocol
 
 from colo_proxy.core.config import Config
-from colo_proxy.core.events import CheckpointRequest, Divergence, ModeSwitch, Side
+from colo_proxy.core.events import CheckpointRequest, CoreOutput, Divergence, ModeSwitch, Side
 from colo_proxy.core.framing import Frame
-from colo_proxy.core.proxy import CoreFault, Proxy
-from colo_proxy.disk.tls import client_context
+from colo_proxy.core.proxy import Proxy
 from colo_proxy.drivers.endpoints import Endpoint
-from colo_proxy.drivers.qmp import FollowPolicy, QmpDriver
-from colo_proxy.runtime.disk_link import DiskLink
+from colo_proxy.drivers.qmp_follow import FollowPolicy
+from colo_proxy.runtime.framepath import FramePath
+
+if TYPE_CHECKING:  # imported when used: `run` without --qmp/--disk-qmp never loads qemu.qmp
+    from colo_proxy.drivers.qmp import QmpDriver
+    from colo_proxy.runtime.disk_link import DiskLink
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class CoreHost:
     def __init__(
         self, config: Config, settings: HostSettings, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.proxy = Proxy(config)
+        self._proxy = Proxy(config)
         self._clock = clock
         self._on_shutdown = settings.on_shutdown
         self._stats_interval = settings.stats_interval
@@ -155,11 +156,14 @@ class CoreHost:
             "deferred_input_dropped_frames": 0,
         }
         self.passthrough_reason: str | None = None
-        qmp_tls = (
-            None if settings.qmp_tls_creds is None
-            else client_context(settings.qmp_tls_creds, "--qmp-tls-creds")
-        )
+        qmp_tls = None
+        if settings.qmp_tls_creds is not None:
+            from colo_proxy.disk.tls import client_context
+
+            qmp_tls = client_context(settings.qmp_tls_creds, "--qmp-tls-creds")
         self.qmp: QmpDriver | None = None
+        if settings.qmp is not None or settings.secondary_qmp is not None:
+            from colo_proxy.drivers.qmp import QmpDriver
         if settings.qmp is not None:
             self.qmp = QmpDriver(
                 "primary-qmp",
@@ -178,18 +182,32 @@ class CoreHost:
             )
         self.disk_link: DiskLink | None = None
         if settings.disk_qmp is not None:
+            from colo_proxy.runtime.disk_link import DiskLink
+
             self.disk_link = DiskLink(settings.disk_qmp, self._disk_released,
                                       tls=settings.disk_tls_creds)
         self._deferred: deque[tuple[int, Side, list[Frame]]] = deque()
         self._deferred_bytes = 0
         self._vm_in_checkpoint = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._path = FramePath(self._proxy, clock, self._send_released, self._after_rare,
+                               self._core_error, self._feed, self._after)
+        """The per-read work, compiled; reads bypass it (to _feed) with a disk link."""
+        self._path.bypass = self.disk_link is not None
         self._log_window = 0.0
         self._logged_in_window = 0
-        self._refused_logged = 0
         self._refused_log_at: float | None = None
         self._stopping = asyncio.Event()
+
+    @property
+    def proxy(self) -> Proxy:
+        """The core.  Replacing it (live_obs wraps it to observe) replaces it on the per-read
+        path too."""
+        return self._proxy
+
+    @proxy.setter
+    def proxy(self, value: Proxy) -> None:
+        self._proxy = value
+        self._path.proxy = value
 
     # ---- what a subclass provides ---------------------------------------------------------
 
@@ -255,8 +273,7 @@ class CoreHost:
     async def shutdown(self) -> dict[str, object]:
         """Close inputs, settle held output as configured, close outputs, report."""
         await self._close_inputs()
-        if self._timer is not None:
-            self._timer.cancel()
+        self._path.cancel_timer()
         held = self.proxy.held_frames()
         deferred = self._deferred_primary_frames()
         if (held or deferred) and self._on_shutdown is ShutdownMode.FLUSH:
@@ -313,6 +330,8 @@ class CoreHost:
         A QEMU that cannot measure is logged once and asked no more.
         """
         assert self.qmp is not None
+        from qemu.qmp import ExecuteError, QMPError
+
         while True:
             await asyncio.sleep(period)
             try:
@@ -350,19 +369,7 @@ class CoreHost:
 
     def _compare(self, side: Side, frames: list[Frame], now: float) -> None:
         """Feed one read's frames to the core at once; a core exception costs that frame only."""
-        feed_many = self.proxy.feed_many
-        done = 0
-        while done < len(frames):
-            try:
-                feed_many(side, frames[done:] if done else frames, now)
-                done = len(frames)
-            except CoreFault as fault:  # a core bug must not cost the connection
-                if fault.index < 0:  # every frame was fed; comparing them afterwards failed
-                    self._core_error(side, None)
-                    return
-                done += fault.index
-                self._core_error(side, frames[done])
-                done += 1
+        self._path.compare(side, frames, now)
 
     def _core_error(self, side: Side, frame: Frame | None) -> None:
         self.counters["core_errors"] += 1
@@ -380,32 +387,18 @@ class CoreHost:
 
     def _after(self, now: float) -> None:
         """Carry out everything the core produced; re-arm the timer."""
-        proxy = self.proxy
-        out = proxy.take_output()
-        if out.released:
-            self._send_released(out.released)
+        self._path.after(now)
+
+    def _after_rare(self, out: CoreOutput, now: float) -> None:
+        """What _after hands back to the host: switches, requests, divergences, refused flows."""
         for switch in out.switches:
             self._mode_switch(switch)
         for request in out.requests:
             self._request(request)
         if out.divergences:
             self._log_divergences(out.divergences, now)
-        if proxy.counters["flows_refused"] != self._refused_logged:
+        if self.proxy.counters["flows_refused"] != self._path.refused_logged:
             self._log_refused(now)
-        deadline = proxy.next_deadline()
-        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(max(0.0, deadline - now), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        now = self._clock()
-        self.proxy.tick(now)
-        self._after(now)
 
     def _log_refused(self, now: float) -> None:
         """New flows refused at the flow table's hard cap: one line per LIMIT_LOG_INTERVAL."""
@@ -413,15 +406,16 @@ class CoreHost:
             return
         counters, table = self.proxy.counters, self.proxy.table
         refused = counters["flows_refused"]
+        logged = self._path.refused_logged
         log.warning(
             "flow table at its hard cap (%d flows of %d, %d bytes held of %d): %d new flows "
             "refused since the last such line, their frames dropped (%d primary in all), "
             "until a checkpoint completes (%d checkpoint requests so far)",
             len(table), table.hard_flows, self.proxy.ledger.held_bytes, table.hard_held_bytes,
-            refused - self._refused_logged, counters["admission_refused_primary_frames"],
+            refused - logged, counters["admission_refused_primary_frames"],
             self.counters["checkpoint_requests"],
         )
-        self._refused_logged = refused
+        self._path.refused_logged = refused
         self._refused_log_at = now
 
     def _log_divergences(self, divergences: list[Divergence], now: float) -> None:
@@ -563,6 +557,7 @@ class CoreHost:
         held = self.proxy.held_frames()
         log.warning("%s: releasing %d held frames; passing primary output through", reason, held)
         self.passthrough_reason = reason
+        self._path.bypass = True
         now = self._clock()
         self.proxy.checkpoint_done(now)
         self._after(now)

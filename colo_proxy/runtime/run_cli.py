@@ -34,11 +34,10 @@ from colo_proxy.config_args import (
 )
 from colo_proxy.disk.tls import client_context
 from colo_proxy.drivers.endpoints import Endpoint, parse_endpoint
-from colo_proxy.drivers.qmp import FollowPolicy
+from colo_proxy.drivers.qmp_follow import FollowPolicy
 from colo_proxy.errors import ConfigError
 from colo_proxy.live_obs import HOST_OBS_KEYS, attach
 from colo_proxy.logfmt import setup_logging
-from colo_proxy.runtime.failover import FailoverSupervisor
 from colo_proxy.runtime.failover_cli import FAILOVER_KEYS, add_failover_flags, failover_settings
 from colo_proxy.runtime.host import CoreHost, ShutdownMode, print_report
 from colo_proxy.runtime.supervisor import RunSettings, Supervisor
@@ -374,6 +373,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_values(values)
     failover = failover_settings(values)
     if failover is not None:
+        from colo_proxy.runtime.failover import FailoverSupervisor  # only with failover on
+
         return serve_and_report(lambda: FailoverSupervisor(config, settings, failover), values)
     return serve_and_report(lambda: Supervisor(config, settings), values)
 
