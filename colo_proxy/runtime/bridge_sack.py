@@ -335,7 +335,7 @@ class HoleSacker:
                 if key in self._released:
                     if probes is None:
                         probes = {}
-                    probes[key] = self._released[key]
+                    probes[key] = _probe(self._released[key])
                 if not stream.ranges:
                     continue
             if not stream.ranges:
@@ -428,6 +428,24 @@ def _timestamp(frame: bytes, start: int, end: int) -> bytes:
             return frame[i : i + 10]
         i += frame[i + 1]
     return b""
+
+
+def _probe(frame: bytes) -> bytes:
+    """A released data frame cut to its first payload byte, checksums recomputed.
+
+    The client answers any duplicate with its current ACK, one byte is enough,
+    and a cut frame fits every MTU: a released super-frame (offloads on) sent
+    again bare would be refused as oversize.
+    """
+    end = 34 + (frame[46] >> 4) * 4 + 1
+    if len(frame) <= end:
+        return frame
+    ip = bytearray(frame[14:34])
+    ip[2:4] = (end - 14).to_bytes(2, "big")
+    ip[10:12] = b"\0\0"
+    ip[10:12] = (0xFFFF - ones_sum(ip)).to_bytes(2, "big")
+    cut = complete_checksum(frame[:14] + bytes(ip) + frame[34:end])
+    return cut if isinstance(cut, bytes) else frame
 
 
 def _with_u32(frame: bytes, at: int, old: int, new: int) -> bytes:

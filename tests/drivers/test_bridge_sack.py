@@ -155,8 +155,21 @@ def test_a_resent_segment_the_proxy_had_probes_the_client() -> None:
     released = guest_seg(1000)
     sacker.released([(released, 0)], 1.0)
     nudges, probes = feed(sacker, guest_seg(0))
-    assert nudges == [] and probes == [released]
+    assert nudges == [] and len(probes) == 1
+    probe, whole = checked(probes[0]), checked(released)
+    assert bytes(probe[Raw]) == b"x"  # cut to its first byte: fits any MTU
+    assert (probe[TCP].seq, probe[TCP].ack, probe[TCP].options) == (
+        whole[TCP].seq, whole[TCP].ack, whole[TCP].options)
     assert sacker.stats()["client_probes_sent"] == 1
+
+
+def test_a_released_super_frame_probes_with_one_byte() -> None:
+    """Offloads on: a released 20 KB super-frame, sent again whole, would be refused."""
+    sacker = active()
+    feed(sacker, guest_seg(0, size=20_000))
+    sacker.released([(guest_seg(0, size=20_000), 0)], 1.0)
+    _, probes = feed(sacker, guest_seg(0, size=20_000))
+    assert len(probes[0]) == 14 + 20 + 32 + 1 and bytes(checked(probes[0])[Raw]) == b"x"
 
 
 def test_released_timestamps_never_go_back() -> None:

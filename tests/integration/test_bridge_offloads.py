@@ -177,9 +177,10 @@ def test_a_recreated_interface_is_reopened_taking_super_frames(lab: Any, bridge:
 def test_ring_overflow_with_super_frames_is_recovered(lab: Any, bridge: Any) -> None:
     """test_bridge_links' ring-overflow case with offloads on: 4-slot rings (super-frames
     come whole through the socket queue behind their slot); every loss is recovered
-    (compare timeout 10 s, as there)."""
+    (compare timeout 10 s, as there).  30 MB: a 3 MB fetch of super-frames overflowed
+    the rings in only some runs, and then proved nothing."""
     proxy = bridge("--ring-block-size", "4096", "--ring-blocks", "2", "--compare-timeout", "10")
-    client = live.fetch(lab, 8080, size=SIZE, idle=20.0)
+    client = live.fetch(lab, 8080, size=30_000_000, idle=20.0)
     report = proxy.stop()
     drops = sum(report[p]["ring_drops"] for p in ("client-if", "primary-if", "secondary-if"))
     assert drops > 0, "the rings never overflowed: the test proves nothing"
