@@ -7,11 +7,8 @@ bounded, never asserted on.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import threading
-import time
 from typing import Any
 
 import pytest
@@ -103,17 +100,7 @@ def test_a_proxy_descheduled_under_load_overflows_its_rings_and_recovers(
     proxy = bridge(  # 256 slots per ring
         "--ring-block-size", "65536", "--ring-blocks", "8", "--compare-timeout", "10"
     )
-    client: dict[str, Any] = {}
-    fetcher = threading.Thread(
-        target=lambda: client.update(fetch(lab, 8080, size=100_000_000, idle=20.0))
-    )
-    fetcher.start()
-    for _ in range(3):
-        time.sleep(1.0)
-        proxy.proc.send_signal(signal.SIGSTOP)
-        time.sleep(0.4)
-        proxy.proc.send_signal(signal.SIGCONT)
-    fetcher.join(timeout=300)
+    client = live.fetch_with_stops(lab, proxy, 100_000_000, first=1.0)
     report = proxy.stop()
     drops = {p: report[p]["ring_drops"] for p in ("client-if", "primary-if", "secondary-if")}
     assert sum(drops.values()) > 0, "the rings never overflowed: the test proves nothing"

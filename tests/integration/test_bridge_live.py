@@ -139,6 +139,25 @@ def fetch(lab: Any, port: int, size: int = SIZE, idle: float = 10.0) -> dict[str
     return client
 
 
+def fetch_with_stops(
+    lab: Any, proxy: BridgeProcess, size: int, first: float, stops: int = 3
+) -> dict[str, Any]:
+    """:func:`fetch` while the proxy is stopped (SIGSTOP) ``stops`` times for 0.4 s, the
+    first after ``first`` seconds: what overflows rings in production, a descheduled proxy."""
+    client: dict[str, Any] = {}
+    fetcher = threading.Thread(
+        target=lambda: client.update(fetch(lab, 8080, size=size, idle=20.0))
+    )
+    fetcher.start()
+    for _ in range(stops):
+        time.sleep(first)
+        proxy.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.4)
+        proxy.proc.send_signal(signal.SIGCONT)
+    fetcher.join(timeout=300)
+    return client
+
+
 def test_tcp_fetch_through_the_bridge(lab: Any, bridge: Any) -> None:
     """The client gets every byte; the secondary's kernel takes the translated ACKs."""
     proxy = bridge()
