@@ -391,11 +391,7 @@ class HoleSacker:
         tcp = (template[34:38] + seq.to_bytes(4, "big") + template[42:46]
                + bytes((((20 + len(options)) // 4) << 4, _ACK)) + template[48:50]
                + b"\0\0\0\0" + options)
-        ip = bytearray(template[14:34])
-        ip[2:4] = (20 + len(tcp)).to_bytes(2, "big")
-        ip[10:12] = b"\0\0"
-        ip[10:12] = (0xFFFF - ones_sum(ip)).to_bytes(2, "big")
-        frame = complete_checksum(template[:14] + bytes(ip) + tcp)
+        frame = _framed(template, tcp)
         if not isinstance(frame, bytes):
             return None
         self.counters["sack_nudges_sent"] += 1
@@ -440,12 +436,18 @@ def _probe(frame: bytes) -> bytes:
     end = 34 + (frame[46] >> 4) * 4 + 1
     if len(frame) <= end:
         return frame
-    ip = bytearray(frame[14:34])
-    ip[2:4] = (end - 14).to_bytes(2, "big")
+    cut = _framed(frame, frame[34:end])
+    return cut if isinstance(cut, bytes) else frame
+
+
+def _framed(like: bytes, tcp: bytes) -> bytes | str:
+    """``tcp`` behind the Ethernet and IPv4 headers of ``like`` (untagged, no IP options),
+    the IP length and both checksums made right for it (a reason string when they cannot be)."""
+    ip = bytearray(like[14:34])
+    ip[2:4] = (20 + len(tcp)).to_bytes(2, "big")
     ip[10:12] = b"\0\0"
     ip[10:12] = (0xFFFF - ones_sum(ip)).to_bytes(2, "big")
-    cut = complete_checksum(frame[:14] + bytes(ip) + frame[34:end])
-    return cut if isinstance(cut, bytes) else frame
+    return complete_checksum(like[:14] + bytes(ip) + tcp)
 
 
 def _with_u32(frame: bytes, at: int, old: int, new: int) -> bytes:
