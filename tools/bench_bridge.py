@@ -14,7 +14,9 @@ secondary, with the same workloads:
 
 Printed: each round's figures as they come, then a table of medians with the
 ratio proxy/plain and, for latencies, the time the proxy adds; the proxy's
-ring drops, divergences and CPU.  A transfer that goes silent for ``--idle``
+ring drops, divergences and CPU; with ``--redis``, where the machine's CPU went per
+request of the 50-client run (the primary's and the secondary's processes, the
+proxy, the whole machine: this lab runs them all on the same CPUs).  A transfer that goes silent for ``--idle``
 seconds is a stall: it is printed at once with the proxy's counters (asked for
 with SIGUSR1).  ``--stall-test N`` runs N consecutive bulk transfers through one
 proxy instead (``--hog`` keeps a CPU busy beside it).  Figures, never assertions.
@@ -57,6 +59,22 @@ CC = ""
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _namespace_cpu(ns: str) -> float:
+    """CPU seconds of the processes now in network namespace ``ns`` (its guest's servers)."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    total = 0.0
+    for pid in pids.split():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += _cpu_seconds(int(pid))
+    return total
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has spent not idle since boot (/proc/stat)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _json_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
@@ -192,7 +210,18 @@ def bulk(lab: BridgeLab, size: int, idle: float, proxy: Proxy | None,
             "bulk_stalls": float(stalled), "bulk_cpu_pct": 100 * cpu / wall if wall else 0.0}
 
 
-def redis(lab: BridgeLab, clients: int, requests: int) -> dict[str, float]:
+def redis(lab: BridgeLab, clients: int, requests: int,
+          proxy: Proxy | None = None) -> dict[str, float]:
+    """SET and GET rates; with 50 clients also where the machine's CPU went, per request.
+
+    The machine is CPU-bound in this run: the client, both guests' servers
+    and the proxy share its CPUs, and a plain bridge leaves the secondary
+    idle.  So the CPU per request, split into the primary's and the
+    secondary's processes and the proxy, shows how much of the gap is the
+    proxy's and how much the secondary's own work (its share of the ceiling).
+    """
+    before = (_machine_busy(), _namespace_cpu(lab.ns["primary"]),
+              _namespace_cpu(lab.ns["secondary"]), proxy.cpu() if proxy else 0.0)
     proc = lab.popen("client", ["redis-benchmark", "-h", lab.guest_ip, "-p", str(REDIS_PORT),
                                 "-c", str(clients), "-n", str(requests), "-t", "set,get",
                                 "--csv"])
@@ -201,9 +230,16 @@ def redis(lab: BridgeLab, clients: int, requests: int) -> dict[str, float]:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
+    after = (_machine_busy(), _namespace_cpu(lab.ns["primary"]),
+             _namespace_cpu(lab.ns["secondary"]), proxy.cpu() if proxy else 0.0)
     rps = {row[0]: float(row[1]) for row in csv.reader(out.splitlines())
            if len(row) > 1 and row[0] in ("SET", "GET")}
-    return {f"redis{clients}_set": rps.get("SET", 0.0), f"redis{clients}_get": rps.get("GET", 0.0)}
+    res = {f"redis{clients}_set": rps.get("SET", 0.0), f"redis{clients}_get": rps.get("GET", 0.0)}
+    if clients == 50:
+        per_request = 1e6 / (2 * requests)  # SET and GET: two runs of `requests` each
+        for key, start, end in zip(CPU_KEYS, before, after, strict=True):
+            res[key] = (end - start) * per_request
+    return res
 
 
 def workloads(lab: BridgeLab, args: argparse.Namespace, proxy: Proxy | None) -> dict[str, float]:
@@ -218,7 +254,7 @@ def workloads(lab: BridgeLab, args: argparse.Namespace, proxy: Proxy | None) -> 
         for key, value in bulk(lab, args.size * 1_000_000, args.idle, proxy).items():
             out[key] = out.get(key, 0.0) + value / (1 if key == "bulk_stalls" else args.bulk)
     if args.redis:
-        out.update(redis(lab, 50, args.redis_requests))
+        out.update(redis(lab, 50, args.redis_requests, proxy))
         out.update(redis(lab, 1, args.redis_requests // 10))
     return out
 
@@ -263,7 +299,13 @@ ROWS = [
     ("redis 50 clients GET (rps)", "redis50_get", "rate"),
     ("redis 1 client SET (rps)", "redis1_set", "rate"),
     ("redis 1 client GET (rps)", "redis1_get", "rate"),
+    ("redis 50: machine CPU per request (us)", "redis50_machine_us", "cpu"),
+    ("redis 50: primary's processes (us)", "redis50_primary_us", "cpu"),
+    ("redis 50: secondary's processes (us)", "redis50_secondary_us", "cpu"),
+    ("redis 50: proxy (us)", "redis50_proxy_us", "cpu"),
 ]
+CPU_KEYS = ("redis50_machine_us", "redis50_primary_us", "redis50_secondary_us",
+            "redis50_proxy_us")
 
 
 def table(runs: dict[str, list[dict[str, float]]]) -> None:
@@ -282,7 +324,8 @@ def table(runs: dict[str, list[dict[str, float]]]) -> None:
         for m in proxies:
             b = med[m][key]
             cells.append(f"{b:,.3f} | {b / a:.3f}" if a else f"{b:,.3f} | -")
-            cells.append(f"{b - a:+.3f} ms" if kind == "lat" else "")
+            cells.append(f"{b - a:+.3f} ms" if kind == "lat"
+                         else f"{b - a:+.1f} us" if kind == "cpu" else "")
         print(f"| {label} | {a:,.3f} | {' | '.join(cells)} |")
     for key in ("bulk_stalls", "ring_drops", "divergences", "super_frames_in", "proxy_cpu_s",
                 "bulk_cpu_pct"):
