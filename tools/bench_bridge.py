@@ -18,8 +18,9 @@ ring drops, divergences and CPU; with ``--redis``, where the machine's CPU went
 per request of the 50-client run (the primary's and the secondary's processes,
 the proxy, the whole machine: this lab runs them all on the same CPUs).  A
 transfer that goes silent for ``--idle`` seconds is a stall: it is printed at
-once with the proxy's counters (asked for with SIGUSR1).  ``--stall-test N`` runs N consecutive bulk transfers through one
-proxy instead (``--hog`` keeps a CPU busy beside it).  Figures, never assertions.
+once with the proxy's counters (asked for with SIGUSR1).  ``--stall-test N``
+runs N consecutive bulk transfers through one proxy instead (``--hog`` keeps a
+CPU busy beside it).  Figures, never assertions.
 
 ``--super-frames``: the proxy (this tree) runs with offloads ON on every veth
 end, so the namespaces hand it TSO/GSO super-frames (it takes them whole, with
